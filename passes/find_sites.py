@@ -1,0 +1,248 @@
+"""Analyze: find the residual sites of the stream, pair them into blocks, find the prefix tokens.
+
+Expects: a GraphModule whose nodes carry shapes (`capture`). Guarantees: `ctx.analysis` holds
+an `Analysis`; the graph is not changed.
+
+A residual site is an `add(x, branch(x))` whose two inputs have one (B, N, C) shape and whose
+second input depends on the first. Its branch is classified by the ops on it:
+
+- ``mlp``: every op acts on each token alone (linear, norm over channels, activation, scaling by
+  a per-channel weight, ...): the site Representation Shift scores;
+- ``attention``: the branch holds SDPA, MultiheadAttention, a softmax or a product of two
+  activations;
+- ``mixing``: anything else that may move information between tokens (an SSM, a convolution).
+
+A block is an MLP site together with the token-mixing site just before it on the stream.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import networkx as nx
+import torch.fx
+
+from repshift_fx.errors import NoSiteError
+from repshift_fx.graph import (
+    common_path,
+    data_graph,
+    literal_arg,
+    module_path,
+    nodes_by_name,
+    op_name,
+    shape,
+    tensor_args,
+)
+
+TOKEN_AXIS = 1
+_POINTWISE = {
+    "gelu", "relu", "silu", "sigmoid", "tanh", "hardswish", "mish", "softplus", "elu", "leaky_relu",
+    "dropout", "identity", "contiguous", "clone", "to", "float", "half", "bfloat16", "type_as",
+    "neg", "exp", "sqrt", "rsqrt", "square", "pow", "abs",
+}
+_ELEMENTWISE = {"add", "sub", "mul", "truediv", "div", "where", "maximum", "minimum"}
+_CHANNEL_SPLITS = {"chunk", "split", "unbind"}
+_ATTENTION = {"scaled_dot_product_attention", "multihead_attention", "softmax"}
+_PRODUCTS = {"matmul", "bmm", "einsum", "baddbmm"}
+
+
+@dataclass
+class Site:
+    """One residual add on the stream: out = stream + branch."""
+
+    add: str
+    stream: str
+    branch: str
+    kind: str  # "mlp" | "attention" | "mixing"
+    module: str
+    nodes: frozenset[str]
+    reason: str = ""  # why the branch is not token-local, for kind "mixing"
+    side_inputs: tuple[str, ...] = ()  # tensors entering the branch that carry the token axis
+
+
+@dataclass
+class Block:
+    index: int
+    mlp: Site
+    mixer: Site | None
+    tokens: int  # tokens entering the block, prefix included
+
+    @property
+    def input(self) -> str:
+        return (self.mixer or self.mlp).stream
+
+    @property
+    def output(self) -> str:
+        return self.mlp.add
+
+    @property
+    def module(self) -> str:
+        return common_path([s.module for s in (self.mixer, self.mlp) if s])
+
+
+@dataclass
+class Analysis:
+    blocks: list[Block]
+    sites: list[Site]  # every residual site on the stream, blocks or not
+    prefix: int
+    prefix_source: str
+    channels: int
+    stray: list[Site] = field(default_factory=list)  # sites not paired into a block
+
+
+def _is_token_local(node: torch.fx.Node, gm, branch: set[str], token_count: int) -> bool:
+    name = op_name(node, gm)
+    if name in _POINTWISE:
+        return True
+    if name in ("linear", "layer_norm", "rms_norm", "group_norm_last"):
+        if name in ("layer_norm", "rms_norm"):
+            normalized = (
+                gm.get_submodule(node.target).normalized_shape
+                if node.op == "call_module"
+                else literal_arg(node, 1, "normalized_shape")
+            )
+            return normalized is not None and len(tuple(normalized)) == 1
+        return True
+    if name in _ELEMENTWISE:
+        for arg in tensor_args(node):
+            if arg.name in branch:
+                continue
+            s = shape(arg)
+            if len(s) >= 2 and s[-2] != 1:  # a side tensor varying along the token axis
+                return False
+        return True
+    if name in _CHANNEL_SPLITS:
+        dim = literal_arg(node, 2 if name != "unbind" else 1, "dim", 0)
+        rank = len(shape(node.args[0]) or ())
+        return dim in (-1, rank - 1)
+    if name == "getitem":
+        return not isinstance(node.args[0], torch.fx.Node) or shape(node.args[0]) is None
+    return False
+
+
+def _classify(branch_nodes, gm, by_name, stream: str, token_count: int) -> tuple[str, str]:
+    members = set(branch_nodes)
+    reason = ""
+    order = _order(by_name)
+    for name in sorted(members, key=order.get):
+        node = by_name[name]
+        if node.op in ("placeholder", "get_attr", "output"):
+            continue
+        op = op_name(node, gm)
+        inner = [a for a in tensor_args(node) if a.name in members or a.name == stream]
+        if op in _ATTENTION or (op in _PRODUCTS and len(inner) >= 2):
+            return "attention", f"{op} at node '{name}'"
+        if not reason and not _is_token_local(node, gm, members | {stream}, token_count):
+            reason = f"{op} at node '{name}' ({module_path(node) or 'root'}) may mix tokens"
+    return ("mixing", reason) if reason else ("mlp", "")
+
+
+def _order(by_name: dict) -> dict[str, int]:
+    """Position of each node in the graph (a topological order)."""
+    return {name: i for i, name in enumerate(by_name)}
+
+
+def _residual_sites(gm, graph: nx.DiGraph, by_name, weights: frozenset[str]) -> list[Site]:
+    sites = []
+    for node in gm.graph.nodes:
+        if op_name(node, gm) != "add" or len(node.args) != 2:
+            continue
+        a, b = node.args
+        sa, sb = shape(a), shape(b)
+        if sa is None or sa != sb or len(sa) != 3:
+            continue
+        if nx.has_path(graph, a.name, b.name):
+            stream, out = a, b
+        elif nx.has_path(graph, b.name, a.name):
+            stream, out = b, a
+        else:
+            continue
+        members = (nx.descendants(graph, stream.name) & nx.ancestors(graph, out.name)) | {out.name}
+        kind, reason = _classify(members, gm, by_name, stream.name, sa[TOKEN_AXIS])
+        paths = [module_path(by_name[m]) for m in members if by_name[m].op.startswith("call")]
+        sites.append(Site(node.name, stream.name, out.name, kind, common_path(paths), frozenset(members), reason))
+    nested = set().union(*(s.nodes for s in sites)) if sites else set()
+    return [s for s in sites if s.add not in nested]
+
+
+_WEIGHTED = {"linear", "layer_norm", "rms_norm", "conv1d", "conv2d"}
+
+
+def side_inputs(site: Site, gm, by_name, counts: set[int]) -> tuple[str, ...]:
+    """Tensors entering a branch from outside it (rotary tables, masks, position biases) whose
+    shape carries a token count; weights of linear and norm layers are not side inputs."""
+    sides = set()
+    for name in site.nodes:
+        node = by_name[name]
+        data = node.args[:1] if op_name(node, gm) in _WEIGHTED else None
+        for arg in tensor_args(node):
+            if arg.name in site.nodes or arg.name == site.stream:
+                continue
+            if data is not None and arg not in data:
+                continue
+            if counts & set(shape(arg) or ()):
+                sides.add(arg.name)
+    return tuple(sorted(sides))
+
+
+def _pair_blocks(sites: list[Site], by_name) -> tuple[list[Block], list[Site]]:
+    blocks, stray, mixer = [], [], None
+    for site in sites:
+        if site.kind != "mlp":
+            if mixer is not None:
+                stray.append(mixer)
+            mixer = site
+            continue
+        stream = mixer.stream if mixer else site.stream
+        blocks.append(Block(len(blocks), site, mixer, shape(by_name[stream])[TOKEN_AXIS]))
+        mixer = None
+    if mixer is not None:
+        stray.append(mixer)
+    return blocks, stray
+
+
+def _find_prefix(gm, graph: nx.DiGraph, by_name, first_stream: str, weights) -> tuple[int, str]:
+    """Count the learned tokens (CLS, distillation, registers) concatenated before the patches."""
+    inputs = {n.name for n in gm.graph.nodes if n.op == "placeholder" and n.name not in weights}
+    tokens = shape(by_name[first_stream])[TOKEN_AXIS]
+    candidates = nx.ancestors(graph, first_stream) | {first_stream}
+    order = _order(by_name)
+    for name in sorted(candidates, key=lambda n: -order[n]):  # nearest cat first
+        node = by_name[name]
+        if op_name(node, gm) != "cat" or shape(node)[TOKEN_AXIS] != tokens:
+            continue
+        dim = literal_arg(node, 1, "dim", 0)
+        if dim not in (TOKEN_AXIS, TOKEN_AXIS - len(shape(node))):
+            continue
+        count, names = 0, []
+        for part in node.args[0]:
+            if inputs & (nx.ancestors(graph, part.name) | {part.name}):
+                break
+            count += shape(part)[TOKEN_AXIS]
+            names.append(module_path(part) or part.name)
+        return count, f"cat at node '{name}' of " + (", ".join(names) or "no learned tokens")
+    return 0, "no token concatenation found before the first block"
+
+
+def analyze(gm: torch.fx.GraphModule, weights: frozenset[str] = frozenset()) -> Analysis:
+    by_name = nodes_by_name(gm)
+    graph = data_graph(gm)
+    sites = _residual_sites(gm, graph, by_name, weights)
+    blocks, stray = _pair_blocks(sites, by_name)
+    if not blocks:
+        found = ", ".join(f"{s.kind} at '{s.module or s.add}'" for s in sites) or "no residual adds"
+        raise NoSiteError(
+            "no residual MLP (an add of x and a token-local branch of x over (B, N, C) tokens) was "
+            f"found in {type(gm).__name__}; found: {found}. Representation Shift scores tokens at "
+            "such sites; for CNNs use the line-wise mode."
+        )
+    prefix, source = _find_prefix(gm, graph, by_name, blocks[0].input, weights)
+    for site in sites:
+        tokens = shape(by_name[site.stream])[TOKEN_AXIS]
+        site.side_inputs = side_inputs(site, gm, by_name, {tokens, tokens - prefix} - {0, 1})
+    channels = shape(by_name[blocks[0].input])[-1]
+    return Analysis(blocks, sites, prefix, source, channels, stray)
+
+
+def run(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
+    ctx.analysis = analyze(gm, ctx.weight_placeholders)
+    return gm

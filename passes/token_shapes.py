@@ -1,0 +1,92 @@
+"""Rewrite: sizes written as literals downstream of a drop follow the new token count.
+
+Expects: a graph whose drops are inserted (`insert_pruning`) and whose nodes still carry the
+shapes recorded before the drops, and `ctx.args`.
+Guarantees: the graph runs on `ctx.args`; every node carries its new shape; a `view`, `reshape`
+or `expand` whose literal sizes named the old token count names the new one. A literal the pass
+cannot attribute to the token axis, or an op that fails on fewer tokens, is refused with an
+`UnsupportedSiteError` that names the node and its module.
+
+Graphs from `symbolic_trace` mostly compute sizes from `x.shape`; dynamo's graphs and
+hand-written models write them as Python ints.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.fx
+from torch.fx.passes.shape_prop import ShapeProp
+
+from repshift_fx.errors import UnsupportedSiteError
+from repshift_fx.graph import module_path, op_name, shape
+
+_SIZED = ("view", "reshape", "expand")
+
+
+def _sizes(node: torch.fx.Node) -> tuple[list, bool]:
+    """The size arguments of view/reshape/expand, and whether they were given as one tuple."""
+    rest = list(node.args[1:])
+    if len(rest) == 1 and isinstance(rest[0], (tuple, list)):
+        return list(rest[0]), True
+    return rest, False
+
+
+def _where(node: torch.fx.Node) -> str:
+    return f"{op_name(node)} at node '{node.name}' (module '{module_path(node) or 'root'}')"
+
+
+def _follow_token_count(node: torch.fx.Node, old_in: tuple, new_in: tuple) -> None:
+    changed = [i for i, (a, b) in enumerate(zip(old_in, new_in)) if a != b]
+    if len(changed) != 1:
+        return
+    old_n, new_n = old_in[changed[0]], new_in[changed[0]]
+    sizes, packed = _sizes(node)
+    hits = [i for i, s in enumerate(sizes) if isinstance(s, int) and s == old_n]
+    if len(hits) > 1:
+        raise UnsupportedSiteError(
+            f"{_where(node)} writes the token count {old_n} as a literal more than once {tuple(sizes)}; "
+            "cannot tell which is the token axis. Write the sizes from x.shape, or prune after it."
+        )
+    if hits:
+        sizes[hits[0]] = new_n
+    known = [s for s in sizes if isinstance(s, int) and s != -1]
+    numel = math.prod(new_in)
+    if op_name(node) != "expand" and -1 not in sizes and all(isinstance(s, int) for s in sizes) and math.prod(known) != numel:
+        raise UnsupportedSiteError(
+            f"{_where(node)} reshapes {old_n} tokens to {tuple(sizes)}, which needs all of them "
+            "(e.g. back to an H x W grid); prune after the last block that needs the full grid."
+        )
+    node.args = (node.args[0], tuple(sizes)) if packed else (node.args[0], *sizes)
+
+
+class _FollowingShapeProp(ShapeProp):
+    """ShapeProp that adjusts literal sizes just before a node runs on fewer tokens."""
+
+    def __init__(self, gm: torch.fx.GraphModule):
+        super().__init__(gm)
+        self.old_shapes = {n: shape(n) for n in gm.graph.nodes}  # overwritten as nodes run
+
+    def run_node(self, n: torch.fx.Node):
+        if op_name(n) in _SIZED and n.args and isinstance(n.args[0], torch.fx.Node):
+            old_in = self.old_shapes.get(n.args[0])
+            new_in = self.env.get(n.args[0])
+            if old_in is not None and isinstance(new_in, torch.Tensor) and tuple(new_in.shape) != old_in:
+                _follow_token_count(n, old_in, tuple(new_in.shape))
+        try:
+            return super().run_node(n)
+        except UnsupportedSiteError:
+            raise
+        except Exception as err:
+            raise UnsupportedSiteError(
+                f"{_where(n)} fails once tokens are dropped: {type(err).__name__}: {err}. It needs "
+                "the full token set (windowed attention, a reshape to a grid, a fixed-size table); "
+                "prune after it with a later `at`, or choose another model."
+            ) from err
+
+
+def run(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
+    with torch.no_grad():
+        _FollowingShapeProp(gm).propagate(*ctx.args)
+    gm.recompile()
+    return gm

@@ -1,0 +1,30 @@
+"""Verify: the rewritten graph gives outputs of the original shapes.
+
+Expects: `token_shapes` has run (every node carries its new shape) and `ctx.output_shapes`
+holds the output shapes recorded at capture. Guarantees: the graph is unchanged; a mismatch is
+an `UnsupportedSiteError` naming the output.
+"""
+from __future__ import annotations
+
+import torch.fx
+
+from repshift_fx.errors import UnsupportedSiteError
+from repshift_fx.graph import shape
+
+
+def output_shapes(gm: torch.fx.GraphModule) -> list:
+    out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    found = []
+    torch.fx.map_arg(out.args, lambda a: found.append((a.name, shape(a))))
+    return found
+
+
+def run(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
+    for (name, old), (_, new) in zip(ctx.output_shapes, output_shapes(gm)):
+        if old != new:
+            raise UnsupportedSiteError(
+                f"output '{name}' changes shape from {old} to {new} once tokens are dropped "
+                "(a dense-prediction head needs every token); compress only the backbone, or "
+                "prune with a classification head."
+            )
+    return gm

@@ -1,0 +1,29 @@
+"""Every error repshift_fx raises on bad input is a `RepShiftError`, one subclass per cause."""
+
+
+class RepShiftError(Exception):
+    """Base class: the message says what was wrong and what to do."""
+
+
+class ConfigError(RepShiftError, ValueError):
+    """A compress()/inspect() argument is out of range or malformed (keep, at, site, ...)."""
+
+
+class ModelModeError(RepShiftError):
+    """The model is in training mode; the pass compresses inference graphs only."""
+
+
+class TraceError(RepShiftError):
+    """torch.fx could not trace the model; the message names the module and the reason."""
+
+
+class ExampleInputError(RepShiftError):
+    """The example input does not fit the model (wrong rank, size or type)."""
+
+
+class NoSiteError(RepShiftError):
+    """No residual MLP (token-local branch) was found on the residual stream."""
+
+
+class UnsupportedSiteError(RepShiftError):
+    """A requested site cannot be pruned safely; the message names the node and the module."""

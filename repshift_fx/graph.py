@@ -1,0 +1,141 @@
+"""Small helpers that let passes read an FX graph the same way whoever produced it.
+
+`symbolic_trace` writes `self.fc1(x)` (call_module), dynamo writes `F.linear(x, w, b)`
+(call_function), and hand-written models write `x.softmax(-1)` (call_method). `op_name` maps all
+of them to one lower-case name so that the passes match on meaning, not on call style.
+"""
+from __future__ import annotations
+
+import operator
+import re
+
+import networkx as nx
+import torch
+import torch.fx
+from torch import nn
+
+_MODULE_OPS = {
+    nn.Linear: "linear",
+    nn.LayerNorm: "layer_norm",
+    nn.GELU: "gelu",
+    nn.ReLU: "relu",
+    nn.SiLU: "silu",
+    nn.Tanh: "tanh",
+    nn.Sigmoid: "sigmoid",
+    nn.Hardswish: "hardswish",
+    nn.Dropout: "dropout",
+    nn.Identity: "identity",
+    nn.MultiheadAttention: "multihead_attention",
+    nn.Softmax: "softmax",
+}
+if hasattr(nn, "RMSNorm"):
+    _MODULE_OPS[nn.RMSNorm] = "rms_norm"
+
+_FUNCTION_ALIASES = {
+    operator.add: "add",
+    operator.iadd: "add",
+    operator.sub: "sub",
+    operator.mul: "mul",
+    operator.imul: "mul",
+    operator.truediv: "truediv",
+    operator.matmul: "matmul",
+    operator.getitem: "getitem",
+    operator.neg: "neg",
+}
+
+
+def op_name(node: torch.fx.Node, gm: torch.fx.GraphModule | None = None) -> str:
+    """The op a node performs, e.g. 'linear', 'layer_norm', 'softmax', 'matmul', 'add'."""
+    if node.op == "call_method":
+        return str(node.target)
+    if node.op == "call_function":
+        if node.target in _FUNCTION_ALIASES:
+            return _FUNCTION_ALIASES[node.target]
+        return getattr(node.target, "__name__", str(node.target)).lstrip("_")
+    if node.op == "call_module" and gm is not None:
+        module = gm.get_submodule(node.target)
+        for cls in type(module).__mro__:
+            if cls in _MODULE_OPS:
+                return _MODULE_OPS[cls]
+        return "module:" + type(module).__name__
+    return node.op
+
+
+def shape(node) -> tuple[int, ...] | None:
+    """The recorded output shape of a node, or None if it is not a tensor."""
+    if not isinstance(node, torch.fx.Node):
+        return None
+    meta = node.meta.get("tensor_meta")
+    if meta is None or not hasattr(meta, "shape"):
+        value = node.meta.get("example_value", node.meta.get("val"))
+        return tuple(value.shape) if isinstance(value, torch.Tensor) else None
+    return tuple(meta.shape)
+
+
+def carries_tensor(node) -> bool:
+    """True for a node whose value is a tensor or a tuple of tensors (unbind, chunk)."""
+    if not isinstance(node, torch.fx.Node):
+        return False
+    if shape(node) is not None:
+        return True
+    meta = node.meta.get("tensor_meta", node.meta.get("example_value", node.meta.get("val")))
+    return isinstance(meta, (tuple, list)) and any(
+        hasattr(m, "shape") for m in meta
+    )
+
+
+def tensor_args(node: torch.fx.Node) -> list[torch.fx.Node]:
+    """The inputs of `node` that carry tensors (sizes and other Python values left out)."""
+    found: list[torch.fx.Node] = []
+    torch.fx.map_arg((node.args, node.kwargs), lambda a: found.append(a) if carries_tensor(a) else None)
+    return found
+
+
+def data_graph(gm: torch.fx.GraphModule) -> nx.DiGraph:
+    """Tensor data flow as a networkx DiGraph over node names (size computations left out)."""
+    graph = nx.DiGraph()
+    for node in gm.graph.nodes:
+        graph.add_node(node.name)
+        for arg in tensor_args(node):
+            graph.add_edge(arg.name, node.name)
+    return graph
+
+
+def nodes_by_name(gm: torch.fx.GraphModule) -> dict[str, torch.fx.Node]:
+    return {node.name: node for node in gm.graph.nodes}
+
+
+_DYNAMO_PATH = re.compile(r"\[['\"]?([^\]'\"]+)['\"]?\]")
+
+
+def module_path(node: torch.fx.Node) -> str:
+    """The dotted path of the innermost module a node was traced in ('' at the root)."""
+    if node.op == "call_module":
+        return str(node.target)
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    path = _DYNAMO_PATH.sub(r".\1", str(path))  # L['self'].blocks[0].mlp -> L.self.blocks.0.mlp
+    path = re.sub(r"^L\.self\.?|^self\.?", "", path)
+    return re.sub(r"\._modules\.|\.modules\.", ".", path).strip(".")
+
+
+def common_path(paths) -> str:
+    parts = [p.split(".") for p in paths if p]
+    if not parts:
+        return ""
+    prefix = parts[0]
+    for other in parts[1:]:
+        n = 0
+        while n < min(len(prefix), len(other)) and prefix[n] == other[n]:
+            n += 1
+        prefix = prefix[:n]
+    return ".".join(prefix)
+
+
+def literal_arg(node: torch.fx.Node, index: int, name: str, default=None):
+    """Argument `index` (positional) or `name` (keyword) of a call, or `default`."""
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)

@@ -1,0 +1,50 @@
+"""The method itself, as plain functions the pruning pass inserts into the graph.
+
+    scores = representation_shift(changed, reference)      # (B, N)
+    index  = select_tokens(scores, prefix, keep)            # (B, prefix + keep)
+    tokens = gather_tokens(x, index)                        # (B, prefix + keep, C)
+
+Representation Shift (Choi et al., ICCV 2025): a token that a layer changes little carries little
+new information and can be dropped. With the default site, `changed` is MLP(LN(x')) and
+`reference` is x', the residual stream entering the MLP sub-layer.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def representation_shift(changed: torch.Tensor, reference: torch.Tensor, distance: str = "l2") -> torch.Tensor:
+    """D(changed_i, reference_i) per token, over the channel axis: (B, N, C), (B, N, C) -> (B, N)."""
+    if distance == "l2":
+        return torch.linalg.vector_norm(changed - reference, ord=2, dim=-1)
+    if distance == "l1":
+        return torch.linalg.vector_norm(changed - reference, ord=1, dim=-1)
+    if distance == "cosine":
+        return 1.0 - F.cosine_similarity(changed, reference, dim=-1)
+    raise ValueError(f"unknown distance {distance!r}")
+
+
+def token_norm(tokens: torch.Tensor) -> torch.Tensor:
+    """Baseline score: the L2 norm of each token. (B, N, C) -> (B, N)."""
+    return torch.linalg.vector_norm(tokens, ord=2, dim=-1)
+
+
+def random_scores(tokens: torch.Tensor) -> torch.Tensor:
+    """Baseline score: uniform noise, a fresh draw per call. (B, N, C) -> (B, N)."""
+    return torch.rand(tokens.shape[:2], device=tokens.device, dtype=tokens.dtype)
+
+
+def select_tokens(scores: torch.Tensor, prefix: int, keep: int) -> torch.Tensor:
+    """Indices of the tokens kept: the `prefix` first ones, then the `keep` best-scored others,
+    in their original order. (B, N) -> (B, prefix + keep), int64."""
+    best = scores[:, prefix:].topk(keep, dim=1, sorted=False).indices
+    best = best.sort(dim=1).values + prefix
+    head = torch.arange(prefix, device=scores.device).expand(scores.shape[0], prefix)
+    return torch.cat([head, best], dim=1)
+
+
+def gather_tokens(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Tokens at `index`, per sample: (B, N, ...) and (B, K) -> (B, K, ...)."""
+    index = index.reshape(index.shape + (1,) * (tokens.dim() - 2))
+    return torch.take_along_dim(tokens, index, dim=1)
