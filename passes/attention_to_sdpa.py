@@ -20,13 +20,14 @@ attention weights (an attention map that is returned or stored), the softmax is 
 from __future__ import annotations
 
 import numbers
+import operator
 from dataclasses import dataclass
 
 import torch
 import torch.fx
 import torch.nn.functional as F
 
-from repshift_fx.graph import literal_arg, module_path, op_name, shape
+from repshift_fx.graph import carries_tensor, literal_arg, module_path, op_name, shape
 
 _PRODUCT = ("matmul", "bmm")
 _PASS_THROUGH = ("dropout", "identity")
@@ -51,18 +52,36 @@ def _only_user(node: torch.fx.Node, what: str) -> torch.fx.Node:
     return next(iter(node.users))
 
 
-def _constant(node: torch.fx.Node) -> tuple[torch.fx.Node, float] | None:
-    """(tensor, c) for `tensor * c`, `c * tensor` or `tensor / c` with a Python number c."""
+def _is_number(arg) -> bool:
+    """A Python number, or a node computing one from sizes (e.g. head_dim ** -0.5)."""
+    if isinstance(arg, torch.fx.Node):
+        return not carries_tensor(arg) and arg.op != "placeholder"
+    return isinstance(arg, numbers.Real) and not isinstance(arg, bool)
+
+
+def _constant(node: torch.fx.Node) -> tuple[torch.fx.Node, tuple] | None:
+    """(tensor, (c, inverse)) for `tensor * c`, `c * tensor` or `tensor / c` with a number c."""
     op = op_name(node)
     a, b = (node.args + (None, None))[:2]
+    if node.kwargs or not (isinstance(a, torch.fx.Node) or isinstance(b, torch.fx.Node)):
+        return None
     if op == "mul":
-        if isinstance(b, numbers.Real) and isinstance(a, torch.fx.Node):
-            return a, float(b)
-        if isinstance(a, numbers.Real) and isinstance(b, torch.fx.Node):
-            return b, float(a)
-    if op in ("truediv", "div") and isinstance(b, numbers.Real) and isinstance(a, torch.fx.Node) and not node.kwargs:
-        return a, 1.0 / float(b)
+        if _is_number(b) and carries_tensor(a):
+            return a, (b, False)
+        if _is_number(a) and carries_tensor(b):
+            return b, (a, False)
+    if op in ("truediv", "div") and _is_number(b) and carries_tensor(a):
+        return a, (b, True)
     return None
+
+
+def _scale_arg(graph: torch.fx.Graph, scale) -> float | torch.fx.Node:
+    if scale is None:
+        return 1.0
+    factor, inverse = scale
+    if isinstance(factor, torch.fx.Node):
+        return graph.call_function(operator.truediv, (1.0, factor)) if inverse else factor
+    return 1.0 / float(factor) if inverse else float(factor)
 
 
 def _untransposed(kt: torch.fx.Node) -> torch.fx.Node:
@@ -134,8 +153,8 @@ def _split_mask(add: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node]:
 
 def _rewrite(gm: torch.fx.GraphModule, found: dict) -> None:
     graph, out = gm.graph, found["out"]
-    kwargs = {"attn_mask": found["mask"], "dropout_p": 0.0, "scale": found["scale"] or 1.0}
     with graph.inserting_before(out):
+        kwargs = {"attn_mask": found["mask"], "dropout_p": 0.0, "scale": _scale_arg(graph, found["scale"])}
         sdpa = graph.call_function(F.scaled_dot_product_attention, (found["q"], found["k"], found["v"]), kwargs)
     sdpa.meta.update({k: v for k, v in out.meta.items() if k != "tensor_meta"})
     out.replace_all_uses_with(sdpa)

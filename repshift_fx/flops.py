@@ -16,7 +16,15 @@ def _cpu_flash_sdpa(query_shape, key_shape, value_shape, *args, out_shape=None, 
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
-_EXTRA = {}
+def _native_mha(query_shape, key_shape, value_shape, embed_dim, num_heads, *args, out_shape=None, **kwargs) -> int:
+    """nn.MultiheadAttention's fused inference kernel: in-projection, attention, out-projection."""
+    batch, length, _ = query_shape
+    source = key_shape[1]
+    projections = 2 * batch * (length + 2 * source) * embed_dim * embed_dim + 2 * batch * length * embed_dim**2
+    return projections + 4 * batch * length * source * embed_dim
+
+
+_EXTRA = {aten._native_multi_head_attention: _native_mha}
 if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
     _EXTRA[aten._scaled_dot_product_flash_attention_for_cpu] = _cpu_flash_sdpa
 

@@ -46,5 +46,6 @@ def select_tokens(scores: torch.Tensor, prefix: int, keep: int) -> torch.Tensor:
 
 def gather_tokens(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """Tokens at `index`, per sample: (B, N, ...) and (B, K) -> (B, K, ...)."""
-    index = index.reshape(index.shape + (1,) * (tokens.dim() - 2))
-    return torch.take_along_dim(tokens, index, dim=1)
+    trailing = tokens.shape[2:]
+    index = index.reshape(index.shape + (1,) * len(trailing)).expand(-1, -1, *trailing)
+    return tokens.gather(1, index)  # take_along_dim would pin the batch size under dynamo

@@ -1,0 +1,49 @@
+"""Shared fixtures. `repshift_fx` is imported first: its torchvision guard must precede timm."""
+import repshift_fx  # noqa: F401  (before timm)
+
+import pytest
+import timm
+import torch
+
+
+def tiny_timm(name: str, depth: int = 4, img_size: int = 64, fused: bool = True, **kwargs):
+    """A timm model with few blocks and a small image, random weights, in eval mode."""
+    previous = timm.layers.use_fused_attn()
+    timm.layers.set_fused_attn(fused)
+    try:
+        torch.manual_seed(0)
+        model = timm.create_model(name, depth=depth, img_size=img_size, **kwargs).eval()
+    finally:
+        timm.layers.set_fused_attn(previous)
+    return model
+
+
+def snapshot(model: torch.nn.Module) -> dict:
+    """Everything compress() must leave alone: weights, module tree, modes, attributes."""
+    return {
+        "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "tensors": {k: v for k, v in model.state_dict().items()},
+        "modules": [(n, type(m).__name__, m.training, sorted(vars(m))) for n, m in model.named_modules()],
+        "repr": repr(model),
+    }
+
+
+def assert_unchanged(model: torch.nn.Module, before: dict) -> None:
+    after = snapshot(model)
+    assert after["modules"] == before["modules"]
+    assert after["repr"] == before["repr"]
+    assert after["state"].keys() == before["state"].keys()
+    for key, value in before["state"].items():
+        assert torch.equal(after["state"][key], value), key
+        assert after["tensors"][key] is before["tensors"][key] or torch.equal(after["tensors"][key], value)
+
+
+@pytest.fixture(scope="session")
+def deit():
+    return tiny_timm("deit_tiny_patch16_224")
+
+
+@pytest.fixture
+def image():
+    torch.manual_seed(1)
+    return torch.randn(2, 3, 64, 64)

@@ -1,0 +1,112 @@
+"""compress(): agreement with the eager reference, token counts, invariants, compiled == eager."""
+import itertools
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import repshift_fx
+from conftest import assert_unchanged, snapshot, tiny_timm
+from reference import reference_forward
+from repshift_fx import shift
+
+
+def _close(a, b, tol=1e-5):
+    scale = b.abs().max().clamp_min(1e-6)
+    assert ((a - b).abs().max() / scale).item() <= tol
+
+
+@pytest.mark.parametrize("site,distance,residual", list(itertools.product(("mlp", "attn", "block"), ("l2", "l1", "cosine"), (False, True))))
+def test_matches_reference_for_every_site_and_distance(deit, image, site, distance, residual):
+    gm = repshift_fx.compress(deit, image, keep=0.5, at=(0, 2), site=site, distance=distance, residual=residual, compile=False)
+    with torch.no_grad():
+        _close(gm(image), reference_forward(deit, image, (0, 2), 0.5, site, distance, residual))
+
+
+@pytest.mark.parametrize("name,kwargs,prefix", [
+    ("deit_tiny_patch16_224", {}, 1),
+    ("deit_tiny_distilled_patch16_224", {}, 2),
+    ("vit_small_patch14_reg4_dinov2", {"img_size": 56}, 5),
+])
+def test_prefix_tokens_found_and_reference_agrees(name, kwargs, prefix, image):
+    model = tiny_timm(name, **({"img_size": 64} | kwargs))
+    img = torch.randn(2, 3, kwargs.get("img_size", 64), kwargs.get("img_size", 64))
+    gm = repshift_fx.compress(model, img, keep=0.6, at=(1, 2), compile=False)
+    assert gm.report.prefix == prefix
+    with torch.no_grad():
+        _close(gm(img), reference_forward(model, img, (1, 2), 0.6))
+
+
+def test_norm_score_matches_reference(deit, image):
+    gm = repshift_fx.compress(deit, image, keep=0.5, at=(1,), score="norm", compile=False)
+    with torch.no_grad():
+        _close(gm(image), reference_forward(deit, image, (1,), 0.5, score="norm"))
+
+
+def test_keep_one_gives_the_original_outputs(image):
+    for fused in (True, False):
+        model = tiny_timm("deit_tiny_patch16_224", fused=fused)
+        gm = repshift_fx.compress(model, image, keep=1.0, at=(0, 1, 2), compile=False)
+        with torch.no_grad():
+            _close(gm(image), model(image))
+
+
+def test_deit_small_default_schedule_token_counts():
+    model = tiny_timm("deit_small_patch16_224", depth=12, img_size=224)
+    report = repshift_fx.inspect(model, torch.randn(1, 3, 224, 224))
+    assert report.tokens == [197] * 4 + [139] * 3 + [98] * 3 + [69] * 2
+    assert [r.index for r in report.blocks if r.scored] == [3, 6, 9]
+    assert 0.66 < report.flop_ratio < 0.70
+
+
+def test_per_sample_selection_keeps_prefix_and_order():
+    scores = torch.tensor([[9.0, 1.0, 5.0, 3.0, 4.0], [0.0, 4.0, 3.0, 2.0, 1.0]])
+    index = shift.select_tokens(scores, prefix=1, keep=2)
+    assert index.tolist() == [[0, 2, 4], [0, 1, 2]]
+    tokens = torch.arange(10.0).reshape(2, 5, 1)
+    assert shift.gather_tokens(tokens, index).squeeze(-1).tolist() == [[0, 2, 4], [5, 6, 7]]
+
+
+def test_gathered_tokens_are_the_original_tokens_in_order(deit, image):
+    gm = repshift_fx.compress(deit, image, keep=0.5, at=(1,), compile=False)
+    run = torch.fx.Interpreter(gm, garbage_collect_values=False)
+    with torch.no_grad():
+        run.run(image)
+    values = {node.name: value for node, value in run.env.items()}
+    index, block_out, kept = values["repshift_index_1"], values["add_4"], values["repshift_keep_1"]
+    assert index.shape == (2, 1 + 8)
+    assert (index[:, 0] == 0).all()
+    assert (index[:, 1:].diff(dim=1) > 0).all()  # original order, no repeats
+    for b in range(2):
+        assert torch.equal(kept[b], block_out[b, index[b]])
+
+
+def test_model_left_unchanged(image):
+    model = tiny_timm("deit_tiny_patch16_224", fused=False)
+    before = snapshot(model)
+    gm = repshift_fx.compress(model, image, keep=0.5, compile=False)
+    with torch.no_grad():
+        gm(image)
+    assert_unchanged(model, before)
+    assert not model.blocks[0].attn.fused_attn
+
+
+def test_random_score_keeps_counts(deit, image):
+    gm = repshift_fx.compress(deit, image, keep=0.5, at=(1,), score="random", compile=False)
+    assert gm.report.tokens == [17, 17, 9, 9]
+    with torch.no_grad():
+        assert gm(image).shape == deit(image).shape
+
+
+def test_compiled_matches_eager_graph_without_recompiling_per_batch(deit):
+    torch._dynamo.reset()
+    counters.clear()
+    img = torch.randn(1, 3, 64, 64)
+    eager = repshift_fx.compress(deit, img, keep=0.5, at=(1,), compile=False)
+    compiled = repshift_fx.compress(deit, img, keep=0.5, at=(1,))
+    with torch.no_grad():
+        for batch in (1, 2, 7, 32):
+            x = torch.randn(batch, 3, 64, 64)
+            _close(compiled(x), eager(x))
+    assert counters["stats"]["unique_graphs"] <= 2
+    assert compiled.report.tokens == [17, 17, 9, 9]
