@@ -18,7 +18,7 @@ import torch
 import torch.fx
 from torch.fx.passes.shape_prop import ShapeProp
 
-from repshift_fx.errors import UnsupportedSiteError
+from repshift_fx.errors import UnsupportedSiteError, root_cause
 from repshift_fx.graph import module_path, op_name, shape
 
 _SIZED = ("view", "reshape", "expand")
@@ -77,12 +77,13 @@ class _FollowingShapeProp(ShapeProp):
             return super().run_node(n)
         except UnsupportedSiteError:
             raise
-        except Exception as err:
+        except Exception as wrapped:
+            err = root_cause(wrapped)
             raise UnsupportedSiteError(
                 f"{_where(n)} fails once tokens are dropped: {type(err).__name__}: {err}. It needs "
                 "the full token set (windowed attention, a reshape to a grid, a fixed-size table); "
                 "prune after it with a later `at`, or choose another model."
-            ) from err
+            ) from wrapped
 
 
 def run(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:

@@ -14,7 +14,7 @@ import torch.fx
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from .errors import ExampleInputError, ModelModeError, TraceError
+from .errors import ConfigError, ExampleInputError, ModelModeError, TraceError, root_cause
 
 
 class _PathTracer(torch.fx.Tracer):
@@ -37,7 +37,7 @@ class _PathTracer(torch.fx.Tracer):
 
 def check_model(model) -> None:
     if not isinstance(model, nn.Module):
-        raise TraceError(f"expected a torch.nn.Module, got {type(model).__name__}")
+        raise ConfigError(f"expected a torch.nn.Module, got {type(model).__name__}")
     if model.training:
         raise ModelModeError(
             f"{type(model).__name__} is in training mode. repshift_fx compresses inference graphs "
@@ -71,9 +71,16 @@ def defaults_not_given(model: nn.Module, n_given: int) -> dict:
 
 
 def trace(model: nn.Module, n_inputs: int = 1) -> torch.fx.GraphModule:
+    """symbolic_trace with module paths in errors; the model keeps no trace of it.
+
+    torch.fx stores tensor constants it meets as `_tensor_constantN` attributes on the traced
+    root; they are moved to the GraphModule and removed from the user's model.
+    """
     tracer = _PathTracer()
+    own_attributes = set(vars(model))
     try:
         graph = tracer.trace(model, concrete_args=defaults_not_given(model, n_inputs) or None)
+        return torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
     except Exception as err:
         where = (
             f"module '{tracer.failed_path}' ({tracer.failed_type})"
@@ -85,11 +92,18 @@ def trace(model: nn.Module, n_inputs: int = 1) -> torch.fx.GraphModule:
             "data-dependent Python control flow, or wrap that module with torch.fx.wrap / a leaf "
             "module, or use torch.compile(model, backend='repshift'), which allows graph breaks."
         ) from err
-    return torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
+    finally:
+        for name in set(vars(model)) - own_attributes:
+            delattr(model, name)
 
 
 def expected_input(model: nn.Module) -> str | None:
-    """The input size a model declares, where it declares one (timm cfg, torchvision ViT)."""
+    """The input size a model declares, where it declares one (patch embedding, torchvision ViT, timm cfg)."""
+    for module in model.modules():
+        size = getattr(module, "img_size", None)
+        channels = getattr(getattr(module, "proj", None), "in_channels", 3)
+        if isinstance(size, (tuple, list)) and len(size) == 2:
+            return f"(B, {channels}, {size[0]}, {size[1]})"
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
     if isinstance(cfg, dict) and cfg.get("input_size"):
         return "(B, " + ", ".join(str(s) for s in cfg["input_size"]) + ")"
@@ -131,19 +145,20 @@ def fold_pass_through_calls(gm: torch.fx.GraphModule) -> None:
     gm.recompile()
 
 
-def propagate_shapes(gm: torch.fx.GraphModule, args: tuple, model: nn.Module | None = None) -> None:
+def propagate_shapes(gm: torch.fx.GraphModule, args: tuple, model: nn.Module | None = None, given: tuple = ()) -> None:
     """Run the graph once on `args`, recording every node's shape; bad input -> ExampleInputError."""
     try:
         with torch.no_grad():
             _ShapeAndPassThroughProp(gm).propagate(*args)
-    except Exception as err:
-        shapes = ", ".join(str(tuple(a.shape)) for a in args)
+    except Exception as wrapped:
+        err = root_cause(wrapped)
+        shapes = ", ".join(str(tuple(a.shape)) for a in (given or args))
         hint = expected_input(model) if model is not None else None
         expects = f"; the model expects {hint}" if hint else ""
         raise ExampleInputError(
             f"the example input {shapes} does not fit {type(model or gm).__name__}{expects}: "
             f"{type(err).__name__}: {err}"
-        ) from err
+        ) from wrapped
 
 
 def analysis_args(args: tuple) -> tuple:
@@ -154,8 +169,9 @@ def analysis_args(args: tuple) -> tuple:
 def capture(model: nn.Module, example_input) -> tuple[torch.fx.GraphModule, tuple]:
     """Trace `model` and record shapes on (a slice of) `example_input`."""
     check_model(model)
-    args = analysis_args(as_args(example_input))
+    given = as_args(example_input)
+    args = analysis_args(given)
     gm = trace(model, len(args))
-    propagate_shapes(gm, args, model)
+    propagate_shapes(gm, args, model, given)
     fold_pass_through_calls(gm)
     return gm, args

@@ -4,6 +4,13 @@
 class RepShiftError(Exception):
     """Base class: the message says what was wrong and what to do."""
 
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:  # torch.fx's Interpreter appends its node dump to args; not shown
+        return self.message
+
 
 class ConfigError(RepShiftError, ValueError):
     """A compress()/inspect() argument is out of range or malformed (keep, at, site, ...)."""
@@ -27,3 +34,10 @@ class NoSiteError(RepShiftError):
 
 class UnsupportedSiteError(RepShiftError):
     """A requested site cannot be pruned safely; the message names the node and the module."""
+
+
+def root_cause(err: BaseException) -> BaseException:
+    """The innermost cause: torch.fx's ShapeProp wraps the model's own error in a RuntimeError."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return err

@@ -1,0 +1,123 @@
+"""Bad input: a RepShiftError subclass with an actionable message, and the model unchanged."""
+import pytest
+import timm
+import torch
+from torch import nn
+
+import repshift_fx
+from conftest import assert_unchanged, snapshot, tiny_timm
+from repshift_fx import (
+    ConfigError, ExampleInputError, ModelModeError, NoSiteError, RepShiftError, TraceError, UnsupportedSiteError,
+)
+
+
+@pytest.fixture
+def model():
+    return tiny_timm("deit_tiny_patch16_224")
+
+
+def _fails(model, x, error, match, **config):
+    before = snapshot(model)
+    with pytest.raises(error, match=match) as caught:
+        repshift_fx.compress(model, x, compile=False, **config)
+    assert isinstance(caught.value, RepShiftError)
+    assert_unchanged(model, before)
+    return str(caught.value)
+
+
+X = torch.randn(2, 3, 64, 64)
+
+
+@pytest.mark.parametrize("keep", [0, 1.5, -0.2, "0.5", (0.5, 2.0)])
+def test_keep_outside_unit_interval(model, keep):
+    _fails(model, X, ConfigError, "keep", keep=keep, at=(1,) if not isinstance(keep, tuple) else (1, 2))
+
+
+def test_at_out_of_range_says_how_many_blocks(model):
+    message = _fails(model, X, ConfigError, "4 blocks were found", at=(1, 4))
+    assert "[4]" in message
+
+
+@pytest.mark.parametrize("at", [(2, 2), (2, 1)])
+def test_repeated_or_unsorted_at(model, at):
+    _fails(model, X, ConfigError, "strictly increasing", at=at)
+
+
+def test_keep_per_block_must_match_at(model):
+    _fails(model, X, ConfigError, "one rate per", at=(1, 2), keep=(0.5, 0.5, 0.5))
+
+
+@pytest.mark.parametrize("option", [{"site": "head"}, {"distance": "kl"}, {"score": "attention_map"}, {"protect": -1}])
+def test_unknown_choices(model, option):
+    _fails(model, X, ConfigError, next(iter(option)), **option)
+
+
+def test_inspect_rejects_unknown_options(model):
+    with pytest.raises(ConfigError, match="unknown option"):
+        repshift_fx.inspect(model, X, kepp=0.5)
+
+
+def test_training_mode_refused(model):
+    model.train()
+    _fails(model, X, ModelModeError, "model.eval()")
+    assert model.training
+
+
+def test_wrong_input_size_says_what_the_model_expects(model):
+    _fails(model, torch.randn(2, 3, 32, 32), ExampleInputError, r"expects \(B, 3, 64, 64\)")
+
+
+def test_wrong_input_rank(model):
+    _fails(model, torch.randn(3, 64, 64), ExampleInputError, r"\(3, 64, 64\)")
+
+
+def test_example_input_of_wrong_type(model):
+    _fails(model, [[1.0]], ExampleInputError, "tensor")
+
+
+def test_no_residual_mlp_says_what_was_found():
+    class AttentionOnly(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+
+        def forward(self, x):
+            return x + self.attn(x, x, x, need_weights=False)[0]
+
+    message = _fails(AttentionOnly().eval(), torch.randn(2, 5, 16), NoSiteError, "no residual MLP")
+    assert "attention at 'attn'" in message
+
+
+def test_cnn_without_tokens():
+    _fails(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval(), torch.randn(1, 3, 8, 8), NoSiteError, "no residual adds")
+
+
+def test_untraceable_model_names_the_module():
+    class Branchy(nn.Module):
+        def forward(self, x):
+            return x if x.sum() > 0 else -x
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Linear(4, 4)
+            self.gate = Branchy()
+
+        def forward(self, x):
+            return self.gate(self.stem(x))
+
+    message = _fails(Net().eval(), torch.randn(2, 3, 4), TraceError, "module 'gate' \\(Branchy\\)")
+    assert "backend='repshift'" in message
+
+
+def test_side_tensors_with_the_token_axis_are_refused_by_name():
+    model = tiny_timm("eva02_tiny_patch14_224", img_size=56)
+    message = _fails(model, torch.randn(1, 3, 56, 56), UnsupportedSiteError, "carry the token axis", at=(1,))
+    assert "block 2 (blocks.2" in message
+
+
+def test_windowed_attention_is_refused_naming_the_node():
+    model = timm.create_model("swin_tiny_patch4_window7_224", img_size=112, depths=(2, 2), num_heads=(2, 4),
+                              embed_dim=32).eval()
+    message = _fails(model, torch.randn(1, 3, 112, 112), UnsupportedSiteError, "node '", at=(0,))
+    assert "module 'layers." in message
