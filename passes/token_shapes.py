@@ -16,8 +16,8 @@ import math
 
 import torch
 import torch.fx
-from torch.fx.passes.shape_prop import ShapeProp
 
+from repshift_fx.capture import ShapeRecorder
 from repshift_fx.errors import UnsupportedSiteError, root_cause
 from repshift_fx.graph import module_path, op_name, shape
 
@@ -60,8 +60,8 @@ def _follow_token_count(node: torch.fx.Node, old_in: tuple, new_in: tuple) -> No
     node.args = (node.args[0], tuple(sizes)) if packed else (node.args[0], *sizes)
 
 
-class _FollowingShapeProp(ShapeProp):
-    """ShapeProp that adjusts literal sizes just before a node runs on fewer tokens."""
+class _FollowingShapeProp(ShapeRecorder):
+    """Shape recording that adjusts literal sizes just before a node runs on fewer tokens."""
 
     def __init__(self, gm: torch.fx.GraphModule):
         super().__init__(gm)
@@ -87,7 +87,6 @@ class _FollowingShapeProp(ShapeProp):
 
 
 def run(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
-    with torch.no_grad():
-        _FollowingShapeProp(gm).propagate(*ctx.args)
+    _FollowingShapeProp(gm).propagate(*ctx.args)
     gm.recompile()
     return gm

@@ -12,7 +12,8 @@ import inspect
 import torch
 import torch.fx
 from torch import nn
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.node import map_aggregate
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from .errors import ConfigError, ExampleInputError, ModelModeError, TraceError, root_cause
 
@@ -113,8 +114,33 @@ def expected_input(model: nn.Module) -> str | None:
     return None
 
 
-class _ShapeAndPassThroughProp(ShapeProp):
-    """ShapeProp that also notes calls which, on this input, return None or one of their inputs."""
+class ShapeRecorder(torch.fx.Interpreter):
+    """Runs the graph and records `tensor_meta` on every node, as ShapeProp does, without
+    printing a traceback of its own when a node fails (the caller turns it into an error)."""
+
+    def run_node(self, n: torch.fx.Node):
+        result = super().run_node(n)
+        tensors = []
+
+        def describe(value):
+            if not isinstance(value, torch.Tensor):
+                return value
+            tensors.append(value)
+            return _extract_tensor_metadata(value)
+
+        meta = map_aggregate(result, describe)
+        if tensors:
+            n.meta["tensor_meta"] = meta
+        n.meta["type"] = type(result)
+        return result
+
+    def propagate(self, *args):
+        with torch.no_grad():
+            return self.run(*args)
+
+
+class _ShapeAndPassThroughProp(ShapeRecorder):
+    """Also notes the calls which, on this input, return None or one of their inputs."""
 
     def run_node(self, n: torch.fx.Node):
         result = super().run_node(n)
@@ -148,8 +174,7 @@ def fold_pass_through_calls(gm: torch.fx.GraphModule) -> None:
 def propagate_shapes(gm: torch.fx.GraphModule, args: tuple, model: nn.Module | None = None, given: tuple = ()) -> None:
     """Run the graph once on `args`, recording every node's shape; bad input -> ExampleInputError."""
     try:
-        with torch.no_grad():
-            _ShapeAndPassThroughProp(gm).propagate(*args)
+        _ShapeAndPassThroughProp(gm).propagate(*args)
     except Exception as wrapped:
         err = root_cause(wrapped)
         shapes = ", ".join(str(tuple(a.shape)) for a in (given or args))
