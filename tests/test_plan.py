@@ -1,0 +1,124 @@
+"""The FLOP-budget planner: its cost model is exact, its choice is the best single rate."""
+from fractions import Fraction
+
+import pytest
+import torch
+
+import repshift_fx
+from conftest import tiny_timm
+from repshift_fx import ConfigError
+from repshift_fx.config import Config
+from repshift_fx.flops import count_macs
+from repshift_fx.plan import CostModel, _Measure, kept_chain, kept_count, largest_rate, plan_for_budget
+
+X = torch.randn(1, 3, 64, 64)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_timm("deit_tiny_patch16_224", depth=4)
+
+
+def candidate_rates(before: int) -> list[float]:
+    """Every rate at which some drop's kept count steps (j/m, m <= before): the brute-force oracle."""
+    return sorted({j / m for m in range(1, before + 1) for j in range(1, m + 1)})
+
+
+def test_candidate_rates_cover_every_step_of_every_drop():
+    rates = candidate_rates(6)
+    assert rates[0] == 1 / 6 and rates[-1] == 1.0
+    # between two neighbouring candidates no kept count of any size <= 6 changes
+    for low, high in zip(rates, rates[1:]):
+        middle = (low + high) / 2
+        assert all(kept_count(middle, n) == kept_count(high, n) for n in range(1, 7))
+
+
+def test_kept_chain_counts_as_the_plan_does(model):
+    gm = repshift_fx.compress(model, X, keep=0.55, at=(0, 1, 2), compile=False)
+    assert kept_chain(0.55, 16, 3) == (9, 5, 3)
+    assert gm.report.tokens == [17, 10, 6, 4]
+
+
+@pytest.mark.parametrize("before,drops", [(16, 2), (196, 3), (4095, 3)])
+def test_largest_rate_matches_brute_force_and_snaps(before, drops):
+    def cost(rate):  # a schedule's "FLOPs": tokens summed over the drops, squared terms too
+        return sum(k + k * k // 7 for k in kept_chain(rate, before, drops))
+
+    rates = candidate_rates(before) if before < 1000 else None
+    for fraction in (0.05, 0.31, 0.5, 0.65, 0.999):
+        limit = Fraction(fraction) * cost(1.0)
+        rate = largest_rate(cost, limit, before)
+        assert cost(rate) <= limit
+        if rates is not None:
+            assert cost(rate) == max(cost(r) for r in rates if cost(r) <= limit)
+            assert rate in rates  # snapped to the end of its step, j/m
+        assert cost(min(1.0, rate + 1e-9)) > limit or rate == 1.0
+    assert largest_rate(cost, Fraction(0), before) is None
+    assert largest_rate(cost, Fraction(cost(1.0)), before) == 1.0
+
+
+def test_cost_model_interpolates_exactly():
+    # 3 n^2 + 5 n + 7, known at three points, evaluated elsewhere
+    model = CostModel(fixed=100, points=[{n: 3 * n * n + 5 * n + 7 for n in (2, 9, 17)}])
+    assert model.macs((11,)) == 100 + 3 * 121 + 55 + 7
+
+
+def test_cost_model_predicts_the_counted_flops_of_every_schedule(model):
+    measure = _Measure(model, X, Config(target_flops=0.5, at=(0, 2)))
+    cost = measure.cost_model()
+    for rate in (1 / 16, 0.3, 0.5, 0.77, 1.0):
+        tokens = tuple(measure.prefix + k for k in kept_chain(rate, measure.before, 2))
+        assert cost.macs(tokens) == measure.total(rate), rate
+    assert measure.total(1.0) == count_macs(model, (X,))  # the scoring nodes add no counted FLOPs
+
+
+@pytest.fixture(scope="module")
+def every_schedule(model):
+    """Counted MACs of every distinct single-rate schedule at at=(0, 2), by brute force."""
+    measure = _Measure(model, X, Config(target_flops=0.5, at=(0, 2)))
+    by_chain = {}
+    for rate in candidate_rates(measure.before):
+        by_chain.setdefault(kept_chain(rate, measure.before, 2), rate)
+    return measure.original, [measure.total(rate) for rate in by_chain.values()]
+
+
+@pytest.mark.parametrize("target", [0.5, 0.72, 0.9])
+def test_budget_choice_is_the_best_single_rate(model, every_schedule, target):
+    config, result = plan_for_budget(model, X, Config(target_flops=target, at=(0, 2)))
+    original, totals = every_schedule
+    best = max(t for t in totals if t <= target * original)
+    assert result.reached <= target
+    assert round(result.gflops_after * 1e9) == best
+    assert config.keep == result.keep and config.at == (0, 2) and config.target_flops is None
+
+
+def test_compress_with_target_flops_reports_the_budget(model):
+    gm = repshift_fx.compress(model, X, target_flops=0.8, compile=False)
+    budget = gm.report.budget
+    assert budget["target"] == 0.8 and budget["reached"] <= 0.8
+    assert gm.report.config["target_flops"] == 0.8 and gm.report.config["keep"] == budget["keep"]
+    assert [row.tokens_out - 1 for row in gm.report.blocks if row.scored] == list(budget["kept"])
+    with torch.no_grad():
+        assert gm(X).shape == model(X).shape
+
+
+def test_inspect_target_matches_the_flop_count(model):
+    report = repshift_fx.inspect(model, X, target_flops=0.7, at=(1,))
+    assert report.flop_ratio == pytest.approx(report.budget["reached"], abs=1e-12)
+    assert 0.6 < report.flop_ratio <= 0.7
+
+
+@pytest.mark.parametrize("options,match", [
+    ({"target_flops": 0.5, "keep": 0.5}, "give one"),
+    ({"target_flops": 1.5}, r"\(0, 1\]"),
+    ({"target_flops": 0.0}, r"\(0, 1\]"),
+    ({"target_flops": "0.5"}, r"\(0, 1\]"),
+    ({"target_flops": 0.05, "at": (2,)}, "below what any schedule"),
+])
+def test_bad_targets(model, options, match):
+    with pytest.raises(ConfigError, match=match):
+        repshift_fx.compress(model, X, compile=False, **options)
+
+
+def test_keep_default_unchanged_without_target():
+    assert Config().keep == 0.7 and Config(keep=0.5).target_flops is None
