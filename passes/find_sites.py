@@ -200,14 +200,20 @@ def _pair_blocks(sites: list[Site], by_name) -> tuple[list[Block], list[Site]]:
     return blocks, stray
 
 
-def _find_prefix(gm, graph: nx.DiGraph, by_name, first_stream: str, weights) -> tuple[int, str]:
-    """Count the learned tokens (CLS, distillation, registers) concatenated before the patches."""
+def _find_prefix(gm, graph: nx.DiGraph, by_name, first_stream: str, weights, hints=None) -> tuple[int, str]:
+    """Count the learned tokens (CLS, distillation, registers) concatenated before the patches.
+
+    `hints` maps placeholders to the (prefix, source) an earlier graph found for them: when
+    dynamo splits a model, the cat may lie in the graph before this one."""
+    hints = hints or {}
     inputs = {n.name for n in gm.graph.nodes if n.op == "placeholder" and n.name not in weights}
     tokens = shape(by_name[first_stream])[TOKEN_AXIS]
     candidates = nx.ancestors(graph, first_stream) | {first_stream}
     order = _order(by_name)
     for name in sorted(candidates, key=lambda n: -order[n]):  # nearest cat first
         node = by_name[name]
+        if name in hints and len(shape(node) or ()) > TOKEN_AXIS and shape(node)[TOKEN_AXIS] == tokens:
+            return hints[name]
         if op_name(node, gm) != "cat" or shape(node)[TOKEN_AXIS] != tokens:
             continue
         dim = literal_arg(node, 1, "dim", 0)
@@ -224,7 +230,15 @@ def _find_prefix(gm, graph: nx.DiGraph, by_name, first_stream: str, weights) -> 
     return 0, "no token concatenation found before the first block"
 
 
-def analyze(gm: torch.fx.GraphModule, weights: frozenset[str] = frozenset()) -> Analysis:
+def prefix_of(gm: torch.fx.GraphModule, node: str, weights: frozenset[str] = frozenset(), hints=None) -> tuple[int, str]:
+    """(prefix tokens, where they come from) for the (B, N, C) tokens at `node`; (0, why) if none."""
+    if len(shape(nodes_by_name(gm)[node]) or ()) != 3:
+        return 0, f"'{node}' is not a (B, N, C) tensor"
+    return _find_prefix(gm, data_graph(gm), nodes_by_name(gm), node, weights, hints)
+
+
+def analyze(gm: torch.fx.GraphModule, weights: frozenset[str] = frozenset(), hints=None) -> Analysis:
+    """Sites, blocks and prefix of `gm`; `hints`: see `_find_prefix`."""
     by_name = nodes_by_name(gm)
     graph = data_graph(gm)
     sites = _residual_sites(gm, graph, by_name, weights)
@@ -236,7 +250,7 @@ def analyze(gm: torch.fx.GraphModule, weights: frozenset[str] = frozenset()) -> 
             f"found in {type(gm).__name__}; found: {found}. Representation Shift scores tokens at "
             "such sites; for CNNs use the line-wise mode."
         )
-    prefix, source = _find_prefix(gm, graph, by_name, blocks[0].input, weights)
+    prefix, source = _find_prefix(gm, graph, by_name, blocks[0].input, weights, hints)
     for site in sites:
         tokens = shape(by_name[site.stream])[TOKEN_AXIS]
         site.side_inputs = side_inputs(site, gm, by_name, {tokens, tokens - prefix} - {0, 1})
@@ -245,5 +259,5 @@ def analyze(gm: torch.fx.GraphModule, weights: frozenset[str] = frozenset()) -> 
 
 
 def run(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
-    ctx.analysis = analyze(gm, ctx.weight_placeholders)
+    ctx.analysis = analyze(gm, ctx.weight_placeholders, getattr(ctx, "prefix_hints", None))
     return gm

@@ -3,12 +3,14 @@
 Expects: a graph whose drops are inserted (`insert_pruning`) and whose nodes still carry the
 shapes recorded before the drops, and `ctx.args`.
 Guarantees: the graph runs on `ctx.args`; every node carries its new shape; a `view`, `reshape`
-or `expand` whose literal sizes named the old token count names the new one. A literal the pass
-cannot attribute to the token axis, or an op that fails on fewer tokens, is refused with an
+or `expand` whose literal sizes named the old token count names the new one (so does a size
+node that still computes the old count, e.g. from an input size dynamo passes in). A literal the
+pass cannot attribute to the token axis, or an op that fails on fewer tokens, is refused with an
 `UnsupportedSiteError` that names the node and its module.
 
 Graphs from `symbolic_trace` mostly compute sizes from `x.shape`; dynamo's graphs and
-hand-written models write them as Python ints.
+hand-written models write them as Python ints (dynamo: `reshape(s0, 197, 3, 6, 64)`, the batch a
+symbol, the token count a literal).
 """
 from __future__ import annotations
 
@@ -36,13 +38,30 @@ def _where(node: torch.fx.Node) -> str:
     return f"{op_name(node)} at node '{node.name}' (module '{module_path(node) or 'root'}')"
 
 
-def _follow_token_count(node: torch.fx.Node, old_in: tuple, new_in: tuple) -> None:
+def _value(size, env: dict):
+    """A size argument as a number: a literal, or the value a size node computed on this run."""
+    if isinstance(size, torch.fx.Node):
+        value = env.get(size)
+        return int(value) if isinstance(value, (int, torch.SymInt)) and not isinstance(value, bool) else None
+    return size if isinstance(size, int) and not isinstance(size, bool) else None
+
+
+def _follow_token_count(node: torch.fx.Node, old_in: tuple, new_in: tuple, env: dict | None = None) -> None:
+    """Rewrite the sizes of one view/reshape/expand whose input lost tokens.
+
+    A size counts as the token count when it equals the old count and is a literal or a size
+    node computed from tensors the drop does not reach (dynamo's graphs compute sizes from
+    symbolic input sizes it pinned; a stale `N = x.shape[1]` taken before the drop): on this
+    example it still says the old count, so it is replaced by the new one. Sizes computed from
+    the pruned tensors already say the new count and are left alone."""
+    env = env or {}
     changed = [i for i, (a, b) in enumerate(zip(old_in, new_in)) if a != b]
     if len(changed) != 1:
         return
     old_n, new_n = old_in[changed[0]], new_in[changed[0]]
     sizes, packed = _sizes(node)
-    hits = [i for i, s in enumerate(sizes) if isinstance(s, int) and s == old_n]
+    values = [_value(s, env) for s in sizes]
+    hits = [i for i, v in enumerate(values) if v == old_n]
     if len(hits) > 1:
         raise UnsupportedSiteError(
             f"{_where(node)} writes the token count {old_n} as a literal more than once {tuple(sizes)}; "
@@ -72,7 +91,7 @@ class _FollowingShapeProp(ShapeRecorder):
             old_in = self.old_shapes.get(n.args[0])
             new_in = self.env.get(n.args[0])
             if old_in is not None and isinstance(new_in, torch.Tensor) and tuple(new_in.shape) != old_in:
-                _follow_token_count(n, old_in, tuple(new_in.shape))
+                _follow_token_count(n, old_in, tuple(new_in.shape), self.env)
         try:
             return super().run_node(n)
         except UnsupportedSiteError:

@@ -21,28 +21,37 @@ from .errors import (  # noqa: E402
     TraceError,
     UnsupportedSiteError,
 )
-from .flops import per_sample_gmacs  # noqa: E402
+from .flops import before_and_after, per_sample_gmacs  # noqa: E402
 from .pipeline import rewrite  # noqa: E402
+from .plan import plan_for_budget  # noqa: E402
 from .report import Report, build_report  # noqa: E402
+from .backend import backend  # noqa: E402  (torch.compile(model, backend=backend(...)))
 
 __all__ = [
-    "compress", "inspect", "Config", "Report", "RepShiftError", "ConfigError", "ExampleInputError",
+    "compress", "inspect", "backend", "Config", "Report", "RepShiftError", "ConfigError", "ExampleInputError",
     "ModelModeError", "NoSiteError", "TraceError", "UnsupportedSiteError",
 ]
 __version__ = "0.1.0"
 
 
 def _analyse(model, example_input, config: Config, flops: bool):
+    budget = None
+    if config.target_flops is not None:
+        config, budget = plan_for_budget(model, example_input, config)
     gm, ctx = rewrite(model, example_input, config)
+    if ctx.mode == "lines":  # CNNs: rows and columns (repshift_fx/report_lines.py)
+        from .report_lines import build_line_report
+
+        return gm, build_line_report(model, gm, ctx, flops)
     before = after = None
     if flops:
-        before = per_sample_gmacs(model, ctx.args)
-        after = per_sample_gmacs(gm, ctx.args)
-    return gm, build_report(ctx, before, after)
+        before, after = before_and_after(model, gm, ctx)
+    return gm, build_report(ctx, before, after, gm=gm, budget=budget)
 
 
-def compress(model: torch.nn.Module, example_input, *, keep=0.7, at=None, site="mlp", distance="l2",
-             residual=False, score="shift", protect="auto", sdpa=True, compile=True, **compile_options):
+def compress(model: torch.nn.Module, example_input, *, keep=None, at=None, site="mlp", distance="l2",
+             residual=False, score="shift", protect="auto", sdpa=True, target_flops=None, mode="auto", fuse=False,
+             compile=True, **compile_options):
     """Prune `model`'s tokens by Representation Shift and compile it.
 
     Args:
@@ -52,16 +61,31 @@ def compress(model: torch.nn.Module, example_input, *, keep=0.7, at=None, site="
             counts (another resolution needs another compress()).
         keep: fraction of the non-prefix tokens kept at each drop, in (0, 1], or one per `at`.
             A drop keeps ceil(keep * n) of n tokens, the best-scored, in their original order.
+            Default 0.7 (unless target_flops is given; the two exclude each other).
         at: 0-based indices of the blocks whose shift is measured; the tokens are dropped from
             the next block on. None: (d//4, d//2, 3d//4) for d blocks, (3, 6, 9) for DeiT.
         site: "mlp" scores D(MLP(LN(x')), x') at the MLP sub-layer (the paper's default);
             "attn" the same at the attention sub-layer; "block" D(block(x), x).
         distance: "l2", "l1" or "cosine" (1 - cosine similarity), over channels.
         residual: score D(x' + branch(x'), x') instead of D(branch(x'), x').
-        score: "shift" (the method), or the baselines "norm" (token L2 norm) and "random".
+        score: "shift" (the method), or the baselines "norm" (token L2 norm), "random", and
+            "attention" (EViT: the CLS token's attention to each token, averaged over heads, in the
+            scoring block; without prefix tokens, the mean attention each token receives). It needs
+            the attention map, so the scoring blocks (only those) run explicit attention.
         protect: "auto" finds the prefix tokens (CLS, distillation, registers) in the graph; an
             int sets their number. They are never dropped.
         sdpa: rewrite explicit softmax attention to F.scaled_dot_product_attention.
+        target_flops: a FLOP budget in (0, 1], compressed / original: the planner chooses the one
+            keep rate for every drop in `at` whose FLOPs are the largest at most this fraction
+            (counted by torch.utils.flop_counter); `.report.budget` says the ratio reached.
+        mode: "auto" picks from the graph: "tokens" for residual MLPs over (B, N, C) tokens (ViTs),
+            else "lines" for residual blocks over (B, C, H, W) maps (CNNs: ResNet, EfficientNet),
+            which drops whole rows and columns, scored by D(block(x), shortcut(x)) averaged along
+            each line; there `keep` may also be a pair (rows, cols), or one rate or pair per `at`,
+            and `at` counts the residual adds in the order the stream meets them (docs/lines.md).
+        fuse: EViT fusion: the dropped tokens of each drop are folded into one extra token (their
+            average weighted by the softmax of their scores), placed after the kept tokens; later
+            drops score it like any other token. Tokens mode only.
         compile: False returns the rewritten torch.fx.GraphModule (eager) for reading and tests.
         **compile_options: passed to torch.compile (mode=, backend=, dynamic=, ...).
 
@@ -74,7 +98,7 @@ def compress(model: torch.nn.Module, example_input, *, keep=0.7, at=None, site="
             example input, no residual MLP, a site that cannot be pruned safely).
     """
     config = Config(keep=keep, at=at, site=site, distance=distance, residual=residual, score=score,
-                    protect=protect, sdpa=sdpa)
+                    protect=protect, sdpa=sdpa, target_flops=target_flops, mode=mode, fuse=fuse)
     gm, report = _analyse(model, example_input, config, flops=False)
     gm.report = report
     if not compile:

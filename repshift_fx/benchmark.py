@@ -8,6 +8,12 @@ so that a noisy neighbour hits every variant alike; the figures are medians and 
 eager baseline. The "fixed tokens" variant keeps the same number of tokens by slicing, with no
 scoring, top-k or gather: the gap between it and the compressed model is what the inserted
 nodes cost.
+
+    rows = run_comparison(model, images, scores=("shift", "attention", "random"), keep=0.7)
+
+compares the scores at one schedule (so at equal FLOPs): the baseline and, per score, the pruned
+model eager and compiled. `score_ratio(rows, "shift", "attention")` is how much faster the first
+runs compiled.
 """
 from __future__ import annotations
 
@@ -22,6 +28,8 @@ from tabulate import tabulate
 from tqdm.auto import tqdm
 
 from .flops import per_sample_gmacs
+from .lines import gather_lines
+from .shift import fuse_dropped
 
 
 @dataclass
@@ -36,17 +44,22 @@ class BenchRow:
 
 
 def fixed_token_variant(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """A copy of a compressed graph whose drops keep the first tokens by slicing: same token
-    counts and FLOPs, no scoring, top-k or gather."""
+    """A copy of a compressed graph whose drops keep the first tokens (in lines mode the first
+    rows and columns) by slicing: same counts and FLOPs, no scoring, top-k or gather."""
     fixed = copy.deepcopy(gm)
     graph = fixed.graph
     for node in list(graph.nodes):
         if node.meta.get("repshift", {}).get("role") != "keep":
             continue
-        tokens, index = node.args
-        count = index.args[1] + index.args[2]  # select_tokens(scores, prefix, keep)
+        tokens, index = node.args[0], node.args[-1]
         with graph.inserting_before(node):
-            narrow = graph.call_function(torch.narrow, (tokens, 1, 0, count))
+            if node.target is gather_lines:  # lines mode: select_grid(scores, rows, cols) -> the first ones
+                rows = graph.call_function(torch.narrow, (tokens, 2, 0, index.args[1]))
+                narrow = graph.call_function(torch.narrow, (rows, 3, 0, index.args[2]))
+            else:
+                index = node.args[-1]  # gather_tokens(tokens, index) | fuse_dropped(tokens, scores, index)
+                count = index.args[1] + index.args[2] + (node.target is fuse_dropped)  # select_tokens(s, prefix, keep)
+                narrow = graph.call_function(torch.narrow, (tokens, 1, 0, count))
         node.replace_all_uses_with(narrow)
     graph.eliminate_dead_code()
     fixed.recompile()
@@ -82,8 +95,17 @@ def run_benchmark(model, example_input, *, rounds: int = 5, threads: int | None 
     if threads:
         torch.set_num_threads(threads)
     args = example_input if isinstance(example_input, tuple) else (example_input,)
-    batch = args[0].shape[0]
     variants = build_variants(model, args, compile_options=compile_options, overhead=overhead, **config)
+    times = time_variants(variants, args, rounds=rounds, warmup=warmup, progress=progress)
+    pruned_gflops = per_sample_gmacs(variants["compressed eager"], args)
+    gflops = {name: None if name.startswith("baseline") else pruned_gflops for name in variants}
+    return bench_rows(model, args, times, gflops)
+
+
+def time_variants(variants: dict, args: tuple, *, rounds: int = 5, warmup: int = 1,
+                  progress: bool = True) -> dict[str, list[float]]:
+    """Seconds per call of every variant: all warmed up (compiled) first, then `rounds` rounds
+    in which each variant runs once, in turn, so that a noisy neighbour hits all alike."""
     times: dict[str, list[float]] = {name: [] for name in variants}
     with torch.inference_mode():
         for name, fn in tqdm(variants.items(), desc="compile + warm up", disable=not progress):
@@ -92,17 +114,53 @@ def run_benchmark(model, example_input, *, rounds: int = 5, threads: int | None 
         for _ in tqdm(range(rounds), desc="timing rounds", disable=not progress):
             for name, fn in variants.items():
                 times[name].append(_time_once(fn, args))
+    return times
+
+
+def bench_rows(model, args: tuple, times: dict[str, list[float]], gflops: dict[str, float | None]) -> list[BenchRow]:
+    """One row per variant from its times (medians); gflops None means the model's own; the
+    speedups are to "baseline eager"."""
+    batch = args[0].shape[0]
     base_gflops = per_sample_gmacs(model, args)
-    gflops = {name: base_gflops if name.startswith("baseline") else per_sample_gmacs(variants["compressed eager"], args)
-              for name in variants}
     base_rate = batch / statistics.median(times["baseline eager"])
     rows = []
-    for name in variants:
-        median = statistics.median(times[name])
+    for name, samples in times.items():
+        median = statistics.median(samples)
         rate = batch / median
-        ratio = gflops[name] / base_gflops
-        rows.append(BenchRow(name, median * 1e3, rate, gflops[name], ratio, rate / base_rate, rate / base_rate * ratio))
+        flops = base_gflops if gflops.get(name) is None else gflops[name]
+        ratio = flops / base_gflops
+        rows.append(BenchRow(name, median * 1e3, rate, flops, ratio, rate / base_rate, rate / base_rate * ratio))
     return rows
+
+
+def run_comparison(model, example_input, *, scores=("shift", "attention", "random"), rounds: int = 5,
+                   threads: int | None = 2, warmup: int = 1, progress: bool = True, compile_options=None,
+                   **config) -> list[BenchRow]:
+    """The baseline and every score at one schedule (`config`: keep, at, site, fuse, ...), eager
+    and compiled, timed interleaved in one run: rows "baseline eager", "baseline compiled",
+    "<score> eager", "<score> compiled" (medians; speedups to the eager baseline)."""
+    from . import compress  # the public API; imported here to avoid a cycle
+
+    if threads:
+        torch.set_num_threads(threads)
+    args = example_input if isinstance(example_input, tuple) else (example_input,)
+    compile_options = compile_options or {}
+    variants = {"baseline eager": model, "baseline compiled": torch.compile(model, **compile_options)}
+    gflops: dict[str, float | None] = {}
+    for score in scores:
+        gm = compress(model, args, compile=False, score=score, **config)
+        variants[f"{score} eager"] = gm
+        variants[f"{score} compiled"] = torch.compile(gm, **compile_options)
+        gflops[f"{score} eager"] = gflops[f"{score} compiled"] = per_sample_gmacs(gm, args)
+    times = time_variants(variants, args, rounds=rounds, warmup=warmup, progress=progress)
+    return bench_rows(model, args, times, gflops)
+
+
+def score_ratio(rows: list[BenchRow], faster: str, slower: str, kind: str = "compiled") -> float | None:
+    """img/s of `faster` over img/s of `slower` (e.g. "shift" over "attention"), both `kind`."""
+    by_name = {row.variant: row for row in rows}
+    a, b = by_name.get(f"{faster} {kind}"), by_name.get(f"{slower} {kind}")
+    return a.images_per_s / b.images_per_s if a and b else None
 
 
 def scoring_overhead(rows: list[BenchRow]) -> float | None:

@@ -10,14 +10,15 @@ from .errors import ConfigError
 
 SITES = ("mlp", "attn", "block")
 DISTANCES = ("l2", "l1", "cosine")
-SCORES = ("shift", "norm", "random")
+SCORES = ("shift", "norm", "random", "attention")  # attention: EViT-style CLS attention (explicit there)
+MODES = ("auto", "tokens", "lines")  # lines: rows and columns of CNN maps (repshift_fx/plan_lines.py)
 
 
 @dataclass(frozen=True)
 class Config:
     """What to prune and how to score (see `repshift_fx.compress` for each field)."""
 
-    keep: float | tuple[float, ...] = 0.7
+    keep: float | tuple[float, ...] | None = None  # None: 0.7, or chosen by target_flops
     at: tuple[int, ...] | None = None
     site: str = "mlp"
     distance: str = "l2"
@@ -25,8 +26,15 @@ class Config:
     score: str = "shift"
     protect: str | int = "auto"
     sdpa: bool = True
+    target_flops: float | None = None  # FLOPs after / before; the planner chooses keep
+    mode: str = "auto"  # "auto" (from the graph), "tokens" (ViTs) or "lines" (CNNs)
+    fuse: bool = False  # EViT fusion: the dropped tokens folded into one extra token
 
     def __post_init__(self):
+        if self.target_flops is not None:
+            _check_target_flops(self.target_flops, self.keep)
+        elif self.keep is None:
+            object.__setattr__(self, "keep", 0.7)
         if self.at is not None:
             if isinstance(self.at, numbers.Integral):
                 object.__setattr__(self, "at", (int(self.at),))
@@ -38,13 +46,15 @@ class Config:
                     f"at={at} must be strictly increasing with no repeats, e.g. {tuple(sorted(set(at)))}"
                 )
             object.__setattr__(self, "at", at)
-        keeps = self.keep if isinstance(self.keep, (tuple, list)) else (self.keep,)
-        for k in keeps:
+        keeps = self.keep if isinstance(self.keep, (tuple, list)) else (self.keep,) if self.keep is not None else ()
+        for k in _line_rates(keeps, self.mode):
             if not isinstance(k, numbers.Real) or isinstance(k, bool) or not 0 < k <= 1:
                 raise ConfigError(f"keep must be a float in (0, 1] (the fraction of tokens kept), got {k!r}")
         if isinstance(self.keep, list):
             object.__setattr__(self, "keep", tuple(self.keep))
-        if isinstance(self.keep, tuple) and self.at is not None and len(self.keep) != len(self.at):
+        object.__setattr__(self, "keep", _nested_tuples(self.keep))
+        if isinstance(self.keep, tuple) and self.at is not None and len(self.keep) != len(self.at) \
+                and not _is_line_pair(self.keep, self.mode):
             raise ConfigError(
                 f"keep has {len(self.keep)} rates but at has {len(self.at)} blocks; give one rate per "
                 "entry of at, or a single float"
@@ -52,6 +62,7 @@ class Config:
         _choose("site", self.site, SITES)
         _choose("distance", self.distance, DISTANCES)
         _choose("score", self.score, SCORES)
+        _choose("mode", self.mode, MODES)
         if self.protect != "auto" and (
             not isinstance(self.protect, numbers.Integral) or isinstance(self.protect, bool) or self.protect < 0
         ):
@@ -64,6 +75,34 @@ class Config:
         if unknown:
             raise ConfigError(f"unknown option(s) {unknown}; the options are {sorted(names)}")
         return cls(**kwargs)
+
+
+def _check_target_flops(target, keep) -> None:
+    if keep is not None:
+        raise ConfigError(
+            f"keep={keep!r} and target_flops={target!r} both set the amount of pruning; give one: "
+            "keep (the fraction of tokens kept) or target_flops (the planner chooses keep)"
+        )
+    if not isinstance(target, numbers.Real) or isinstance(target, bool) or not 0 < target <= 1:
+        raise ConfigError(
+            f"target_flops must be a float in (0, 1] (compressed FLOPs / original FLOPs), got {target!r}"
+        )
+
+
+def _is_line_pair(keep, mode: str) -> bool:
+    """keep=(rows, cols): two rates, for line-wise pruning (not in mode='tokens')."""
+    return mode != "tokens" and len(keep) == 2 and not any(isinstance(k, (tuple, list)) for k in keep)
+
+
+def _line_rates(keeps, mode: str) -> list:
+    """The rates to range-check: (rows, cols) pairs inside keep are flattened unless mode='tokens'."""
+    if mode == "tokens":
+        return list(keeps)
+    return [r for k in keeps for r in (k if isinstance(k, (tuple, list)) and len(k) == 2 else (k,))]
+
+
+def _nested_tuples(keep):
+    return tuple(_nested_tuples(k) for k in keep) if isinstance(keep, (tuple, list)) else keep
 
 
 def _choose(name: str, value, allowed: tuple[str, ...]) -> None:
@@ -79,7 +118,10 @@ class PassContext:
     args: tuple
     model_name: str = "model"
     weight_placeholders: frozenset[str] = frozenset()  # dynamo lifts parameters to placeholders
+    prefix_hints: dict = field(default_factory=dict)  # placeholder -> (prefix, source), from an earlier dynamo graph
+    block_offset: int = 0  # the model's number of this graph's first block (dynamo graph breaks)
     analysis: Any = None  # passes.find_sites.Analysis
     plan: Any = None  # repshift_fx.plan.PrunePlan
     attention: list = field(default_factory=list)  # passes.attention_to_sdpa.AttentionRecord
     notes: list[str] = field(default_factory=list)
+    mode: str = "tokens"  # the mode run_passes chose: "tokens", or "lines" (analysis/plan are LineAnalysis/LinePlan)

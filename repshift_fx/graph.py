@@ -41,6 +41,8 @@ _FUNCTION_ALIASES = {
     operator.matmul: "matmul",
     operator.getitem: "getitem",
     operator.neg: "neg",
+    # dynamo keeps nn.MultiheadAttention's functional core as one call (symbolic_trace: a leaf module)
+    torch.nn.functional.multi_head_attention_forward: "multihead_attention",
 }
 
 
@@ -118,6 +120,7 @@ def module_path(node: torch.fx.Node) -> str:
     path = list(stack.values())[-1][0]
     path = _DYNAMO_PATH.sub(r".\1", str(path))  # L['self'].blocks[0].mlp -> L.self.blocks.0.mlp
     path = re.sub(r"^L\.self\.?|^self\.?", "", path)
+    path = re.sub(r"^[LG]\.", "", path)  # dynamo: a module held in another local or a global, L['vit'].blocks[1]
     return re.sub(r"\._modules\.|\.modules\.", ".", path).strip(".")
 
 

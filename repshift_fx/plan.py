@@ -1,14 +1,21 @@
 """Plan: turn the configuration and the analysis into a `PrunePlan` (which block drops how many).
 
     Config(keep, at, site, distance, ...) + Analysis(blocks, prefix) -> PrunePlan
+    Config(target_flops=R, at, ...) + model -> Config(keep=rate, at, ...)   (`plan_for_budget`)
 """
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
 from dataclasses import dataclass
+from fractions import Fraction
+from typing import Callable
 
 from .config import Config
 from .errors import ConfigError, UnsupportedSiteError
+
+log = logging.getLogger("repshift_fx")
 
 
 @dataclass(frozen=True)
@@ -21,6 +28,12 @@ class Drop:
     prefix: int
     before: int  # non-prefix tokens entering the drop
     keep: int  # non-prefix tokens kept
+    fused: int = 0  # 1 when fuse=True folds the dropped tokens into one more token after the kept ones
+
+    @property
+    def out(self) -> int:
+        """Tokens leaving the drop, prefix and fused token included."""
+        return self.prefix + self.keep + self.fused
 
 
 @dataclass
@@ -72,6 +85,11 @@ def _check_side_inputs(analysis, first_drop: int) -> None:
 
 
 def make_plan(analysis, config: Config) -> PrunePlan:
+    if config.keep is None:
+        raise ConfigError(
+            f"target_flops={config.target_flops} needs the FLOPs measured on the model: use "
+            "repshift_fx.compress()/inspect(), which choose the keep rate, or pass keep="
+        )
     depth = len(analysis.blocks)
     at = config.at if config.at is not None else default_at(depth)
     if not at:
@@ -96,6 +114,211 @@ def make_plan(analysis, config: Config) -> PrunePlan:
         tokens.append(prefix + n)
         if block.index in schedule:
             keep = kept_count(schedule[block.index], n)
-            drops.append(Drop(block.index, block.output, _score_inputs(block, config), prefix, n, keep))
-            n = keep
+            fused = int(config.fuse and keep < n)  # fuse=True: the dropped tokens become one token
+            drops.append(Drop(block.index, block.output, _score_inputs(block, config), prefix, n, keep, fused))
+            n = keep + fused
     return PrunePlan(config, drops, tokens, prefix)
+
+
+# --- FLOP budget: choose the keep rate so that FLOPs <= target * original, as close as possible ---
+
+
+@dataclass(frozen=True)
+class BudgetResult:
+    """What the planner chose for `target_flops`, with the ratio measured on the rewritten graph."""
+
+    target: float
+    reached: float  # GMACs after / GMACs before, counted by the flop counter
+    keep: float  # the single keep rate given to every drop
+    at: tuple[int, ...]
+    kept: tuple[int, ...]  # non-prefix tokens kept at each drop
+    gflops_before: float
+    gflops_after: float
+
+
+@dataclass
+class CostModel:
+    """MACs per sample as a function of the token counts after each drop.
+
+        macs(n_1, ..., n_d) = fixed + sum_j segment_j(n_j)
+
+    `fixed` is everything before the first drop; segment j is everything that runs on the
+    n_j tokens (prefix included) left by drop j, up to and including the scoring of drop j+1.
+    Each segment is the polynomial through its measured points (n, MACs): with three points
+    it is exact for linear layers (a n) plus attention (b n^2).
+    """
+
+    fixed: int
+    points: list[dict[int, int]]  # per segment: {tokens: MACs}
+
+    def segment(self, j: int, n: int) -> Fraction:
+        pts = self.points[j]
+        if n in pts:
+            return Fraction(pts[n])
+        total = Fraction(0)
+        for xi, yi in pts.items():  # Lagrange interpolation, exact in rationals
+            term = Fraction(yi)
+            for xk in pts:
+                if xk != xi:
+                    term *= Fraction(n - xk, xi - xk)
+            total += term
+        return total
+
+    def macs(self, tokens: tuple[int, ...]) -> int:
+        return round(self.fixed + sum(self.segment(j, n) for j, n in enumerate(tokens)))
+
+
+def kept_chain(rate: float, before: int, drops: int, fuse: bool = False) -> tuple[int, ...]:
+    """Non-prefix tokens kept at each of `drops` drops with one rate, as `make_plan` counts them
+    (with `fuse`, a drop that drops tokens passes one more, the fused token, to the next)."""
+    return tuple(k for k, _ in _chain_with_fused(rate, before, drops, fuse))
+
+
+def _chain_with_fused(rate: float, before: int, drops: int, fuse: bool) -> list[tuple[int, int]]:
+    """(kept, fused) at each drop: fused is 1 where fuse adds the fused token."""
+    chain, n = [], before
+    for _ in range(drops):
+        kept = kept_count(rate, n)
+        fused = int(fuse and kept < n)
+        chain.append((kept, fused))
+        n = kept + fused
+    return chain
+
+
+def largest_rate(cost: Callable[[float], int], limit: Fraction, before: int) -> float | None:
+    """The largest keep rate with cost(rate) <= limit, None if even 1/before (one token) exceeds it.
+
+    `cost` is a non-decreasing step function of the rate whose steps end at fractions j/m with
+    m <= before (where some drop's ceil(rate * m) changes), at least 1/before^2 apart. Bisection
+    to float precision therefore ends in the last step within the limit; the rate is then snapped
+    to that step's end j/m, the simplest rate that gives the same schedule."""
+    low, high = 1.0 / before, 1.0
+    if cost(low) > limit:
+        return None
+    if cost(high) <= limit:
+        return high
+    while True:  # invariant: cost(low) <= limit < cost(high)
+        middle = (low + high) / 2
+        if middle in (low, high):
+            break
+        if cost(middle) <= limit:
+            low = middle
+        else:
+            high = middle
+    snapped = float(Fraction(low).limit_denominator(before))
+    return snapped if snapped < high and cost(snapped) == cost(low) else low
+
+
+def _segments(gm, macs: dict[str, int], at: tuple[int, ...]) -> list[int]:
+    """MACs per segment: 0 before the first drop, j after drop j (by data flow)."""
+    after = {at.index(n.meta["repshift"]["block"]) + 1: n.name for n in gm.graph.nodes
+             if n.meta.get("repshift", {}).get("role") == "keep"}
+    starts = {name: j for j, name in after.items()}
+    segment, totals = {}, [0] * (len(at) + 1)
+    for node in gm.graph.nodes:
+        j = starts.get(node.name, max((segment[a.name] for a in node.all_input_nodes), default=0))
+        segment[node.name] = j
+        totals[j] += macs.get(node.name, 0)
+    return totals
+
+
+class _Measure:
+    """Rewrites and counts the model at given kept counts (a small cache around the pipeline)."""
+
+    def __init__(self, model, example_input, config: Config):
+        from .flops import count_macs, first_sample, node_macs
+        from .pipeline import rewrite
+
+        self._rewrite, self._node_macs = rewrite, node_macs
+        self.model, self.example_input, self.config = model, example_input, config
+        gm, ctx = rewrite(model, example_input, dataclasses.replace(config, keep=1.0, target_flops=None))
+        if ctx.mode == "lines":
+            raise ConfigError("target_flops is not supported in lines mode (CNNs) yet; pass keep= (e.g. keep=0.7)")
+        self.at, self.prefix = ctx.plan.at, ctx.plan.prefix
+        if not self.at:
+            raise ConfigError("target_flops needs at least one drop; pass at=")
+        self.before = ctx.plan.drops[0].before
+        self.original = count_macs(model, first_sample(ctx.args))
+        self.runs = {self.before: self._segments(gm, ctx)}
+        self.totals: dict[tuple[int, ...], int] = {}
+
+    def _segments(self, gm, ctx) -> list[int]:
+        return _segments(gm, self._node_macs(gm, ctx.args), self.at)
+
+    def config_for(self, keep) -> Config:
+        return dataclasses.replace(self.config, keep=keep, at=self.at, target_flops=None)
+
+    def at_first_drop(self, m: int) -> list[int]:
+        """Segment MACs when the first drop keeps m tokens and the later drops keep all."""
+        if m not in self.runs:
+            keep = (m / self.before,) + (1.0,) * (len(self.at) - 1)
+            gm, ctx = self._rewrite(self.model, self.example_input, self.config_for(keep))
+            self.runs[m] = self._segments(gm, ctx)
+        return self.runs[m]
+
+    def chain(self, rate: float) -> tuple[int, ...]:
+        return kept_chain(rate, self.before, len(self.at), self.config.fuse)
+
+    def passed(self, rate: float) -> tuple[int, ...]:
+        """Non-prefix tokens leaving each drop (the fused token included)."""
+        return tuple(k + f for k, f in _chain_with_fused(rate, self.before, len(self.at), self.config.fuse))
+
+    def total(self, rate: float) -> int:
+        """Measured MACs of the single-rate schedule (one rewrite per distinct schedule)."""
+        chain = self.chain(rate)
+        if chain not in self.totals:
+            gm, ctx = self._rewrite(self.model, self.example_input, self.config_for(rate))
+            self.totals[chain] = sum(self._segments(gm, ctx))
+        return self.totals[chain]
+
+    def cost_model(self) -> CostModel:
+        sizes = sorted({self.before, -(-self.before // 2), 1})
+        runs = {m: self.at_first_drop(m) for m in sizes}
+        fixed = {r[0] for r in runs.values()}
+        if len(fixed) != 1:
+            log.warning("FLOPs before the first drop vary with later token counts: %s", sorted(fixed))
+        fused = {m: int(self.config.fuse and m < self.before) for m in sizes}  # fuse=True: one more token
+        points = [{self.prefix + m + fused[m]: runs[m][j] for m in sizes} for j in range(1, len(self.at) + 1)]
+        return CostModel(runs[self.before][0], points)
+
+
+def plan_for_budget(model, example_input, config: Config) -> tuple[Config, BudgetResult]:
+    """The single keep rate for `config.at` whose FLOPs are the largest <= target * original.
+
+    The FLOPs of each segment are measured at three token counts (a rewrite and a count each),
+    the search bisects the rate on that exact cost model (`largest_rate`), and the result is
+    counted again on the rewritten graph; should the two ever disagree, the search
+    runs again on measured counts. Returns the config to compress with (keep=rate) and the result.
+    Raises ConfigError if even one token per drop exceeds the budget.
+    """
+    target = config.target_flops
+    measure = _Measure(model, example_input, config)
+    limit = Fraction(target) * measure.original
+    cost = measure.cost_model()
+
+    def predict(rate: float) -> int:
+        return cost.macs(tuple(measure.prefix + k for k in measure.passed(rate)))
+
+    rate = largest_rate(predict, limit, measure.before)
+    if rate is None:
+        _below_reach(target, predict(1.0 / measure.before) / measure.original, measure)
+    reached = measure.total(rate)
+    if reached != predict(rate):
+        log.warning("FLOP cost model off (%d vs %d MACs); searching on measured counts", predict(rate), reached)
+        rate = largest_rate(measure.total, limit, measure.before)
+        if rate is None:
+            _below_reach(target, measure.total(1.0 / measure.before) / measure.original, measure)
+        reached = measure.total(rate)
+    result = BudgetResult(target, reached / measure.original, rate, measure.at, measure.chain(rate),
+                          measure.original / 1e9, reached / 1e9)
+    log.info("target_flops=%s: keep=%.4f at %s keeps %s tokens; FLOP ratio %.4f", target, rate, measure.at,
+             result.kept, result.reached)
+    return measure.config_for(rate), result
+
+
+def _below_reach(target: float, lowest: float, measure: _Measure) -> None:
+    raise ConfigError(
+        f"target_flops={target} is below what any schedule at at={measure.at} reaches: keeping one token "
+        f"at every drop gives a FLOP ratio of {lowest:.3f}. Ask for at least {math.ceil(lowest * 1000) / 1000}, "
+        "or drop earlier (a smaller first block in at)."
+    )

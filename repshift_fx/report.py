@@ -1,9 +1,22 @@
-"""The report: what the pass found and did, one row per block, printable as a table."""
+"""The report: what the pass found and did, one row per block, as a table, as data, as a graph.
+
+    print(report)              # tabulate table + summary
+    report.to_dict()           # stable keys (docs/cli.md), ready for json.dumps
+    report.to_dot()            # DOT text: the rewritten graph, drops and pruned blocks highlighted
+"""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
 
+import networkx as nx
 from tabulate import tabulate
+
+from .flops import FlopBreakdown, block_of_nodes
+from .graph import carries_tensor, op_name, shape
+
+SCHEMA = "repshift-fx/report/1"
 
 _IMPL_NAMES = {
     "sdpa": "SDPA",
@@ -11,6 +24,9 @@ _IMPL_NAMES = {
     "multihead_attention": "MultiheadAttention (fused inside)",
     "explicit": "explicit (kept)",
 }
+_MIXERS = {"attention": "attention + MLP", "mixing": "token-mixing + MLP", "-": "MLP"}
+_BLOCK_KEYS = ("index", "module", "site", "mixer", "attention", "tokens_in", "tokens_out", "scored",
+               "gflops_before", "gflops_after", "refused")
 
 
 @dataclass
@@ -22,6 +38,10 @@ class BlockRow:
     tokens_in: int
     tokens_out: int
     scored: bool  # a drop follows this block
+    site: str = ""  # "attention + MLP", "token-mixing + MLP (why)", "MLP"
+    gflops_before: float | None = None  # GMACs per sample of the block's nodes
+    gflops_after: float | None = None
+    refused: str = ""  # why no drop may come before this block ("" when it may)
 
 
 @dataclass
@@ -34,6 +54,12 @@ class Report:
     gflops_before: float | None = None
     gflops_after: float | None = None
     notes: list[str] = field(default_factory=list)
+    gflops_outside_before: float | None = None  # patch embedding, head, ...: not in any block
+    gflops_outside_after: float | None = None
+    side_tensors: list[str] = field(default_factory=list)  # gathered with the stream's indices
+    refused: list[str] = field(default_factory=list)
+    budget: dict | None = None  # plan.BudgetResult as a dict, when target_flops chose keep
+    graph: Any = field(default=None, repr=False, compare=False)  # nx.DiGraph for to_dot()
 
     @property
     def tokens(self) -> list[int]:
@@ -46,26 +72,67 @@ class Report:
         return None
 
     def to_dict(self) -> dict:
-        out = asdict(self)
-        out["flop_ratio"] = self.flop_ratio
-        return out
+        """Plain data with stable keys (documented in docs/cli.md); tuples stay tuples."""
+        return {
+            "schema": SCHEMA,
+            "model": self.model,
+            "config": dict(self.config),
+            "blocks": [{key: getattr(row, key) for key in _BLOCK_KEYS} for row in self.blocks],
+            "prefix": self.prefix,
+            "prefix_source": self.prefix_source,
+            "gflops_before": self.gflops_before,
+            "gflops_after": self.gflops_after,
+            "flop_ratio": self.flop_ratio,
+            "gflops_outside_before": self.gflops_outside_before,
+            "gflops_outside_after": self.gflops_outside_after,
+            "side_tensors": list(self.side_tensors),
+            "refused": list(self.refused),
+            "budget": dict(self.budget) if self.budget else None,
+            "notes": list(self.notes),
+        }
 
-    def __str__(self) -> str:
+    def to_dot(self) -> str:
+        """The rewritten graph in DOT (see `dot_graph`); needs the report of a rewrite."""
+        if self.graph is None:
+            raise ValueError("this report has no graph; build it with repshift_fx.inspect()")
+        return to_dot(self.graph)
+
+    def table(self, fmt: str = "simple") -> str:
         rows = [
-            (r.index, r.module or "-", r.mixer, r.attention, r.tokens_in, r.tokens_out, "drop" if r.scored else "")
+            (r.index, r.module or "-", r.site + (" [no drop before: side tensors]" if r.refused else ""), r.attention,
+             r.tokens_in, r.tokens_out, _gf(r.gflops_before), _gf(r.gflops_after), "drop" if r.scored else "")
             for r in self.blocks
         ]
-        table = tabulate(rows, headers=("block", "module", "mixer", "attention", "tokens in", "tokens out", ""))
-        cfg = ", ".join(f"{k}={v}" for k, v in self.config.items())
-        lines = [f"repshift_fx report for {self.model} ({cfg})", table, ""]
-        lines.append(f"prefix tokens kept: {self.prefix} ({self.prefix_source})")
+        headers = ("block", "module", "site", "attention", "tokens in", "tokens out", "GFLOPs before",
+                   "GFLOPs after", "")
+        return tabulate(rows, headers=headers, tablefmt=fmt, disable_numparse=True)
+
+    def summary(self) -> list[str]:
+        lines = [f"prefix tokens kept: {self.prefix} ({self.prefix_source})"]
         if self.flop_ratio is not None:
             lines.append(
-                f"GFLOPs per sample: {self.gflops_before:.3f} -> {self.gflops_after:.3f} "
-                f"(ratio {self.flop_ratio:.3f})"
+                f"GFLOPs per sample: {_gf(self.gflops_before)} -> {_gf(self.gflops_after)} "
+                f"(ratio {self.flop_ratio:.3f}); outside the blocks {_gf(self.gflops_outside_before)} -> "
+                f"{_gf(self.gflops_outside_after)}"
             )
-        lines += self.notes
-        return "\n".join(lines)
+        if self.budget:
+            b = self.budget
+            lines.append(
+                f"FLOP budget {b['target']}: reached ratio {b['reached']:.4f} with keep={b['keep']:.4f} "
+                f"at {tuple(b['at'])} (kept {', '.join(map(str, b['kept']))} tokens)"
+            )
+        lines.append(f"side tensors gathered: {', '.join(self.side_tensors) or 'none'}")
+        lines.append("refused: nothing" if not self.refused else "refused:")
+        lines += [f"  - {item}" for item in self.refused]
+        return lines + self.notes
+
+    def __str__(self) -> str:
+        cfg = ", ".join(f"{k}={v}" for k, v in self.config.items() if v is not None)
+        return "\n".join([f"repshift_fx report for {self.model} ({cfg})", self.table(), "", *self.summary()])
+
+
+def _gf(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"
 
 
 def attention_label(records) -> str:
@@ -78,22 +145,164 @@ def attention_label(records) -> str:
     return "; ".join(dict.fromkeys(labels))
 
 
-def build_report(ctx, gflops_before=None, gflops_after=None) -> Report:
+def site_label(block) -> str:
+    label = _MIXERS[block.mixer.kind if block.mixer else "-"]
+    if block.mixer is not None and block.mixer.kind == "mixing" and block.mixer.reason:
+        label += f" ({block.mixer.reason})"
+    return label
+
+
+def _side_names(block) -> list[str]:
+    return sorted({name for site in (block.mixer, block.mlp) if site is not None for name in site.side_inputs})
+
+
+def refusal(block) -> str:
+    """Why tokens may not be dropped before `block`: it reads side tensors carrying the token axis."""
+    sides = _side_names(block)
+    if not sides:
+        return ""
+    return f"reads {', '.join(sides)} (token axis, not gathered): no drop may precede it"
+
+
+def _side_summary(sides: dict[int, list[str]]) -> str:
+    """One line for every block that reads side tensors: 'blocks 0-3 read ... (8 in all)'."""
+    names = [n for block in sides.values() for n in block]
+    shown = ", ".join(names[:3]) + (f", ... ({len(names)} in all)" if len(names) > 3 else "")
+    return (f"blocks {_ranges(sorted(sides))} read tensors that carry the token axis ({shown}: rotary tables, "
+            "masks or position biases), which are not gathered; no drop may precede them")
+
+
+def _ranges(indices: list[int]) -> str:
+    parts, start = [], None
+    for i, value in enumerate(indices):
+        start = value if start is None else start
+        if i + 1 == len(indices) or indices[i + 1] != value + 1:
+            parts.append(str(start) if start == value else f"{start}-{value}")
+            start = None
+    return ", ".join(parts)
+
+
+def _as_breakdown(value) -> tuple[float | None, list | None, float | None]:
+    if isinstance(value, FlopBreakdown):
+        return value.total, value.blocks, value.outside
+    return value, None, None
+
+
+def build_report(ctx, gflops_before=None, gflops_after=None, *, gm=None, budget=None) -> Report:
+    """The report of one rewrite. gflops_*: a float (whole model) or a `flops.FlopBreakdown`
+    (per block too); `gm`: the rewritten graph, for `side_tensors` and `to_dot`; `budget`: the
+    `plan.BudgetResult` when target_flops chose the keep rate."""
     analysis, plan = ctx.analysis, ctx.plan
+    before, blocks_before, outside_before = _as_breakdown(gflops_before)
+    after, blocks_after, outside_after = _as_breakdown(gflops_after)
     dropped = set(plan.at)
-    rows = []
+    rows, sides = [], {}
     for block in analysis.blocks:
         members = set(block.mlp.nodes) | (set(block.mixer.nodes) if block.mixer else set())
         records = [rec for rec in ctx.attention if rec.node in members]
         tokens_in = plan.tokens[block.index]
-        tokens_out = next((d.prefix + d.keep for d in plan.drops if d.block == block.index), tokens_in)
-        rows.append(
-            BlockRow(block.index, block.module, block.mixer.kind if block.mixer else "-",
-                     attention_label(records), tokens_in, tokens_out, block.index in dropped)
-        )
+        tokens_out = next((d.out for d in plan.drops if d.block == block.index), tokens_in)
+        row = BlockRow(block.index, block.module, block.mixer.kind if block.mixer else "-", attention_label(records),
+                       tokens_in, tokens_out, block.index in dropped, site_label(block),
+                       blocks_before[block.index] if blocks_before else None,
+                       blocks_after[block.index] if blocks_after else None, refusal(block))
+        if row.refused:
+            sides[block.index] = _side_names(block)
+        rows.append(row)
     notes = list(ctx.notes)
+    refused = [_side_summary(sides)] if sides else []
     for site in analysis.stray:
-        notes.append(f"residual site at '{site.module or site.add}' ({site.kind}) is not part of a block")
+        refused.append(f"residual site at '{site.module or site.add}' ({site.kind}) is not part of a block")
+    for rec in ctx.attention:
+        if rec.impl == "explicit":
+            refused.append(f"attention at '{rec.node}' ({rec.module or 'root'}) kept explicit: {rec.reason}")
     config = {k: v for k, v in vars(plan.config).items()}
     config["at"] = plan.at
-    return Report(ctx.model_name, config, rows, plan.prefix, analysis.prefix_source, gflops_before, gflops_after, notes)
+    if budget is not None:
+        config["target_flops"] = budget.target
+    graph = dot_graph(gm, analysis, plan) if gm is not None else None
+    return Report(ctx.model_name, config, rows, plan.prefix, analysis.prefix_source, before, after, notes,
+                  outside_before, outside_after, side_tensors(gm, plan) if gm is not None else [], refused,
+                  dataclasses.asdict(budget) if budget is not None else None, graph)
+
+
+def side_tensors(gm, plan) -> list[str]:
+    """Tensors other than the stream that a drop gathers with the same indices."""
+    streams = {d.after for d in plan.drops}
+    found = []
+    for node in gm.graph.nodes:
+        role = node.meta.get("repshift", {}).get("role")
+        source = node.args[0] if node.args else None
+        if role is not None and op_name(node) == "gather_tokens" and getattr(source, "name", None) not in streams:
+            found.append(source.name)
+    return found
+
+
+# --- DOT ---
+
+_FILL = {"score": "#f4a261", "index": "#e76f51", "keep": "#e63946"}
+_PRUNED = "#a8dadc"
+_CLUSTER = {True: "#457b9d", False: "#bbbbbb"}
+
+
+def dot_graph(gm, analysis, plan) -> nx.DiGraph:
+    """The tensor data flow of the rewritten graph as a networkx DiGraph ready for DOT.
+
+    Nodes: every tensor-valued fx node, labelled `name / op / shape`; the inserted scoring,
+    top-k and gather nodes filled red-orange; the nodes of blocks that run on fewer tokens
+    filled blue. `graph.graph["clusters"]` lists each block's nodes for `to_dot`."""
+    owner = block_of_nodes(gm, analysis, known=None)
+    full = plan.tokens[0] if plan.tokens else None
+    graph = nx.DiGraph()
+    graph.graph.update(graph={"rankdir": "TB", "fontname": "Helvetica"},
+                       node={"shape": "box", "style": "filled", "fillcolor": "white", "fontsize": "10"},
+                       edge={"arrowsize": "0.6"})
+    keep = {n.name for n in gm.graph.nodes if n.op in ("placeholder", "output") or carries_tensor(n)}
+    for node in gm.graph.nodes:
+        if node.name not in keep:
+            continue
+        attrs = {"label": f"{node.name}\\n{op_name(node, gm)} {tuple(shape(node) or ())}"}
+        role = node.meta.get("repshift", {}).get("role")
+        block = owner.get(node.name)
+        if role:
+            attrs.update(fillcolor=_FILL[role], fontcolor="white" if role == "keep" else "black")
+        elif block is not None and plan.tokens[block] != full:
+            attrs["fillcolor"] = _PRUNED
+        graph.add_node(node.name, **attrs)
+        for arg in node.all_input_nodes:
+            if arg.name in keep:
+                graph.add_edge(arg.name, node.name)
+    clusters = {}
+    for name, block in owner.items():
+        if block is not None and name in graph:
+            clusters.setdefault(block, []).append(name)
+    graph.graph["clusters"] = {
+        block: {"nodes": names, "label": _cluster_label(analysis.blocks[block], plan),
+                "pruned": plan.tokens[block] != full}
+        for block, names in sorted(clusters.items())
+    }
+    return graph
+
+
+def _cluster_label(block, plan) -> str:
+    drop = next((d for d in plan.drops if d.block == block.index), None)
+    text = f"block {block.index} ({block.module or '-'}): {plan.tokens[block.index]} tokens"
+    return text + (f", keeps {drop.out}" if drop else "")
+
+
+def to_dot(graph: nx.DiGraph) -> str:
+    """DOT text by networkx + pydot (no Graphviz binary needed), with one cluster per block."""
+    import pydot
+
+    plain = graph.copy()
+    clusters = plain.graph.pop("clusters", {})
+    dot = nx.nx_pydot.to_pydot(plain)
+    for block, info in clusters.items():
+        cluster = pydot.Cluster(f"block_{block}", label=f'"{info["label"]}"', style="rounded",
+                                color=_CLUSTER[info["pruned"]], fontsize="11")
+        for name in info["nodes"]:
+            for node in dot.get_node(name) or dot.get_node(f'"{name}"'):
+                dot.del_node(node.get_name())
+                cluster.add_node(node)
+        dot.add_subgraph(cluster)
+    return dot.to_string()

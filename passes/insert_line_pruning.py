@@ -1,0 +1,48 @@
+"""Rewrite (lines mode): insert the row/column scoring, selection and gather of every planned drop.
+
+Expects: `ctx.plan` (repshift_fx.plan_lines.LinePlan) naming nodes of this graph.
+Guarantees: after each drop's block output three nodes are inserted,
+
+    repshift_score_i = line_shift(output, shortcut, distance) | line_norm(output) | random_lines(output)
+    repshift_index_i = select_grid(repshift_score_i, keep_rows, keep_cols)
+    repshift_keep_i  = gather_lines(output, repshift_index_i)              # (B, C, h, w)
+
+and every later use of the block output reads `repshift_keep_i` instead. The kept counts are
+left as None: the grid that reaches a drop is known only once earlier drops have run, so
+`line_shapes` fills them in while it propagates shapes.
+"""
+from __future__ import annotations
+
+import torch.fx
+
+from repshift_fx import lines
+from repshift_fx.graph import nodes_by_name
+
+_SCORERS = {"shift": lines.line_shift, "norm": lines.line_norm, "random": lines.random_lines}
+
+
+def _insert_drop(graph: torch.fx.Graph, by_name, drop, config) -> torch.fx.Node:
+    output = by_name[drop.after]
+    inputs = tuple(by_name[name] for name in drop.score_inputs)
+    kwargs = {"distance": config.distance} if config.score == "shift" else {}
+
+    def add(after, stem, target, args, kwargs=None):
+        with graph.inserting_after(after):
+            node = graph.create_node("call_function", target, args, kwargs, name=f"repshift_{stem}_{drop.block}")
+        node.meta["repshift"] = {"role": stem, "block": drop.block, "mode": "lines"}
+        return node
+
+    score = add(output, "score", _SCORERS[config.score], inputs, kwargs)
+    index = add(score, "index", lines.select_grid, (score, None, None))
+    kept = add(index, "keep", lines.gather_lines, (output, index))
+    output.replace_all_uses_with(kept, delete_user_cb=lambda user: user not in (score, kept))
+    return kept
+
+
+def run(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
+    by_name = nodes_by_name(gm)
+    for drop in ctx.plan.drops:
+        _insert_drop(gm.graph, by_name, drop, ctx.plan.config)
+    gm.graph.lint()
+    gm.recompile()
+    return gm

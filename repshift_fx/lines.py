@@ -1,0 +1,68 @@
+"""Line-wise Representation Shift for CNNs, as plain functions the line pass inserts into the graph.
+
+    rows, cols = line_shift(changed, reference)              # (B, H), (B, W)
+    index      = select_grid((rows, cols), keep_rows, keep_cols)  # ((B, h), (B, w)), int64
+    grid       = gather_lines(x, index)                      # (B, C, h, w)
+
+A convolution needs a full 2D grid, so whole rows and columns of a (B, C, H, W) feature map are
+dropped. Each position is scored by D(block(x), shortcut(x)) over channels; a row's score is the
+mean of its positions' scores, a column's likewise. Every sample keeps the same number of rows
+and columns (shapes stay static), each sample its own best ones, in their original order.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def position_shift(changed: torch.Tensor, reference: torch.Tensor, distance: str = "l2") -> torch.Tensor:
+    """D(changed, reference) at every position, over channels: (B, C, H, W) x 2 -> (B, H, W)."""
+    if distance == "l2":
+        return torch.linalg.vector_norm(changed - reference, ord=2, dim=1)
+    if distance == "l1":
+        return torch.linalg.vector_norm(changed - reference, ord=1, dim=1)
+    if distance == "cosine":
+        return 1.0 - F.cosine_similarity(changed, reference, dim=1)
+    raise ValueError(f"unknown distance {distance!r}")
+
+
+def line_means(positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column means of a score map: (B, H, W) -> ((B, H), (B, W))."""
+    return positions.mean(dim=2), positions.mean(dim=1)
+
+
+def line_shift(changed: torch.Tensor, reference: torch.Tensor, distance: str = "l2") -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column scores by Representation Shift: (B, C, H, W) x 2 -> ((B, H), (B, W))."""
+    return line_means(position_shift(changed, reference, distance))
+
+
+def line_norm(grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Baseline: the mean L2 norm (over channels) of each row and column. (B, C, H, W) -> ((B, H), (B, W))."""
+    return line_means(torch.linalg.vector_norm(grid, ord=2, dim=1))
+
+
+def random_lines(grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Baseline: uniform noise per row and per column, a fresh draw per call. -> ((B, H), (B, W))."""
+    batch, _, height, width = grid.shape
+    return (torch.rand(batch, height, device=grid.device, dtype=grid.dtype),
+            torch.rand(batch, width, device=grid.device, dtype=grid.dtype))
+
+
+def select_lines(scores: torch.Tensor, keep: int) -> torch.Tensor:
+    """Indices of the `keep` best-scored lines, in their original order: (B, L) -> (B, keep), int64."""
+    best = scores.topk(keep, dim=1, sorted=False).indices
+    return best.sort(dim=1).values
+
+
+def select_grid(scores: tuple[torch.Tensor, torch.Tensor], keep_rows: int, keep_cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows and columns kept: ((B, H), (B, W)) -> ((B, keep_rows), (B, keep_cols))."""
+    rows, cols = scores
+    return select_lines(rows, keep_rows), select_lines(cols, keep_cols)
+
+
+def gather_lines(grid: torch.Tensor, index: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """The rows and columns at `index`, per sample: (B, C, H, W), ((B, h), (B, w)) -> (B, C, h, w)."""
+    rows, cols = index
+    channels, width = grid.shape[1], grid.shape[3]
+    grid = grid.gather(2, rows[:, None, :, None].expand(-1, channels, -1, width))
+    return grid.gather(3, cols[:, None, None, :].expand(-1, channels, rows.shape[1], -1))

