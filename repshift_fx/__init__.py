@@ -25,7 +25,7 @@ from .flops import before_and_after, per_sample_gmacs  # noqa: E402
 from .pipeline import rewrite  # noqa: E402
 from .plan import plan_for_budget  # noqa: E402
 from .report import Report, build_report  # noqa: E402
-from .backend import backend  # noqa: E402  (torch.compile(model, backend=backend(...)))
+from .dynamo_backend import backend  # noqa: E402  (torch.compile(model, backend=backend(...)))
 
 __all__ = [
     "compress", "inspect", "backend", "Config", "Report", "RepShiftError", "ConfigError", "ExampleInputError",

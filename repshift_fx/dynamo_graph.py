@@ -1,7 +1,7 @@
 """Reading the graphs dynamo hands a backend, and what a backend owes dynamo in return.
 
 Everything here touches dynamo's conventions (placeholder sources, fake example values, symbolic
-sizes and their guards, the frame being compiled); `repshift_fx.backend` builds on it.
+sizes and their guards, the frame being compiled); `repshift_fx.dynamo_backend` builds on it.
 
 - `is_weight`: a placeholder that is a lifted parameter, buffer or attribute, not a user input;
 - `pin_token_axes`: symbolic sizes other than the batch are specialized (guards added);

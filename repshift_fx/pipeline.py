@@ -35,7 +35,7 @@ def analyze_graph(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.GraphM
     """The analysis half of `run_passes`: fills `ctx.analysis`; the graph is not changed.
 
     The dynamo backend runs the halves apart: between them it maps the model's block numbering
-    onto the graph it was handed (see repshift_fx/backend.py)."""
+    onto the graph it was handed (see repshift_fx/dynamo_backend.py)."""
     ctx.output_shapes = verify.output_shapes(gm)
     for p in ANALYSIS_PASSES:
         gm = p.run(gm, ctx)
