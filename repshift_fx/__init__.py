@@ -87,7 +87,9 @@ def compress(model: torch.nn.Module, example_input, *, keep=None, at=None, site=
             average weighted by the softmax of their scores), placed after the kept tokens; later
             drops score it like any other token. Tokens mode only.
         compile: False returns the rewritten torch.fx.GraphModule (eager) for reading and tests.
-        **compile_options: passed to torch.compile (mode=, backend=, dynamic=, ...).
+        **compile_options: passed to torch.compile (backend=, dynamic=, options=, ...);
+            torch.compile's own `mode` ("max-autotune", ...) is `compile_mode=` here, since
+            `mode` chooses tokens or lines.
 
     Returns:
         The compiled module (torch.compile of the rewritten graph), or the GraphModule; either
@@ -103,6 +105,8 @@ def compress(model: torch.nn.Module, example_input, *, keep=None, at=None, site=
     gm.report = report
     if not compile:
         return gm
+    if "compile_mode" in compile_options:
+        compile_options["mode"] = compile_options.pop("compile_mode")
     return torch.compile(gm, **compile_options)
 
 

@@ -110,3 +110,11 @@ def test_compiled_matches_eager_graph_without_recompiling_per_batch(deit):
             _close(compiled(x), eager(x))
     assert counters["stats"]["unique_graphs"] <= 2
     assert compiled.report.tokens == [17, 17, 9, 9]
+
+
+def test_compile_options_reach_torch_compile(deit, image, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(torch, "compile", lambda gm, **options: seen.update(options) or gm)
+    out = repshift_fx.compress(deit, image, at=(1,), compile_mode="max-autotune", dynamic=False)
+    assert seen == {"mode": "max-autotune", "dynamic": False}
+    assert isinstance(out, torch.fx.GraphModule) and out.report.tokens == [17, 17, 13, 13]
