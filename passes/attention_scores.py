@@ -29,7 +29,6 @@ import operator
 
 import torch
 import torch.fx
-import torch.nn.functional as F
 
 from repshift_fx import shift
 from repshift_fx.errors import UnsupportedSiteError

@@ -10,12 +10,18 @@ Accepted forms, in any call style (`@`, `torch.matmul`, `torch.bmm`, `x.softmax`
     scores = q @ k.transpose(-2, -1)     (or k.mT; the scale may be applied to q first)
     scores = scores * s | scores / s     (optional)
     scores = scores + mask               (optional, a float mask added after scaling)
-    probs  = softmax(scores, dim=-1)
+    probs  = softmax(scores, dim=-1)     (a dtype= equal to the scores' dtype too)
     probs  = dropout(probs)              (optional; identity in eval)
+    probs  = probs.to(dtype)             (optional, when it keeps the dtype: HF's `.to(query.dtype)`)
     out    = probs @ v
 
 Each intermediate must be used only by the next step: if anything else reads the scores or the
 attention weights (an attention map that is returned or stored), the softmax is kept.
+
+Causal attention after a drop is refused (`UnsupportedSiteError` naming the node and module):
+SDPA with `is_causal=True`, or a mask (SDPA's `attn_mask`, or the tensor added to the scores
+before a softmax) that, evaluated on the example input, lets each token see only the tokens
+before it. Dropping a token there changes what the later tokens may see (decoders are out of scope).
 """
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
+from repshift_fx.errors import UnsupportedSiteError
 from repshift_fx.graph import carries_tensor, literal_arg, module_path, op_name, shape
 
 _PRODUCT = ("matmul", "bmm")
@@ -112,7 +119,7 @@ def _match(softmax: torch.fx.Node, gm) -> dict:
         raise _Keep("the softmax changes dtype")
     chain = [softmax]
     user = _only_user(softmax, "attention weights")
-    while op_name(user, gm) in _PASS_THROUGH:
+    while op_name(user, gm) in _PASS_THROUGH or _keeps_dtype(user, gm):
         chain.append(user)
         user = _only_user(user, "attention weights")
     if op_name(user, gm) not in _PRODUCT or user.args[0] is not chain[-1]:
@@ -142,6 +149,15 @@ def _match(softmax: torch.fx.Node, gm) -> dict:
     return found
 
 
+def _keeps_dtype(node: torch.fx.Node, gm) -> bool:
+    """A `.to(...)` / `.type_as(...)` whose output has its input's dtype, device and shape: a no-op."""
+    if op_name(node, gm) not in ("to", "type_as", "type") or not isinstance(node.args[0], torch.fx.Node):
+        return False
+    before, after = node.args[0].meta.get("tensor_meta"), node.meta.get("tensor_meta")
+    return (before is not None and after is not None and before.dtype == after.dtype
+            and tuple(before.shape) == tuple(after.shape))
+
+
 def _split_mask(add: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node]:
     a, b = (add.args + (None,))[:2]
     for scores, mask in ((a, b), (b, a)):
@@ -164,7 +180,77 @@ def _rewrite(gm: torch.fx.GraphModule, found: dict) -> None:
             graph.erase_node(node)
 
 
+def _mask_of(node: torch.fx.Node, gm) -> torch.fx.Node | None:
+    """The mask an attention applies: SDPA's attn_mask, or the tensor added to the scores of a softmax."""
+    if op_name(node, gm) == "scaled_dot_product_attention":
+        mask = node.kwargs.get("attn_mask", node.args[3] if len(node.args) > 3 else None)
+        return mask if isinstance(mask, torch.fx.Node) else None
+    scores = node.args[0] if node.args else None
+    if isinstance(scores, torch.fx.Node) and op_name(scores) == "add":
+        try:
+            return _split_mask(scores)[1]
+        except _Keep:
+            return None
+    return None
+
+
+def is_causal_mask(mask: torch.Tensor) -> bool:
+    """True when a (..., N, N) boolean or additive mask hides every later token from each query while
+    some query sees an earlier token other than the first (a padding-only mask never does both)."""
+    if mask.dim() < 2 or mask.shape[-1] != mask.shape[-2] or mask.shape[-1] < 3:
+        return False
+    seen = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+    n = mask.shape[-1]
+    later = torch.ones(n, n, dtype=torch.bool, device=mask.device).triu(1)
+    earlier = torch.ones(n, n, dtype=torch.bool, device=mask.device).tril(-1)
+    earlier[:, 0] = False
+    return not bool(seen[..., later].any()) and bool(seen[..., earlier].any())
+
+
+def _evaluate(gm: torch.fx.GraphModule, args: tuple, wanted: list[torch.fx.Node]) -> dict:
+    """The values of `wanted` on `args`, running only the nodes they depend on."""
+    needed, todo = set(), list(wanted)
+    while todo:
+        node = todo.pop()
+        if node not in needed:
+            needed.add(node)
+            todo.extend(node.all_input_nodes)
+    runner = torch.fx.Interpreter(gm)
+    runner.args_iter = iter(gm.graph.process_inputs(*args))
+    with torch.no_grad():
+        for node in gm.graph.nodes:
+            if node.op == "placeholder" or node in needed:
+                runner.env[node] = runner.run_node(node)
+    return {node: runner.env[node] for node in wanted}
+
+
+def refuse_causal(gm: torch.fx.GraphModule, ctx) -> None:
+    """Raise if an attention of a block after the first drop is causal (see the module docstring)."""
+    plan, analysis = getattr(ctx, "plan", None), getattr(ctx, "analysis", None)
+    if plan is None or analysis is None or not plan.drops:
+        return
+    first = plan.drops[0].block
+    later = {name: block for block in analysis.blocks[first + 1:] if block.mixer is not None
+             for name in block.mixer.nodes}
+    found = [n for n in gm.graph.nodes if n.name in later
+             and op_name(n, gm) in ("scaled_dot_product_attention", "softmax")]
+    masks = {n: _mask_of(n, gm) for n in found}
+    values = _evaluate(gm, ctx.args, [m for m in masks.values() if m is not None]) if any(masks.values()) else {}
+    for node, mask in masks.items():
+        flag = literal_arg(node, 5, "is_causal", False) is True if op_name(node, gm) != "softmax" else False
+        if flag or (mask is not None and isinstance(values.get(mask), torch.Tensor) and is_causal_mask(values[mask])):
+            how = "is_causal=True" if flag else f"its mask '{mask.name}' lets each token see only the tokens before it"
+            block = later[node.name]
+            raise UnsupportedSiteError(
+                f"{op_name(node, gm)} at node '{node.name}' (module '{module_path(node) or 'root'}') is causal "
+                f"attention ({how}) in block {block.index}, after the drop after block {first}: dropping a token "
+                "there changes what the later tokens may see, so causal decoders are not pruned. Use an "
+                "encoder (bidirectional attention), or drop only after the last causal block."
+            )
+
+
 def run(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
+    refuse_causal(gm, ctx)
     records = []
     for node in list(gm.graph.nodes):
         op = op_name(node, gm)

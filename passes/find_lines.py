@@ -158,7 +158,8 @@ def _fixed_size(node, gm, op: str) -> str:
         size = gm.get_submodule(node.target).size if node.op == "call_module" else literal_arg(node, 1, "size")
         return "resamples to a fixed size (e.g. back to the input size)" if size is not None else ""
     if op in ("adaptive_avg_pool2d", "adaptive_max_pool2d"):
-        size = gm.get_submodule(node.target).output_size if node.op == "call_module" else literal_arg(node, 1, "output_size")
+        module = gm.get_submodule(node.target) if node.op == "call_module" else None
+        size = module.output_size if module is not None else literal_arg(node, 1, "output_size")
         sizes = size if isinstance(size, (tuple, list)) else (size,)
         return "" if all(s in (1, None) for s in sizes) else f"pools to a fixed size {size}"
     if op in ("avg_pool2d", "max_pool2d"):

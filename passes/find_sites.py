@@ -16,6 +16,7 @@ A block is an MLP site together with the token-mixing site just before it on the
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import networkx as nx
@@ -87,6 +88,7 @@ class Analysis:
     prefix_source: str
     channels: int
     stray: list[Site] = field(default_factory=list)  # sites not paired into a block
+    grid: str = ""  # how the tokens lie, e.g. "4 x 7 x 7 (time x height x width) from conv3d at 'patch_embed.proj'"
 
 
 def _is_token_local(node: torch.fx.Node, gm, branch: set[str], token_count: int) -> bool:
@@ -116,7 +118,33 @@ def _is_token_local(node: torch.fx.Node, gm, branch: set[str], token_count: int)
         return dim in (-1, rank - 1)
     if name == "getitem":
         return not isinstance(node.args[0], torch.fx.Node) or shape(node.args[0]) is None
+    if name in _REDUCTIONS:  # RMSNorm written out: x.pow(2).mean(-1, keepdim=True)
+        dim = literal_arg(node, 1, "dim")
+        dims = tuple(dim) if isinstance(dim, (tuple, list)) else (dim,)
+        rank = len(shape(node.args[0]) or ())
+        return rank > 0 and all(isinstance(d, int) and d % rank == rank - 1 for d in dims)
+    if name in ("view", "reshape", "flatten"):
+        return _keeps_rows(shape(node.args[0]), shape(node))
+    if name in ("addmm", "mm", "matmul", "linear_rows"):  # GPT-2's Conv1D: addmm(bias, x.view(-1, C), W)
+        data = node.args[1] if name == "addmm" else node.args[0]
+        others = [a for a in tensor_args(node) if a is not data]
+        return isinstance(data, torch.fx.Node) and data.name in branch and not any(a.name in branch for a in others) \
+            and all(len(shape(a) or ()) <= 2 for a in others)
     return False
+
+
+_REDUCTIONS = {"mean", "sum", "amax", "amin", "var", "std", "norm", "logsumexp", "linalg_vector_norm"}
+
+
+def _keeps_rows(before, after) -> bool:
+    """A reshape that keeps every token's channels together: it merges or splits the leading
+    (batch, token) axes, keeping the channel axis (B, N, C) <-> (B * N, C), or splits the
+    channels, keeping (B, N) in front (B, N, C) <-> (B, N, H, D)."""
+    if before is None or after is None or not before or not after:
+        return False
+    if before[-1] == after[-1] and math.prod(before[:-1]) == math.prod(after[:-1]):
+        return True
+    return len(before) >= 2 and len(after) >= 2 and before[:2] == after[:2]
 
 
 def _classify(branch_nodes, gm, by_name, stream: str, token_count: int) -> tuple[str, str]:
@@ -248,16 +276,109 @@ def analyze(gm: torch.fx.GraphModule, weights: frozenset[str] = frozenset(), hin
         raise NoSiteError(
             "no residual MLP (an add of x and a token-local branch of x over (B, N, C) tokens) was "
             f"found in {type(gm).__name__}; found: {found}. Representation Shift scores tokens at "
-            "such sites; for CNNs use the line-wise mode."
+            f"such sites; for CNNs use the line-wise mode.{_grid_residuals(gm, graph)}"
         )
     prefix, source = _find_prefix(gm, graph, by_name, blocks[0].input, weights, hints)
+    read, where = _read_positions(gm, graph, by_name, blocks[-1])
+    if read > prefix:
+        prefix, source = read, f"{source}; the first {read} token(s) read by position: {where}"
     for site in sites:
         tokens = shape(by_name[site.stream])[TOKEN_AXIS]
         site.side_inputs = side_inputs(site, gm, by_name, {tokens, tokens - prefix} - {0, 1})
     channels = shape(by_name[blocks[0].input])[-1]
-    return Analysis(blocks, sites, prefix, source, channels, stray)
+    grid = token_grid(gm, graph, by_name, blocks[0].input, prefix)
+    return Analysis(blocks, sites, prefix, source, channels, stray, grid)
+
+
+_POSITION_READS = {"getitem", "select", "narrow"}
+
+
+def _first_tokens_read(node: torch.fx.Node, op: str) -> int | None:
+    """How many leading tokens `node` reads by position from a (B, N, ...) input: x[:, i] -> i + 1,
+    x[:, :j] -> j, select(x, 1, i) -> i + 1; None when it reads no fixed position on the token axis."""
+    if op == "getitem":
+        index = node.args[1] if len(node.args) > 1 else None
+        if not isinstance(index, tuple) or len(index) <= TOKEN_AXIS or index[0] != slice(None):
+            return None
+        item = index[TOKEN_AXIS]
+        if isinstance(item, int) and item >= 0:
+            return item + 1
+        if isinstance(item, slice) and item.start in (None, 0) and isinstance(item.stop, int) and item.stop > 0:
+            return item.stop
+        return None
+    dim = literal_arg(node, 1, "dim")
+    start = literal_arg(node, 2, "index" if op == "select" else "start")
+    if dim != TOKEN_AXIS or not isinstance(start, int) or start < 0:
+        return None
+    return start + (literal_arg(node, 3, "length", 1) if op == "narrow" else 1)
+
+
+def _read_positions(gm, graph: nx.DiGraph, by_name, last: Block) -> tuple[int, str]:
+    """Tokens read by their position after the last block (a pooler's `hidden[:, 0]`): they must stay
+    in place, so they count as prefix tokens. (count, 'node ... (module ...)')."""
+    tokens = shape(by_name[last.output])[TOKEN_AXIS]
+    output = next(n.name for n in reversed(gm.graph.nodes) if n.op == "output")
+    best, where = 0, ""
+    for name in nx.descendants(graph, last.output):
+        node = by_name[name]
+        if not nx.has_path(graph, name, output):  # a pooler whose result the model drops
+            continue
+        op = op_name(node, gm)
+        source = node.args[0] if node.args else None
+        if op not in _POSITION_READS or len(shape(source) or ()) != 3 or shape(source)[TOKEN_AXIS] != tokens:
+            continue
+        count = _first_tokens_read(node, op)
+        if count and count > best:
+            best, where = count, f"{op} at node '{name}' (module '{module_path(node) or 'root'}')"
+    return best, where
+
+
+_CONVS = {"conv1d", "conv2d", "conv3d", "module:Conv1d", "module:Conv2d", "module:Conv3d"}
+_AXES = {1: ("length",), 2: ("height", "width"), 3: ("time", "height", "width")}
+
+
+def token_grid(gm, graph: nx.DiGraph, by_name, first_stream: str, prefix: int) -> str:
+    """How the patch tokens lie before they are flattened, from the nearest convolution whose output
+    (B, C, *grid) holds one token per position: '4 x 7 x 7 (time x height x width) from conv3d at ...'."""
+    tokens = shape(by_name[first_stream])[TOKEN_AXIS] - prefix
+    order = _order(by_name)
+    for name in sorted(nx.ancestors(graph, first_stream), key=lambda n: -order[n]):
+        node = by_name[name]
+        out = shape(node) or ()
+        if op_name(node, gm) in _CONVS and len(out) >= 3 and math.prod(out[2:]) == tokens:
+            grid = out[2:]
+            axes = _AXES.get(len(grid), ("axis",) * len(grid))
+            return (f"{' x '.join(map(str, grid))} ({' x '.join(axes)}) from {op_name(node, gm).replace('module:', '')} "
+                    f"at '{module_path(node) or name}'")
+    return ""
+
+
+def _unwrapped(node, gm):
+    """The input of an identity shortcut (nn.Identity, dropout, drop-path), else the node itself."""
+    while isinstance(node, torch.fx.Node) and node.op.startswith("call") and node.args \
+            and op_name(node, gm) in ("identity", "dropout", "module:DropPath"):
+        node = node.args[0]
+    return node
+
+
+def _grid_residuals(gm, graph: nx.DiGraph) -> str:
+    """' It adds residuals over (B, C, H, W) maps: ...' for a grid model (ConvNeXt), else ''."""
+    for node in gm.graph.nodes:
+        if op_name(node, gm) != "add" or len(node.args) != 2:
+            continue
+        a, b = (_unwrapped(arg, gm) for arg in node.args)
+        sa, sb = shape(a), shape(b)
+        if sa is None or sa != sb or len(sa) != 4:
+            continue
+        if nx.has_path(graph, a.name, b.name) or nx.has_path(graph, b.name, a.name):
+            return (f" It is a grid model: its residual adds run over {len(sa)}-D maps {sa}, first add at node "
+                    f"'{node.name}' (module '{module_path(node) or 'root'}'); its tokens cannot be dropped one by "
+                    "one. Use mode='lines' (rows and columns, repshift_fx's CNN mode) or another model.")
+    return ""
 
 
 def run(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
     ctx.analysis = analyze(gm, ctx.weight_placeholders, getattr(ctx, "prefix_hints", None))
+    if ctx.analysis.grid:
+        ctx.notes.append(f"tokens: {ctx.analysis.grid}; a drop keeps any of them, across every axis")
     return gm

@@ -38,15 +38,20 @@ def _where(node: torch.fx.Node) -> str:
     return f"{op_name(node)} at node '{node.name}' (module '{module_path(node) or 'root'}')"
 
 
-def _value(size, env: dict):
-    """A size argument as a number: a literal, or the value a size node computed on this run."""
+def _value(size, env: dict, fresh: frozenset = frozenset()):
+    """A size argument as a number: a literal, or the value a size node computed on this run;
+    None for a size node in `fresh` (computed after a drop: it already says the new count, and
+    a channel count that equals the old token count must stay as it is)."""
     if isinstance(size, torch.fx.Node):
+        if size in fresh:
+            return None
         value = env.get(size)
         return int(value) if isinstance(value, (int, torch.SymInt)) and not isinstance(value, bool) else None
     return size if isinstance(size, int) and not isinstance(size, bool) else None
 
 
-def _follow_token_count(node: torch.fx.Node, old_in: tuple, new_in: tuple, env: dict | None = None) -> None:
+def _follow_token_count(node: torch.fx.Node, old_in: tuple, new_in: tuple, env: dict | None = None,
+                        fresh: frozenset = frozenset()) -> None:
     """Rewrite the sizes of one view/reshape/expand whose input lost tokens.
 
     A size counts as the token count when it equals the old count and is a literal or a size
@@ -60,7 +65,10 @@ def _follow_token_count(node: torch.fx.Node, old_in: tuple, new_in: tuple, env: 
         return
     old_n, new_n = old_in[changed[0]], new_in[changed[0]]
     sizes, packed = _sizes(node)
-    values = [_value(s, env) for s in sizes]
+    actual = [_value(s, env) for s in sizes]
+    if op_name(node) != "expand" and None not in actual and -1 not in actual and math.prod(actual) == math.prod(new_in):
+        return  # the sizes already fit the pruned input (a literal channel count may equal the old token count)
+    values = [_value(s, env, fresh) for s in sizes]
     hits = [i for i, v in enumerate(values) if v == old_n]
     if len(hits) > 1:
         raise UnsupportedSiteError(
@@ -79,19 +87,32 @@ def _follow_token_count(node: torch.fx.Node, old_in: tuple, new_in: tuple, env: 
     node.args = (node.args[0], tuple(sizes)) if packed else (node.args[0], *sizes)
 
 
+def _after_drops(gm: torch.fx.GraphModule) -> frozenset:
+    """Every node downstream of a drop's index (by any edge, sizes included)."""
+    todo = [n for n in gm.graph.nodes if n.meta.get("repshift", {}).get("role") == "index"]
+    seen = set(todo)
+    while todo:
+        for user in todo.pop().users:
+            if user not in seen:
+                seen.add(user)
+                todo.append(user)
+    return frozenset(seen)
+
+
 class _FollowingShapeProp(ShapeRecorder):
     """Shape recording that adjusts literal sizes just before a node runs on fewer tokens."""
 
     def __init__(self, gm: torch.fx.GraphModule):
         super().__init__(gm)
         self.old_shapes = {n: shape(n) for n in gm.graph.nodes}  # overwritten as nodes run
+        self.fresh = _after_drops(gm)
 
     def run_node(self, n: torch.fx.Node):
         if op_name(n) in _SIZED and n.args and isinstance(n.args[0], torch.fx.Node):
             old_in = self.old_shapes.get(n.args[0])
             new_in = self.env.get(n.args[0])
             if old_in is not None and isinstance(new_in, torch.Tensor) and tuple(new_in.shape) != old_in:
-                _follow_token_count(n, old_in, tuple(new_in.shape), self.env)
+                _follow_token_count(n, old_in, tuple(new_in.shape), self.env, self.fresh)
         try:
             return super().run_node(n)
         except UnsupportedSiteError:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch.fx
 
 from repshift_fx.errors import UnsupportedSiteError
-from repshift_fx.graph import shape
+from repshift_fx.graph import module_path, shape
 
 
 def output_shapes(gm: torch.fx.GraphModule) -> list:
@@ -22,9 +22,12 @@ def output_shapes(gm: torch.fx.GraphModule) -> list:
 def run(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
     for (name, old), (_, new) in zip(ctx.output_shapes, output_shapes(gm)):
         if old != new:
+            node = next((n for n in gm.graph.nodes if n.name == name), None)
+            where = f"node '{name}' (module '{module_path(node) or 'root'}')" if node is not None else f"'{name}'"
             raise UnsupportedSiteError(
-                f"output '{name}' changes shape from {old} to {new} once tokens are dropped "
-                "(a dense-prediction head needs every token); compress only the backbone, or "
-                "prune with a classification head."
+                f"output {where} changes shape from {old} to {new} once tokens are dropped "
+                "(a dense-prediction head needs every token, and so does a model that returns every "
+                "token, such as BertModel's last_hidden_state); compress only the backbone, prune with a "
+                "classification head, or pool inside the model (repshift_fx.hf.SentenceEmbedding)."
             )
     return gm

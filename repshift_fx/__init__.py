@@ -116,7 +116,15 @@ def inspect(model: torch.nn.Module, example_input, **config) -> Report:
     Returns a `Report`: blocks and their module paths, tokens in and out of every block, where
     attention is fused (SDPA, rewritten, MultiheadAttention, kept explicit and why), the prefix
     tokens and the GFLOPs per sample before and after. `print(report)` shows it as a table.
+    A model compress() refuses (UnsupportedSiteError) still gets its table, nothing pruned, with
+    the refused block marked and the reason under "refused" (repshift_fx/refusals.py).
     """
     config.pop("compile", None)
-    gm, report = _analyse(model, example_input, Config.from_kwargs(**config), flops=True)
+    config = Config.from_kwargs(**config)
+    try:
+        gm, report = _analyse(model, example_input, config, flops=True)
+    except UnsupportedSiteError as error:
+        from .refusals import refused_report
+
+        return refused_report(model, example_input, config, error)
     return report

@@ -18,6 +18,7 @@ runs compiled.
 from __future__ import annotations
 
 import copy
+import random
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -41,6 +42,7 @@ class BenchRow:
     flop_ratio: float  # GFLOPs / baseline GFLOPs
     speedup: float  # images_per_s / eager baseline images_per_s
     speedup_per_flop_gain: float  # speedup / (baseline GFLOPs / GFLOPs)
+    ms_min: float | None = None  # the fastest round: the one a noisy neighbour disturbed least
 
 
 def fixed_token_variant(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
@@ -105,40 +107,50 @@ def run_benchmark(model, example_input, *, rounds: int = 5, threads: int | None 
 def time_variants(variants: dict, args: tuple, *, rounds: int = 5, warmup: int = 1,
                   progress: bool = True) -> dict[str, list[float]]:
     """Seconds per call of every variant: all warmed up (compiled) first, then `rounds` rounds
-    in which each variant runs once, in turn, so that a noisy neighbour hits all alike."""
+    in which each variant runs once, in an order shuffled per round (seeded), so that a noisy
+    neighbour, periodic or not, hits all alike."""
     times: dict[str, list[float]] = {name: [] for name in variants}
+    order, shuffle = list(variants), random.Random(0).shuffle
     with torch.inference_mode():
         for name, fn in tqdm(variants.items(), desc="compile + warm up", disable=not progress):
             for _ in range(warmup):
                 fn(*args)
         for _ in tqdm(range(rounds), desc="timing rounds", disable=not progress):
-            for name, fn in variants.items():
-                times[name].append(_time_once(fn, args))
+            shuffle(order)
+            for name in order:
+                times[name].append(_time_once(variants[name], args))
     return times
 
 
 def bench_rows(model, args: tuple, times: dict[str, list[float]], gflops: dict[str, float | None]) -> list[BenchRow]:
     """One row per variant from its times (medians); gflops None means the model's own; the
-    speedups are to "baseline eager"."""
+    speedups are to "baseline eager" (or the first baseline timed)."""
     batch = args[0].shape[0]
     base_gflops = per_sample_gmacs(model, args)
-    base_rate = batch / statistics.median(times["baseline eager"])
+    base = "baseline eager" if "baseline eager" in times else next(n for n in times if n.startswith("baseline"))
+    base_rate = batch / statistics.median(times[base])
     rows = []
     for name, samples in times.items():
         median = statistics.median(samples)
         rate = batch / median
         flops = base_gflops if gflops.get(name) is None else gflops[name]
         ratio = flops / base_gflops
-        rows.append(BenchRow(name, median * 1e3, rate, flops, ratio, rate / base_rate, rate / base_rate * ratio))
+        rows.append(BenchRow(name, median * 1e3, rate, flops, ratio, rate / base_rate, rate / base_rate * ratio,
+                             min(samples) * 1e3))
     return rows
 
 
 def run_comparison(model, example_input, *, scores=("shift", "attention", "random"), rounds: int = 5,
                    threads: int | None = 2, warmup: int = 1, progress: bool = True, compile_options=None,
-                   **config) -> list[BenchRow]:
+                   explicit_model=None, kinds=("eager", "compiled"), **config) -> list[BenchRow]:
     """The baseline and every score at one schedule (`config`: keep, at, site, fuse, ...), eager
     and compiled, timed interleaved in one run: rows "baseline eager", "baseline compiled",
-    "<score> eager", "<score> compiled" (medians; speedups to the eager baseline)."""
+    "<score> eager", "<score> compiled" (medians; speedups to the eager baseline).
+
+    `explicit_model`: the same model with explicit attention in every block (timm: fused_attn
+    off); adds "attention (all explicit)": score="attention" with sdpa=False, the way EViT-style
+    code runs when every block computes its attention map. `kinds`: which of eager and compiled
+    to time (the speedups are then to the first baseline timed)."""
     from . import compress  # the public API; imported here to avoid a cycle
 
     if threads:
@@ -152,15 +164,51 @@ def run_comparison(model, example_input, *, scores=("shift", "attention", "rando
         variants[f"{score} eager"] = gm
         variants[f"{score} compiled"] = torch.compile(gm, **compile_options)
         gflops[f"{score} eager"] = gflops[f"{score} compiled"] = per_sample_gmacs(gm, args)
+    if explicit_model is not None:
+        gm = compress(explicit_model, args, compile=False, **{**config, "score": "attention", "sdpa": False})
+        name = "attention (all explicit)"
+        variants[f"{name} eager"], variants[f"{name} compiled"] = gm, torch.compile(gm, **compile_options)
+        gflops[f"{name} eager"] = gflops[f"{name} compiled"] = per_sample_gmacs(gm, args)
+    variants = {name: fn for name, fn in variants.items() if name.rsplit(" ", 1)[-1] in kinds}
     times = time_variants(variants, args, rounds=rounds, warmup=warmup, progress=progress)
     return bench_rows(model, args, times, gflops)
 
 
-def score_ratio(rows: list[BenchRow], faster: str, slower: str, kind: str = "compiled") -> float | None:
-    """img/s of `faster` over img/s of `slower` (e.g. "shift" over "attention"), both `kind`."""
+def score_ratio(rows: list[BenchRow], faster: str, slower: str, kind: str = "compiled",
+                stat: str = "median") -> float | None:
+    """img/s of `faster` over img/s of `slower` (e.g. "shift" over "attention"), both `kind`;
+    stat "median" (the table's figures) or "min" (the fastest rounds)."""
     by_name = {row.variant: row for row in rows}
     a, b = by_name.get(f"{faster} {kind}"), by_name.get(f"{slower} {kind}")
-    return a.images_per_s / b.images_per_s if a and b else None
+    if not (a and b):
+        return None
+    return b.ms_per_batch / a.ms_per_batch if stat == "median" else b.ms_min / a.ms_min
+
+
+def attention_cost(shapes, *, rounds: int = 15, threads: int | None = 2, progress: bool = True) -> list[dict]:
+    """What explicit attention costs against SDPA, compiled, at each (B, H, N, D) in `shapes`:
+    one dict per shape with "sdpa_ms", "explicit_ms" (shift.explicit_attention, which also
+    returns the CLS importance) and "extra_ms", medians of `rounds` interleaved rounds."""
+    from .shift import explicit_attention
+
+    if threads:
+        torch.set_num_threads(threads)
+
+    def sdpa(q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+    def explicit(q, k, v):
+        return explicit_attention(q, k, v, prefix=1)
+
+    found = []
+    for shape in tqdm(list(dict.fromkeys(shapes)), desc="attention cost", disable=not progress):
+        q, k, v = (torch.randn(shape, generator=torch.Generator().manual_seed(i)) for i in range(3))
+        variants = {"sdpa": torch.compile(sdpa), "explicit": torch.compile(explicit)}
+        times = time_variants(variants, (q, k, v), rounds=rounds, warmup=2, progress=False)
+        sdpa_ms, explicit_ms = (1e3 * statistics.median(times[n]) for n in ("sdpa", "explicit"))
+        found.append({"shape": tuple(shape), "sdpa_ms": sdpa_ms, "explicit_ms": explicit_ms,
+                      "extra_ms": explicit_ms - sdpa_ms})
+    return found
 
 
 def scoring_overhead(rows: list[BenchRow]) -> float | None:

@@ -53,15 +53,16 @@ class Variant:
         return dict(self.options)
 
 
-def _shift(site: str, distance: str) -> Variant:
-    return Variant(f"shift({site},{distance})", (("score", "shift"), ("site", site), ("distance", distance)))
+def _shift(site: str, distance: str, mode: str = "tokens") -> Variant:
+    label = f"shift({distance})" if mode == "lines" else f"shift({site},{distance})"  # lines: one site, the block
+    return Variant(label, (("score", "shift"), ("site", site), ("distance", distance)))
 
 
 def all_variants(mode: str = "tokens") -> list[Variant]:
     """Shift at every site and distance, attention, norm, random; lines mode (CNNs): shift at its
     one site for every distance, norm, random."""
     if mode == "lines":
-        return [_shift("mlp", d) for d in DISTANCES] + [Variant(s, (("score", s),)) for s in ("norm", "random")]
+        return [_shift("mlp", d, mode) for d in DISTANCES] + [Variant(s, (("score", s),)) for s in ("norm", "random")]
     shifts = [_shift(site, d) for site in SITES for d in DISTANCES]
     return shifts + [Variant(s, (("score", s),)) for s in ("attention", "norm", "random")]
 
@@ -77,7 +78,7 @@ def parse_variants(text: str, mode: str = "tokens") -> list[Variant]:
             site, distance = (rest + ["mlp", "l2"][len(rest):])[:2]
             if site not in SITES or distance not in DISTANCES:
                 raise ConfigError(f"{item!r}: shift:SITE:DISTANCE takes a site of {SITES} and a distance of {DISTANCES}")
-            variants.append(_shift(site, distance))
+            variants.append(_shift(site, distance, mode))
         elif score in ("attention", "norm", "random") and not rest:
             variants.append(Variant(score, (("score", score),)))
         else:

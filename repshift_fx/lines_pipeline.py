@@ -42,7 +42,8 @@ def pick_mode(gm: torch.fx.GraphModule, ctx: PassContext) -> str:
             try:
                 find_lines.analyze(gm, ctx.weight_placeholders)
             except NoSiteError as lines_error:
-                raise NoSiteError(f"{tokens_error.message} Nor for lines mode: {lines_error.message}.") from tokens_error
+                message = f"{tokens_error.message} Nor for lines mode: {lines_error.message}."
+                raise NoSiteError(message) from tokens_error
             mode = "lines"
     if mode == "tokens":
         _check_token_keep(ctx.config)

@@ -14,14 +14,15 @@ import torch.fx
 
 from .capture import capture
 from .config import Config, PassContext
-from .passes import attention_scores, attention_to_sdpa, find_sites, insert_pruning, token_shapes, verify
+from .passes import (attention_scores, attention_to_sdpa, find_sites, gather_side_tensors, insert_pruning,
+                     token_shapes, verify)
 from .plan import make_plan
 from .lines_pipeline import pick_mode, run_line_passes
 
 log = logging.getLogger("repshift_fx")
 
 ANALYSIS_PASSES = (find_sites,)
-REWRITE_PASSES = (attention_to_sdpa, attention_scores, insert_pruning, token_shapes, verify)
+REWRITE_PASSES = (attention_to_sdpa, attention_scores, insert_pruning, gather_side_tensors, token_shapes, verify)
 
 
 def run_passes(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.GraphModule:

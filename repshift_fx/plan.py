@@ -72,18 +72,6 @@ def _score_inputs(block, config: Config) -> tuple[str, ...]:
     return (site.add if config.residual else site.branch, site.stream)
 
 
-def _check_side_inputs(analysis, first_drop: int) -> None:
-    for block in analysis.blocks[first_drop + 1 :]:
-        for site in (block.mixer, block.mlp):
-            if site is not None and site.side_inputs:
-                raise UnsupportedSiteError(
-                    f"block {block.index} ({site.module}) reads {', '.join(site.side_inputs)}, "
-                    "tensors that carry the token axis (rotary tables, masks or position biases) "
-                    "and would keep their full length after a drop. Prune only after the last "
-                    f"such block (at >= {block.index}), or choose another model."
-                )
-
-
 def make_plan(analysis, config: Config) -> PrunePlan:
     if config.keep is None:
         raise ConfigError(
@@ -106,7 +94,6 @@ def make_plan(analysis, config: Config) -> PrunePlan:
     prefix = analysis.prefix if config.protect == "auto" else int(config.protect)
     if prefix >= analysis.blocks[0].tokens:
         raise ConfigError(f"protect={prefix} leaves no token to prune of {analysis.blocks[0].tokens}")
-    _check_side_inputs(analysis, at[0])
 
     drops, tokens, n = [], [], analysis.blocks[0].tokens - prefix
     schedule = dict(zip(at, keeps))

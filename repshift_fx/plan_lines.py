@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from .config import Config
 from .errors import ConfigError, UnsupportedSiteError
 
+LINE_SCORES = ("shift", "norm", "random")
+
 
 @dataclass
 class LineDrop:
@@ -82,6 +84,9 @@ def check_line_config(config: Config) -> None:
         raise ConfigError(f"{'score=' + repr(config.score) if config.score == 'attention' else 'fuse=True'} works "
                           "on tokens (ViTs), not on the rows and columns of a CNN; use score='shift', 'norm' or "
                           "'random' without fuse")
+    if config.score not in LINE_SCORES:  # any other score added for tokens mode
+        raise ConfigError(f"score={config.score!r} has no line-wise form; lines mode scores by "
+                          f"{', '.join(map(repr, LINE_SCORES))}")
     if config.protect not in ("auto", 0):
         raise ConfigError(f"protect={config.protect!r}: a (B, C, H, W) grid has no prefix tokens to protect")
     if config.keep is None:
@@ -133,5 +138,6 @@ def make_line_plan(analysis, config: Config) -> LinePlan:
         )
     _check_hazards(analysis, at)
     rates = line_rates(config.keep, len(at))
-    drops = [LineDrop(i, analysis.sites[i].output, _score_inputs(analysis.sites[i], config), r) for i, r in zip(at, rates)]
+    sites = analysis.sites
+    drops = [LineDrop(i, sites[i].output, _score_inputs(sites[i], config), r) for i, r in zip(at, rates)]
     return LinePlan(config, drops)

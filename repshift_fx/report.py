@@ -99,7 +99,7 @@ class Report:
 
     def table(self, fmt: str = "simple") -> str:
         rows = [
-            (r.index, r.module or "-", r.site + (" [no drop before: side tensors]" if r.refused else ""), r.attention,
+            (r.index, r.module or "-", r.site + (" [refused]" if r.refused else ""), r.attention,
              r.tokens_in, r.tokens_out, _gf(r.gflops_before), _gf(r.gflops_after), "drop" if r.scored else "")
             for r in self.blocks
         ]
@@ -157,11 +157,10 @@ def _side_names(block) -> list[str]:
 
 
 def refusal(block) -> str:
-    """Why tokens may not be dropped before `block`: it reads side tensors carrying the token axis."""
-    sides = _side_names(block)
-    if not sides:
-        return ""
-    return f"reads {', '.join(sides)} (token axis, not gathered): no drop may precede it"
+    """Why tokens may not be dropped before `block`: "" here, since the side tensors it reads
+    (rotary tables, masks, biases) are gathered (passes/gather_side_tensors.py); what the passes
+    refuse is marked on the report by `repshift_fx.refusals.refused_report`."""
+    return ""
 
 
 def _side_summary(sides: dict[int, list[str]]) -> str:
@@ -235,12 +234,14 @@ def side_tensors(gm, plan) -> list[str]:
         source = node.args[0] if node.args else None
         if role is not None and op_name(node) == "gather_tokens" and getattr(source, "name", None) not in streams:
             found.append(source.name)
+        elif role == "side" and node.meta["repshift"].get("source") not in found:
+            found.append(node.meta["repshift"]["source"])  # passes/gather_side_tensors.py
     return found
 
 
 # --- DOT ---
 
-_FILL = {"score": "#f4a261", "index": "#e76f51", "keep": "#e63946"}
+_FILL = {"score": "#f4a261", "index": "#e76f51", "keep": "#e63946", "side": "#e9c46a"}
 _PRUNED = "#a8dadc"
 _CLUSTER = {True: "#457b9d", False: "#bbbbbb"}
 

@@ -66,6 +66,14 @@ class LineReport(Report):
         return [lines[0], self.stage_table(), ""] + [line for line in lines[1:] if not line.startswith("side tensors")]
 
 
+    def __str__(self) -> str:
+        cfg = ", ".join(f"{k}={self.config[k]}" for k in _SHOWN if self.config.get(k) is not None)
+        return "\n".join([f"repshift_fx report for {self.model} ({cfg})", self.table(), "", *self.summary()])
+
+
+_SHOWN = ("keep", "at", "distance", "score", "mode")  # the options that mean something on a grid
+
+
 def _grid(grid) -> str:
     return f"{grid[0]}x{grid[1]}" if grid else "-"
 
@@ -122,7 +130,8 @@ def build_line_report(model, gm: torch.fx.GraphModule, ctx, flops: bool = True) 
             gflops_after=blocks_after[site.index] if flops else None,
             refused="; ".join(map(str, site.hazards[:1])), grid_in=gin, grid_out=gout, grid_original=site.grid,
             stage=site.stage, kept=(drop.keep_rows, drop.keep_cols) if drop else None))
-    refused = [f"no drop after block {s.index} ({s.module or '-'}): {s.hazards[0]}" for s in analysis.sites if s.hazards]
+    refused = [f"no drop after block {s.index} ({s.module or '-'}): {s.hazards[0]}"
+               for s in analysis.sites if s.hazards]
     refused += [f"add '{name}' holds other blocks (a long skip): not a block" for name in analysis.long_skips]
     config = dict(vars(plan.config), at=plan.at, mode="lines")
     return LineReport(

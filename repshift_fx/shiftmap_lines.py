@@ -87,7 +87,8 @@ def render_lines(photo: Image.Image, lmap: LineShiftMap, scale: int = 2, title: 
     picture.paste(_cells(col_strip.astype(np.uint8), (size[0], STRIP)), (0, size[1]))
     picture.paste(dimmed, (size[0] + STRIP + GAP, 0))
     draw = ImageDraw.Draw(picture)
-    kept = f"kept {int(lmap.kept_rows.sum())} of {lmap.rows.size} rows, {int(lmap.kept_cols.sum())} of {lmap.cols.size} columns"
+    kept = (f"kept {int(lmap.kept_rows.sum())} of {lmap.rows.size} rows, "
+            f"{int(lmap.kept_cols.sum())} of {lmap.cols.size} columns")
     for text, at in ((title or f"line shift at block {lmap.block}", (6, 6)), (kept, (size[0] + STRIP + GAP + 6, 6))):
         box = draw.textbbox(at, text)
         draw.rectangle((box[0] - 3, box[1] - 3, box[2] + 3, box[3] + 3), fill=(0, 0, 0))

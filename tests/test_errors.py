@@ -110,10 +110,7 @@ def test_untraceable_model_names_the_module():
     assert "backend='repshift'" in message
 
 
-def test_side_tensors_with_the_token_axis_are_refused_by_name():
-    model = tiny_timm("eva02_tiny_patch14_224", img_size=56)
-    message = _fails(model, torch.randn(1, 3, 56, 56), UnsupportedSiteError, "carry the token axis", at=(1,))
-    assert "block 2 (blocks.2" in message
+# EVA02's rotary tables are gathered with the kept tokens now, not refused: tests/test_side_tensors.py
 
 
 def test_windowed_attention_is_refused_naming_the_node():

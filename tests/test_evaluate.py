@@ -103,7 +103,7 @@ def test_parse_variants():
         "shift(mlp,l2)", "shift(attn,l2)", "shift(block,l1)", "attention", "norm", "random"]
     assert len(evaluation.parse_variants("all")) == 3 * 3 + 3
     assert [v.label for v in evaluation.parse_variants("all", "lines")] == [
-        "shift(mlp,l2)", "shift(mlp,l1)", "shift(mlp,cosine)", "norm", "random"]
+        "shift(l2)", "shift(l1)", "shift(cosine)", "norm", "random"]
     assert evaluation.parse_variants("shift:block:cosine")[0].kwargs == {"score": "shift", "site": "block",
                                                                         "distance": "cosine"}
     for bad in ("shift:nowhere", "attention:mlp", "entropy"):

@@ -104,6 +104,19 @@ def test_keep_one_gives_the_original_outputs(name):
         _close(gm(x), model(x))
 
 
+def test_line_shift_map_draws_rows_and_columns(resnet18):
+    from PIL import Image
+
+    from repshift_fx.shiftmap_lines import GAP, STRIP, line_shift_map, render_lines
+
+    lmap = line_shift_map(resnet18, torch.randn(1, 3, 96, 96), block=1, keep=0.5)
+    assert lmap.positions.shape == (24, 24) and lmap.kept_rows.sum() == 12 and lmap.kept_cols.sum() == 12
+    assert torch.allclose(torch.from_numpy(lmap.rows), torch.from_numpy(lmap.positions).mean(1), rtol=1e-5)
+    assert set(lmap.rows.argsort()[-12:]) == set(lmap.kept_rows.nonzero()[0])  # the best rows are kept
+    picture = render_lines(Image.new("RGB", (96, 96)), lmap, scale=2)
+    assert picture.size == (2 * 192 + STRIP + GAP, 192 + STRIP)
+
+
 # --- mode, report, defaults ---
 
 
@@ -141,6 +154,8 @@ def test_resnet34_default_schedule_and_report():
 def test_bad_line_options(resnet18, img):
     with pytest.raises(ConfigError, match="target_flops is not supported in lines mode"):
         repshift_fx.compress(resnet18, img, target_flops=0.5, compile=False)
+    with pytest.raises(ConfigError, match="score='attention' works on tokens"):
+        repshift_fx.compress(resnet18, img, score="attention", compile=False)
     with pytest.raises(ConfigError, match="site='attn'"):
         repshift_fx.compress(resnet18, img, site="attn", compile=False)
     with pytest.raises(ConfigError, match="8 residual blocks"):

@@ -186,3 +186,33 @@ def test_compiled_matches_eager_for_attention_and_fuse(deit):
         for batch in (2, 5):
             y = torch.randn(batch, 3, 64, 64)
             _close(compiled(y), eager(y), 1e-4)
+
+
+def test_dynamo_backend_attention_score_on_functional_multihead_attention(tv_vit):
+    torch._dynamo.reset()
+    x = torch.randn(2, 3, 32, 32)
+    backend = repshift_fx.backend(keep=0.5, at=(0, 1), score="attention", inner="eager")
+    with torch.no_grad():
+        _close(torch.compile(tv_vit, backend=backend)(x), reference_torchvision_vit(tv_vit, x, (0, 1), 0.5))
+    assert [row.attention for row in backend.reports[0].blocks][:2] == [IMPL, IMPL]
+
+
+def test_bench_comparison_has_every_score_at_equal_flops(deit, tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    from repshift_fx.benchmark import run_comparison, score_ratio
+
+    x = torch.randn(2, 3, 64, 64)
+    rows = run_comparison(deit, x, rounds=2, threads=None, progress=False, keep=0.5, at=(1,),
+                          compile_options={"backend": "eager"}, explicit_model=tiny_timm("deit_tiny_patch16_224", fused=False))
+    names = [r.variant for r in rows]
+    assert names == [f"{n} {k}" for n in ("baseline", "shift", "attention", "random", "attention (all explicit)")
+                     for k in ("eager", "compiled")]
+    assert len({round(r.gflops, 9) for r in rows[2:]}) == 1 and rows[2].gflops < rows[0].gflops
+    assert score_ratio(rows, "shift", "attention") > 0 and all(r.ms_min <= r.ms_per_batch for r in rows)
+    spec = importlib.util.spec_from_file_location("bench_tool", Path(__file__).parents[1] / "tools" / "bench.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    tool.plot_speedups(rows, tmp_path / "speed.png", "test")
+    assert (tmp_path / "speed.png").stat().st_size > 10_000

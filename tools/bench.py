@@ -2,9 +2,9 @@
 
     python tools/bench.py                                   # deit_small, batch 32, 2 threads
     python tools/bench.py --model deit_tiny_patch16_224 --batch 8 --rounds 3 --keep 0.5 --at 4
-    python tools/bench.py --torchvision resnet50 --keep 0.7 --at 4          # a CNN: lines mode
+    python tools/bench.py --torchvision resnet50 --keep 0.7 --at 4 --channels-last   # a CNN: lines mode
     python tools/bench.py --compare                         # shift vs attention vs random, same FLOPs
-    python tools/bench.py --compare --docs docs             # ... and copy the table and plot to docs/
+    python tools/bench.py --compare --out results/bench_scores --docs docs    # ... copied to docs/bench_scores.*
 
 Prints a table (img/s, GFLOPs, speedup, speedup divided by the FLOP gain) and the share of
 time the scoring and gather nodes take; writes it as Markdown and JSON under --out.
@@ -15,6 +15,7 @@ compiled, interleaved in one run; writes bench_scores.md, bench_scores.json and 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import platform
@@ -23,7 +24,9 @@ from pathlib import Path
 import repshift_fx  # noqa: F401  (before timm: installs the torchvision guard)
 import timm
 import torch
-from repshift_fx.benchmark import format_table, rows_as_dicts, run_benchmark, run_comparison, score_ratio, scoring_overhead
+from repshift_fx.benchmark import (attention_cost, format_table, rows_as_dicts, run_benchmark, run_comparison,
+                                   score_ratio, scoring_overhead)
+from tabulate import tabulate
 
 
 def parse_args(argv=None):
@@ -31,6 +34,8 @@ def parse_args(argv=None):
     parser.add_argument("--model", default="deit_small_patch16_224", help="timm model name (random weights)")
     parser.add_argument("--torchvision", default=None, metavar="NAME",
                         help="a torchvision model instead (random weights), e.g. resnet50; CNNs prune rows and columns")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="model and images in channels-last memory format (CNNs: far faster convolutions on CPU)")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--threads", type=int, default=2)
@@ -44,6 +49,11 @@ def parse_args(argv=None):
     parser.add_argument("--scores", default="shift,attention,random", help="scores for --compare (comma-separated)")
     parser.add_argument("--fuse", action="store_true", help="with --compare: EViT fusion of the dropped tokens")
     parser.add_argument("--docs", default=None, metavar="DIR", help="with --compare: also copy the .md and .png here")
+    parser.add_argument("--compiled-only", action="store_true", help="with --compare: time the compiled models only")
+    parser.add_argument("--attention-cost", action="store_true", help="with --compare (timm): time SDPA against "
+                        "explicit attention at every block's shape and predict the shift / attention ratios")
+    parser.add_argument("--all-explicit", action="store_true", help="with --compare (timm): add attention with "
+                        "explicit attention in every block, as EViT-style code runs")
     return parser.parse_args(argv)
 
 
@@ -59,12 +69,15 @@ def main(argv=None) -> None:
     else:
         model = timm.create_model(args.model, img_size=args.img_size, **extra).eval()
     images = torch.randn(args.batch, 3, args.img_size, args.img_size)
+    if args.channels_last:  # the model was built here: converting it changes no user's model
+        model, images = model.to(memory_format=torch.channels_last), images.to(memory_format=torch.channels_last)
     at = tuple(int(i) for i in args.at.split(",")) if args.at else None
     if args.compare:
         return compare(args, model, images, at)
     rows = run_benchmark(model, images, rounds=args.rounds, threads=args.threads, keep=args.keep, at=at,
                          overhead=not args.no_overhead)
-    title = (f"{args.model}, batch {args.batch}, {args.img_size} px, fp32, {args.threads} threads, "
+    title = (f"{args.model}, batch {args.batch}, {args.img_size} px, fp32{', channels-last' * args.channels_last}, "
+             f"{args.threads} threads, "
              f"keep={args.keep}, at={at or 'default'}, {args.rounds} rounds interleaved, medians")
     print(title)
     print(format_table(rows))
@@ -79,47 +92,87 @@ def main(argv=None) -> None:
 
 def compare(args, model, images, at) -> None:
     scores = tuple(s.strip() for s in args.scores.split(",") if s.strip())
+    explicit = None
+    if args.all_explicit:  # a copy whose timm Attention modules compute softmax(q k^T) v explicitly
+        explicit = copy.deepcopy(model)
+        for module in explicit.modules():
+            if hasattr(module, "fused_attn"):
+                module.fused_attn = False
     rows = run_comparison(model, images, scores=scores, rounds=args.rounds, threads=args.threads, keep=args.keep,
-                          at=at, fuse=args.fuse)
+                          at=at, fuse=args.fuse, explicit_model=explicit,
+                          kinds=("compiled",) if args.compiled_only else ("eager", "compiled"))
     title = (f"{args.model}, batch {args.batch}, {args.img_size} px, fp32, {args.threads} threads, keep={args.keep}, "
              f"at={at or 'default'}{', fuse' if args.fuse else ''}, {args.rounds} rounds interleaved, medians")
-    ratios = {f"{a} / {b} compiled": score_ratio(rows, a, b) for a in scores[:1] for b in scores[1:]}
-    lines = [f"{name}: {value:.3f}x img/s" for name, value in ratios.items() if value is not None]
+    others = list(scores[1:]) + (["attention (all explicit)"] if explicit is not None else [])
+    ratios = {f"{scores[0]} / {b} compiled, {stat}": score_ratio(rows, scores[0], b, stat=stat)
+              for b in others for stat in ("median", "min")}
+    lines = [f"{name.rsplit(',', 1)[0]}: {value:.3f}x img/s (medians)" for name, value in ratios.items()
+             if value is not None and name.endswith("median")]  # the JSON has the fastest-round ratios too
     print(title, format_table(rows), "", *lines, sep="\n")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    cost = attention_analysis(args, model, images, at, rows) if args.attention_cost else None
     text = f"{title}\n\n{format_table(rows, 'github')}\n\n" + "".join(f"- {line}\n" for line in lines)
+    if cost is not None:
+        print(cost["text"])
+        text += "\n" + cost["markdown"]
     (out / "bench_scores.md").write_text(text)
     record = {"settings": vars(args), "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
-              "rows": rows_as_dicts(rows), "ratios": ratios}
+              "rows": rows_as_dicts(rows), "ratios": ratios, "attention_cost": cost and cost["data"]}
     (out / "bench_scores.json").write_text(json.dumps(record, indent=2))
     plot_speedups(rows, out / "bench_scores.png", title)
     print(f"\nwrote {out / 'bench_scores.md'}, {out / 'bench_scores.json'} and {out / 'bench_scores.png'}")
     if args.docs:
         docs = Path(args.docs)
         docs.mkdir(parents=True, exist_ok=True)
-        for name in ("bench_scores.md", "bench_scores.png"):
-            (docs / name).write_bytes((out / name).read_bytes())
-        print(f"copied bench_scores.md and bench_scores.png to {docs}")
+        for suffix in ("md", "png"):  # named after --out: results/bench_scores -> docs/bench_scores.md
+            (docs / f"{out.name}.{suffix}").write_bytes((out / f"bench_scores.{suffix}").read_bytes())
+        print(f"copied to {docs / out.name}.md and .png")
+
+
+def attention_analysis(args, model, images, at, rows) -> dict:
+    """Explicit attention against SDPA at each block's shape (compiled), and the ratios it predicts:
+    shift time + the extra of the scoring blocks (attention), or of every block (all explicit)."""
+    report = repshift_fx.inspect(model, images[:1], keep=args.keep, at=at)
+    shapes = [(args.batch, b.attn.num_heads, n, b.attn.head_dim) for b, n in zip(model.blocks, report.tokens)]
+    cost = attention_cost(shapes, threads=args.threads)
+    extra = {c["shape"]: c["extra_ms"] for c in cost}
+    scoring = sum(extra[shapes[r.index]] for r in report.blocks if r.scored)
+    every = sum(extra[s] for s in shapes)
+    shift_ms = next(r.ms_per_batch for r in rows if r.variant == "shift compiled")
+    table = tabulate([(f"{s[2]}", f"{c['sdpa_ms']:.1f}", f"{c['explicit_ms']:.1f}", f"{c['extra_ms']:.1f}")
+                      for s, c in zip(dict.fromkeys(shapes), cost)],
+                     headers=("tokens", "SDPA ms", "explicit ms", "extra ms"), tablefmt="github")
+    summary = (f"explicit attention costs {scoring:.0f} ms more in the scoring blocks and {every:.0f} ms more in "
+               f"all blocks (batch {args.batch}); on shift compiled's {shift_ms:.0f} ms that predicts shift / "
+               f"attention = {(shift_ms + scoring) / shift_ms:.3f}x and shift / attention (all explicit) = "
+               f"{(shift_ms + every) / shift_ms:.3f}x")
+    markdown = f"Attention alone, compiled, batch {args.batch}, medians:\n\n{table}\n\n{summary}\n"
+    return {"text": f"\n{table}\n{summary}", "markdown": markdown,
+            "data": {"blocks": cost, "scoring_extra_ms": scoring, "all_extra_ms": every, "shift_ms": shift_ms}}
 
 
 def plot_speedups(rows, path: Path, title: str) -> None:
-    """Bars: speedup over the eager baseline per variant, eager and compiled side by side."""
+    """Bars: speedup over the baseline per variant, eager and compiled side by side."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = list(dict.fromkeys(r.variant.rsplit(" ", 1)[0] for r in rows))
+    kinds = list(dict.fromkeys(r.variant.rsplit(" ", 1)[1] for r in rows))
     by_name = {r.variant: r for r in rows}
+    width = 0.8 / len(kinds)
     fig, ax = plt.subplots(figsize=(1.6 * len(names) + 2, 4))
-    for shift, kind in ((-0.2, "eager"), (0.2, "compiled")):
+    for j, kind in enumerate(kinds):
         heights = [by_name[f"{n} {kind}"].speedup for n in names]
-        bars = ax.bar([i + shift for i in range(len(names))], heights, width=0.4, label=kind)
+        offsets = [i + (j - (len(kinds) - 1) / 2) * width for i in range(len(names))]
+        bars = ax.bar(offsets, heights, width=width, label=kind)
         ax.bar_label(bars, labels=[f"{h:.2f}x" for h in heights], fontsize=8)
-    ax.set_xticks(range(len(names)), [f"{n}\n{by_name[n + ' eager'].gflops:.2f} GFLOPs" for n in names])
+    labels = [f"{n}\n{by_name[f'{n} {kinds[0]}'].gflops:.3g} GFLOPs" for n in names]
+    ax.set_xticks(range(len(names)), labels, fontsize=8)
     ax.axhline(1.0, color="grey", linewidth=0.8)
-    ax.set_ylabel("speedup over the eager baseline")
+    ax.set_ylabel(f"img/s over the baseline ({rows[0].variant})")
     ax.set_title(title, fontsize=8)
     ax.legend()
     fig.tight_layout()

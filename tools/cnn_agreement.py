@@ -79,7 +79,8 @@ def measure(model, images, schedules, draws: int) -> list[tuple]:
     rows = []
     for at, keep in schedules:
         report = repshift_fx.inspect(model, images[:1], keep=keep, at=at, mode="lines")
-        grids = ", ".join(f"{r.grid_in[0]}x{r.grid_in[1]}->{r.grid_out[0]}x{r.grid_out[1]}" for r in report.blocks if r.scored)
+        grids = ", ".join(f"{r.grid_in[0]}x{r.grid_in[1]}->{r.grid_out[0]}x{r.grid_out[1]}"
+                          for r in report.blocks if r.scored)
         shift = agreement(model, images, reference, at, keep)
         norm = agreement(model, images, reference, at, keep, "norm")
         random = [agreement(model, images, reference, at, keep, "random", seed) for seed in range(draws)]

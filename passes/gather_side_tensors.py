@@ -1,0 +1,340 @@
+"""Rewrite: whatever carries the token axis downstream of a drop is gathered with the drop's indices.
+
+Expects: `insert_pruning` has run (each drop's `repshift_index_i` and `repshift_keep_i`), the nodes
+still carry the shapes recorded before the drops, `ctx.plan`, `ctx.analysis` and `ctx.args`.
+Guarantees: the graph runs on `ctx.args` with every tensor that meets the pruned tokens cut to the
+same tokens, in the same order:
+
+- a side tensor (rotary table, attention mask, relative-position bias, a position table) that meets
+  the pruned stream in a broadcasting op (`x * rope`, `scores + bias`, SDPA's `attn_mask`) is
+  gathered on the axes that line up with the stream's token axes, with the index of every drop it
+  has not been through. An axis of N entries takes the index as it is; one of N - p entries (no
+  row for the p prefix tokens: EVA02's rope) takes `index[:, p:] - p`. A side tensor without a
+  batch axis gains one (each sample keeps its own tokens): (N-1, D) -> (B, 1, K, D) against
+  (B, H, K, D) queries, (1, H, N, N) -> (B, H, K, K).
+- a side computation that runs after a drop on a batch-first tensor of the inputs (the padding
+  mask of mean pooling, `mask.sum(1)`) reads the gathered tensor, so it counts the kept tokens only;
+- a padding mask (an integer or boolean (B, N) input that reaches the attention but not the token
+  stream) makes every padded position score lowest, `padding_last`, so a padded position is never
+  kept in place of a real token; later drops read the mask gathered by the earlier ones.
+
+A side tensor whose token axis cannot be attributed (a size that is neither N nor N - p, tokens
+not batch-first, heads folded into the batch) or that meets a fused token (`fuse=True`) is refused
+with an `UnsupportedSiteError` naming the node and module. `ctx.side_gathers` lists what was gathered.
+"""
+from __future__ import annotations
+
+import networkx as nx
+import torch
+import torch.fx
+
+from repshift_fx.errors import UnsupportedSiteError
+from repshift_fx.graph import data_graph, module_path, nodes_by_name, op_name, shape, tensor_args
+from repshift_fx.passes.token_shapes import _FollowingShapeProp
+
+# ops whose tensor arguments broadcast against each other, element by element
+_BROADCAST = {"add", "sub", "mul", "truediv", "div", "where", "masked_fill", "maximum", "minimum", "lerp",
+              "addcmul", "addcdiv", "eq", "ne", "lt", "le", "gt", "ge", "logical_and", "logical_or", "and_", "or_"}
+
+
+def gather_side(side: torch.Tensor, index: torch.Tensor, axes: tuple[int, ...], rank: int, offset: int = 0):
+    """`side` cut to the kept tokens on `axes`, per sample.
+
+    side: any shape whose last axes line up (broadcast) with a `rank`-axis batch-first tensor;
+    index: (B, K') kept positions (prefix first); offset p: the side tensor has no rows for the p
+    prefix tokens, so the kept non-prefix positions `index[:, p:] - p` are taken.
+    Returns a (B, ...) tensor of `rank` axes with K' - p entries on each of `axes`."""
+    if offset:
+        index = index[:, offset:] - offset
+    while side.dim() < rank:
+        side = side.unsqueeze(0)
+    side = side.expand(index.shape[0], *side.shape[1:])
+    for axis in axes:
+        view = [1] * rank
+        view[0], view[axis] = index.shape[0], index.shape[1]
+        sizes = list(side.shape)
+        sizes[axis] = index.shape[1]
+        side = side.gather(axis, index.reshape(view).expand(sizes))
+    return side
+
+
+def padding_last(scores: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """Scores with every padded position (real == 0) the lowest: (B, N), (B, N) -> (B, N)."""
+    return scores.masked_fill(real == 0, torch.finfo(scores.dtype).min)
+
+
+def _where(node: torch.fx.Node) -> str:
+    return f"{op_name(node)} at node '{node.name}' (module '{module_path(node) or 'root'}')"
+
+
+def padding_mask(gm: torch.fx.GraphModule, analysis, weights=frozenset(), args: tuple = ()) -> torch.fx.Node | None:
+    """The (B, N) input that masks the attention: integer, boolean, or floating with only 0 and 1
+    in the example `args`; it reaches a token-mixing branch but not the token stream (input_ids
+    do). None when there is none."""
+    by_name, graph = nodes_by_name(gm), data_graph(gm)
+    stream = analysis.blocks[0].input
+    batch, tokens = shape(by_name[stream])[:2]
+    feeds_stream = {stream} | nx.ancestors(graph, stream)
+    mixers = set().union(*(b.mixer.nodes for b in analysis.blocks if b.mixer is not None))
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for position, node in enumerate(placeholders):
+        meta = node.meta.get("tensor_meta")
+        if node.name in weights or node.name in feeds_stream or getattr(meta, "shape", None) != (batch, tokens):
+            continue
+        if meta.dtype.is_floating_point:
+            value = args[position] if position < len(args) else None
+            if not isinstance(value, torch.Tensor) or not bool(((value == 0) | (value == 1)).all()):
+                continue  # an additive float mask (0 / -inf) is no 0/1 padding mask
+        if mixers & nx.descendants(graph, node.name):
+            return node
+    return None
+
+
+class _Drops:
+    """The drops of the plan as graph nodes, and which drop each node lies downstream of."""
+
+    def __init__(self, gm: torch.fx.GraphModule, plan):
+        by_name = nodes_by_name(gm)
+        self.plan = plan
+        self.index = [by_name[f"repshift_index_{d.block}"] for d in plan.drops]
+        self.keep = [by_name[f"repshift_keep_{d.block}"] for d in plan.drops]
+        self.after = [by_name[d.after] for d in plan.drops]
+        self.region: dict[torch.fx.Node, int] = {}
+        for k, keep in enumerate(self.keep):
+            todo = [keep]
+            while todo:
+                node = todo.pop()
+                for user in node.users:
+                    if self.region.get(user) != k:
+                        self.region[user] = k
+                        todo.append(user)
+
+    def tokens(self, k: int) -> int:
+        """Tokens entering drop k, prefix included."""
+        return self.plan.drops[k].prefix + self.plan.drops[k].before
+
+    def level(self, size: int, k: int) -> tuple[int, int] | None:
+        """(first drop to go through, offset) for a side axis of `size` entries met after drop k:
+        the latest drop j <= k entered by `size` tokens (offset 0) or `size` + p (offset p)."""
+        for j in range(k, -1, -1):
+            prefix = self.plan.drops[j].prefix
+            if size == self.tokens(j):
+                return j, 0
+            if prefix and size == self.tokens(j) - prefix:
+                return j, prefix
+        return None
+
+
+class _SideGatherer(_FollowingShapeProp):
+    """Shape following (token_shapes) that also gathers the side tensors each node reads."""
+
+    def __init__(self, gm: torch.fx.GraphModule, ctx, drops: _Drops, user_inputs: set):
+        super().__init__(gm)
+        self.drops, self.ctx, self.user_inputs = drops, ctx, user_inputs
+        for keep, after in zip(drops.keep, drops.after):
+            self.old_shapes[keep] = self.old_shapes.get(after)
+        for index in drops.index:  # the gathers read the indices long after their last use
+            for dying in self.user_to_last_uses.values():
+                if index in dying:
+                    dying.remove(index)
+        self.cache: dict[tuple, torch.fx.Node] = {}
+        self.current = -1  # the last drop whose keep node has run
+        self.gathered: list[str] = []
+
+    def run_node(self, n: torch.fx.Node):
+        if n in self.drops.keep:
+            self.current = self.drops.keep.index(n)
+        elif "repshift" not in n.meta and n.op.startswith("call"):
+            k = self.drops.region.get(n)
+            if k is not None:
+                self._frontier(n, k)
+            elif self.current >= 0:
+                self._late_side(n, self.current)
+        return super().run_node(n)
+
+    # --- where a side tensor meets the pruned stream ---
+
+    def _frontier(self, n: torch.fx.Node, k: int) -> None:
+        op = op_name(n)
+        if op == "scaled_dot_product_attention":
+            mask = n.kwargs.get("attn_mask", n.args[3] if len(n.args) > 3 else None)
+            sides = [mask] if isinstance(mask, torch.fx.Node) and self.drops.region.get(mask) != k else []
+            q, key = n.args[0], n.kwargs.get("key", n.args[1] if len(n.args) > 1 else None)
+            new = self._pair(self._new(q), self._new(key))
+            old = self._pair(self.old_shapes.get(q), self.old_shapes.get(key))
+        elif op in _BROADCAST:
+            inner = [a for a in tensor_args(n) if self.drops.region.get(a) == k or a is self.drops.keep[k]]
+            sides = [a for a in tensor_args(n) if a not in inner]
+            new = _broadcast([self._new(a) for a in inner])
+            old = _broadcast([self.old_shapes.get(a) for a in inner])
+        else:
+            return
+        if not sides or new is None or old is None or len(new) != len(old):
+            return
+        axes = [i for i in range(len(new)) if new[i] != old[i]]
+        for side in sides:
+            value = self.env.get(side)
+            if isinstance(value, torch.Tensor):
+                self._gather_aligned(n, side, value, new, axes, k)
+
+    def _gather_aligned(self, n, side, value, new: tuple, token_axes: list[int], k: int) -> None:
+        rank = len(new)
+        if value.dim() > rank:
+            return
+        padded = (1,) * (rank - value.dim()) + tuple(value.shape)
+        axes = tuple(i for i in token_axes if padded[i] not in (1, new[i]))
+        if not axes:
+            return
+        if 0 in axes or padded[0] not in (1, new[0]) or new[0] != self._batch():
+            raise UnsupportedSiteError(
+                f"{_where(n)} reads '{side.name}' {tuple(value.shape)} with tokens {tuple(new)} that are not "
+                "batch-first (heads folded into the batch?): the pass cannot tell which entries to keep. "
+                "Prune after this block (a later `at`), or choose another model."
+            )
+        self._replace(n, side, self._chain(n, side, value, axes, rank, padded, k))
+
+    def _late_side(self, n: torch.fx.Node, k: int) -> None:
+        """A side computation after drop k on a batch-first input tensor (mean pooling's mask)."""
+        for side in tensor_args(n):
+            value = self.env.get(side)
+            if not isinstance(value, torch.Tensor) or value.dim() < 2 or value.shape[0] != self._batch():
+                continue
+            if side in self.drops.region or not (self.user_inputs & ({side.name} | self._sources(side))):
+                continue
+            if not self._feeds_region(n, k):
+                return
+            sizes = tuple(value.shape)
+            axes = tuple(i for i in range(1, len(sizes)) if self.drops.level(sizes[i], k) is not None)
+            if axes:
+                self._replace(n, side, self._chain(n, side, value, axes, len(sizes), sizes, k))
+
+    # --- building the gathers ---
+
+    def _chain(self, n, side, value, axes, rank, sizes, k) -> torch.fx.Node:
+        levels = {self.drops.level(sizes[i], k) for i in axes}
+        if None in levels or len(levels) != 1:
+            raise UnsupportedSiteError(
+                f"{_where(n)} reads '{side.name}' {tuple(value.shape)}, whose axes {axes} meet the pruned tokens "
+                f"but hold {[sizes[i] for i in axes]} entries, not the {self.drops.tokens(k)} tokens entering the "
+                f"drop after block {self.drops.plan.drops[k].block} (nor those less the prefix): the pass cannot "
+                "tell which entries to keep. Prune after this block (a later `at`), or choose another model."
+            )
+        first, offset = levels.pop()
+        node = side
+        for j in range(first, k + 1):
+            if self.drops.plan.drops[j].fused:
+                raise UnsupportedSiteError(
+                    f"{_where(n)} reads '{side.name}', a tensor that carries the token axis, after a drop with "
+                    "fuse=True: the fused token has no entry in it. Use fuse=False with this model."
+                )
+            node = self._gather_node(node, j, axes, rank, offset, n)
+        return node
+
+    def _gather_node(self, source: torch.fx.Node, j: int, axes, rank: int, offset: int, before) -> torch.fx.Node:
+        key = (source, j, axes, rank, offset)
+        if key not in self.cache:
+            graph, index = self.module.graph, self.drops.index[j]
+            with graph.inserting_before(before):
+                node = graph.create_node("call_function", gather_side, (source, index, axes, rank, offset),
+                                         name=f"repshift_side_{self.drops.plan.drops[j].block}")
+            root = source.meta.get("repshift", {}).get("source", source.name)
+            node.meta["repshift"] = {"role": "side", "block": self.drops.plan.drops[j].block, "source": root}
+            value = gather_side(self.env[source], self.env[index], axes, rank, offset)
+            self.env[node] = value
+            self.old_shapes[node] = tuple(value.shape)
+            self.cache[key] = node
+            self.gathered.append(f"{source.name} -> {node.name} {tuple(value.shape)} (axes {list(axes)})")
+        return self.cache[key]
+
+    def _replace(self, n: torch.fx.Node, side: torch.fx.Node, gathered: torch.fx.Node) -> None:
+        n.replace_input_with(side, gathered)
+
+    # --- helpers ---
+
+    def _new(self, node):
+        value = self.env.get(node)
+        return tuple(value.shape) if isinstance(value, torch.Tensor) else None
+
+    @staticmethod
+    def _pair(q, key):
+        if q is None or key is None:
+            return None
+        return tuple(q[:-1]) + (key[-2],)
+
+    def _batch(self) -> int:
+        return self.old_shapes[self.drops.after[0]][0]
+
+    def _sources(self, node: torch.fx.Node) -> set[str]:
+        seen, todo = set(), [node]
+        while todo:
+            for arg in todo.pop().all_input_nodes:
+                if arg.name not in seen:
+                    seen.add(arg.name)
+                    todo.append(arg)
+        return seen
+
+    def _feeds_region(self, n: torch.fx.Node, k: int) -> bool:
+        seen, todo = set(), [n]
+        while todo:
+            for user in todo.pop().users:
+                if self.drops.region.get(user) == k:
+                    return True
+                if user not in seen:
+                    seen.add(user)
+                    todo.append(user)
+        return False
+
+
+def _broadcast(shapes: list) -> tuple | None:
+    shapes = [s for s in shapes if s is not None]
+    if not shapes:
+        return None
+    try:
+        return tuple(torch.broadcast_shapes(*shapes))
+    except RuntimeError:
+        return None
+
+
+def _insert_padding_scores(gm: torch.fx.GraphModule, drops: _Drops, mask: torch.fx.Node) -> None:
+    """Each drop's index reads `padding_last(score, mask)`, the mask gathered by the earlier drops."""
+    graph, real = gm.graph, mask
+    for k, index in enumerate(drops.index):
+        block = drops.plan.drops[k].block
+        with graph.inserting_before(index):
+            if k:
+                previous = drops.index[k - 1]
+                real = graph.create_node("call_function", gather_side, (real, previous, (1,), 2, 0),
+                                         name=f"repshift_padding_{block}")
+                real.meta["repshift"] = {"role": "side", "block": drops.plan.drops[k - 1].block, "source": mask.name}
+            score = graph.create_node("call_function", padding_last, (index.args[0], real),
+                                      name=f"repshift_real_score_{block}")
+        score.meta["repshift"] = {"role": "score", "block": block}
+        index.args = (score, *index.args[1:])
+
+
+def _input_name(gm: torch.fx.GraphModule, node: torch.fx.Node, args) -> str:
+    """The keyword the user gave for a placeholder (dynamo names them arg0, arg1, ...)."""
+    names = getattr(args, "names", ())
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    position = placeholders.index(node)
+    return names[position] if position < len(names) else node.name
+
+
+def run(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
+    ctx.side_gathers = []
+    if not ctx.plan.drops:
+        return gm
+    drops = _Drops(gm, ctx.plan)
+    weights = getattr(ctx, "weight_placeholders", frozenset())
+    mask = padding_mask(gm, ctx.analysis, weights, ctx.args)
+    if mask is not None:
+        _insert_padding_scores(gm, drops, mask)
+        ctx.notes.append(f"padding: input '{_input_name(gm, mask, ctx.args)}' marks padded positions; they score "
+                         "lowest at every drop, and the attention mask is gathered with the kept tokens")
+    user_inputs = {n.name for n in gm.graph.nodes if n.op == "placeholder" and n.name not in weights}
+    gatherer = _SideGatherer(gm, ctx, drops, user_inputs)
+    gatherer.propagate(*ctx.args)
+    ctx.side_gathers = gatherer.gathered
+    gm.graph.lint()
+    gm.recompile()
+    return gm

