@@ -72,6 +72,15 @@ def _score_inputs(block, config: Config) -> tuple[str, ...]:
     return (site.add if config.residual else site.branch, site.stream)
 
 
+def check_at(at: tuple[int, ...], depth: int, first: str, kind: str = "blocks") -> None:
+    """Refuse block indices outside 0..depth-1, saying how many blocks were found and where."""
+    bad = [i for i in at if not 0 <= i < depth]
+    if bad:
+        raise ConfigError(
+            f"at={at} names block(s) {bad}, but {depth} {kind} were found (0..{depth - 1}, first at {first})"
+        )
+
+
 def make_plan(analysis, config: Config) -> PrunePlan:
     if config.keep is None:
         raise ConfigError(
@@ -82,12 +91,7 @@ def make_plan(analysis, config: Config) -> PrunePlan:
     at = config.at if config.at is not None else default_at(depth)
     if not at:
         raise ConfigError(f"the model has {depth} blocks: too few for the default schedule; pass at=")
-    bad = [i for i in at if not 0 <= i < depth]
-    if bad:
-        raise ConfigError(
-            f"at={at} names block(s) {bad}, but {depth} blocks were found "
-            f"(0..{depth - 1}, first at {analysis.blocks[0].module or 'the root'})"
-        )
+    check_at(at, depth, analysis.blocks[0].module or "the root")
     keeps = config.keep if isinstance(config.keep, tuple) else (config.keep,) * len(at)
     if len(keeps) != len(at):
         raise ConfigError(f"keep has {len(keeps)} rates for {len(at)} entries of at={at}")

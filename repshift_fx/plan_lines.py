@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from .config import Config
 from .errors import ConfigError, UnsupportedSiteError
+from .plan import check_at
 
 LINE_SCORES = ("shift", "norm", "random")
 
@@ -130,12 +131,7 @@ def make_line_plan(analysis, config: Config) -> LinePlan:
     if not at:
         first = next((h for s in analysis.sites for h in s.hazards), None)
         raise UnsupportedSiteError(f"no block of the {depth} found can be pruned: after each, {first}")
-    bad = [i for i in at if not 0 <= i < depth]
-    if bad:
-        raise ConfigError(
-            f"at={at} names block(s) {bad}, but {depth} residual blocks were found "
-            f"(0..{depth - 1}, first at {analysis.sites[0].module or analysis.sites[0].add})"
-        )
+    check_at(at, depth, analysis.sites[0].module or analysis.sites[0].add, "residual blocks")
     _check_hazards(analysis, at)
     rates = line_rates(config.keep, len(at))
     sites = analysis.sites
