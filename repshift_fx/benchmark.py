@@ -40,9 +40,10 @@ class BenchRow:
     images_per_s: float
     gflops: float
     flop_ratio: float  # GFLOPs / baseline GFLOPs
-    speedup: float  # images_per_s / eager baseline images_per_s
+    speedup: float  # images_per_s / images_per_s of the baseline of the same kind (eager or compiled)
     speedup_per_flop_gain: float  # speedup / (baseline GFLOPs / GFLOPs)
     ms_min: float | None = None  # the fastest round: the one a noisy neighbour disturbed least
+    speedup_to_eager: float | None = None  # images_per_s / eager baseline images_per_s
 
 
 def fixed_token_variant(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
@@ -123,20 +124,24 @@ def time_variants(variants: dict, args: tuple, *, rounds: int = 5, warmup: int =
 
 
 def bench_rows(model, args: tuple, times: dict[str, list[float]], gflops: dict[str, float | None]) -> list[BenchRow]:
-    """One row per variant from its times (medians); gflops None means the model's own; the
-    speedups are to "baseline eager" (or the first baseline timed)."""
+    """One row per variant from its times (medians); gflops None means the model's own.
+
+    A variant's speedup is to the baseline of its own kind ("... compiled" to "baseline
+    compiled", the rest to "baseline eager"; the first baseline timed where that one is missing):
+    compiled against compiled is what the pruning gains, free of what compiling alone gains."""
     batch = args[0].shape[0]
     base_gflops = per_sample_gmacs(model, args)
-    base = "baseline eager" if "baseline eager" in times else next(n for n in times if n.startswith("baseline"))
-    base_rate = batch / statistics.median(times[base])
+    rates = {name: batch / statistics.median(samples) for name, samples in times.items()}
+    baselines = [n for n in times if n.startswith("baseline")]
     rows = []
     for name, samples in times.items():
-        median = statistics.median(samples)
-        rate = batch / median
+        kind = "compiled" if name.endswith("compiled") else "eager"
+        base = f"baseline {kind}" if f"baseline {kind}" in times else baselines[0]
         flops = base_gflops if gflops.get(name) is None else gflops[name]
         ratio = flops / base_gflops
-        rows.append(BenchRow(name, median * 1e3, rate, flops, ratio, rate / base_rate, rate / base_rate * ratio,
-                             min(samples) * 1e3))
+        speedup = rates[name] / rates[base]
+        rows.append(BenchRow(name, 1e3 * batch / rates[name], rates[name], flops, ratio, speedup, speedup * ratio,
+                             min(samples) * 1e3, rates[name] / rates[baselines[0]]))
     return rows
 
 
@@ -145,12 +150,12 @@ def run_comparison(model, example_input, *, scores=("shift", "attention", "rando
                    explicit_model=None, kinds=("eager", "compiled"), **config) -> list[BenchRow]:
     """The baseline and every score at one schedule (`config`: keep, at, site, fuse, ...), eager
     and compiled, timed interleaved in one run: rows "baseline eager", "baseline compiled",
-    "<score> eager", "<score> compiled" (medians; speedups to the eager baseline).
+    "<score> eager", "<score> compiled" (medians; speedups to the baseline of the same kind).
 
     `explicit_model`: the same model with explicit attention in every block (timm: fused_attn
     off); adds "attention (all explicit)": score="attention" with sdpa=False, the way EViT-style
     code runs when every block computes its attention map. `kinds`: which of eager and compiled
-    to time (the speedups are then to the first baseline timed)."""
+    to time."""
     from . import compress  # the public API; imported here to avoid a cycle
 
     if threads:
@@ -223,10 +228,11 @@ def scoring_overhead(rows: list[BenchRow]) -> float | None:
 def format_table(rows: list[BenchRow], fmt: str = "simple") -> str:
     table = [
         (r.variant, f"{r.images_per_s:.1f}", f"{r.ms_per_batch:.1f}", f"{r.gflops:.3f}", f"{r.flop_ratio:.3f}",
-         f"{r.speedup:.2f}x", f"{r.speedup_per_flop_gain:.2f}")
+         f"{r.speedup:.2f}x", f"{r.speedup_per_flop_gain:.2f}", f"{r.speedup_to_eager:.2f}x")
         for r in rows
     ]
-    headers = ("variant", "img/s", "ms/batch", "GFLOPs", "FLOP ratio", "speedup", "speedup / FLOP gain")
+    headers = ("variant", "img/s", "ms/batch", "GFLOPs", "FLOP ratio", "speedup (same kind)", "speedup / FLOP gain",
+               "to eager baseline")
     text = tabulate(table, headers=headers, tablefmt=fmt)
     share = scoring_overhead(rows)
     if share is not None:

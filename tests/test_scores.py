@@ -216,3 +216,18 @@ def test_bench_comparison_has_every_score_at_equal_flops(deit, tmp_path):
     spec.loader.exec_module(tool)
     tool.plot_speedups(rows, tmp_path / "speed.png", "test")
     assert (tmp_path / "speed.png").stat().st_size > 10_000
+
+
+def test_bench_speedups_are_to_the_baseline_of_the_same_kind(deit):
+    from repshift_fx.benchmark import bench_rows
+
+    x = torch.randn(2, 3, 64, 64)
+    times = {"baseline eager": [0.4, 0.4, 0.5], "baseline compiled": [0.2, 0.3, 0.2],
+             "shift eager": [0.3, 0.3, 0.3], "shift compiled": [0.1, 0.1, 0.2]}
+    rows = {r.variant: r for r in bench_rows(deit, (x,), times, {"shift eager": 0.5, "shift compiled": 0.5})}
+    base_gflops = rows["baseline eager"].gflops
+    assert rows["baseline compiled"].speedup == 1.0 and rows["baseline compiled"].speedup_to_eager == pytest.approx(2.0)
+    assert rows["shift compiled"].speedup == pytest.approx(2.0) and rows["shift compiled"].speedup_to_eager == pytest.approx(4.0)
+    assert rows["shift eager"].speedup == pytest.approx(4 / 3)
+    assert rows["shift compiled"].speedup_per_flop_gain == pytest.approx(2.0 * 0.5 / base_gflops)
+    assert rows["shift compiled"].ms_min == pytest.approx(100.0)

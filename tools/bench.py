@@ -6,7 +6,8 @@
     python tools/bench.py --compare                         # shift vs attention vs random, same FLOPs
     python tools/bench.py --compare --out results/bench_scores --docs docs    # ... copied to docs/bench_scores.*
 
-Prints a table (img/s, GFLOPs, speedup, speedup divided by the FLOP gain) and the share of
+Prints a table (img/s, GFLOPs, speedup to the baseline of the same kind, eager or compiled, that
+speedup divided by the FLOP gain, speedup to the eager baseline) and the share of
 time the scoring and gather nodes take; writes it as Markdown and JSON under --out.
 With --compare: the baseline and each of --scores at the same schedule (equal FLOPs), eager and
 compiled, interleaved in one run; writes bench_scores.md, bench_scores.json and bench_scores.png
@@ -165,7 +166,7 @@ def plot_speedups(rows, path: Path, title: str) -> None:
     width = 0.8 / len(kinds)
     fig, ax = plt.subplots(figsize=(1.6 * len(names) + 2, 4))
     for j, kind in enumerate(kinds):
-        heights = [by_name[f"{n} {kind}"].speedup for n in names]
+        heights = [by_name[f"{n} {kind}"].speedup_to_eager for n in names]
         offsets = [i + (j - (len(kinds) - 1) / 2) * width for i in range(len(names))]
         bars = ax.bar(offsets, heights, width=width, label=kind)
         ax.bar_label(bars, labels=[f"{h:.2f}x" for h in heights], fontsize=8)
