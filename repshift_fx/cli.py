@@ -4,6 +4,7 @@
                         [--site mlp --distance l2] [--format table|json|dot] [-o FILE]
     repshift-fx bench timm:deit_small_patch16_224 [--batch 32 --threads 2 --rounds 5]
     repshift-fx shiftmap timm:deit_small_patch16_224 photo.jpg [--block 3 --keep 0.7] -o map.png
+    repshift-fx shiftmap torchvision:resnet50 photo.jpg --block 4 -o lines.png      # rows and columns
 
 Bad input (an unknown model, an unreadable or ill-fitting checkpoint, a malformed --input,
 --at out of range, --target-flops out of reach, ...) is one line on stderr and exit code 2;
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import repshift_fx
 
-from . import shiftmap, specs
+from . import shiftmap, shiftmap_lines, specs
 from .config import DISTANCES, MODES, SCORES, SITES
 from .errors import RepShiftError
 
@@ -89,11 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--format", choices=("table", "json"), default="table")
     bench.set_defaults(run=run_bench)
 
-    draw = commands.add_parser("shiftmap", help="the per-token shift of one block over an image, and the tokens kept")
+    draw = commands.add_parser("shiftmap", help="the shift of one block over an image (per token, or per row and "
+                               "column of a CNN map), and what is kept")
     _model_options(draw)
     draw.add_argument("image", metavar="IMAGE", help="an image file PIL can read")
     draw.add_argument("--block", type=int, default=3, help="the block whose shift is drawn (default 3)")
-    draw.add_argument("--keep", type=float, default=0.7, help="keep rate for the kept-token panel (default 0.7)")
+    draw.add_argument("--keep", type=float, default=0.7, help="keep rate for the kept panel (default 0.7)")
+    draw.add_argument("--mode", choices=MODES, default="auto", help="tokens, lines or auto (from the graph, default)")
     draw.add_argument("--scale", type=int, default=2, help="pixels per input pixel (default 2)")
     draw.add_argument("-o", "--output", metavar="PNG", default="shiftmap.png", help="output file (default shiftmap.png)")
     draw.set_defaults(run=run_shiftmap)
@@ -177,16 +180,28 @@ def run_shiftmap(args) -> int:
     _at_least_one(args, "scale")
     _, channels, height, width = loaded.input_shape
     x, photo = shiftmap.load_image(args.image, (height, width), loaded.mean, loaded.std, channels)
-    smap = shiftmap.token_shift(loaded.model, x, args.block, keep=args.keep, site=args.site,
-                                distance=args.distance, residual=args.residual)
-    title = f"shift at block {args.block} ({args.site}, {args.distance})"
-    picture = shiftmap.render(photo, smap, scale=args.scale, title=title)
+    config = {"distance": args.distance, "residual": args.residual}
+    if args.mode != "lines":
+        config["site"] = args.site
+    if args.mode != "auto":
+        config["mode"] = args.mode
+    gm, values = shiftmap.rewritten_values(loaded.model, x, args.block, keep=args.keep, **config)
+    if getattr(gm.report, "mode", "tokens") == "lines":  # CNNs: the row and column scores
+        lmap = shiftmap_lines.line_map(gm, values, args.block, args.distance)
+        title = f"line shift at block {args.block} ({args.distance})"
+        picture = shiftmap_lines.render_lines(photo, lmap, scale=args.scale, title=title)
+        kept = (f"kept {int(lmap.kept_rows.sum())} of {lmap.rows.size} rows, {int(lmap.kept_cols.sum())} of "
+                f"{lmap.cols.size} columns")
+    else:
+        smap = shiftmap.token_map(gm, values, x, args.block)
+        title = f"shift at block {args.block} ({args.site}, {args.distance})"
+        picture = shiftmap.render(photo, smap, scale=args.scale, title=title)
+        kept = f"kept {smap.keep} of {smap.tokens} patch tokens"
     try:
         picture.save(args.output)
     except (OSError, ValueError) as err:
         raise specs.SpecError(f"cannot write {args.output!r}: {err}") from None
-    print(f"wrote {args.output} ({picture.width}x{picture.height}): block {args.block}, kept {smap.keep} "
-          f"of {smap.tokens} patch tokens", file=sys.stderr)
+    print(f"wrote {args.output} ({picture.width}x{picture.height}): block {args.block}, {kept}", file=sys.stderr)
     return 0
 
 

@@ -54,8 +54,9 @@ def grid(tokens: int, height: int, width: int) -> tuple[int, int]:
     return tokens, 1
 
 
-def token_shift(model: torch.nn.Module, x: torch.Tensor, block: int, *, keep: float = 0.7, **config) -> ShiftMap:
-    """The shift of every patch token at `block` for the first image of x (B, C, H, W)."""
+def rewritten_values(model: torch.nn.Module, x: torch.Tensor, block: int, *, keep=0.7, **config):
+    """(the graph `compress(..., at=(block,), compile=False)` rewrites, every value it computes
+    on the first image of x): the score and index nodes' values are what the maps draw."""
     from . import compress  # the public API; a module-level import would be circular
 
     x = x[:1]
@@ -63,10 +64,20 @@ def token_shift(model: torch.nn.Module, x: torch.Tensor, block: int, *, keep: fl
     runner = torch.fx.Interpreter(gm, garbage_collect_values=False)
     with torch.no_grad():
         runner.run(x)
-    values = {node.name: value for node, value in runner.env.items()}
+    return gm, {node.name: value for node, value in runner.env.items()}
+
+
+def token_shift(model: torch.nn.Module, x: torch.Tensor, block: int, *, keep: float = 0.7, **config) -> ShiftMap:
+    """The shift of every patch token at `block` for the first image of x (B, C, H, W)."""
+    gm, values = rewritten_values(model, x, block, keep=keep, **config)
+    return token_map(gm, values, x, block)
+
+
+def token_map(gm: torch.fx.GraphModule, values: dict, x: torch.Tensor, block: int) -> ShiftMap:
+    """The ShiftMap of `block` from the values of a rewritten graph (`rewritten_values`)."""
     if getattr(gm.report, "mode", "tokens") != "tokens" or f"repshift_score_{block}" not in values:
-        raise RepShiftError(f"{type(model).__name__} is pruned line-wise (rows and columns of CNN maps), not by "
-                            "tokens; shift maps draw the token scores of ViT-like models")
+        raise RepShiftError(f"{gm.report.model} is pruned line-wise (rows and columns of CNN maps), not by "
+                            "tokens; draw its row and column scores with shiftmap_lines.line_shift_map")
     scores, index = values[f"repshift_score_{block}"][0], values[f"repshift_index_{block}"][0]  # (N,), (P + K,)
     prefix = gm.report.prefix
     kept = torch.zeros(scores.shape[0], dtype=torch.bool)

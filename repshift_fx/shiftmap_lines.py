@@ -23,7 +23,7 @@ import torch.fx
 from PIL import Image, ImageDraw
 
 from . import lines
-from .shiftmap import colormap
+from .shiftmap import colormap, rewritten_values
 
 GAP, STRIP = 8, 14
 
@@ -40,18 +40,16 @@ class LineShiftMap:
 
 def line_shift_map(model: torch.nn.Module, x: torch.Tensor, block: int, *, keep=0.7, **config) -> LineShiftMap:
     """The row and column shift at `block` for the first image of x (B, C, H, W)."""
-    from . import compress  # the public API; a module-level import would be circular
+    gm, values = rewritten_values(model, x, block, keep=keep, mode="lines", **config)
+    return line_map(gm, values, block, config.get("distance", "l2"))
 
-    x = x[:1]
-    gm = compress(model, x, keep=keep, at=(block,), mode="lines", compile=False, **config)
-    runner = torch.fx.Interpreter(gm, garbage_collect_values=False)
-    with torch.no_grad():
-        runner.run(x)
-    values = {node.name: value for node, value in runner.env.items()}
+
+def line_map(gm: torch.fx.GraphModule, values: dict, block: int, distance: str = "l2") -> LineShiftMap:
+    """The LineShiftMap of `block` from the values of a rewritten graph (`rewritten_values`)."""
     score = next(n for n in gm.graph.nodes if n.name == f"repshift_score_{block}")
     (rows, cols), (kept_r, kept_c) = values[score.name], values[f"repshift_index_{block}"]
     inputs = [values[a.name] for a in score.args]
-    positions = lines.position_shift(*inputs, config.get("distance", "l2")) if len(inputs) == 2 else None
+    positions = lines.position_shift(*inputs, distance) if len(inputs) == 2 else None
     kept_rows = torch.zeros(rows.shape[1], dtype=torch.bool)
     kept_cols = torch.zeros(cols.shape[1], dtype=torch.bool)
     kept_rows[kept_r[0]], kept_cols[kept_c[0]] = True, True

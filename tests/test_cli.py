@@ -137,6 +137,26 @@ def test_shiftmap_png(capsys, tmp_path):
     assert "kept 12 of 16" in err  # ceil(0.7 * 16)
 
 
+def test_shiftmap_draws_rows_and_columns_of_a_cnn(capsys, tmp_path):
+    from skimage import data as photos
+
+    from repshift_fx.shiftmap_lines import GAP, STRIP
+
+    image, out = tmp_path / "chelsea.png", tmp_path / "lines.png"
+    Image.fromarray(photos.chelsea()).save(image)
+    code, _, err = run(capsys, "shiftmap", "torchvision:resnet18", image, "--input", "1x3x96x96", "--block", "1",
+                       "--keep", "0.5", "--scale", "1", "-o", out)
+    assert code == 0, err
+    assert "kept 12 of 24 rows, 12 of 24 columns" in err  # layer1 of resnet18 at 96 px: a 24 x 24 grid
+    with Image.open(out) as picture:
+        assert picture.size == (2 * 96 + STRIP + GAP, 96 + STRIP)
+        heat = np.asarray(picture.crop((0, 0, 96, 96)).convert("L"))
+        assert len(np.unique(heat)) > 20
+    code, _, err = run(capsys, "shiftmap", "torchvision:resnet18", image, "--input", "1x3x96x96", "--mode", "tokens",
+                       "-o", out)
+    assert code == 2 and "tokens" in err
+
+
 def test_token_shift_keeps_the_best_scored_patches():
     from repshift_fx.shiftmap import token_shift
 
