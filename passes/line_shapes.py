@@ -124,9 +124,11 @@ def _check_outputs(gm: torch.fx.GraphModule, ctx) -> None:
     for (name, old), (_, new) in zip(ctx.output_shapes, output_shapes(gm)):
         if old != new:
             raise UnsupportedSiteError(
-                f"output '{name}' changes shape from {old} to {new} once rows and columns are dropped (a "
-                "dense-prediction head needs the full grid); compress only the backbone, or prune with a "
-                "classification head."
+                f"output '{name}' changes shape from {old} to {new} once rows and columns are dropped: a "
+                "dense-prediction head needs the full grid, and under torch.compile(backend='repshift') a graph "
+                "break after the drop (a print, .item(), data-dependent control flow) hands the map to Python "
+                "code. Compress only the backbone, prune with a classification head, or remove the graph break "
+                "(torch._dynamo.explain(model)(x) lists them)."
             )
 
 

@@ -1,7 +1,7 @@
 """The `repshift-fx` command: inspect what the pass does to a model, bench it, draw shift maps.
 
     repshift-fx inspect timm:deit_small_patch16_224 [--keep 0.7 --at 3,6,9 | --target-flops 0.65]
-                        [--site mlp --distance l2] [--format table|json|dot] [-o FILE]
+                        [--site mlp --distance l2 --score shift --fuse] [--format table|json|dot] [-o FILE]
     repshift-fx bench timm:deit_small_patch16_224 [--batch 32 --threads 2 --rounds 5]
     repshift-fx shiftmap timm:deit_small_patch16_224 photo.jpg [--block 3 --keep 0.7] -o map.png
     repshift-fx shiftmap torchvision:resnet50 photo.jpg --block 4 -o lines.png      # rows and columns
@@ -62,6 +62,8 @@ def _schedule_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--at", metavar="I,J,..", help="blocks after which tokens are dropped (default d/4, d/2, 3d/4)")
     parser.add_argument("--score", choices=SCORES, default="shift", help="shift (default) or a baseline")
     parser.add_argument("--protect", metavar="N", type=int, help="number of prefix tokens (default: found)")
+    parser.add_argument("--fuse", action="store_true", help="EViT fusion: fold the dropped tokens into one token "
+                        "(tokens mode)")
     parser.add_argument("--no-sdpa", action="store_true", help="keep explicit attention as it is")
     parser.add_argument("--mode", choices=MODES, default="auto", help="tokens (ViTs), lines (rows and columns "
                         "of CNN maps) or auto (from the graph, default)")
@@ -106,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _schedule(args) -> dict:
     """compress()/inspect() options from the command line."""
     config = {"site": args.site, "distance": args.distance, "residual": args.residual, "score": args.score,
-              "sdpa": not args.no_sdpa}
+              "sdpa": not args.no_sdpa, "fuse": args.fuse}
     if args.keep is not None:
         config["keep"] = specs.parse_floats(args.keep, "--keep")
     if args.target_flops is not None:

@@ -50,10 +50,13 @@ from .dynamo_graph import (
 )
 from .errors import ConfigError, NoSiteError, UnsupportedSiteError
 from .graph import data_graph, nodes_by_name, shape
-from .passes import find_sites
+from .grid_ops import is_grid
+from .passes import find_lines, find_sites
+from .lines_pipeline import run_line_passes
 from .pipeline import analyze_graph, plan_and_rewrite
 from .plan import default_at
 from .report import Report, build_report
+from .report_lines import build_line_report
 
 log = logging.getLogger("repshift_fx")
 
@@ -84,22 +87,24 @@ class RepShiftBackend:
 
 
 def backend(*, keep=0.7, at=None, site="mlp", distance="l2", residual=False, score="shift", protect="auto",
-            sdpa=True, inner="inductor") -> RepShiftBackend:
+            sdpa=True, mode="auto", fuse=False, inner="inductor") -> RepShiftBackend:
     """A torch.compile backend that prunes tokens by Representation Shift.
 
         torch.compile(model, backend=repshift_fx.backend(keep=0.5, at=(3, 6, 9)))
 
-    The options are those of `repshift_fx.compress` (same defaults, same meaning); `at` counts
-    the model's blocks even where dynamo splits the model into several graphs. `inner` is the
-    backend the rewritten graph is handed to: "inductor" (default), "eager" (debugging), any
-    name `torch._dynamo.list_backends()` shows, or a backend callable.
+    The options are those of `repshift_fx.compress` (same defaults, same meaning; `mode`
+    "auto" prunes a CNN's graph by rows and columns, as compress() does); in tokens mode `at`
+    counts the model's blocks even where dynamo splits the model into several graphs, in lines
+    mode the residual blocks of the one graph that holds them all. `inner` is the backend the
+    rewritten graph is handed to: "inductor" (default), "eager" (debugging), any name
+    `torch._dynamo.list_backends()` shows, or a backend callable.
 
     Raises:
         ConfigError: a bad option or an unknown `inner`, at once. What the passes refuse is
         raised at the first call (dynamo wraps it in BackendCompilerFailed).
     """
     config = Config(keep=keep, at=at, site=site, distance=distance, residual=residual, score=score,
-                    protect=protect, sdpa=sdpa)
+                    protect=protect, sdpa=sdpa, mode=mode, fuse=fuse)
     _inner_backend(inner)  # an unknown name fails here, not at the first call
     return RepShiftBackend(config, inner)
 
@@ -117,9 +122,13 @@ def prune_graph(gm: torch.fx.GraphModule, example_inputs: list, config: Config):
     prefix_outputs = _prefix_outputs(gm, weights, hints)
     ctx = PassContext(config=config, args=args, model_name=graph_name(gm), weight_placeholders=weights,
                       prefix_hints=hints)
+    if config.mode == "lines":
+        return (*_prune_lines(gm, ctx), prefix_outputs)
     try:
         analyze_graph(gm, ctx)
     except NoSiteError:
+        if config.mode == "auto":  # a CNN's graph: rows and columns
+            return (*_prune_lines(gm, ctx), prefix_outputs)
         log.info("%s: no blocks; left as it is", ctx.model_name)
         return gm, None, prefix_outputs
     local = _localize(ctx, frame_module())
@@ -131,6 +140,36 @@ def prune_graph(gm: torch.fx.GraphModule, example_inputs: list, config: Config):
     gm = plan_and_rewrite(gm, ctx)
     refresh_example_values(gm)
     return gm, _report(ctx), prefix_outputs
+
+
+def _prune_lines(gm: torch.fx.GraphModule, ctx: PassContext):
+    """Lines mode on one graph: (graph, its LineReport or None if it holds no residual block)."""
+    try:
+        sites = find_lines.analyze(gm, ctx.weight_placeholders).sites
+    except NoSiteError:
+        log.info("%s: no blocks; left as it is", ctx.model_name)
+        return gm, None
+    _refuse_map_outputs(gm, ctx, sites[-1])
+    gm = run_line_passes(gm, ctx)
+    refresh_example_values(gm)
+    return gm, build_line_report(None, gm, ctx, flops=False)
+
+
+def _refuse_map_outputs(gm: torch.fx.GraphModule, ctx: PassContext, last) -> None:
+    """The map after the last residual block must not leave the graph: lines mode numbers the
+    blocks of one graph, so the stream must end (pooled) in it. A map output there is a graph
+    break that splits the blocks over several graphs, or a model that returns its feature map."""
+    after = nx.descendants(data_graph(gm), last.output) | {last.output}
+    out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    for node in out.all_input_nodes:
+        if node.name in after and is_grid(node):
+            raise UnsupportedSiteError(
+                f"output '{node.name}' of {ctx.model_name} {tuple(shape(node))} is the feature map after residual "
+                f"block {last.index} ({last.module or '-'}): either dynamo breaks the graph there (a print, .item(), "
+                "data-dependent control flow) and the blocks lie in more than one graph, which lines mode cannot "
+                "number, or the model returns its map, which a drop would shrink. Remove the graph break "
+                "(torch._dynamo.explain(model)(x) lists them), or use repshift_fx.compress() on a model that pools."
+            )
 
 
 def _inner_backend(inner):

@@ -7,7 +7,7 @@ sizes and their guards, the frame being compiled); `repshift_fx.dynamo_backend` 
 - `pin_token_axes`: symbolic sizes other than the batch are specialized (guards added);
 - `concrete_args`: values the graph can run on eagerly (shape recording);
 - `refresh_example_values`: dynamo's fake `example_value`s recomputed after a rewrite;
-- `frame_module`, `graph_name`: the module whose forward is being compiled, for numbering and logs.
+- `frame_module`, `frame_code`, `graph_name`: the module and code being compiled, for numbering and logs.
 """
 from __future__ import annotations
 
@@ -133,15 +133,20 @@ def frame_module() -> nn.Module | None:
     return owner if isinstance(owner, nn.Module) else None
 
 
-def graph_name(gm: torch.fx.GraphModule) -> str:
-    """How the logs name a graph: the compiled frame and dynamo's compile id, `Model.forward [1/0]`."""
-    owner, code = frame_module(), ""
+def frame_code() -> str | None:
+    """The name of the code dynamo is compiling (`forward`, or a `torch_dynamo_resume_in_...`
+    function after a graph break), where dynamo says."""
     try:
         from torch._dynamo.symbolic_convert import InstructionTranslator
 
-        code = InstructionTranslator.current_tx().f_code.co_name
+        return InstructionTranslator.current_tx().f_code.co_name
     except Exception:
-        pass
+        return None
+
+
+def graph_name(gm: torch.fx.GraphModule) -> str:
+    """How the logs name a graph: the compiled frame and dynamo's compile id, `Model.forward [1/0]`."""
+    owner, code = frame_module(), frame_code() or ""
     where = f"{type(owner).__name__}.{code}" if owner is not None else code or "graph"
     compile_id = gm.meta.get("dynamo_compile_id")
     return f"{where} [{compile_id}]" if compile_id is not None else where

@@ -357,3 +357,81 @@ def test_example_runs_with_a_tiny_model():
     assert len(lines) == 4
     assert all(float(line.rsplit("= ", 1)[1]) < 1e-4 for line in lines)
     assert "keeps 1 + 8 of 17 tokens" in result.stderr  # the repshift_fx logger at INFO
+
+
+# --- lines mode: CNN graphs prune rows and columns, as compress() does ---
+
+
+class BreakingResNet(nn.Module):
+    """torchvision resnet18 with a graph break (print) before its first stage or between stages."""
+
+    def __init__(self, where):
+        super().__init__()
+        self.net, self.where = torchvision.models.resnet18().eval(), where
+
+    def forward(self, x):
+        net = self.net
+        x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
+        if self.where == "before":
+            print("graph break")
+        x = net.layer2(net.layer1(x))
+        if self.where == "between":
+            print("graph break")
+        x = net.layer4(net.layer3(x))
+        return net.fc(torch.flatten(net.avgpool(x), 1))
+
+
+@pytest.fixture(scope="module")
+def resnet18():
+    torch.manual_seed(0)
+    return torchvision.models.resnet18().eval()
+
+
+def test_cnn_graph_prunes_rows_and_columns_like_compress(resnet18):
+    config = {"keep": 0.5, "at": (1, 4)}
+    compiled, backend = _compiled(resnet18, **config)
+    with torch.no_grad():
+        for batch in (2, 3, 7):  # the second batch size recompiles with a dynamic batch
+            x = torch.randn(batch, 3, 96, 96)
+            reference = repshift_fx.compress(resnet18, x, compile=False, **config)
+            _close(compiled(x), reference(x), tol=0)
+    assert len(backend.reports) == 2 and backend.reports[0].config["mode"] == "lines"
+    assert [row.grid_out for row in backend.reports[0].blocks][:5] == [(24, 24), (12, 12), (6, 6), (6, 6), (2, 2)]
+
+
+def test_cnn_under_inductor_matches_eager_and_keep_one_is_the_model(resnet18):
+    x = torch.randn(2, 3, 96, 96)
+    compiled, _ = _compiled(resnet18, keep=0.6, at=(2,), inner="inductor")
+    with torch.no_grad():
+        _close(compiled(x), repshift_fx.compress(resnet18, x, keep=0.6, at=(2,), compile=False)(x), tol=1e-4)
+        compiled, backend = _compiled(resnet18, keep=1.0, at=(0, 3, 6))
+        _close(compiled(x), resnet18(x), tol=0)
+    assert [row.kept for row in backend.reports[0].blocks if row.scored] == [(24, 24), (12, 12), (3, 3)]
+
+
+def test_cnn_graph_break_before_the_blocks_still_prunes(resnet18):
+    model = BreakingResNet("before")
+    x = torch.randn(2, 3, 96, 96)
+    compiled, backend = _compiled(model, keep=0.5, at=(1,))
+    with torch.no_grad():
+        _close(compiled(x), repshift_fx.compress(model.net, x, keep=0.5, at=(1,), compile=False)(x), tol=0)
+    (report,) = backend.reports
+    assert len(report.blocks) == 8
+
+
+def test_cnn_blocks_split_by_a_graph_break_are_refused():
+    compiled, _ = _compiled(BreakingResNet("between"), keep=0.5, at=(1,))
+    err = _refusal(compiled, torch.randn(2, 3, 96, 96))
+    assert isinstance(err, UnsupportedSiteError) and "more than one graph" in str(err) and "layer2.1" in str(err)
+
+
+def test_mode_tokens_leaves_a_cnn_alone_and_mode_lines_a_vit(resnet18, deit, caplog):
+    x = torch.randn(2, 3, 96, 96)
+    with caplog.at_level(logging.INFO, logger="repshift_fx"), torch.no_grad():
+        compiled, backend = _compiled(resnet18, mode="tokens")
+        _close(compiled(x), resnet18(x), tol=0)
+        compiled, backend_lines = _compiled(deit, mode="lines")
+        y = torch.randn(2, 3, 64, 64)
+        _close(compiled(y), deit(y), tol=0)
+    assert backend.reports == [] == backend_lines.reports
+    assert caplog.text.count("no blocks; left as it is") >= 2

@@ -123,6 +123,14 @@ def test_input_option_sets_the_token_count(capsys):
     assert [b["tokens_in"] for b in data["blocks"]] == [17, 9, 9, 7] and data["config"]["keep"] == [0.5, 0.75]
 
 
+def test_inspect_fuse_passes_one_fused_token_on(capsys):
+    data = run_json(capsys, "inspect", *TINY, "--at", "0,2", "--keep", "0.5")
+    fused = run_json(capsys, "inspect", *TINY, "--at", "0,2", "--keep", "0.5", "--fuse")
+    assert [b["tokens_in"] for b in data["blocks"]] == [17, 9, 9, 5]
+    assert [b["tokens_in"] for b in fused["blocks"]] == [17, 10, 10, 7]  # 1 + 8 + fused; 1 + ceil(9 / 2) + fused
+    assert fused["config"]["fuse"] is True and fused["gflops_after"] > data["gflops_after"]
+
+
 def test_shiftmap_png(capsys, tmp_path):
     from skimage import data as photos
 

@@ -314,6 +314,17 @@ def test_efficientnet_lite0_blocks_and_keep_one(lite0):
         _close(gm(x), lite0(x))
 
 
+def test_efficientnet_lite0_under_the_dynamo_backend_equals_compress(lite0):
+    x = torch.randn(2, 3, 224, 224)
+    torch._dynamo.reset()
+    backend = repshift_fx.backend(keep=0.7, at=(2, 5), inner="eager")
+    with torch.no_grad():
+        pruned = torch.compile(lite0, backend=backend)(x)
+        _close(pruned, repshift_fx.compress(lite0, x, keep=0.7, at=(2, 5), compile=False)(x), tol=0)
+    (report,) = backend.reports
+    assert [r.kept for r in report.blocks if r.scored] == [(10, 10), (7, 7)]  # 14 -> 10 -> 7 (ceil 0.7 x)
+
+
 def test_efficientnet_lite0_shift_agrees_more_than_random_lines(lite0, agreement_tool):
     """Measured (docs/lines.md): at block 1 keeping 85% of rows and columns, 90 views of the 18
     photos: shift 75.6% of top-1 predictions unchanged, random lines 65.9% (3 draws)."""
