@@ -4,6 +4,7 @@ import repshift_fx  # noqa: F401  (before timm)
 import pytest
 import timm
 import torch
+import torch.fx
 
 
 def tiny_timm(name: str, depth: int = 4, img_size: int = 64, fused: bool = True, **kwargs):
@@ -47,3 +48,24 @@ def deit():
 def image():
     torch.manual_seed(1)
     return torch.randn(2, 3, 64, 64)
+
+
+def node_values(gm: torch.fx.GraphModule, *args) -> dict:
+    """Every value the graph computes on args, by node name (an Interpreter that keeps them)."""
+    run = torch.fx.Interpreter(gm, garbage_collect_values=False)
+    with torch.no_grad():
+        run.run(*args)
+    return {node.name: value for node, value in run.env.items()}
+
+
+def assert_compiled_matches_eager(model, shape: tuple, batches: tuple, tol: float = 1e-5, **config) -> None:
+    """compress() compiled against compress(compile=False), for inputs of `shape` at each batch size."""
+    torch._dynamo.reset()
+    x = torch.randn(batches[0], *shape)
+    eager = repshift_fx.compress(model, x, compile=False, **config)
+    compiled = repshift_fx.compress(model, x, **config)
+    with torch.no_grad():
+        for batch in batches:
+            y = torch.randn(batch, *shape)
+            a, b = compiled(y), eager(y)
+            assert ((a - b).abs().max() / b.abs().max().clamp_min(1e-6)).item() <= tol

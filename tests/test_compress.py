@@ -6,7 +6,7 @@ import torch
 from torch._dynamo.utils import counters
 
 import repshift_fx
-from conftest import assert_unchanged, snapshot, tiny_timm
+from conftest import assert_unchanged, node_values, snapshot, tiny_timm
 from reference import reference_forward
 from repshift_fx import shift
 
@@ -69,10 +69,7 @@ def test_per_sample_selection_keeps_prefix_and_order():
 
 def test_gathered_tokens_are_the_original_tokens_in_order(deit, image):
     gm = repshift_fx.compress(deit, image, keep=0.5, at=(1,), compile=False)
-    run = torch.fx.Interpreter(gm, garbage_collect_values=False)
-    with torch.no_grad():
-        run.run(image)
-    values = {node.name: value for node, value in run.env.items()}
+    values = node_values(gm, image)
     index, block_out, kept = values["repshift_index_1"], values["add_4"], values["repshift_keep_1"]
     assert index.shape == (2, 1 + 8)
     assert (index[:, 0] == 0).all()

@@ -14,7 +14,7 @@ import torchvision
 from torch import nn
 
 import repshift_fx
-from conftest import assert_unchanged, snapshot
+from conftest import assert_compiled_matches_eager, assert_unchanged, node_values, snapshot
 from reference_lines import resnet_reference
 from repshift_fx import ConfigError, NoSiteError, UnsupportedSiteError, lines
 
@@ -63,10 +63,7 @@ def test_per_drop_rates_follow_the_grid_that_reaches_them(resnet18, img):
 
 def test_gathered_lines_are_the_original_lines_in_order(resnet18, img):
     gm = repshift_fx.compress(resnet18, img, keep=0.5, at=(1,), compile=False)
-    run = torch.fx.Interpreter(gm, garbage_collect_values=False)
-    with torch.no_grad():
-        run.run(img)
-    values = {node.name: value for node, value in run.env.items()}
+    values = node_values(gm, img)
     rows, cols = values["repshift_index_1"]
     grid, kept = values["layer1_1_relu_1"], values["repshift_keep_1"]
     assert rows.shape == cols.shape == (2, 12)
@@ -273,14 +270,7 @@ def test_stride_that_needs_an_even_count_is_refused_by_name():
 
 
 def test_compiled_matches_eager_for_every_batch(resnet18):
-    torch._dynamo.reset()
-    x = torch.randn(1, 3, 64, 64)
-    eager = repshift_fx.compress(resnet18, x, keep=0.6, at=(1,), compile=False)
-    compiled = repshift_fx.compress(resnet18, x, keep=0.6, at=(1,))
-    with torch.no_grad():
-        for batch in (1, 3):
-            y = torch.randn(batch, 3, 64, 64)
-            _close(compiled(y), eager(y))
+    assert_compiled_matches_eager(resnet18, (3, 64, 64), (1, 3), keep=0.6, at=(1,))
 
 
 # --- EfficientNet-Lite0 with its real ImageNet weights ---

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import repshift_fx
-from conftest import tiny_timm
+from conftest import assert_compiled_matches_eager, tiny_timm
 from reference_hf import beit_reference, eva_reference
 from repshift_fx import UnsupportedSiteError
 from repshift_fx.passes.gather_side_tensors import gather_side, padding_last
@@ -52,13 +52,7 @@ def test_eva02_rotary_tables_follow_the_kept_tokens(fused):
 
 def test_eva02_compiled_matches_eager():
     model = tiny_timm("eva02_tiny_patch14_224", img_size=56, depth=2)
-    x = torch.randn(2, 3, 56, 56)
-    eager = repshift_fx.compress(model, x, keep=0.7, at=(0,), compile=False)
-    compiled = repshift_fx.compress(model, x, keep=0.7, at=(0,))
-    with torch.no_grad():
-        for batch in (2, 3):
-            clip = torch.randn(batch, 3, 56, 56)
-            _close(compiled(clip), eager(clip))
+    assert_compiled_matches_eager(model, (3, 56, 56), (2, 3), keep=0.7, at=(0,))
 
 
 def test_eva02_through_the_dynamo_backend_matches_the_reference():
