@@ -50,6 +50,12 @@ def image():
     return torch.randn(2, 3, 64, 64)
 
 
+def assert_close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-5) -> None:
+    """|a - b| at most tol times max |b| (b is the reference)."""
+    error = ((a - b).abs().max() / b.abs().max().clamp_min(1e-6)).item()
+    assert error <= tol, f"relative error {error:.3g} > {tol:g}"
+
+
 def node_values(gm: torch.fx.GraphModule, *args) -> dict:
     """Every value the graph computes on args, by node name (an Interpreter that keeps them)."""
     run = torch.fx.Interpreter(gm, garbage_collect_values=False)
@@ -67,5 +73,4 @@ def assert_compiled_matches_eager(model, shape: tuple, batches: tuple, tol: floa
     with torch.no_grad():
         for batch in batches:
             y = torch.randn(batch, *shape)
-            a, b = compiled(y), eager(y)
-            assert ((a - b).abs().max() / b.abs().max().clamp_min(1e-6)).item() <= tol
+            assert_close(compiled(y), eager(y), tol)

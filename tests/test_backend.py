@@ -15,16 +15,12 @@ from torch._dynamo.exc import BackendCompilerFailed
 from torch._dynamo.utils import counters
 
 import repshift_fx
-from conftest import assert_unchanged, snapshot, tiny_timm
+from conftest import assert_close, assert_unchanged, snapshot, tiny_timm
 from repshift_fx import ConfigError, ModelModeError, UnsupportedSiteError
 
 ROOT = Path(__file__).resolve().parents[1]
 DIM, HEADS = 32, 4
 
-
-def _close(a, b, tol=1e-5):
-    scale = b.abs().max().clamp_min(1e-6)
-    assert ((a - b).abs().max() / scale).item() <= tol
 
 
 def _compiled(model, dynamic=None, **config):
@@ -183,7 +179,7 @@ def test_entry_point_in_a_fresh_process_equals_compress(tmp_path):
     assert reference.report.tokens == [17, 17, 13, 10]
     with torch.no_grad():
         for batch, x in run["inputs"].items():
-            _close(run["outputs"][batch], reference(x), tol=1e-4)  # Inductor's kernels vs eager
+            assert_close(run["outputs"][batch], reference(x), tol=1e-4)  # Inductor's kernels vs eager
 
 
 @pytest.mark.parametrize("name,at", [("timm", (1,)), ("torchvision", (1,)), ("torchvision", (0,)),
@@ -195,7 +191,7 @@ def test_backend_on_dynamo_graphs_equals_compress(name, at):
     reference = repshift_fx.compress(model, x, keep=0.5, at=at, compile=False)
     compiled, backend = _compiled(model, keep=0.5, at=at)
     with torch.no_grad():
-        _close(compiled(x), reference(x))
+        assert_close(compiled(x), reference(x))
     assert backend.reports[-1].tokens == reference.report.tokens
     assert backend.reports[-1].prefix == reference.report.prefix == 1
     assert_unchanged(model, before)
@@ -209,7 +205,7 @@ def test_batch_sizes_1_2_7_32_compile_at_most_twice(name):
     with torch.no_grad():
         for batch in (1, 2, 7, 32):
             x = torch.randn(batch, 3, 64, 64)
-            _close(compiled(x), reference(x))
+            assert_close(compiled(x), reference(x))
     assert counters["stats"]["unique_graphs"] <= 2
     assert len(backend.reports) <= 2
 
@@ -224,7 +220,7 @@ def test_other_resolutions_recompile_with_their_own_token_counts(dynamic):
         for batch, size in ((2, 64), (3, 96), (2, 80), (4, 64), (5, 96)):
             x = torch.randn(batch, 3, size, size)
             reference = repshift_fx.compress(model, x, keep=0.5, at=(1,), compile=False)
-            _close(compiled(x), reference(x))
+            assert_close(compiled(x), reference(x))
             seen[size] = reference.report.tokens
     assert seen == {64: [17, 17, 9], 96: [37, 37, 19], 80: [26, 26, 14]}
     assert {tuple(r.tokens) for r in backend.reports} == {tuple(t) for t in seen.values()}
@@ -236,7 +232,7 @@ def test_graph_break_before_the_blocks_still_prunes(deit, where):
     reference = repshift_fx.compress(deit, x, keep=0.5, at=(1,), compile=False)
     compiled, backend = _compiled(BreakingViT(deit, where).eval(), keep=0.5, at=(1,))
     with torch.no_grad():
-        _close(compiled(x), reference(x))
+        assert_close(compiled(x), reference(x))
     assert counters["stats"]["unique_graphs"] == 2  # the embedding alone, then the blocks
     (report,) = backend.reports
     assert report.tokens == [17, 17, 9, 9]
@@ -248,7 +244,7 @@ def test_graph_break_after_the_pooling_leaves_the_head_alone(deit, caplog):
     reference = repshift_fx.compress(deit, x, keep=0.5, at=(1,), compile=False)
     compiled, backend = _compiled(BreakingViT(deit, "head").eval(), keep=0.5, at=(1,))
     with caplog.at_level(logging.INFO, logger="repshift_fx"), torch.no_grad():
-        _close(compiled(x), reference(x))
+        assert_close(compiled(x), reference(x))
     assert [r.tokens for r in backend.reports] == [[17, 17, 9, 9]]
     assert "no blocks; left as it is" in caplog.text  # the head's graph
 
@@ -269,7 +265,7 @@ def test_tokens_entering_as_an_input_warn_that_no_prefix_is_protected(caplog):
     reference = repshift_fx.compress(model, tokens, keep=0.5, at=(1,), compile=False)
     compiled, backend = _compiled(model, keep=0.5, at=(1,))
     with caplog.at_level(logging.INFO, logger="repshift_fx"), torch.no_grad():
-        _close(compiled(tokens), reference(tokens))
+        assert_close(compiled(tokens), reference(tokens))
     assert backend.reports[-1].prefix == reference.report.prefix == 0
     assert "none is protected" in caplog.text and "protect=N" in caplog.text
 
@@ -279,7 +275,7 @@ def test_at_counts_the_model_blocks_when_a_graph_break_splits_them(deit):
     reference = repshift_fx.compress(deit, x, keep=0.5, at=(2,), compile=False)
     compiled, backend = _compiled(BreakingViT(deit, "between").eval(), keep=0.5, at=(2,))
     with torch.no_grad():
-        _close(compiled(x), reference(x))
+        assert_close(compiled(x), reference(x))
     (report,) = backend.reports  # the graph of blocks 0 and 1 has no drop: left alone
     assert [row.index for row in report.blocks] == [2, 3]
     assert report.tokens == [17, 9] and report.config["at"] == (2,)
@@ -319,7 +315,7 @@ def test_keep_one_gives_the_original_outputs(deit):
     compiled, _ = _compiled(deit, keep=1.0, at=(0, 1, 2))
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        _close(compiled(x), deit(x))
+        assert_close(compiled(x), deit(x))
 
 
 def test_options_are_checked_at_once():
@@ -394,7 +390,7 @@ def test_cnn_graph_prunes_rows_and_columns_like_compress(resnet18):
         for batch in (2, 3, 7):  # the second batch size recompiles with a dynamic batch
             x = torch.randn(batch, 3, 96, 96)
             reference = repshift_fx.compress(resnet18, x, compile=False, **config)
-            _close(compiled(x), reference(x), tol=0)
+            assert_close(compiled(x), reference(x), tol=0)
     assert len(backend.reports) == 2 and backend.reports[0].config["mode"] == "lines"
     assert [row.grid_out for row in backend.reports[0].blocks][:5] == [(24, 24), (12, 12), (6, 6), (6, 6), (2, 2)]
 
@@ -403,9 +399,9 @@ def test_cnn_under_inductor_matches_eager_and_keep_one_is_the_model(resnet18):
     x = torch.randn(2, 3, 96, 96)
     compiled, _ = _compiled(resnet18, keep=0.6, at=(2,), inner="inductor")
     with torch.no_grad():
-        _close(compiled(x), repshift_fx.compress(resnet18, x, keep=0.6, at=(2,), compile=False)(x), tol=1e-4)
+        assert_close(compiled(x), repshift_fx.compress(resnet18, x, keep=0.6, at=(2,), compile=False)(x), tol=1e-4)
         compiled, backend = _compiled(resnet18, keep=1.0, at=(0, 3, 6))
-        _close(compiled(x), resnet18(x), tol=0)
+        assert_close(compiled(x), resnet18(x), tol=0)
     assert [row.kept for row in backend.reports[0].blocks if row.scored] == [(24, 24), (12, 12), (3, 3)]
 
 
@@ -414,7 +410,7 @@ def test_cnn_graph_break_before_the_blocks_still_prunes(resnet18):
     x = torch.randn(2, 3, 96, 96)
     compiled, backend = _compiled(model, keep=0.5, at=(1,))
     with torch.no_grad():
-        _close(compiled(x), repshift_fx.compress(model.net, x, keep=0.5, at=(1,), compile=False)(x), tol=0)
+        assert_close(compiled(x), repshift_fx.compress(model.net, x, keep=0.5, at=(1,), compile=False)(x), tol=0)
     (report,) = backend.reports
     assert len(report.blocks) == 8
 
@@ -429,9 +425,9 @@ def test_mode_tokens_leaves_a_cnn_alone_and_mode_lines_a_vit(resnet18, deit, cap
     x = torch.randn(2, 3, 96, 96)
     with caplog.at_level(logging.INFO, logger="repshift_fx"), torch.no_grad():
         compiled, backend = _compiled(resnet18, mode="tokens")
-        _close(compiled(x), resnet18(x), tol=0)
+        assert_close(compiled(x), resnet18(x), tol=0)
         compiled, backend_lines = _compiled(deit, mode="lines")
         y = torch.randn(2, 3, 64, 64)
-        _close(compiled(y), deit(y), tol=0)
+        assert_close(compiled(y), deit(y), tol=0)
     assert backend.reports == [] == backend_lines.reports
     assert caplog.text.count("no blocks; left as it is") >= 2

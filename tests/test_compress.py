@@ -6,21 +6,17 @@ import torch
 from torch._dynamo.utils import counters
 
 import repshift_fx
-from conftest import assert_unchanged, node_values, snapshot, tiny_timm
+from conftest import assert_close, assert_unchanged, node_values, snapshot, tiny_timm
 from reference import reference_forward
 from repshift_fx import shift
 
-
-def _close(a, b, tol=1e-5):
-    scale = b.abs().max().clamp_min(1e-6)
-    assert ((a - b).abs().max() / scale).item() <= tol
 
 
 @pytest.mark.parametrize("site,distance,residual", list(itertools.product(("mlp", "attn", "block"), ("l2", "l1", "cosine"), (False, True))))
 def test_matches_reference_for_every_site_and_distance(deit, image, site, distance, residual):
     gm = repshift_fx.compress(deit, image, keep=0.5, at=(0, 2), site=site, distance=distance, residual=residual, compile=False)
     with torch.no_grad():
-        _close(gm(image), reference_forward(deit, image, (0, 2), 0.5, site, distance, residual))
+        assert_close(gm(image), reference_forward(deit, image, (0, 2), 0.5, site, distance, residual))
 
 
 @pytest.mark.parametrize("name,kwargs,prefix", [
@@ -34,13 +30,13 @@ def test_prefix_tokens_found_and_reference_agrees(name, kwargs, prefix, image):
     gm = repshift_fx.compress(model, img, keep=0.6, at=(1, 2), compile=False)
     assert gm.report.prefix == prefix
     with torch.no_grad():
-        _close(gm(img), reference_forward(model, img, (1, 2), 0.6))
+        assert_close(gm(img), reference_forward(model, img, (1, 2), 0.6))
 
 
 def test_norm_score_matches_reference(deit, image):
     gm = repshift_fx.compress(deit, image, keep=0.5, at=(1,), score="norm", compile=False)
     with torch.no_grad():
-        _close(gm(image), reference_forward(deit, image, (1,), 0.5, score="norm"))
+        assert_close(gm(image), reference_forward(deit, image, (1,), 0.5, score="norm"))
 
 
 def test_keep_one_gives_the_original_outputs(image):
@@ -48,7 +44,7 @@ def test_keep_one_gives_the_original_outputs(image):
         model = tiny_timm("deit_tiny_patch16_224", fused=fused)
         gm = repshift_fx.compress(model, image, keep=1.0, at=(0, 1, 2), compile=False)
         with torch.no_grad():
-            _close(gm(image), model(image))
+            assert_close(gm(image), model(image))
 
 
 def test_deit_small_default_schedule_token_counts():
@@ -104,7 +100,7 @@ def test_compiled_matches_eager_graph_without_recompiling_per_batch(deit):
     with torch.no_grad():
         for batch in (1, 2, 7, 32):
             x = torch.randn(batch, 3, 64, 64)
-            _close(compiled(x), eager(x))
+            assert_close(compiled(x), eager(x))
     assert counters["stats"]["unique_graphs"] <= 2
     assert compiled.report.tokens == [17, 17, 9, 9]
 

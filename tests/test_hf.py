@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import repshift_fx
-from conftest import assert_unchanged, snapshot
+from conftest import assert_close, assert_unchanged, snapshot
 from reference_hf import bert_reference
 from repshift_fx import UnsupportedSiteError
 
@@ -13,10 +13,6 @@ from repshift_fx.hf import SentenceEmbedding  # noqa: E402
 
 IMPLS = ("eager", "sdpa")
 
-
-def _close(a, b, tol=1e-5):
-    scale = b.abs().max().clamp_min(1e-6)
-    assert ((a - b).abs().max() / scale).item() <= tol, ((a - b).abs().max() / scale).item()
 
 
 def tiny_bert(impl: str, layers: int = 3):
@@ -55,8 +51,8 @@ def test_bert_keep_one_is_the_original_with_mask(impl, text):
     gm = repshift_fx.compress(model, text, keep=1.0, at=(0, 1), compile=False)
     with torch.no_grad():
         got, want = gm(**text), model(**text)
-    _close(got.last_hidden_state, want.last_hidden_state)
-    _close(got.pooler_output, want.pooler_output)
+    assert_close(got.last_hidden_state, want.last_hidden_state)
+    assert_close(got.pooler_output, want.pooler_output)
     assert [row.attention for row in gm.report.blocks] == ["explicit -> SDPA" if impl == "eager" else "SDPA"] * 3
     assert_unchanged(model, before)
 
@@ -68,7 +64,7 @@ def test_vision_keep_one_is_the_original(family, impl):
     x = torch.randn(2, 3, 32, 32)
     gm = repshift_fx.compress(model, {"pixel_values": x}, keep=1.0, at=(0, 2), compile=False)
     with torch.no_grad():
-        _close(gm(pixel_values=x).last_hidden_state, model(pixel_values=x).last_hidden_state)
+        assert_close(gm(pixel_values=x).last_hidden_state, model(pixel_values=x).last_hidden_state)
     assert gm.report.prefix == 1 and "cls_token" in gm.report.prefix_source
     assert [row.attention for row in gm.report.blocks] == ["explicit -> SDPA" if impl == "eager" else "SDPA"] * 4
 
@@ -82,7 +78,7 @@ def test_bert_with_mask_matches_the_eager_reference(impl, pooling, text):
     assert gm.report.prefix == prefix
     assert gm.report.tokens == ([12, 7, 4] if prefix else [12, 6, 3])  # prefix + ceil(keep * others)
     with torch.no_grad():
-        _close(gm(**text), bert_reference(bert, text["input_ids"], text["attention_mask"], (0, 1), 0.5, pooling, prefix))
+        assert_close(gm(**text), bert_reference(bert, text["input_ids"], text["attention_mask"], (0, 1), 0.5, pooling, prefix))
 
 
 def test_padded_positions_are_never_kept_in_place_of_real_tokens(text):
@@ -108,8 +104,8 @@ def test_dict_inputs_in_any_order_and_compiled(text):
     eager = repshift_fx.compress(encoder, backwards, keep=0.5, at=(0,), compile=False)
     compiled = repshift_fx.compress(encoder, backwards, keep=0.5, at=(0,), backend="eager")  # dynamo; Inductor: test_side_tensors
     with torch.no_grad():
-        _close(compiled(**text), eager(**text))
-        _close(eager(text["input_ids"], text["attention_mask"]), eager(**text))
+        assert_close(compiled(**text), eager(**text))
+        assert_close(eager(text["input_ids"], text["attention_mask"]), eager(**text))
 
 
 @pytest.mark.parametrize("family", ("vit", "dinov2"))
@@ -127,7 +123,7 @@ def test_backend_prunes_a_transformers_model(text):
     backend = repshift_fx.backend(keep=0.5, at=(0, 1), inner="eager")
     compiled = torch.compile(SentenceEmbedding(bert).eval(), backend=backend)
     with torch.no_grad():
-        _close(compiled(**text), bert_reference(bert, text["input_ids"], text["attention_mask"], (0, 1), 0.5))
+        assert_close(compiled(**text), bert_reference(bert, text["input_ids"], text["attention_mask"], (0, 1), 0.5))
     assert backend.reports and backend.reports[0].tokens == [12, 6, 3]
 
 

@@ -14,13 +14,10 @@ import torchvision
 from torch import nn
 
 import repshift_fx
-from conftest import assert_compiled_matches_eager, assert_unchanged, node_values, snapshot
+from conftest import assert_close, assert_compiled_matches_eager, assert_unchanged, node_values, snapshot
 from reference_lines import resnet_reference
 from repshift_fx import ConfigError, NoSiteError, UnsupportedSiteError, lines
 
-
-def _close(a, b, tol=1e-5):
-    assert ((a - b).abs().max() / b.abs().max().clamp_min(1e-6)).item() <= tol
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +39,7 @@ def img():
 def test_resnet18_matches_eager_reference(resnet18, img, distance):
     gm = repshift_fx.compress(resnet18, img, keep=0.6, at=(1, 4), distance=distance, compile=False)
     with torch.no_grad():
-        _close(gm(img), resnet_reference(resnet18, img, (1, 4), 0.6, distance))
+        assert_close(gm(img), resnet_reference(resnet18, img, (1, 4), 0.6, distance))
 
 
 def test_resnet18_separate_rates_and_norm_score(resnet18, img):
@@ -50,7 +47,7 @@ def test_resnet18_separate_rates_and_norm_score(resnet18, img):
     drop = gm.report.blocks[2]
     assert drop.grid_out == (6, 9) and drop.kept == (6, 9)  # 12x12: ceil(0.5 * 12), ceil(0.75 * 12)
     with torch.no_grad():
-        _close(gm(img), resnet_reference(resnet18, img, (2,), [(0.5, 0.75)], score="norm"))
+        assert_close(gm(img), resnet_reference(resnet18, img, (2,), [(0.5, 0.75)], score="norm"))
 
 
 def test_per_drop_rates_follow_the_grid_that_reaches_them(resnet18, img):
@@ -98,7 +95,7 @@ def test_keep_one_gives_the_original_outputs(name):
     gm = repshift_fx.compress(model, x, keep=1.0, at=tuple(range(n)), compile=False)
     assert len(gm.report.blocks) == n
     with torch.no_grad():
-        _close(gm(x), model(x))
+        assert_close(gm(x), model(x))
 
 
 def test_line_shift_map_draws_rows_and_columns(resnet18):
@@ -301,7 +298,7 @@ def test_efficientnet_lite0_blocks_and_keep_one(lite0):
     assert [r.module for r in report.blocks] == [f"_blocks.{i}" for i in (2, 4, 6, 7, 9, 10, 12, 13, 14)]
     assert [s["grid"] for s in report.stages] == [(56, 56), (28, 28), (14, 14), (7, 7)]
     with torch.no_grad():
-        _close(gm(x), lite0(x))
+        assert_close(gm(x), lite0(x))
 
 
 def test_efficientnet_lite0_under_the_dynamo_backend_equals_compress(lite0):
@@ -310,7 +307,7 @@ def test_efficientnet_lite0_under_the_dynamo_backend_equals_compress(lite0):
     backend = repshift_fx.backend(keep=0.7, at=(2, 5), inner="eager")
     with torch.no_grad():
         pruned = torch.compile(lite0, backend=backend)(x)
-        _close(pruned, repshift_fx.compress(lite0, x, keep=0.7, at=(2, 5), compile=False)(x), tol=0)
+        assert_close(pruned, repshift_fx.compress(lite0, x, keep=0.7, at=(2, 5), compile=False)(x), tol=0)
     (report,) = backend.reports
     assert [r.kept for r in report.blocks if r.scored] == [(10, 10), (7, 7)]  # 14 -> 10 -> 7 (ceil 0.7 x)
 

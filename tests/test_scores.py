@@ -7,15 +7,11 @@ import torch
 import torchvision
 
 import repshift_fx
-from conftest import assert_unchanged, snapshot, tiny_timm
+from conftest import assert_close, assert_unchanged, snapshot, tiny_timm
 from reference import reference_forward, reference_torchvision_vit
 from repshift_fx import UnsupportedSiteError, shift
 from repshift_fx.passes.attention_scores import IMPL
 
-
-def _close(a, b, tol=1e-5):
-    scale = b.abs().max().clamp_min(1e-6)
-    assert ((a - b).abs().max() / scale).item() <= tol
 
 
 @pytest.fixture(scope="module")
@@ -44,14 +40,14 @@ def test_attention_score_matches_reference_one_prefix(image, fused, sdpa):
     gm = repshift_fx.compress(model, image, keep=0.5, at=(0, 2), score="attention", sdpa=sdpa, compile=False)
     assert gm.report.prefix == 1 and gm.report.tokens == [17, 9, 9, 5]
     with torch.no_grad():
-        _close(gm(image), reference_forward(model, image, (0, 2), 0.5, score="attention"))
+        assert_close(gm(image), reference_forward(model, image, (0, 2), 0.5, score="attention"))
 
 
 def test_attention_score_matches_reference_two_prefix(distilled, image):
     gm = repshift_fx.compress(distilled, image, keep=0.4, at=(1, 2), score="attention", compile=False)
     assert gm.report.prefix == 2 and gm.report.tokens == [18, 18, 9, 5]
     with torch.no_grad():
-        _close(gm(image), reference_forward(distilled, image, (1, 2), 0.4, score="attention"))
+        assert_close(gm(image), reference_forward(distilled, image, (1, 2), 0.4, score="attention"))
 
 
 def test_attention_score_without_cls_is_the_attention_received(no_cls, image):
@@ -59,7 +55,7 @@ def test_attention_score_without_cls_is_the_attention_received(no_cls, image):
     assert gm.report.prefix == 0 and gm.report.tokens == [16, 8, 4, 4]
     assert any("the attention each token receives" in note for note in gm.report.notes)
     with torch.no_grad():
-        _close(gm(image), reference_forward(no_cls, image, (0, 1), 0.5, score="attention"))
+        assert_close(gm(image), reference_forward(no_cls, image, (0, 1), 0.5, score="attention"))
 
 
 def test_attention_score_multihead_attention_leaf(tv_vit):
@@ -67,9 +63,9 @@ def test_attention_score_multihead_attention_leaf(tv_vit):
     gm = repshift_fx.compress(tv_vit, x, keep=0.5, at=(0, 1), score="attention", fuse=True, compile=False)
     assert gm.report.tokens == [17, 10, 7]
     with torch.no_grad():
-        _close(gm(x), reference_torchvision_vit(tv_vit, x, (0, 1), 0.5, fuse=True))
+        assert_close(gm(x), reference_torchvision_vit(tv_vit, x, (0, 1), 0.5, fuse=True))
         same = repshift_fx.compress(tv_vit, x, keep=1.0, at=(0, 1), score="attention", compile=False)
-        _close(same(x), tv_vit(x))
+        assert_close(same(x), tv_vit(x))
 
 
 @pytest.mark.parametrize("score,site", [("shift", "mlp"), ("shift", "block"), ("norm", "mlp"), ("attention", "mlp")])
@@ -77,7 +73,7 @@ def test_fuse_matches_reference(deit, image, score, site):
     gm = repshift_fx.compress(deit, image, keep=0.5, at=(0, 2), score=score, site=site, fuse=True, compile=False)
     assert gm.report.tokens == [17, 10, 10, 7]  # 1 + 8 kept + 1 fused; then 1 + ceil(9 / 2) + 1
     with torch.no_grad():
-        _close(gm(image), reference_forward(deit, image, (0, 2), 0.5, site=site, score=score, fuse=True))
+        assert_close(gm(image), reference_forward(deit, image, (0, 2), 0.5, site=site, score=score, fuse=True))
 
 
 @pytest.mark.parametrize("site", ["attn", "block"])
@@ -85,14 +81,14 @@ def test_consecutive_drops_score_against_the_kept_tokens(deit, image, site):
     for fuse in (False, True):
         gm = repshift_fx.compress(deit, image, keep=0.7, at=(0, 1, 2), site=site, fuse=fuse, compile=False)
         with torch.no_grad():
-            _close(gm(image), reference_forward(deit, image, (0, 1, 2), 0.7, site=site, fuse=fuse))
+            assert_close(gm(image), reference_forward(deit, image, (0, 1, 2), 0.7, site=site, fuse=fuse))
 
 
 def test_fuse_two_prefix_tokens(distilled, image):
     gm = repshift_fx.compress(distilled, image, keep=(0.7, 0.5), at=(0, 1), fuse=True, compile=False)
     assert gm.report.tokens == [18, 15, 10, 10]
     with torch.no_grad():
-        _close(gm(image), reference_forward(distilled, image, (0, 1), (0.7, 0.5), fuse=True))
+        assert_close(gm(image), reference_forward(distilled, image, (0, 1), (0.7, 0.5), fuse=True))
 
 
 @pytest.mark.parametrize("options", [{"score": "attention"}, {"fuse": True}, {"score": "attention", "fuse": True},
@@ -104,7 +100,7 @@ def test_keep_one_gives_the_original_outputs(image, options):
         gm = repshift_fx.compress(model, image, keep=1.0, at=(0, 1, 2), compile=False, **options)
         assert gm.report.tokens == [17] * 4  # nothing dropped: no fused token either
         with torch.no_grad():
-            _close(gm(image), model(image))
+            assert_close(gm(image), model(image))
         assert_unchanged(model, before)
         assert model.blocks[0].attn.fused_attn is fused
 
@@ -185,7 +181,7 @@ def test_compiled_matches_eager_for_attention_and_fuse(deit):
     with torch.no_grad():
         for batch in (2, 5):
             y = torch.randn(batch, 3, 64, 64)
-            _close(compiled(y), eager(y), 1e-4)
+            assert_close(compiled(y), eager(y), 1e-4)
 
 
 def test_dynamo_backend_attention_score_on_functional_multihead_attention(tv_vit):
@@ -193,7 +189,7 @@ def test_dynamo_backend_attention_score_on_functional_multihead_attention(tv_vit
     x = torch.randn(2, 3, 32, 32)
     backend = repshift_fx.backend(keep=0.5, at=(0, 1), score="attention", inner="eager")
     with torch.no_grad():
-        _close(torch.compile(tv_vit, backend=backend)(x), reference_torchvision_vit(tv_vit, x, (0, 1), 0.5))
+        assert_close(torch.compile(tv_vit, backend=backend)(x), reference_torchvision_vit(tv_vit, x, (0, 1), 0.5))
     assert [row.attention for row in backend.reports[0].blocks][:2] == [IMPL, IMPL]
 
 

@@ -5,15 +5,11 @@ import torch
 from torch import nn
 
 import repshift_fx
-from conftest import assert_compiled_matches_eager, tiny_timm
+from conftest import assert_close, assert_compiled_matches_eager, tiny_timm
 from reference_hf import beit_reference, eva_reference
 from repshift_fx import UnsupportedSiteError
 from repshift_fx.passes.gather_side_tensors import gather_side, padding_last
 
-
-def _close(a, b, tol=1e-5):
-    scale = b.abs().max().clamp_min(1e-6)
-    assert ((a - b).abs().max() / scale).item() <= tol, ((a - b).abs().max() / scale).item()
 
 
 def test_gather_side_aligns_batch_axes_and_the_prefix_offset():
@@ -35,7 +31,7 @@ def test_eva02_keep_one_is_the_original(fused):
     x = torch.randn(2, 3, 56, 56)
     gm = repshift_fx.compress(model, x, keep=1.0, at=(0, 1, 2), compile=False)
     with torch.no_grad():
-        _close(gm(x), model(x))
+        assert_close(gm(x), model(x))
 
 
 @pytest.mark.parametrize("fused", (True, False))
@@ -47,7 +43,7 @@ def test_eva02_rotary_tables_follow_the_kept_tokens(fused):
     assert len(gm.report.side_tensors) == 12  # blocks 1-3 read 4 rope tables each: sin/cos for q and k
     assert not any(row.refused for row in gm.report.blocks)
     with torch.no_grad():
-        _close(gm(x), eva_reference(model, x, (0, 2), 0.7))
+        assert_close(gm(x), eva_reference(model, x, (0, 2), 0.7))
 
 
 def test_eva02_compiled_matches_eager():
@@ -60,7 +56,7 @@ def test_eva02_through_the_dynamo_backend_matches_the_reference():
     x = torch.randn(2, 3, 56, 56)
     backend = repshift_fx.backend(keep=0.7, at=(0, 2), inner="eager")
     with torch.no_grad():
-        _close(torch.compile(model, backend=backend)(x), eva_reference(model, x, (0, 2), 0.7))
+        assert_close(torch.compile(model, backend=backend)(x), eva_reference(model, x, (0, 2), 0.7))
     assert backend.reports[0].tokens == [17, 13, 13, 10]
 
 
@@ -72,8 +68,8 @@ def test_relative_position_bias_follows_the_kept_tokens(fused):
     same = repshift_fx.compress(model, x, keep=1.0, at=(0, 1), compile=False)
     gm = repshift_fx.compress(model, x, keep=0.5, at=(0, 1), compile=False)
     with torch.no_grad():
-        _close(same(x), model(x))
-        _close(gm(x), beit_reference(model, x, (0, 1), 0.5))
+        assert_close(same(x), model(x))
+        assert_close(gm(x), beit_reference(model, x, (0, 1), 0.5))
     assert len(gm.report.side_tensors) == 2  # the (1, H, N, N) biases of blocks 1 and 2
 
 
