@@ -42,7 +42,7 @@ def _analyse(model, example_input, config: Config, flops: bool):
     if ctx.mode == "lines":  # CNNs: rows and columns (repshift_fx/report_lines.py)
         from .report_lines import build_line_report
 
-        return gm, build_line_report(model, gm, ctx, flops)
+        return gm, build_line_report(model, gm, ctx, flops, budget=budget)
     before = after = None
     if flops:
         before, after = before_and_after(model, gm, ctx)

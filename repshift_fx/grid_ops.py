@@ -79,7 +79,9 @@ class Window:
     ceil_mode: bool = False
 
     def lost(self, size: int, axis: int, extra_end: int = 0) -> int:
-        """Real input lines (not padding) of `size` that no window reaches along `axis`.
+        """Real input lines (not padding) at the end of `size` that no window reaches along
+        `axis`, beyond the gap a window narrower than its stride leaves after every window
+        anyway (a 1x1 stride-2 convolution skips every other line whatever the count).
 
         `extra_end` is padding added by a separate pad node before this op."""
         if self.ceil_mode:
@@ -90,7 +92,7 @@ class Window:
         if padded < span:
             return size
         tail = (padded - span) % self.stride[axis]
-        return max(0, tail - end - extra_end)
+        return max(0, tail - end - extra_end - max(0, self.stride[axis] - span))
 
 
 def window(node: torch.fx.Node, gm: torch.fx.GraphModule) -> Window | None:

@@ -14,7 +14,7 @@ import logging
 import torch.fx
 
 from .config import Config, PassContext
-from .errors import ConfigError, NoSiteError
+from .errors import ConfigError, NoSiteError, UnsupportedSiteError
 from .passes import find_lines, find_sites, insert_line_pruning, line_shapes, verify
 from .plan_lines import make_line_plan
 
@@ -58,9 +58,13 @@ def run_line_passes(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.Grap
     for p in LINE_ANALYSIS_PASSES:
         gm = p.run(gm, ctx)
     ctx.plan = make_line_plan(ctx.analysis, ctx.config)
-    for p in LINE_REWRITE_PASSES:
-        log.debug("running pass %s", p.__name__)
-        gm = p.run(gm, ctx)
+    try:
+        for p in LINE_REWRITE_PASSES:
+            log.debug("running pass %s", p.__name__)
+            gm = p.run(gm, ctx)
+    except UnsupportedSiteError as error:
+        error.plan = ctx.plan  # the counts fixed before the refusal: the FLOP-budget search learns from them
+        raise
     _log_plan(ctx)
     return gm
 

@@ -1,7 +1,8 @@
 """Plan: turn the configuration and the analysis into a `PrunePlan` (which block drops how many).
 
     Config(keep, at, site, distance, ...) + Analysis(blocks, prefix) -> PrunePlan
-    Config(target_flops=R, at, ...) + model -> Config(keep=rate, at, ...)   (`plan_for_budget`)
+    Config(target_flops=R, at, ...) + model -> Config(keep=rate, at, ...)   (`plan_for_budget`;
+                                                lines mode: `plan_lines.plan_lines_for_budget`)
 """
 from __future__ import annotations
 
@@ -81,12 +82,17 @@ def check_at(at: tuple[int, ...], depth: int, first: str, kind: str = "blocks") 
         )
 
 
-def make_plan(analysis, config: Config) -> PrunePlan:
+def check_keep_chosen(config: Config) -> None:
+    """A plan needs a keep rate: target_flops is turned into one by `plan_for_budget` first."""
     if config.keep is None:
         raise ConfigError(
             f"target_flops={config.target_flops} needs the FLOPs measured on the model: use "
             "repshift_fx.compress()/inspect(), which choose the keep rate, or pass keep="
         )
+
+
+def make_plan(analysis, config: Config) -> PrunePlan:
+    check_keep_chosen(config)
     depth = len(analysis.blocks)
     at = config.at if config.at is not None else default_at(depth)
     if not at:
@@ -122,7 +128,7 @@ class BudgetResult:
     reached: float  # GMACs after / GMACs before, counted by the flop counter
     keep: float  # the single keep rate given to every drop
     at: tuple[int, ...]
-    kept: tuple[int, ...]  # non-prefix tokens kept at each drop
+    kept: tuple  # non-prefix tokens kept at each drop; lines mode: (rows, cols) kept at each drop
     gflops_before: float
     gflops_after: float
 
@@ -177,7 +183,8 @@ def _chain_with_fused(rate: float, before: int, drops: int, fuse: bool) -> list[
 
 
 def largest_rate(cost: Callable[[float], int], limit: Fraction, before: int) -> float | None:
-    """The largest keep rate with cost(rate) <= limit, None if even 1/before (one token) exceeds it.
+    """The largest keep rate with cost(rate) <= limit, None if even 1/before (one token, or one row
+    and one column of grids up to before x before) exceeds it.
 
     `cost` is a non-decreasing step function of the rate whose steps end at fractions j/m with
     m <= before (where some drop's ceil(rate * m) changes), at least 1/before^2 apart. Bisection
@@ -213,38 +220,90 @@ def _segments(gm, macs: dict[str, int], at: tuple[int, ...]) -> list[int]:
     return totals
 
 
-class _Measure:
-    """Rewrites and counts the model at given kept counts (a small cache around the pipeline)."""
+def _unpruned(model, example_input, config: Config):
+    """The pipeline at keep=1.0: which drops `at` means, and their sizes without pruning."""
+    from .pipeline import rewrite
 
-    def __init__(self, model, example_input, config: Config):
-        from .flops import count_macs, first_sample, node_macs
-        from .pipeline import rewrite
+    return rewrite(model, example_input, dataclasses.replace(config, keep=1.0, target_flops=None))
 
-        self._rewrite, self._node_macs = rewrite, node_macs
+
+class Search:
+    """What the budget searches of both modes share: the unpruned rewrite (the drops `at`), the
+    original MACs, rewrites at a given keep, the largest rate within the budget and its result.
+    tokens mode: `_Measure` below; lines mode: `plan_lines.LineSearch`."""
+
+    least = "one token"  # what the lowest rate, 1/before, keeps at every drop
+
+    def __init__(self, model, example_input, config: Config, unpruned=None):
+        from .flops import count_macs, first_sample
+
         self.model, self.example_input, self.config = model, example_input, config
-        gm, ctx = rewrite(model, example_input, dataclasses.replace(config, keep=1.0, target_flops=None))
-        if ctx.mode == "lines":
-            raise ConfigError("target_flops is not supported in lines mode (CNNs) yet; pass keep= (e.g. keep=0.7)")
-        self.at, self.prefix = ctx.plan.at, ctx.plan.prefix
+        self.unpruned = unpruned or _unpruned(model, example_input, config)
+        gm, ctx = self.unpruned
+        self.at = ctx.plan.at
         if not self.at:
             raise ConfigError("target_flops needs at least one drop; pass at=")
-        self.before = ctx.plan.drops[0].before
         self.original = count_macs(model, first_sample(ctx.args))
+
+    def config_for(self, keep) -> Config:
+        return dataclasses.replace(self.config, keep=keep, at=self.at, target_flops=None)
+
+    def rewrite(self, keep):
+        from .pipeline import rewrite
+
+        return rewrite(self.model, self.example_input, self.config_for(keep))
+
+    @property
+    def limit(self) -> Fraction:
+        """The budget in MACs: target * original."""
+        return Fraction(self.config.target_flops) * self.original
+
+    def largest(self, cost: Callable[[float], int], before: int) -> float:
+        """`largest_rate` within the budget; ConfigError naming the lowest reachable ratio."""
+        rate = largest_rate(cost, self.limit, before)
+        if rate is None:
+            self.below_reach(cost(1.0 / before), f"keeping {self.least} at every drop")
+        return rate
+
+    def below_reach(self, lowest: int, what: str) -> None:
+        """ConfigError: the target is below `lowest` MACs, what `what` (the lowest schedule) reaches."""
+        ratio = lowest / self.original
+        raise ConfigError(
+            f"target_flops={self.config.target_flops} is below what any schedule at at={self.at} reaches: {what} "
+            f"gives a FLOP ratio of {ratio:.3f}. Ask for at least {math.ceil(ratio * 1000) / 1000}, "
+            "or drop earlier (a smaller first block in at)."
+        )
+
+    def result(self, rate: float, reached: int, kept: tuple) -> tuple[Config, BudgetResult]:
+        """The config to compress with (keep=rate) and the `BudgetResult` of `reached` MACs."""
+        result = BudgetResult(self.config.target_flops, reached / self.original, rate, self.at, kept,
+                              self.original / 1e9, reached / 1e9)
+        log.info("target_flops=%s: keep=%.4f at %s keeps %s; FLOP ratio %.4f", result.target, rate, self.at,
+                 kept, result.reached)
+        return self.config_for(rate), result
+
+
+class _Measure(Search):
+    """Rewrites and counts the model at given kept counts (a small cache around the pipeline)."""
+
+    def __init__(self, model, example_input, config: Config, unpruned=None):
+        from .flops import node_macs
+
+        super().__init__(model, example_input, config, unpruned)
+        self._node_macs = node_macs
+        gm, ctx = self.unpruned
+        self.prefix = ctx.plan.prefix
+        self.before = ctx.plan.drops[0].before
         self.runs = {self.before: self._segments(gm, ctx)}
         self.totals: dict[tuple[int, ...], int] = {}
 
     def _segments(self, gm, ctx) -> list[int]:
         return _segments(gm, self._node_macs(gm, ctx.args), self.at)
 
-    def config_for(self, keep) -> Config:
-        return dataclasses.replace(self.config, keep=keep, at=self.at, target_flops=None)
-
     def at_first_drop(self, m: int) -> list[int]:
         """Segment MACs when the first drop keeps m tokens and the later drops keep all."""
         if m not in self.runs:
-            keep = (m / self.before,) + (1.0,) * (len(self.at) - 1)
-            gm, ctx = self._rewrite(self.model, self.example_input, self.config_for(keep))
-            self.runs[m] = self._segments(gm, ctx)
+            self.runs[m] = self._segments(*self.rewrite((m / self.before,) + (1.0,) * (len(self.at) - 1)))
         return self.runs[m]
 
     def chain(self, rate: float) -> tuple[int, ...]:
@@ -258,8 +317,7 @@ class _Measure:
         """Measured MACs of the single-rate schedule (one rewrite per distinct schedule)."""
         chain = self.chain(rate)
         if chain not in self.totals:
-            gm, ctx = self._rewrite(self.model, self.example_input, self.config_for(rate))
-            self.totals[chain] = sum(self._segments(gm, ctx))
+            self.totals[chain] = sum(self._segments(*self.rewrite(rate)))
         return self.totals[chain]
 
     def cost_model(self) -> CostModel:
@@ -281,35 +339,24 @@ def plan_for_budget(model, example_input, config: Config) -> tuple[Config, Budge
     counted again on the rewritten graph; should the two ever disagree, the search
     runs again on measured counts. Returns the config to compress with (keep=rate) and the result.
     Raises ConfigError if even one token per drop exceeds the budget.
+    Lines mode (CNNs: one rate for rows and columns) searches on measured counts:
+    `plan_lines.plan_lines_for_budget`.
     """
-    target = config.target_flops
-    measure = _Measure(model, example_input, config)
-    limit = Fraction(target) * measure.original
+    unpruned = _unpruned(model, example_input, config)
+    if unpruned[1].mode == "lines":
+        from .plan_lines import plan_lines_for_budget
+
+        return plan_lines_for_budget(model, example_input, config, unpruned)
+    measure = _Measure(model, example_input, config, unpruned)
     cost = measure.cost_model()
 
     def predict(rate: float) -> int:
         return cost.macs(tuple(measure.prefix + k for k in measure.passed(rate)))
 
-    rate = largest_rate(predict, limit, measure.before)
-    if rate is None:
-        _below_reach(target, predict(1.0 / measure.before) / measure.original, measure)
+    rate = measure.largest(predict, measure.before)
     reached = measure.total(rate)
     if reached != predict(rate):
         log.warning("FLOP cost model off (%d vs %d MACs); searching on measured counts", predict(rate), reached)
-        rate = largest_rate(measure.total, limit, measure.before)
-        if rate is None:
-            _below_reach(target, measure.total(1.0 / measure.before) / measure.original, measure)
+        rate = measure.largest(measure.total, measure.before)
         reached = measure.total(rate)
-    result = BudgetResult(target, reached / measure.original, rate, measure.at, measure.chain(rate),
-                          measure.original / 1e9, reached / 1e9)
-    log.info("target_flops=%s: keep=%.4f at %s keeps %s tokens; FLOP ratio %.4f", target, rate, measure.at,
-             result.kept, result.reached)
-    return measure.config_for(rate), result
-
-
-def _below_reach(target: float, lowest: float, measure: _Measure) -> None:
-    raise ConfigError(
-        f"target_flops={target} is below what any schedule at at={measure.at} reaches: keeping one token "
-        f"at every drop gives a FLOP ratio of {lowest:.3f}. Ask for at least {math.ceil(lowest * 1000) / 1000}, "
-        "or drop earlier (a smaller first block in at)."
-    )
+    return measure.result(rate, reached, measure.chain(rate))

@@ -10,6 +10,7 @@ It is a `report.Report` (same fields, same summary lines where they apply): `tok
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import networkx as nx
@@ -61,17 +62,23 @@ class LineReport(Report):
         return tabulate(rows, headers=headers, tablefmt=fmt, disable_numparse=True)
 
     def summary(self) -> list[str]:
-        lines = super().summary()
-        lines[0] = "line-wise pruning (mode='lines'): rows and columns of (B, C, H, W) maps"
-        return [lines[0], self.stage_table(), ""] + [line for line in lines[1:] if not line.startswith("side tensors")]
+        lines = [self._budget_line() if line.startswith("FLOP budget") else line
+                 for line in super().summary()[1:] if not line.startswith("side tensors")]
+        return ["line-wise pruning (mode='lines'): rows and columns of (B, C, H, W) maps", self.stage_table(), ""] + lines
 
+    def _budget_line(self) -> str:
+        """Report.summary's budget line, with the (rows, cols) kept at each drop."""
+        b = self.budget
+        kept = ", ".join(f"{rows}x{cols}" for rows, cols in b["kept"])
+        return (f"FLOP budget {b['target']}: reached ratio {b['reached']:.4f} with keep={b['keep']:.4f} for rows "
+                f"and columns at {tuple(b['at'])} (kept {kept} rows x columns)")
 
     def __str__(self) -> str:
         cfg = ", ".join(f"{k}={self.config[k]}" for k in _SHOWN if self.config.get(k) is not None)
         return "\n".join([f"repshift_fx report for {self.model} ({cfg})", self.table(), "", *self.summary()])
 
 
-_SHOWN = ("keep", "at", "distance", "score", "mode")  # the options that mean something on a grid
+_SHOWN = ("keep", "at", "distance", "score", "mode", "target_flops")  # the options that mean something on a grid
 
 
 def _grid(grid) -> str:
@@ -110,8 +117,9 @@ def _stages(analysis, plan, before, after) -> list[dict]:
     return stages
 
 
-def build_line_report(model, gm: torch.fx.GraphModule, ctx, flops: bool = True) -> LineReport:
-    """The report of one lines-mode rewrite; with `flops`, GMACs per sample per block and stage."""
+def build_line_report(model, gm: torch.fx.GraphModule, ctx, flops: bool = True, budget=None) -> LineReport:
+    """The report of one lines-mode rewrite; with `flops`, GMACs per sample per block and stage;
+    `budget`: the `plan.BudgetResult` when target_flops chose the keep rate."""
     analysis, plan = ctx.analysis, ctx.plan
     total_before = total_after = blocks_before = blocks_after = outside_before = outside_after = None
     if flops:
@@ -134,11 +142,14 @@ def build_line_report(model, gm: torch.fx.GraphModule, ctx, flops: bool = True) 
                for s in analysis.sites if s.hazards]
     refused += [f"add '{name}' holds other blocks (a long skip): not a block" for name in analysis.long_skips]
     config = dict(vars(plan.config), at=plan.at, mode="lines")
+    if budget is not None:
+        config["target_flops"] = budget.target
     return LineReport(
         model=ctx.model_name, config=config, blocks=rows, prefix=0, prefix_source="a grid has no prefix tokens",
         gflops_before=total_before, gflops_after=total_after, notes=list(ctx.notes),
         gflops_outside_before=outside_before, gflops_outside_after=outside_after, refused=refused,
-        graph=line_dot_graph(gm, analysis), stages=_stages(analysis, plan, blocks_before, blocks_after))
+        graph=line_dot_graph(gm, analysis), stages=_stages(analysis, plan, blocks_before, blocks_after),
+        budget=dataclasses.asdict(budget) if budget is not None else None)
 
 
 def line_dot_graph(gm: torch.fx.GraphModule, analysis) -> nx.DiGraph:

@@ -50,6 +50,16 @@ def test_resnet18_separate_rates_and_norm_score(resnet18, img):
         assert_close(gm(img), resnet_reference(resnet18, img, (2,), [(0.5, 0.75)], score="norm"))
 
 
+def test_a_1x1_stride_2_shortcut_takes_an_even_count_from_an_odd_grid(resnet18):
+    """At 112 px layer3 runs on 7x7; keep 0.5 leaves 4 rows, of which layer4's 1x1 stride-2
+    downsample reads rows 0 and 2, as it read 0, 2, 4, 6 of 7: a gap like any other, not a loss."""
+    x = torch.randn(2, 3, 112, 112)
+    gm = repshift_fx.compress(resnet18, x, keep=0.5, at=(4,), compile=False)
+    assert [r.grid_out for r in gm.report.blocks][4:] == [(4, 4), (4, 4), (2, 2), (2, 2)]
+    with torch.no_grad():
+        assert_close(gm(x), resnet_reference(resnet18, x, (4,), 0.5))
+
+
 def test_per_drop_rates_follow_the_grid_that_reaches_them(resnet18, img):
     report = repshift_fx.inspect(resnet18, img, keep=(0.7, (0.5, 1.0)), at=(0, 3))
     grids = [(r.grid_in, r.grid_out) for r in report.blocks]
@@ -146,8 +156,6 @@ def test_resnet34_default_schedule_and_report():
 
 
 def test_bad_line_options(resnet18, img):
-    with pytest.raises(ConfigError, match="target_flops is not supported in lines mode"):
-        repshift_fx.compress(resnet18, img, target_flops=0.5, compile=False)
     with pytest.raises(ConfigError, match="score='attention' works on tokens"):
         repshift_fx.compress(resnet18, img, score="attention", compile=False)
     with pytest.raises(ConfigError, match="site='attn'"):
