@@ -32,6 +32,9 @@ from repshift_fx.errors import UnsupportedSiteError
 from repshift_fx.graph import data_graph, module_path, nodes_by_name, op_name, shape, tensor_args
 from repshift_fx.passes.token_shapes import _FollowingShapeProp
 
+# attention calls whose mask (argument 3 or attn_mask) is cut to the kept tokens: SDPA, and the
+# explicit form score="attention" puts in the scoring blocks (same arguments)
+_ATTENTION = {"scaled_dot_product_attention", "explicit_attention"}
 # ops whose tensor arguments broadcast against each other, element by element
 _BROADCAST = {"add", "sub", "mul", "truediv", "div", "where", "masked_fill", "maximum", "minimum", "lerp",
               "addcmul", "addcdiv", "eq", "ne", "lt", "le", "gt", "ge", "logical_and", "logical_or", "and_", "or_"}
@@ -156,7 +159,7 @@ class _SideGatherer(_FollowingShapeProp):
 
     def _frontier(self, n: torch.fx.Node, k: int) -> None:
         op = op_name(n)
-        if op == "scaled_dot_product_attention":
+        if op in _ATTENTION:
             mask = n.kwargs.get("attn_mask", n.args[3] if len(n.args) > 3 else None)
             sides = [mask] if isinstance(mask, torch.fx.Node) and self.drops.region.get(mask) != k else []
             q, key = n.args[0], n.kwargs.get("key", n.args[1] if len(n.args) > 1 else None)

@@ -7,13 +7,16 @@
     x = to_model_input(pixels, (3, 224, 224), mean, std)               # (8, 3, 224, 224) float
 
 Nothing is downloaded or installed here; a missing source is a `DataError` that says which
-package to install. WordNet glosses (Debian wordnet-base, 41 lexicographer categories) are text:
-`wordnet_glosses` reads them for text models.
+package to install. WordNet is text, for text models (`repshift_fx.evaluation_text`):
+
+    data = load_dataset("wordnet", split="train", limit=2000)          # Debian wordnet-base
+    data.texts[:2], data.labels[:2]                                    # definitions, 41 categories
 """
 from __future__ import annotations
 
 import gzip
 import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -22,12 +25,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import wordnet
 from .errors import RepShiftError
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                    "Ankle boot")
-WORDNET = Path("/usr/share/wordnet")
+WORDNET = wordnet.WORDNET
+WORDNET_CLASSES = tuple(name for name in wordnet.LEXNAMES if name.startswith(("noun.", "verb.")))  # 41
+WORDNET_TEST_SHARE = 5  # one synset in 5 is a test one
 SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
                   "colorwheel", "camera", "clock", "coins", "moon", "brick", "grass", "gravel", "page", "text", "cell")
 _SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
@@ -51,6 +57,19 @@ class Dataset:
 
     def images(self, indices: Sequence[int]) -> list[np.ndarray]:
         return [self.load(int(i)) for i in indices]
+
+
+@dataclass
+class TextDataset:
+    """Texts with integer labels."""
+
+    name: str
+    labels: torch.Tensor  # (N,) int64
+    classes: tuple[str, ...]
+    texts: list[str]
+
+    def __len__(self) -> int:
+        return len(self.labels)
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -121,8 +140,9 @@ def skimage_photos(limit: int | None = None) -> Dataset:
     return Dataset("skimage", torch.arange(len(names)), names, lambda i: getattr(skimage.data, names[i])())
 
 
-def load_dataset(spec: str, split: str = "test", limit: int | None = None) -> Dataset:
-    """'fashion-mnist', 'skimage' or 'folder:PATH' (a split sub-folder PATH/<split> is used when present)."""
+def load_dataset(spec: str, split: str = "test", limit: int | None = None) -> Dataset | TextDataset:
+    """'fashion-mnist', 'skimage' or 'folder:PATH' (a split sub-folder PATH/<split> is used when
+    present): images; 'wordnet': text (a `TextDataset`)."""
     if spec == "fashion-mnist":
         return fashion_mnist(split, limit)
     if spec == "skimage":
@@ -131,9 +151,8 @@ def load_dataset(spec: str, split: str = "test", limit: int | None = None) -> Da
         root = Path(spec[len("folder:"):])
         return image_folder(root / split if (root / split).is_dir() else root, limit)
     if spec == "wordnet":
-        raise DataError("wordnet holds text (glosses); it needs a text model, which the harness does not "
-                        "support yet (repshift_fx.datasets.wordnet_glosses reads it)")
-    raise DataError(f"unknown data set {spec!r}: give fashion-mnist, skimage or folder:PATH")
+        return wordnet_definitions(split, limit)
+    raise DataError(f"unknown data set {spec!r}: give fashion-mnist, skimage, folder:PATH or wordnet (text)")
 
 
 def to_model_input(images: list[np.ndarray], shape: tuple[int, int, int], mean, std) -> torch.Tensor:
@@ -156,34 +175,31 @@ def to_model_input(images: list[np.ndarray], shape: tuple[int, int, int], mean, 
     return (x - mean) / std
 
 
-def wordnet_glosses(limit: int | None = None, root: Path = WORDNET) -> tuple[list[str], torch.Tensor, tuple[str, ...]]:
-    """Noun and verb definitions from Debian's `wordnet-base`, each labelled with its lexicographer
-    category (noun.animal, verb.motion, ...: 41 in all). -> (glosses, labels (N,), category names)."""
-    files = [root / "data.noun", root / "data.verb"]
-    if not all(f.exists() for f in files):
-        raise DataError(f"WordNet is not installed ({files[0]} is missing): apt-get install wordnet-base (Debian)")
-    lexnames = _lexnames(root)
-    glosses, categories = [], []
-    for path in files:
-        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-            if line.startswith(" ") or "|" not in line:
-                continue  # the licence header
-            fields, gloss = line.split("|", 1)
-            glosses.append(gloss.strip())
-            categories.append(lexnames[int(fields.split()[1])])
-    names = tuple(sorted(set(categories)))
-    index = {name: i for i, name in enumerate(names)}
-    labels = torch.tensor([index[c] for c in categories])
-    picked = torch.randperm(len(glosses), generator=torch.Generator().manual_seed(0))[:limit].sort().values
-    return [glosses[i] for i in picked], labels[picked], names
+def in_wordnet_test_split(synset: wordnet.Synset) -> bool:
+    """The split of a synset, fixed by its part of speech and offset alone: test when the CRC-32 of
+    "n:00001740" (pos:offset) is a multiple of WORDNET_TEST_SHARE (about one synset in 5)."""
+    return zlib.crc32(f"{synset.pos}:{synset.offset:08d}".encode()) % WORDNET_TEST_SHARE == 0
 
 
-def _lexnames(root: Path) -> dict[int, str]:
-    path = root / "lexnames"
-    if path.exists():
-        return {int(n): name for n, name, _ in (line.split() for line in path.read_text().splitlines() if line.strip())}
-    noun = ("Tops act animal artifact attribute body cognition communication event feeling food group location motive "
-            "object person phenomenon plant possession process quantity relation shape state substance time").split()
-    verb = ("body change cognition communication competition consumption contact creation emotion motion perception "
-            "possession social stative weather").split()
-    return {3 + i: f"noun.{n}" for i, n in enumerate(noun)} | {29 + i: f"verb.{v}" for i, v in enumerate(verb)}
+def wordnet_definitions(split: str = "test", limit: int | None = None, root: Path = WORDNET) -> TextDataset:
+    """Noun and verb definitions from Debian's `wordnet-base` (the gloss before its quoted
+    examples), each labelled with its lexicographer category (41: noun.animal, verb.motion, ...).
+
+    split: "test" (about 19,200 synsets) or "train" (about 76,700), by `in_wordnet_test_split`;
+    limit: every k-th definition of the split, in file order, which is grouped by category, so each
+    category keeps its share."""
+    if split not in ("train", "test"):
+        raise DataError(f"WordNet split must be 'train' or 'test', got {split!r}")
+    if not wordnet.available(Path(root)):
+        raise DataError(f"WordNet is not installed ({Path(root) / 'data.noun'} is missing): "
+                        "apt-get install wordnet-base (Debian)")
+    test = split == "test"
+    picked = [s for part in ("noun", "verb") for s in wordnet.synsets(part, root)
+              if s.definition and in_wordnet_test_split(s) == test]
+    if limit is not None:
+        if limit <= 0:
+            raise DataError(f"the WordNet limit must be positive, got {limit}")
+        picked = picked[::max(1, len(picked) // limit)][:limit]
+    index = {name: i for i, name in enumerate(WORDNET_CLASSES)}
+    return TextDataset(f"wordnet/{split}", torch.tensor([index[s.category] for s in picked]), WORDNET_CLASSES,
+                       [s.definition for s in picked])

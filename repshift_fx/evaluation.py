@@ -14,6 +14,7 @@ Heads (`head=`):
   (as many classes as outputs), else only agreement is reported.
 Agreement: the share of test samples whose prediction is the unpruned model's prediction.
 The model passed in is never changed: features come from a copy.
+Text models (sentence encoders on WordNet definitions): `repshift_fx.evaluation_text`.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import json
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from tabulate import tabulate
@@ -171,8 +173,24 @@ def run_model(fn, data: Dataset, shape, mean, std, batch: int = 64, desc: str = 
 # --- the unpruned model, once ---
 
 
+class Scoring:
+    """Predictions and scores of a setup: its probe (or argmax), its unpruned reference predictions,
+    its test labels; `accuracy` is None where it is not measured."""
+
+    def predict(self, outputs: torch.Tensor) -> torch.Tensor:
+        return self.probe.predict(outputs) if self.probe is not None else outputs.argmax(1)
+
+    def scores(self, outputs: torch.Tensor) -> tuple[float | None, float]:
+        """(accuracy or None, agreement with the unpruned predictions)."""
+        predicted = self.predict(outputs)
+        agreement = (predicted == self.reference).double().mean().item()
+        if self.accuracy is None:
+            return None, agreement
+        return (predicted == self.test.labels).double().mean().item(), agreement
+
+
 @dataclass
-class Setup:
+class Setup(Scoring):
     """Everything the sweep reuses: the unpruned outputs, the probe, the reference predictions."""
 
     model: nn.Module  # the feature model (head="probe") or the model (head="model")
@@ -190,17 +208,7 @@ class Setup:
     progress: bool = True
     seed: int = 0
     notes: list[str] = field(default_factory=list)
-
-    def predict(self, outputs: torch.Tensor) -> torch.Tensor:
-        return self.probe.predict(outputs) if self.probe is not None else outputs.argmax(1)
-
-    def scores(self, outputs: torch.Tensor) -> tuple[float | None, float]:
-        """(accuracy or None, agreement with the unpruned predictions)."""
-        predicted = self.predict(outputs)
-        agreement = (predicted == self.reference).double().mean().item()
-        if self.accuracy is None:
-            return None, agreement
-        return (predicted == self.test.labels).double().mean().item(), agreement
+    unit: ClassVar[str] = "images"
 
 
 def cache_key(**parts) -> str:
@@ -209,17 +217,25 @@ def cache_key(**parts) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:16] + ".pt"
 
 
-def _cached_outputs(model, data: Dataset, setup_args: dict, cache: Path | None, what: str, progress: bool):
-    path = cache / cache_key(data=data.name, n=len(data), **setup_args) if cache else None
+def cached(compute, cache: Path | None, what: str, **key) -> torch.Tensor:
+    """compute(), or what an earlier call with the same `key` saved under `cache` (None: no cache)."""
+    path = cache / cache_key(**key) if cache else None
     if path is not None and path.exists():
         log.info("unpruned %s outputs from the cache %s", what, path)
         return torch.load(path, weights_only=True)
-    outputs = run_model(model, data, setup_args["shape"], setup_args["mean"], setup_args["std"],
-                        setup_args["batch"], f"unpruned ({what})", progress)
+    outputs = compute()
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(outputs, path)
     return outputs
+
+
+def _cached_outputs(model, data: Dataset, setup_args: dict, cache: Path | None, what: str, progress: bool):
+    def compute():
+        return run_model(model, data, setup_args["shape"], setup_args["mean"], setup_args["std"],
+                         setup_args["batch"], f"unpruned ({what})", progress)
+
+    return cached(compute, cache, what, data=data.name, n=len(data), **setup_args)
 
 
 def prepare(loaded, train: Dataset | None, test: Dataset, *, head: str = "probe", features: str = "pooled",
@@ -283,9 +299,11 @@ def evaluate(setup: Setup, variant: Variant, keep: float, at=None, fuse: bool = 
     return EvalRow(variant.label, keep, gflops, gflops / setup.gflops, accuracy, agreement)
 
 
-def sweep(setup: Setup, variants: list[Variant], keeps=KEEPS, at=None, fuse: bool = False) -> list[EvalRow]:
+def sweep(setup: Setup, variants: list[Variant], keeps=KEEPS, at=None, fuse: bool = False, run=None) -> list[EvalRow]:
     """The unpruned row, then one row per variant and keep rate below 1 (keep=1.0 is the unpruned
-    model). A variant the pass refuses for this model is left out with a note in `setup.notes`."""
+    model). A variant the pass refuses for this model is left out with a note in `setup.notes`.
+    `run(setup, variant, keep, at, fuse) -> EvalRow` measures one (default `evaluate`, images)."""
+    run = run or evaluate
     rows = [EvalRow("unpruned", 1.0, setup.gflops, 1.0, setup.accuracy, 1.0)]
     jobs = [(v, k) for v in variants for k in keeps if k < 1.0]
     refused: set[str] = set()
@@ -293,7 +311,7 @@ def sweep(setup: Setup, variants: list[Variant], keeps=KEEPS, at=None, fuse: boo
         if variant.label in refused:
             continue
         try:
-            rows.append(evaluate(setup, variant, keep, at, fuse))
+            rows.append(run(setup, variant, keep, at, fuse))
         except RepShiftError as err:
             refused.add(variant.label)
             setup.notes.append(f"{variant.label} left out: {err}")

