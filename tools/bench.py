@@ -2,7 +2,7 @@
 
     python tools/bench.py                                   # deit_small, batch 32, 2 threads
     python tools/bench.py --model deit_tiny_patch16_224 --batch 8 --rounds 3 --keep 0.5 --at 4
-    python tools/bench.py --torchvision resnet50 --keep 0.7 --at 4 --channels-last   # a CNN: lines mode
+    python tools/bench.py --torchvision resnet50 --keep 0.7 --at 4 --channels-last --freezing   # a CNN: lines mode
     python tools/bench.py --compare                         # shift vs attention vs random, same FLOPs
     python tools/bench.py --compare --out results/bench_scores --docs docs    # ... copied to docs/bench_scores.*
 
@@ -37,6 +37,9 @@ def parse_args(argv=None):
                         help="a torchvision model instead (random weights), e.g. resnet50; CNNs prune rows and columns")
     parser.add_argument("--channels-last", action="store_true",
                         help="model and images in channels-last memory format (CNNs: far faster convolutions on CPU)")
+    parser.add_argument("--freezing", action="store_true", help="Inductor freezing for every compiled variant "
+                        "(weights as constants: BN folded into convs, weights prepacked; PyTorch's advice for CPU "
+                        "inference)")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--threads", type=int, default=2)
@@ -61,6 +64,10 @@ def parse_args(argv=None):
 def main(argv=None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.freezing:
+        from torch._inductor import config as inductor_config
+
+        inductor_config.freezing = True
     extra = {"depth": args.depth} if args.depth else {}
     if args.torchvision:
         import torchvision
@@ -78,7 +85,7 @@ def main(argv=None) -> None:
     rows = run_benchmark(model, images, rounds=args.rounds, threads=args.threads, keep=args.keep, at=at,
                          overhead=not args.no_overhead)
     title = (f"{args.model}, batch {args.batch}, {args.img_size} px, fp32{', channels-last' * args.channels_last}, "
-             f"{args.threads} threads, "
+             f"{'Inductor freezing, ' * args.freezing}{args.threads} threads, "
              f"keep={args.keep}, at={at or 'default'}, {args.rounds} rounds interleaved, medians")
     print(title)
     print(format_table(rows))
