@@ -250,6 +250,21 @@ def default_input(model: nn.Module) -> tuple[int, ...] | None:
     return None
 
 
+def torchvision_input(spec: str) -> tuple[int, ...] | None:
+    """(1, 3, S, S) for a torchvision classifier, S the crop size of its default weights' preset
+    (224 for ResNets, 299 for Inception v3); None for other specs and models without one."""
+    scheme, _, name = spec.partition(":")
+    if scheme != "torchvision":
+        return None
+    import torchvision
+
+    try:
+        crop = getattr(torchvision.models.get_model_weights(name).DEFAULT.transforms(), "crop_size", None)
+    except (ValueError, KeyError, AttributeError, TypeError):
+        return None
+    return (1, 3, crop[0], crop[-1]) if crop else None
+
+
 def _normalisation(model: nn.Module) -> tuple[tuple, tuple]:
     cfg = getattr(model, "pretrained_cfg", None) or {}
     return tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD))
@@ -263,7 +278,7 @@ def load_model(spec: str, *, checkpoint=None, input_shape: str | None = None, kw
     model = build_model(spec, kwargs)
     if checkpoint:
         load_checkpoint(model, checkpoint, spec)
-    shape = shape or default_input(model)
+    shape = shape or default_input(model) or torchvision_input(spec)
     if shape is None:
         raise SpecError(f"cannot tell the input size of {spec}; pass --input, e.g. 1x3x224x224")
     if batch is not None:

@@ -253,3 +253,13 @@ def test_installed_command_exits_2_with_one_line():
     result = subprocess.run([command, "inspect", "timm:no_such_vit"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("repshift-fx inspect: error: unknown timm")
+
+
+def test_torchvision_classifiers_get_their_preset_input_size(capsys):
+    from repshift_fx.specs import torchvision_input
+
+    assert torchvision_input("torchvision:inception_v3") == (1, 3, 299, 299)
+    assert torchvision_input("torchvision:fasterrcnn_resnet50_fpn") is None  # no crop size: --input needed
+    assert torchvision_input("timm:resnet18") is None
+    data = run_json(capsys, "inspect", "torchvision:resnet18")
+    assert data["input"] == [1, 3, 224, 224] and data["mode"] == "lines"
