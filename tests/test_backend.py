@@ -385,6 +385,7 @@ def resnet18():
 
 def test_cnn_graph_prunes_rows_and_columns_like_compress(resnet18):
     config = {"keep": 0.5, "at": (1, 4)}
+    before = snapshot(resnet18)
     compiled, backend = _compiled(resnet18, **config)
     with torch.no_grad():
         for batch in (2, 3, 7):  # the second batch size recompiles with a dynamic batch
@@ -392,6 +393,7 @@ def test_cnn_graph_prunes_rows_and_columns_like_compress(resnet18):
             reference = repshift_fx.compress(resnet18, x, compile=False, **config)
             assert_close(compiled(x), reference(x), tol=0)
     assert len(backend.reports) == 2 and backend.reports[0].config["mode"] == "lines"
+    assert_unchanged(resnet18, before)
     assert [row.grid_out for row in backend.reports[0].blocks][:5] == [(24, 24), (12, 12), (6, 6), (6, 6), (2, 2)]
 
 

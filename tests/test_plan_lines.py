@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import repshift_fx
+from conftest import assert_unchanged, snapshot
 from repshift_fx import ConfigError, UnsupportedSiteError
 from repshift_fx.config import Config
 from repshift_fx.pipeline import rewrite
@@ -41,7 +42,9 @@ def best_schedule(search: LineSearch) -> int:
 
 @pytest.mark.parametrize("at", [None, (1, 4)])  # default: one drop after block 2 (16x16); (1, 4): 32x32 and 8x8
 def test_target_is_met_by_the_largest_rate(resnet18, at):
+    before = snapshot(resnet18)
     gm = repshift_fx.compress(resnet18, X, target_flops=0.7, at=at, compile=False)
+    assert_unchanged(resnet18, before)  # the search rewrites the model many times, never the model itself
     rate, at = gm.report.config["keep"], gm.report.config["at"]
     original = flops(resnet18)
     assert flops(gm) <= 0.7 * original
