@@ -385,6 +385,7 @@ def resnet18():
 
 def test_cnn_graph_prunes_rows_and_columns_like_compress(resnet18):
     config = {"keep": 0.5, "at": (1, 4)}
+    resnet18._is_torch_compile = True  # torch.compile (not the backend) marks the module it wraps
     before = snapshot(resnet18)
     compiled, backend = _compiled(resnet18, **config)
     with torch.no_grad():
