@@ -51,9 +51,9 @@ from .dynamo_graph import (
 from .errors import ConfigError, NoSiteError, UnsupportedSiteError
 from .graph import data_graph, nodes_by_name, shape
 from .grid_ops import is_grid
-from .passes import find_lines, find_sites
-from .lines_pipeline import run_line_passes
-from .pipeline import analyze_graph, plan_and_rewrite
+from .lines_pipeline import plan_and_rewrite_lines
+from .passes import find_sites
+from .pipeline import analyze, plan_and_rewrite
 from .plan import default_at
 from .report import Report, build_report
 from .report_lines import build_line_report
@@ -122,15 +122,13 @@ def prune_graph(gm: torch.fx.GraphModule, example_inputs: list, config: Config):
     prefix_outputs = _prefix_outputs(gm, weights, hints)
     ctx = PassContext(config=config, args=args, model_name=graph_name(gm), weight_placeholders=weights,
                       prefix_hints=hints)
-    if config.mode == "lines":
-        return (*_prune_lines(gm, ctx), prefix_outputs)
     try:
-        analyze_graph(gm, ctx)
+        mode = analyze(gm, ctx)
     except NoSiteError:
-        if config.mode == "auto":  # a CNN's graph: rows and columns
-            return (*_prune_lines(gm, ctx), prefix_outputs)
         log.info("%s: no blocks; left as it is", ctx.model_name)
         return gm, None, prefix_outputs
+    if mode == "lines":  # a CNN's graph: rows and columns
+        return (*_prune_lines(gm, ctx), prefix_outputs)
     local = _localize(ctx, frame_module())
     if local is None:
         return gm, None, prefix_outputs
@@ -143,14 +141,9 @@ def prune_graph(gm: torch.fx.GraphModule, example_inputs: list, config: Config):
 
 
 def _prune_lines(gm: torch.fx.GraphModule, ctx: PassContext):
-    """Lines mode on one graph: (graph, its LineReport or None if it holds no residual block)."""
-    try:
-        sites = find_lines.analyze(gm, ctx.weight_placeholders).sites
-    except NoSiteError:
-        log.info("%s: no blocks; left as it is", ctx.model_name)
-        return gm, None
-    _refuse_map_outputs(gm, ctx, sites[-1])
-    gm = run_line_passes(gm, ctx)
+    """Lines mode on one analysed graph: (the graph, its LineReport)."""
+    _refuse_map_outputs(gm, ctx, ctx.analysis.sites[-1])
+    gm = plan_and_rewrite_lines(gm, ctx)
     refresh_example_values(gm)
     return gm, build_line_report(None, gm, ctx, flops=False)
 

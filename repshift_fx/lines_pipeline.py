@@ -1,11 +1,9 @@
-"""The pipeline of lines mode (CNNs), and the choice between it and tokens mode.
+"""The pipeline of lines mode (CNNs), in the two halves `repshift_fx.pipeline` runs:
 
-    mode = pick_mode(gm, ctx)               # "tokens" | "lines", from ctx.config.mode and the graph
-    gm = run_line_passes(gm, ctx)           # find_lines -> plan -> insert_line_pruning -> line_shapes
+    analyze_lines(gm, ctx)                  # find_lines: ctx.analysis (a LineAnalysis)
+    gm = plan_and_rewrite_lines(gm, ctx)    # plan -> insert_line_pruning -> line_shapes
 
-mode="auto" takes tokens mode when the graph has residual MLPs over (B, N, C) tokens, else lines
-mode when it has residual blocks over (B, C, H, W) maps; a model with neither is a NoSiteError
-that says what was found.
+Which mode a graph gets is `repshift_fx.pipeline.analyze`.
 """
 from __future__ import annotations
 
@@ -13,9 +11,9 @@ import logging
 
 import torch.fx
 
-from .config import Config, PassContext
-from .errors import ConfigError, NoSiteError, UnsupportedSiteError
-from .passes import find_lines, find_sites, insert_line_pruning, line_shapes, verify
+from .config import PassContext
+from .errors import UnsupportedSiteError
+from .passes import find_lines, insert_line_pruning, line_shapes, verify
 from .plan_lines import make_line_plan
 
 log = logging.getLogger("repshift_fx")
@@ -24,39 +22,18 @@ LINE_ANALYSIS_PASSES = (find_lines,)
 LINE_REWRITE_PASSES = (insert_line_pruning, line_shapes)
 
 
-def _check_token_keep(config: Config) -> None:
-    keep = config.keep
-    if isinstance(keep, tuple) and any(isinstance(k, tuple) for k in keep):
-        raise ConfigError(f"keep={keep!r} holds (rows, cols) pairs, which are for line-wise pruning of CNNs; "
-                          "this model is pruned by tokens: give one rate per entry of at, or a single float")
-
-
-def pick_mode(gm: torch.fx.GraphModule, ctx: PassContext) -> str:
-    """"tokens" or "lines" for this graph; sets `ctx.mode`. Raises NoSiteError when neither fits."""
-    mode = ctx.config.mode
-    if mode == "auto":
-        try:
-            find_sites.analyze(gm, ctx.weight_placeholders)
-            mode = "tokens"
-        except NoSiteError as tokens_error:
-            try:
-                find_lines.analyze(gm, ctx.weight_placeholders)
-            except NoSiteError as lines_error:
-                message = f"{tokens_error.message} Nor for lines mode: {lines_error.message}."
-                raise NoSiteError(message) from tokens_error
-            mode = "lines"
-    if mode == "tokens":
-        _check_token_keep(ctx.config)
-    ctx.mode = mode
-    return mode
-
-
-def run_line_passes(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.GraphModule:
-    """Analysis, planning and rewrites of lines mode on a captured graph (shapes recorded)."""
-    ctx.mode = "lines"
+def analyze_lines(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.GraphModule:
+    """The analysis of lines mode: fills `ctx.analysis`; the graph is not changed. NoSiteError
+    when the graph has no residual block over (B, C, H, W) maps."""
     ctx.output_shapes = verify.output_shapes(gm)
     for p in LINE_ANALYSIS_PASSES:
         gm = p.run(gm, ctx)
+    ctx.mode = "lines"
+    return gm
+
+
+def plan_and_rewrite_lines(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.GraphModule:
+    """Plan from `ctx.analysis` and `ctx.config`, then the rewrites of lines mode."""
     ctx.plan = make_line_plan(ctx.analysis, ctx.config)
     try:
         for p in LINE_REWRITE_PASSES:

@@ -14,10 +14,11 @@ import torch.fx
 
 from .capture import capture
 from .config import Config, PassContext
+from .errors import ConfigError, NoSiteError
+from .lines_pipeline import analyze_lines, plan_and_rewrite_lines
 from .passes import (attention_scores, attention_to_sdpa, find_sites, gather_side_tensors, insert_pruning,
                      token_shapes, verify)
 from .plan import make_plan
-from .lines_pipeline import pick_mode, run_line_passes
 
 log = logging.getLogger("repshift_fx")
 
@@ -27,16 +28,48 @@ REWRITE_PASSES = (attention_to_sdpa, attention_scores, insert_pruning, gather_si
 
 def run_passes(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.GraphModule:
     """Run analysis, planning and rewrites on a captured graph (shapes recorded)."""
-    if pick_mode(gm, ctx) == "lines":  # CNNs: rows and columns of (B, C, H, W) maps
-        return run_line_passes(gm, ctx)
-    return plan_and_rewrite(analyze_graph(gm, ctx), ctx)
+    if analyze(gm, ctx) == "lines":  # CNNs: rows and columns of (B, C, H, W) maps
+        return plan_and_rewrite_lines(gm, ctx)
+    return plan_and_rewrite(gm, ctx)
+
+
+def analyze(gm: torch.fx.GraphModule, ctx: PassContext) -> str:
+    """The analysis of the mode `ctx.config.mode` names, or with "auto" of the one the graph fits:
+    tokens mode when it has residual MLPs over (B, N, C) tokens, else lines mode when it has
+    residual blocks over (B, C, H, W) maps. Fills `ctx.analysis` and `ctx.mode`; returns the mode.
+    NoSiteError when the graph fits neither (with "auto", the message says what both found)."""
+    mode = ctx.config.mode
+    if mode == "lines":
+        analyze_lines(gm, ctx)
+        return "lines"
+    try:
+        analyze_graph(gm, ctx)
+    except NoSiteError as tokens_error:
+        if mode == "tokens":
+            raise
+        try:
+            analyze_lines(gm, ctx)
+        except NoSiteError as lines_error:
+            message = f"{tokens_error.message} Nor for lines mode: {lines_error.message}."
+            raise NoSiteError(message) from tokens_error
+        return "lines"
+    _check_token_keep(ctx.config)
+    ctx.mode = "tokens"
+    return "tokens"
+
+
+def _check_token_keep(config: Config) -> None:
+    keep = config.keep
+    if isinstance(keep, tuple) and any(isinstance(k, tuple) for k in keep):
+        raise ConfigError(f"keep={keep!r} holds (rows, cols) pairs, which are for line-wise pruning of CNNs; "
+                          "this model is pruned by tokens: give one rate per entry of at, or a single float")
 
 
 def analyze_graph(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.GraphModule:
-    """The analysis half of `run_passes`: fills `ctx.analysis`; the graph is not changed.
+    """The analysis of tokens mode (through `analyze`): fills `ctx.analysis`; the graph is not changed.
 
-    The dynamo backend runs the halves apart: between them it maps the model's block numbering
-    onto the graph it was handed (see repshift_fx/dynamo_backend.py)."""
+    The dynamo backend runs the analysis and `plan_and_rewrite` apart: between them it maps the
+    model's block numbering onto the graph it was handed (see repshift_fx/dynamo_backend.py)."""
     ctx.output_shapes = verify.output_shapes(gm)
     for p in ANALYSIS_PASSES:
         gm = p.run(gm, ctx)
