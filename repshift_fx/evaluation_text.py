@@ -117,9 +117,13 @@ def _check_text(data, role: str) -> TextDataset:
     return data
 
 
-def _signature(module):
-    """module(input_ids, attention_mask) by keyword, as FLOP counting calls it positionally."""
-    return lambda input_ids, attention_mask: module(input_ids=input_ids, attention_mask=attention_mask)
+def _batch_gmacs(module, rows, inputs) -> float:
+    """GMACs of one batch: per sample, times the samples. FLOP counting calls the module
+    positionally; it takes (input_ids, attention_mask) by keyword."""
+    def call(input_ids, attention_mask):
+        return module(input_ids=input_ids, attention_mask=attention_mask)
+
+    return per_sample_gmacs(call, (inputs["input_ids"], inputs["attention_mask"])) * len(rows)
 
 
 @torch.no_grad()
@@ -135,7 +139,7 @@ def run_batches(make, batches, n: int, desc: str = "", progress: bool = True, le
             outputs = torch.empty(n, vectors.shape[1])
         outputs[rows] = vectors
         if count:
-            gmacs += per_sample_gmacs(_signature(module), (inputs["input_ids"], inputs["attention_mask"])) * len(rows)
+            gmacs += _batch_gmacs(module, rows, inputs)
     return outputs, (gmacs / n if count else None)
 
 
@@ -149,9 +153,7 @@ def _features(loaded: TextModel, data: TextDataset, batch: int, cache, cache_id:
 
 
 def _unpruned_gflops(model: nn.Module, batches, n: int) -> float:
-    total = sum(per_sample_gmacs(_signature(model), (inputs["input_ids"], inputs["attention_mask"])) * len(rows)
-                for rows, inputs in batches)
-    return total / n
+    return sum(_batch_gmacs(model, rows, inputs) for rows, inputs in batches) / n
 
 
 def prepare(loaded: TextModel, train: TextDataset, test: TextDataset, *, probe: str = "auto", batch: int = 64,
