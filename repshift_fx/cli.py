@@ -188,7 +188,7 @@ def run_shiftmap(args) -> int:
     if args.mode != "auto":
         config["mode"] = args.mode
     gm, values = shiftmap.rewritten_values(loaded.model, x, args.block, keep=args.keep, **config)
-    if getattr(gm.report, "mode", "tokens") == "lines":  # CNNs: the row and column scores
+    if gm.report.mode == "lines":  # CNNs: the row and column scores
         lmap = shiftmap_lines.line_map(gm, values, args.block, args.distance)
         title = f"line shift at block {args.block} ({args.distance})"
         picture = shiftmap_lines.render_lines(photo, lmap, scale=args.scale, title=title)

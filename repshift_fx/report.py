@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import networkx as nx
 from tabulate import tabulate
@@ -60,6 +60,7 @@ class Report:
     refused: list[str] = field(default_factory=list)
     budget: dict | None = None  # plan.BudgetResult as a dict, when target_flops chose keep
     graph: Any = field(default=None, repr=False, compare=False)  # nx.DiGraph for to_dot()
+    mode: ClassVar[str] = "tokens"  # which pipeline made it; `report_lines.LineReport`: "lines"
 
     @property
     def tokens(self) -> list[int]:

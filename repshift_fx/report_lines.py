@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import networkx as nx
 import torch.fx
@@ -36,7 +37,7 @@ class LineRow(BlockRow):
 @dataclass
 class LineReport(Report):
     stages: list[dict] = field(default_factory=list)  # per stage: blocks, grid, grid_after, GFLOPs
-    mode: str = "lines"
+    mode: ClassVar[str] = "lines"
 
     def to_dict(self) -> dict:
         data = super().to_dict()

@@ -75,7 +75,7 @@ def token_shift(model: torch.nn.Module, x: torch.Tensor, block: int, *, keep: fl
 
 def token_map(gm: torch.fx.GraphModule, values: dict, x: torch.Tensor, block: int) -> ShiftMap:
     """The ShiftMap of `block` from the values of a rewritten graph (`rewritten_values`)."""
-    if getattr(gm.report, "mode", "tokens") != "tokens" or f"repshift_score_{block}" not in values:
+    if gm.report.mode != "tokens" or f"repshift_score_{block}" not in values:
         raise RepShiftError(f"{gm.report.model} is pruned line-wise (rows and columns of CNN maps), not by "
                             "tokens; draw its row and column scores with shiftmap_lines.line_shift_map")
     scores, index = values[f"repshift_score_{block}"][0], values[f"repshift_index_{block}"][0]  # (N,), (P + K,)

@@ -93,7 +93,7 @@ def run(args) -> Path:
     setup = evaluation.prepare(loaded, train, test, head=args.head, features=args.features, probe=args.probe,
                                batch=args.batch, cache=None if args.no_cache else args.cache, cache_id=cache_id,
                                progress=not args.no_progress, seed=args.seed)
-    mode = getattr(repshift_fx.inspect(setup.model, setup.example, keep=1.0), "mode", "tokens")
+    mode = repshift_fx.inspect(setup.model, setup.example, keep=1.0).mode
     variants = evaluation.parse_variants(args.scores, mode)
     keeps, at = _keeps_and_at(args)
     rows = evaluation.sweep(setup, variants, keeps, at, args.fuse)
