@@ -140,7 +140,7 @@ def bench_rows(model, args: tuple, times: dict[str, list[float]], gflops: dict[s
         flops = base_gflops if gflops.get(name) is None else gflops[name]
         ratio = flops / base_gflops
         speedup = rates[name] / rates[base]
-        rows.append(BenchRow(name, 1e3 * batch / rates[name], rates[name], flops, ratio, speedup, speedup * ratio,
+        rows.append(BenchRow(name, 1e3 * statistics.median(samples), rates[name], flops, ratio, speedup, speedup * ratio,
                              min(samples) * 1e3, rates[name] / rates[baselines[0]]))
     return rows
 

@@ -239,7 +239,7 @@ class Search:
 
         self.model, self.example_input, self.config = model, example_input, config
         self.unpruned = unpruned or _unpruned(model, example_input, config)
-        gm, ctx = self.unpruned
+        ctx = self.unpruned[1]
         self.at = ctx.plan.at
         if not self.at:
             raise ConfigError("target_flops needs at least one drop; pass at=")
