@@ -14,6 +14,10 @@ nodes cost.
 compares the scores at one schedule (so at equal FLOPs): the baseline and, per score, the pruned
 model eager and compiled. `score_ratio(rows, "shift", "attention")` is how much faster the first
 runs compiled.
+
+    rows = run_sweep(model, images, keeps=(0.85, 0.75, 0.7), at=(4,), kinds=("compiled",))
+
+times the compressed model at several keep rates against the baseline in one run.
 """
 from __future__ import annotations
 
@@ -145,37 +149,56 @@ def bench_rows(model, args: tuple, times: dict[str, list[float]], gflops: dict[s
     return rows
 
 
-def run_comparison(model, example_input, *, scores=("shift", "attention", "random"), rounds: int = 5,
-                   threads: int | None = 2, warmup: int = 1, progress: bool = True, compile_options=None,
-                   explicit_model=None, kinds=("eager", "compiled"), **config) -> list[BenchRow]:
+def run_comparison(model, example_input, *, scores=("shift", "attention", "random"), explicit_model=None,
+                   **options) -> list[BenchRow]:
     """The baseline and every score at one schedule (`config`: keep, at, site, fuse, ...), eager
     and compiled, timed interleaved in one run: rows "baseline eager", "baseline compiled",
     "<score> eager", "<score> compiled" (medians; speedups to the baseline of the same kind).
 
     `explicit_model`: the same model with explicit attention in every block (timm: fused_attn
     off); adds "attention (all explicit)": score="attention" with sdpa=False, the way EViT-style
-    code runs when every block computes its attention map. `kinds`: which of eager and compiled
-    to time."""
+    code runs when every block computes its attention map. Other options: `run_variants`'s."""
+    config, timing = _split_options(options)
+    variants = {score: (model, {**config, "score": score}) for score in scores}
+    if explicit_model is not None:
+        variants["attention (all explicit)"] = (explicit_model, {**config, "score": "attention", "sdpa": False})
+    return run_variants(model, example_input, variants, **timing)
+
+
+def run_sweep(model, example_input, keeps, **options) -> list[BenchRow]:
+    """The baseline and the compressed model at every keep rate in `keeps` (the rest of the
+    schedule, e.g. `at`, from `options`), timed interleaved in one run: rows "keep <k> compiled", ..., so that
+    the speedup can be read against the FLOP ratio over a range of schedules."""
+    config, timing = _split_options(options)
+    variants = {f"keep {keep:g}": (model, {**config, "keep": keep}) for keep in keeps}
+    return run_variants(model, example_input, variants, **timing)
+
+
+def _split_options(options: dict) -> tuple[dict, dict]:
+    """(compress config, run_variants' timing options) from one set of keyword arguments."""
+    timing = {"rounds", "threads", "warmup", "progress", "compile_options", "kinds"}
+    return ({k: v for k, v in options.items() if k not in timing}, {k: v for k, v in options.items() if k in timing})
+
+
+def run_variants(model, example_input, variants: dict, *, rounds: int = 5, threads: int | None = 2, warmup: int = 1,
+                 progress: bool = True, compile_options=None, kinds=("eager", "compiled")) -> list[BenchRow]:
+    """The baseline and every named variant `name -> (model, compress config)`, eager and compiled
+    (`kinds`: which of the two to time), timed interleaved in one run: rows "baseline <kind>" and
+    "<name> <kind>" (medians; speedups to the baseline of the same kind)."""
     from . import compress  # the public API; imported here to avoid a cycle
 
     if threads:
         torch.set_num_threads(threads)
     args = example_input if isinstance(example_input, tuple) else (example_input,)
     compile_options = compile_options or {}
-    variants = {"baseline eager": model, "baseline compiled": torch.compile(model, **compile_options)}
+    compiled = {"baseline eager": model, "baseline compiled": torch.compile(model, **compile_options)}
     gflops: dict[str, float | None] = {}
-    for score in scores:
-        gm = compress(model, args, compile=False, score=score, **config)
-        variants[f"{score} eager"] = gm
-        variants[f"{score} compiled"] = torch.compile(gm, **compile_options)
-        gflops[f"{score} eager"] = gflops[f"{score} compiled"] = per_sample_gmacs(gm, args)
-    if explicit_model is not None:
-        gm = compress(explicit_model, args, compile=False, **{**config, "score": "attention", "sdpa": False})
-        name = "attention (all explicit)"
-        variants[f"{name} eager"], variants[f"{name} compiled"] = gm, torch.compile(gm, **compile_options)
+    for name, (source, config) in variants.items():
+        gm = compress(source, args, compile=False, **config)
+        compiled[f"{name} eager"], compiled[f"{name} compiled"] = gm, torch.compile(gm, **compile_options)
         gflops[f"{name} eager"] = gflops[f"{name} compiled"] = per_sample_gmacs(gm, args)
-    variants = {name: fn for name, fn in variants.items() if name.rsplit(" ", 1)[-1] in kinds}
-    times = time_variants(variants, args, rounds=rounds, warmup=warmup, progress=progress)
+    compiled = {name: fn for name, fn in compiled.items() if name.rsplit(" ", 1)[-1] in kinds}
+    times = time_variants(compiled, args, rounds=rounds, warmup=warmup, progress=progress)
     return bench_rows(model, args, times, gflops)
 
 

@@ -1,6 +1,9 @@
 """Shared fixtures. `repshift_fx` is imported first: its torchvision guard must precede timm."""
 import repshift_fx  # noqa: F401  (before timm)
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import timm
 import torch
@@ -74,3 +77,12 @@ def assert_compiled_matches_eager(model, shape: tuple, batches: tuple, tol: floa
         for batch in batches:
             y = torch.randn(batch, *shape)
             assert_close(compiled(y), eager(y), tol)
+
+
+def load_tool(name: str):
+    """A script under tools/ (not a package) as a module: load_tool("bench") -> tools/bench.py."""
+    path = Path(__file__).resolve().parents[1] / "tools" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_tool", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -14,7 +14,7 @@ import torch
 import torchvision
 
 import repshift_fx  # noqa: F401  (before timm)
-from conftest import assert_unchanged, snapshot, tiny_timm
+from conftest import assert_unchanged, load_tool, snapshot, tiny_timm
 from repshift_fx import ConfigError, evaluation
 from repshift_fx.datasets import FASHION_MNIST, WORDNET, DataError, fashion_mnist, load_dataset, to_model_input
 from repshift_fx.datasets import WORDNET_CLASSES, TextDataset, wordnet_definitions
@@ -35,10 +35,7 @@ TINY = '{"depth": 3, "img_size": 32, "patch_size": 8, "embed_dim": 32, "num_head
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location("evaluate_tool", ROOT / "tools" / "evaluate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("evaluate")
 
 
 @needs_fashion

