@@ -90,34 +90,38 @@ def main(argv=None) -> None:
         return sweep(args, model, images, at)
     rows = run_benchmark(model, images, rounds=args.rounds, threads=args.threads, keep=args.keep, at=at,
                          overhead=not args.no_overhead)
-    title = (f"{args.model}, batch {args.batch}, {args.img_size} px, fp32{', channels-last' * args.channels_last}, "
-             f"{'Inductor freezing, ' * args.freezing}{args.threads} threads, "
-             f"keep={args.keep}, at={at or 'default'}, {args.rounds} rounds interleaved, medians")
-    print(title)
-    print(format_table(rows))
+    title = run_title(args, f"keep={args.keep}, at={at or 'default'}")
+    print(title, format_table(rows), sep="\n")
+    out = write_results(args, "bench", f"{title}\n\n{format_table(rows, 'github')}\n", rows,
+                        scoring_overhead=scoring_overhead(rows))
+    print(f"\nwrote {out / 'bench.md'} and {out / 'bench.json'}")
+
+
+def run_title(args, schedule: str) -> str:
+    """One line that says what was timed: model, batch, size, format, threads, `schedule`, rounds."""
+    return (f"{args.model}, batch {args.batch}, {args.img_size} px, fp32{', channels-last' * args.channels_last}, "
+            f"{'Inductor freezing, ' * args.freezing}{args.threads} threads, {schedule}, "
+            f"{args.rounds} rounds interleaved, medians")
+
+
+def write_results(args, stem: str, markdown: str, rows, **extra) -> Path:
+    """<--out>/<stem>.md (`markdown`) and <stem>.json (settings, versions, rows, `extra`); -> the folder."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.md").write_text(f"{title}\n\n{format_table(rows, 'github')}\n")
+    (out / f"{stem}.md").write_text(markdown)
     record = {"settings": vars(args), "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
-              "rows": rows_as_dicts(rows), "scoring_overhead": scoring_overhead(rows)}
-    (out / "bench.json").write_text(json.dumps(record, indent=2))
-    print(f"\nwrote {out / 'bench.md'} and {out / 'bench.json'}")
+              "rows": rows_as_dicts(rows), **extra}
+    (out / f"{stem}.json").write_text(json.dumps(record, indent=2))
+    return out
 
 
 def sweep(args, model, images, at) -> None:
     keeps = [float(k) for k in args.sweep.split(",")]
     rows = run_sweep(model, images, keeps, rounds=args.rounds, threads=args.threads, at=at,
                      kinds=("compiled",) if args.compiled_only else ("eager", "compiled"))
-    title = (f"{args.model}, batch {args.batch}, {args.img_size} px, fp32{', channels-last' * args.channels_last}, "
-             f"{'Inductor freezing, ' * args.freezing}{args.threads} threads, keep in {keeps}, at={at or 'default'}, "
-             f"{args.rounds} rounds interleaved, medians")
+    title = run_title(args, f"keep in {keeps}, at={at or 'default'}")
     print(title, format_table(rows), sep="\n")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_sweep.md").write_text(f"{title}\n\n{format_table(rows, 'github')}\n")
-    record = {"settings": vars(args), "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
-              "rows": rows_as_dicts(rows)}
-    (out / "bench_sweep.json").write_text(json.dumps(record, indent=2))
+    out = write_results(args, "bench_sweep", f"{title}\n\n{format_table(rows, 'github')}\n", rows)
     print(f"\nwrote {out / 'bench_sweep.md'} and {out / 'bench_sweep.json'}")
 
 
@@ -132,25 +136,19 @@ def compare(args, model, images, at) -> None:
     rows = run_comparison(model, images, scores=scores, rounds=args.rounds, threads=args.threads, keep=args.keep,
                           at=at, fuse=args.fuse, explicit_model=explicit,
                           kinds=("compiled",) if args.compiled_only else ("eager", "compiled"))
-    title = (f"{args.model}, batch {args.batch}, {args.img_size} px, fp32, {args.threads} threads, keep={args.keep}, "
-             f"at={at or 'default'}{', fuse' if args.fuse else ''}, {args.rounds} rounds interleaved, medians")
+    title = run_title(args, f"keep={args.keep}, at={at or 'default'}{', fuse' if args.fuse else ''}")
     others = list(scores[1:]) + (["attention (all explicit)"] if explicit is not None else [])
     ratios = {f"{scores[0]} / {b} compiled, {stat}": score_ratio(rows, scores[0], b, stat=stat)
               for b in others for stat in ("median", "min")}
     lines = [f"{name.rsplit(',', 1)[0]}: {value:.3f}x img/s (medians)" for name, value in ratios.items()
              if value is not None and name.endswith("median")]  # the JSON has the fastest-round ratios too
     print(title, format_table(rows), "", *lines, sep="\n")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     cost = attention_analysis(args, model, images, at, rows) if args.attention_cost else None
     text = f"{title}\n\n{format_table(rows, 'github')}\n\n" + "".join(f"- {line}\n" for line in lines)
     if cost is not None:
         print(cost["text"])
         text += "\n" + cost["markdown"]
-    (out / "bench_scores.md").write_text(text)
-    record = {"settings": vars(args), "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
-              "rows": rows_as_dicts(rows), "ratios": ratios, "attention_cost": cost and cost["data"]}
-    (out / "bench_scores.json").write_text(json.dumps(record, indent=2))
+    out = write_results(args, "bench_scores", text, rows, ratios=ratios, attention_cost=cost and cost["data"])
     plot_speedups(rows, out / "bench_scores.png", title)
     print(f"\nwrote {out / 'bench_scores.md'}, {out / 'bench_scores.json'} and {out / 'bench_scores.png'}")
     if args.docs:

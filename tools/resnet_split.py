@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import statistics
 
 import repshift_fx  # noqa: F401  (before torchvision: installs the torchvision guard)
 import torch
@@ -62,7 +63,7 @@ def main(argv=None) -> None:
     compiled = {front: torch.compile(front), back: torch.compile(back)}
     times = time_variants({name: functools.partial(compiled[part], x) for name, (part, x) in inputs.items()}, (),
                           rounds=args.rounds)
-    ms = {name: 1e3 * sorted(t)[len(t) // 2] for name, t in times.items()}
+    ms = {name: 1e3 * statistics.median(t) for name, t in times.items()}
     print(tabulate([(name, f"{ms[name]:.1f}", f"{gmacs[name]:.3f}", f"{gmacs[name] * args.batch / ms[name]:.3f}")
                     for name in inputs], headers=("part", "ms/batch", "GMACs/img", "GMACs per ms")))
     base_ms, base_gmacs = ms["front"] + ms["back 28x28"], gmacs["front"] + gmacs["back 28x28"]
