@@ -1,7 +1,7 @@
 """Token pruning on a video ViT: tubelet tokens over time x height x width (UMT / VideoMAE style).
 
     python examples/video_vit.py                       # 16 frames of 112 px: 8 x 7 x 7 = 392 tokens
-    python examples/video_vit.py --frames 4 --size 32 --patch 8 --depth 4 --dim 32   (seconds)
+    python examples/video_vit.py --frames 4 --size 32 --patch 8 --depth 4 --dim 32 --heads 2   (seconds)
 
 The model is built here from timm's `Block` with random weights: a Conv3d patch embedding cuts
 the clip into 2-frame x 16 x 16 tubelets, every tubelet is one token, learned position
@@ -13,9 +13,9 @@ each drop keeps in each time step, and the speed of the pruned graph against the
 from __future__ import annotations
 
 import argparse
-import time
 
 import repshift_fx  # noqa: F401  (before timm)
+from repshift_fx.benchmark import time_variants
 
 import torch
 from timm.layers import trunc_normal_
@@ -85,12 +85,7 @@ def main(argv=None) -> dict:
     for block, rows in kept.items():
         print(f"  block {block}: {rows[0]} of {model.grid[1] * model.grid[2]} per time step")
 
-    times = {}
-    with torch.inference_mode():
-        for name, fn in (("model", model), ("pruned", gm)) * args.runs:
-            start = time.perf_counter()
-            fn(clip)
-            times.setdefault(name, []).append(time.perf_counter() - start)
+    times = time_variants({"model": model, "pruned": gm}, (clip,), rounds=args.runs, warmup=0, progress=False)
     best = {name: min(values) for name, values in times.items()}
     print(f"\neager, batch {args.batch}: model {best['model'] * 1e3:.1f} ms, pruned graph {best['pruned'] * 1e3:.1f} ms "
           f"({best['model'] / best['pruned']:.2f}x); torch.compile both for the deployed speed")

@@ -22,6 +22,7 @@ times the compressed model at several keep rates against the baseline in one run
 from __future__ import annotations
 
 import copy
+import inspect
 import random
 import statistics
 import time
@@ -46,8 +47,8 @@ class BenchRow:
     flop_ratio: float  # GFLOPs / baseline GFLOPs
     speedup: float  # images_per_s / images_per_s of the baseline of the same kind (eager or compiled)
     speedup_per_flop_gain: float  # speedup / (baseline GFLOPs / GFLOPs)
-    ms_min: float | None = None  # the fastest round: the one a noisy neighbour disturbed least
-    speedup_to_eager: float | None = None  # images_per_s / eager baseline images_per_s
+    ms_min: float  # the fastest round: the one a noisy neighbour disturbed least
+    speedup_to_eager: float  # images_per_s / eager baseline images_per_s
 
 
 def fixed_token_variant(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
@@ -176,8 +177,8 @@ def run_sweep(model, example_input, keeps, **options) -> list[BenchRow]:
 
 def _split_options(options: dict) -> tuple[dict, dict]:
     """(compress config, run_variants' timing options) from one set of keyword arguments."""
-    timing = {"rounds", "threads", "warmup", "progress", "compile_options", "kinds"}
-    return ({k: v for k, v in options.items() if k not in timing}, {k: v for k, v in options.items() if k in timing})
+    return ({k: v for k, v in options.items() if k not in _TIMING_OPTIONS},
+            {k: v for k, v in options.items() if k in _TIMING_OPTIONS})
 
 
 def run_variants(model, example_input, variants: dict, *, rounds: int = 5, threads: int | None = 2, warmup: int = 1,
@@ -200,6 +201,11 @@ def run_variants(model, example_input, variants: dict, *, rounds: int = 5, threa
     compiled = {name: fn for name, fn in compiled.items() if name.rsplit(" ", 1)[-1] in kinds}
     times = time_variants(compiled, args, rounds=rounds, warmup=warmup, progress=progress)
     return bench_rows(model, args, times, gflops)
+
+
+# run_variants' keyword-only parameters: the timing options `_split_options` passes on to it
+_TIMING_OPTIONS = frozenset(name for name, p in inspect.signature(run_variants).parameters.items()
+                            if p.kind is inspect.Parameter.KEYWORD_ONLY)
 
 
 def score_ratio(rows: list[BenchRow], faster: str, slower: str, kind: str = "compiled",

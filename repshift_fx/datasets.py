@@ -190,16 +190,16 @@ def wordnet_definitions(split: str = "test", limit: int | None = None, root: Pat
     category keeps its share."""
     if split not in ("train", "test"):
         raise DataError(f"WordNet split must be 'train' or 'test', got {split!r}")
-    if not wordnet.available(Path(root)):
-        raise DataError(f"WordNet is not installed ({Path(root) / 'data.noun'} is missing): "
-                        "apt-get install wordnet-base (Debian)")
     test = split == "test"
-    picked = [s for part in ("noun", "verb") for s in wordnet.synsets(part, root)
-              if s.definition and in_wordnet_test_split(s) == test]
+    try:
+        picked = [s for part in ("noun", "verb") for s in wordnet.synsets(part, root)
+                  if s.definition and in_wordnet_test_split(s) == test]
+    except wordnet.WordNetMissing as err:
+        raise DataError(f"WordNet is not installed: {err} (Debian)") from err
     if limit is not None:
         if limit <= 0:
             raise DataError(f"the WordNet limit must be positive, got {limit}")
-        picked = picked[::max(1, len(picked) // limit)][:limit]
+        picked = wordnet.every_kth(picked, limit)
     index = {name: i for i, name in enumerate(WORDNET_CLASSES)}
     return TextDataset(f"wordnet/{split}", torch.tensor([index[s.category] for s in picked]), WORDNET_CLASSES,
                        [s.definition for s in picked])

@@ -143,10 +143,13 @@ def run_batches(make, batches, n: int, desc: str = "", progress: bool = True, le
     return outputs, (gmacs / n if count else None)
 
 
-def _features(loaded: TextModel, data: TextDataset, batch: int, cache, cache_id: dict, progress: bool):
+def _features(loaded: TextModel, data: TextDataset, batch: int, cache, cache_id: dict, progress: bool,
+              batches=None):
+    """`batches`: `data`'s text batches where the caller already built them (else built on a cache miss)."""
     def compute():
-        batches = hf.text_batches(loaded.tokenizer, data.texts, batch, loaded.max_length)
-        return run_batches(lambda _: loaded.model, batches, len(data), f"unpruned ({data.name})", progress)[0]
+        todo = batches if batches is not None else hf.text_batches(loaded.tokenizer, data.texts, batch,
+                                                                   loaded.max_length)
+        return run_batches(lambda _: loaded.model, todo, len(data), f"unpruned ({data.name})", progress)[0]
 
     return cached(compute, cache, data.name, data=data.name, n=len(data), batch=batch, max_length=loaded.max_length,
                   features="sentence embedding", **cache_id)
@@ -165,9 +168,9 @@ def prepare(loaded: TextModel, train: TextDataset, test: TextDataset, *, probe: 
     cache = Path(cache) if cache else None
     cache_id = dict(cache_id or {}, spec=loaded.spec, weights=loaded.ident)
     train_out = _features(loaded, train, batch, cache, cache_id, progress)
-    test_out = _features(loaded, test, batch, cache, cache_id, progress)
-    fitted = LinearProbe(probe).fit(train_out, train.labels)
     batches = hf.text_batches(loaded.tokenizer, test.texts, batch, loaded.max_length)
+    test_out = _features(loaded, test, batch, cache, cache_id, progress, batches)
+    fitted = LinearProbe(probe).fit(train_out, train.labels)
     lengths = [inputs["input_ids"].shape[1] for _, inputs in batches]
     notes = [f"linear probe ({fitted.kind}) on {train_out.shape[1]} features (mean-pooled, L2-normalised sentence "
              f"embeddings) of {len(train)} {train.name} texts, fitted on the unpruned model",

@@ -99,5 +99,9 @@ def noun_definitions(limit: int = 200, min_words: int = 6, max_words: int = 24,
         if min_words <= len(synset.definition.split()) <= max_words:
             seen.add(word)
             eligible.append(Definition(word, synset.definition, synset.category))
-    stride = max(1, len(eligible) // limit)
-    return eligible[::stride][:limit]
+    return every_kth(eligible, limit)
+
+
+def every_kth(items: list, limit: int) -> list:
+    """At most `limit` of `items`, spread evenly: every k-th, k = len(items) // limit (at least 1)."""
+    return items[::max(1, len(items) // limit)][:limit]

@@ -169,8 +169,8 @@ def attention_analysis(args, model, images, at, rows) -> dict:
     scoring = sum(extra[shapes[r.index]] for r in report.blocks if r.scored)
     every = sum(extra[s] for s in shapes)
     shift_ms = next(r.ms_per_batch for r in rows if r.variant == "shift compiled")
-    table = tabulate([(f"{s[2]}", f"{c['sdpa_ms']:.1f}", f"{c['explicit_ms']:.1f}", f"{c['extra_ms']:.1f}")
-                      for s, c in zip(dict.fromkeys(shapes), cost)],
+    table = tabulate([(f"{c['shape'][2]}", f"{c['sdpa_ms']:.1f}", f"{c['explicit_ms']:.1f}", f"{c['extra_ms']:.1f}")
+                      for c in cost],
                      headers=("tokens", "SDPA ms", "explicit ms", "extra ms"), tablefmt="github")
     summary = (f"explicit attention costs {scoring:.0f} ms more in the scoring blocks and {every:.0f} ms more in "
                f"all blocks (batch {args.batch}); on shift compiled's {shift_ms:.0f} ms that predicts shift / "
