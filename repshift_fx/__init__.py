@@ -25,6 +25,7 @@ from .flops import before_and_after, per_sample_gmacs  # noqa: E402
 from .pipeline import rewrite  # noqa: E402
 from .plan import plan_for_budget  # noqa: E402
 from .report import Report, build_report  # noqa: E402
+from .report_lines import build_line_report  # noqa: E402
 from .dynamo_backend import backend  # noqa: E402  (torch.compile(model, backend=backend(...)))
 
 __all__ = [
@@ -40,8 +41,6 @@ def _analyse(model, example_input, config: Config, flops: bool):
         config, budget = plan_for_budget(model, example_input, config)
     gm, ctx = rewrite(model, example_input, config)
     if ctx.mode == "lines":  # CNNs: rows and columns (repshift_fx/report_lines.py)
-        from .report_lines import build_line_report
-
         return gm, build_line_report(model, gm, ctx, flops, budget=budget)
     before = after = None
     if flops:

@@ -192,8 +192,7 @@ def run_shiftmap(args) -> int:
         lmap = shiftmap_lines.line_map(gm, values, args.block, args.distance)
         title = f"line shift at block {args.block} ({args.distance})"
         picture = shiftmap_lines.render_lines(photo, lmap, scale=args.scale, title=title)
-        kept = (f"kept {int(lmap.kept_rows.sum())} of {lmap.rows.size} rows, {int(lmap.kept_cols.sum())} of "
-                f"{lmap.cols.size} columns")
+        kept = lmap.kept_text
     else:
         smap = shiftmap.token_map(gm, values, x, args.block)
         title = f"shift at block {args.block} ({args.site}, {args.distance})"

@@ -152,10 +152,8 @@ def _refuse_map_outputs(gm: torch.fx.GraphModule, ctx: PassContext, last) -> Non
     """The map after the last residual block must not leave the graph: lines mode numbers the
     blocks of one graph, so the stream must end (pooled) in it. A map output there is a graph
     break that splits the blocks over several graphs, or a model that returns its feature map."""
-    after = nx.descendants(data_graph(gm), last.output) | {last.output}
-    out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
-    for node in out.all_input_nodes:
-        if node.name in after and is_grid(node):
+    for node in _outputs_after(gm, last.output):
+        if is_grid(node):
             raise UnsupportedSiteError(
                 f"output '{node.name}' of {ctx.model_name} {tuple(shape(node))} is the feature map after residual "
                 f"block {last.index} ({last.module or '-'}): either dynamo breaks the graph there (a print, .item(), "
@@ -163,6 +161,13 @@ def _refuse_map_outputs(gm: torch.fx.GraphModule, ctx: PassContext, last) -> Non
                 "number, or the model returns its map, which a drop would shrink. Remove the graph break "
                 "(torch._dynamo.explain(model)(x) lists them), or use repshift_fx.compress() on a model that pools."
             )
+
+
+def _outputs_after(gm: torch.fx.GraphModule, name: str) -> list[torch.fx.Node]:
+    """The inputs of `gm`'s output node that are node `name` or depend on it, in output order."""
+    after = nx.descendants(data_graph(gm), name) | {name}
+    out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    return [node for node in out.all_input_nodes if node.name in after]
 
 
 def _inner_backend(inner):
@@ -304,10 +309,8 @@ def _refuse_pruned_outputs(gm: torch.fx.GraphModule, ctx: PassContext, first: in
     by_name = nodes_by_name(gm)
     block = ctx.analysis.blocks[first]
     tokens = shape(by_name[block.output])[1]
-    after = nx.descendants(data_graph(gm), block.output) | {block.output}
-    out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
-    for node in out.all_input_nodes:
-        if node.name in after and len(shape(node) or ()) == 3 and shape(node)[1] == tokens:
+    for node in _outputs_after(gm, block.output):
+        if len(shape(node) or ()) == 3 and shape(node)[1] == tokens:
             raise UnsupportedSiteError(
                 f"output '{node.name}' of {ctx.model_name} {tuple(shape(node))} carries the tokens of block "
                 f"{first + ctx.block_offset} ({block.module or '-'}) on, which a drop there would cut: either "

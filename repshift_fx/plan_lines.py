@@ -23,8 +23,6 @@ from .plan import BudgetResult, Search, check_at, check_keep_chosen, kept_count
 
 log = logging.getLogger("repshift_fx")
 
-LINE_SCORES = ("shift", "norm", "random")
-
 
 @dataclass
 class LineDrop:
@@ -92,9 +90,6 @@ def check_line_config(config: Config) -> None:
         raise ConfigError(f"{'score=' + repr(config.score) if config.score == 'attention' else 'fuse=True'} works "
                           "on tokens (ViTs), not on the rows and columns of a CNN; use score='shift', 'norm' or "
                           "'random' without fuse")
-    if config.score not in LINE_SCORES:  # any other score added for tokens mode
-        raise ConfigError(f"score={config.score!r} has no line-wise form; lines mode scores by "
-                          f"{', '.join(map(repr, LINE_SCORES))}")
     if config.protect not in ("auto", 0):
         raise ConfigError(f"protect={config.protect!r}: a (B, C, H, W) grid has no prefix tokens to protect")
     check_keep_chosen(config)

@@ -41,7 +41,10 @@ class BlockRow:
     site: str = ""  # "attention + MLP", "token-mixing + MLP (why)", "MLP"
     gflops_before: float | None = None  # GMACs per sample of the block's nodes
     gflops_after: float | None = None
-    refused: str = ""  # why no drop may come before this block ("" when it may)
+    # why no drop may come before this block ("" when it may): the side tensors a block reads (rotary
+    # tables, masks, biases) are gathered (passes/gather_side_tensors.py), so only what the passes
+    # refuse is marked, by `repshift_fx.refusals.refused_report`
+    refused: str = ""
 
 
 @dataclass
@@ -61,6 +64,7 @@ class Report:
     budget: dict | None = None  # plan.BudgetResult as a dict, when target_flops chose keep
     graph: Any = field(default=None, repr=False, compare=False)  # nx.DiGraph for to_dot()
     mode: ClassVar[str] = "tokens"  # which pipeline made it; `report_lines.LineReport`: "lines"
+    shown_config: ClassVar[tuple[str, ...] | None] = None  # config keys in the title; None: every one set
 
     @property
     def tokens(self) -> list[int]:
@@ -109,7 +113,7 @@ class Report:
         return tabulate(rows, headers=headers, tablefmt=fmt, disable_numparse=True)
 
     def summary(self) -> list[str]:
-        lines = [f"prefix tokens kept: {self.prefix} ({self.prefix_source})"]
+        lines = self._summary_head()
         if self.flop_ratio is not None:
             lines.append(
                 f"GFLOPs per sample: {_gf(self.gflops_before)} -> {_gf(self.gflops_after)} "
@@ -117,18 +121,27 @@ class Report:
                 f"{_gf(self.gflops_outside_after)}"
             )
         if self.budget:
-            b = self.budget
-            lines.append(
-                f"FLOP budget {b['target']}: reached ratio {b['reached']:.4f} with keep={b['keep']:.4f} "
-                f"at {tuple(b['at'])} (kept {', '.join(map(str, b['kept']))} tokens)"
-            )
-        lines.append(f"side tensors gathered: {', '.join(self.side_tensors) or 'none'}")
+            lines.append(self._budget_line())
+        lines += self._side_lines()
         lines.append("refused: nothing" if not self.refused else "refused:")
         lines += [f"  - {item}" for item in self.refused]
         return lines + self.notes
 
+    def _summary_head(self) -> list[str]:
+        """The summary's first lines (`LineReport`: its stage table instead of the prefix)."""
+        return [f"prefix tokens kept: {self.prefix} ({self.prefix_source})"]
+
+    def _budget_line(self) -> str:
+        b = self.budget
+        return (f"FLOP budget {b['target']}: reached ratio {b['reached']:.4f} with keep={b['keep']:.4f} "
+                f"at {tuple(b['at'])} (kept {', '.join(map(str, b['kept']))} tokens)")
+
+    def _side_lines(self) -> list[str]:
+        return [f"side tensors gathered: {', '.join(self.side_tensors) or 'none'}"]
+
     def __str__(self) -> str:
-        cfg = ", ".join(f"{k}={v}" for k, v in self.config.items() if v is not None)
+        keys = self.config if self.shown_config is None else self.shown_config
+        cfg = ", ".join(f"{k}={self.config[k]}" for k in keys if self.config.get(k) is not None)
         return "\n".join([f"repshift_fx report for {self.model} ({cfg})", self.table(), "", *self.summary()])
 
 
@@ -153,35 +166,6 @@ def site_label(block) -> str:
     return label
 
 
-def _side_names(block) -> list[str]:
-    return sorted({name for site in (block.mixer, block.mlp) if site is not None for name in site.side_inputs})
-
-
-def refusal(block) -> str:
-    """Why tokens may not be dropped before `block`: "" here, since the side tensors it reads
-    (rotary tables, masks, biases) are gathered (passes/gather_side_tensors.py); what the passes
-    refuse is marked on the report by `repshift_fx.refusals.refused_report`."""
-    return ""
-
-
-def _side_summary(sides: dict[int, list[str]]) -> str:
-    """One line for every block that reads side tensors: 'blocks 0-3 read ... (8 in all)'."""
-    names = [n for block in sides.values() for n in block]
-    shown = ", ".join(names[:3]) + (f", ... ({len(names)} in all)" if len(names) > 3 else "")
-    return (f"blocks {_ranges(sorted(sides))} read tensors that carry the token axis ({shown}: rotary tables, "
-            "masks or position biases), which are not gathered; no drop may precede them")
-
-
-def _ranges(indices: list[int]) -> str:
-    parts, start = [], None
-    for i, value in enumerate(indices):
-        start = value if start is None else start
-        if i + 1 == len(indices) or indices[i + 1] != value + 1:
-            parts.append(str(start) if start == value else f"{start}-{value}")
-            start = None
-    return ", ".join(parts)
-
-
 def _as_breakdown(value) -> tuple[float | None, list | None, float | None]:
     if isinstance(value, FlopBreakdown):
         return value.total, value.blocks, value.outside
@@ -196,7 +180,7 @@ def build_report(ctx, gflops_before=None, gflops_after=None, *, gm=None, budget=
     before, blocks_before, outside_before = _as_breakdown(gflops_before)
     after, blocks_after, outside_after = _as_breakdown(gflops_after)
     dropped = set(plan.at)
-    rows, sides = [], {}
+    rows = []
     for block in analysis.blocks:
         members = set(block.mlp.nodes) | (set(block.mixer.nodes) if block.mixer else set())
         records = [rec for rec in ctx.attention if rec.node in members]
@@ -205,12 +189,10 @@ def build_report(ctx, gflops_before=None, gflops_after=None, *, gm=None, budget=
         row = BlockRow(block.index, block.module, block.mixer.kind if block.mixer else "-", attention_label(records),
                        tokens_in, tokens_out, block.index in dropped, site_label(block),
                        blocks_before[block.index] if blocks_before else None,
-                       blocks_after[block.index] if blocks_after else None, refusal(block))
-        if row.refused:
-            sides[block.index] = _side_names(block)
+                       blocks_after[block.index] if blocks_after else None)
         rows.append(row)
     notes = list(ctx.notes)
-    refused = [_side_summary(sides)] if sides else []
+    refused = []
     for site in analysis.stray:
         refused.append(f"residual site at '{site.module or site.add}' ({site.kind}) is not part of a block")
     for rec in ctx.attention:

@@ -38,6 +38,8 @@ class LineRow(BlockRow):
 class LineReport(Report):
     stages: list[dict] = field(default_factory=list)  # per stage: blocks, grid, grid_after, GFLOPs
     mode: ClassVar[str] = "lines"
+    # the options that mean something on a grid
+    shown_config: ClassVar[tuple[str, ...] | None] = ("keep", "at", "distance", "score", "mode", "target_flops")
 
     def to_dict(self) -> dict:
         data = super().to_dict()
@@ -62,10 +64,8 @@ class LineReport(Report):
         headers = ("stage", "blocks", "grid", "grid after pruning", "GFLOPs before", "GFLOPs after")
         return tabulate(rows, headers=headers, tablefmt=fmt, disable_numparse=True)
 
-    def summary(self) -> list[str]:
-        lines = [self._budget_line() if line.startswith("FLOP budget") else line
-                 for line in super().summary()[1:] if not line.startswith("side tensors")]
-        return ["line-wise pruning (mode='lines'): rows and columns of (B, C, H, W) maps", self.stage_table(), ""] + lines
+    def _summary_head(self) -> list[str]:
+        return ["line-wise pruning (mode='lines'): rows and columns of (B, C, H, W) maps", self.stage_table(), ""]
 
     def _budget_line(self) -> str:
         """Report.summary's budget line, with the (rows, cols) kept at each drop."""
@@ -74,12 +74,8 @@ class LineReport(Report):
         return (f"FLOP budget {b['target']}: reached ratio {b['reached']:.4f} with keep={b['keep']:.4f} for rows "
                 f"and columns at {tuple(b['at'])} (kept {kept} rows x columns)")
 
-    def __str__(self) -> str:
-        cfg = ", ".join(f"{k}={self.config[k]}" for k in _SHOWN if self.config.get(k) is not None)
-        return "\n".join([f"repshift_fx report for {self.model} ({cfg})", self.table(), "", *self.summary()])
-
-
-_SHOWN = ("keep", "at", "distance", "score", "mode", "target_flops")  # the options that mean something on a grid
+    def _side_lines(self) -> list[str]:
+        return []  # a grid has no side tensors
 
 
 def _grid(grid) -> str:

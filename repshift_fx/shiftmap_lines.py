@@ -37,6 +37,12 @@ class LineShiftMap:
     kept_cols: np.ndarray  # (W,) bool
     block: int
 
+    @property
+    def kept_text(self) -> str:
+        """'kept R of H rows, C of W columns': the caption of `render_lines` and the CLI's line."""
+        return (f"kept {int(self.kept_rows.sum())} of {self.rows.size} rows, "
+                f"{int(self.kept_cols.sum())} of {self.cols.size} columns")
+
 
 def line_shift_map(model: torch.nn.Module, x: torch.Tensor, block: int, *, keep=0.7, **config) -> LineShiftMap:
     """The row and column shift at `block` for the first image of x (B, C, H, W)."""
@@ -85,8 +91,7 @@ def render_lines(photo: Image.Image, lmap: LineShiftMap, scale: int = 2, title: 
     picture.paste(_cells(col_strip.astype(np.uint8), (size[0], STRIP)), (0, size[1]))
     picture.paste(dimmed, (size[0] + STRIP + GAP, 0))
     draw = ImageDraw.Draw(picture)
-    kept = (f"kept {int(lmap.kept_rows.sum())} of {lmap.rows.size} rows, "
-            f"{int(lmap.kept_cols.sum())} of {lmap.cols.size} columns")
+    kept = lmap.kept_text
     for text, at in ((title or f"line shift at block {lmap.block}", (6, 6)), (kept, (size[0] + STRIP + GAP + 6, 6))):
         box = draw.textbbox(at, text)
         draw.rectangle((box[0] - 3, box[1] - 3, box[2] + 3, box[3] + 3), fill=(0, 0, 0))
