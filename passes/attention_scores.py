@@ -32,25 +32,10 @@ import torch.fx
 
 from repshift_fx import shift
 from repshift_fx.errors import UnsupportedSiteError
-from repshift_fx.graph import module_path, nodes_by_name, op_name, shape
+from repshift_fx.graph import literal_arg, nodes_by_name, op_name, reachable, shape, where
 
 IMPL = "explicit (attention score)"
 _FORMS = ("scaled_dot_product_attention", "multihead_attention", "softmax")
-
-
-def _where(node: torch.fx.Node) -> str:
-    return f"{op_name(node)} at node '{node.name}' (module '{module_path(node) or 'root'}')"
-
-
-def _reach(start: torch.fx.Node, step) -> set[str]:
-    """Names of the nodes reachable from `start` by `step` (inputs or users), `start` included."""
-    seen, todo = {start.name}, [start]
-    while todo:
-        for nxt in step(todo.pop()):
-            if nxt.name not in seen:
-                seen.add(nxt.name)
-                todo.append(nxt)
-    return seen
 
 
 def _attention_node(gm, block) -> torch.fx.Node:
@@ -63,9 +48,9 @@ def _attention_node(gm, block) -> torch.fx.Node:
         )
     by_name = nodes_by_name(gm)
     # every edge, not only those with recorded shapes: attention_to_sdpa's SDPA nodes carry none yet
-    members = (_reach(by_name[mixer.stream], lambda n: n.users)
-               & _reach(by_name[mixer.branch], lambda n: n.all_input_nodes))
-    found = [by_name[n] for n in members if op_name(by_name[n], gm) in _FORMS]
+    members = (reachable([by_name[mixer.stream]], lambda n: n.users)
+               & reachable([by_name[mixer.branch]], lambda n: n.all_input_nodes))
+    found = [n for n in members if op_name(n, gm) in _FORMS]
     if len(found) != 1:
         names = ", ".join(sorted(n.name for n in found)) or "none"
         raise UnsupportedSiteError(
@@ -79,7 +64,7 @@ def _check_tokens(node: torch.fx.Node, probs_shape: tuple, batch: int, tokens: i
     """The weights must be (B, [H,] N, N) over the block's tokens, batch first."""
     if len(probs_shape) < 3 or probs_shape[0] != batch or probs_shape[-1] != tokens or probs_shape[-2] != tokens:
         raise UnsupportedSiteError(
-            f"{_where(node)}: its attention weights would be {tuple(probs_shape)}, not (batch {batch}, heads, "
+            f"{where(node)}: its attention weights would be {tuple(probs_shape)}, not (batch {batch}, heads, "
             f"{tokens}, {tokens}) over the block's tokens (heads folded into the batch, windows or "
             "cross-attention); score='attention' cannot tell each token's importance. Use score='shift'."
         )
@@ -89,16 +74,16 @@ def _sdpa_args(node: torch.fx.Node) -> inspect.BoundArguments:
     bound = inspect.signature(shift.explicit_attention).bind(*node.args, **node.kwargs)
     dropout = bound.arguments.get("dropout_p", 0.0)
     if isinstance(dropout, torch.fx.Node) or dropout:
-        raise UnsupportedSiteError(f"{_where(node)} applies dropout {dropout} to the attention weights; "
+        raise UnsupportedSiteError(f"{where(node)} applies dropout {dropout} to the attention weights; "
                                    "trace the model in eval mode with no attention dropout")
     return bound
 
 
 def _explicit_sdpa(gm, node: torch.fx.Node, prefix: int, batch: int, tokens: int, name: str) -> torch.fx.Node:
     """SDPA -> explicit_attention(..., prefix) -> (output, importance); returns the importance node."""
-    q, k = shape(node.args[0]), shape(node.kwargs.get("key", node.args[1] if len(node.args) > 1 else None))
+    q, k = shape(node.args[0]), shape(literal_arg(node, 1, "key"))
     if q is None or k is None:
-        raise UnsupportedSiteError(f"{_where(node)}: the shapes of its query and key are unknown")
+        raise UnsupportedSiteError(f"{where(node)}: the shapes of its query and key are unknown")
     _check_tokens(node, (*q[:-1], k[-2]), batch, tokens)
     bound = _sdpa_args(node)
     graph = gm.graph
@@ -122,7 +107,7 @@ def _weighted_mha(gm, node: torch.fx.Node, prefix: int, batch: int, tokens: int,
     node.args, node.kwargs = bound.args, bound.kwargs
     query, key = shape(bound.arguments["query"]), shape(bound.arguments["key"])
     if query is None or key is None:
-        raise UnsupportedSiteError(f"{_where(node)}: the shapes of its query and key are unknown")
+        raise UnsupportedSiteError(f"{where(node)}: the shapes of its query and key are unknown")
     batch_first = getattr(gm.get_submodule(node.target), "batch_first", False) if node.op == "call_module" else False
     length, source = (query[1], key[1]) if batch_first else (query[0], key[0])
     _check_tokens(node, (batch, length, source), batch, tokens)

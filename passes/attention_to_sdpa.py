@@ -34,7 +34,7 @@ import torch.fx
 import torch.nn.functional as F
 
 from repshift_fx.errors import UnsupportedSiteError
-from repshift_fx.graph import carries_tensor, literal_arg, module_path, op_name, shape
+from repshift_fx.graph import carries_tensor, literal_arg, module_path, op_name, reachable, shape, where
 
 _PRODUCT = ("matmul", "bmm")
 _PASS_THROUGH = ("dropout", "identity")
@@ -183,7 +183,7 @@ def _rewrite(gm: torch.fx.GraphModule, found: dict) -> None:
 def _mask_of(node: torch.fx.Node, gm) -> torch.fx.Node | None:
     """The mask an attention applies: SDPA's attn_mask, or the tensor added to the scores of a softmax."""
     if op_name(node, gm) == "scaled_dot_product_attention":
-        mask = node.kwargs.get("attn_mask", node.args[3] if len(node.args) > 3 else None)
+        mask = literal_arg(node, 3, "attn_mask")
         return mask if isinstance(mask, torch.fx.Node) else None
     scores = node.args[0] if node.args else None
     if isinstance(scores, torch.fx.Node) and op_name(scores) == "add":
@@ -209,12 +209,7 @@ def is_causal_mask(mask: torch.Tensor) -> bool:
 
 def _evaluate(gm: torch.fx.GraphModule, args: tuple, wanted: list[torch.fx.Node]) -> dict:
     """The values of `wanted` on `args`, running only the nodes they depend on."""
-    needed, todo = set(), list(wanted)
-    while todo:
-        node = todo.pop()
-        if node not in needed:
-            needed.add(node)
-            todo.extend(node.all_input_nodes)
+    needed = reachable(wanted, lambda n: n.all_input_nodes)
     runner = torch.fx.Interpreter(gm)
     runner.args_iter = iter(gm.graph.process_inputs(*args))
     with torch.no_grad():
@@ -242,7 +237,7 @@ def refuse_causal(gm: torch.fx.GraphModule, ctx) -> None:
             how = "is_causal=True" if flag else f"its mask '{mask.name}' lets each token see only the tokens before it"
             block = later[node.name]
             raise UnsupportedSiteError(
-                f"{op_name(node, gm)} at node '{node.name}' (module '{module_path(node) or 'root'}') is causal "
+                f"{where(node, gm)} is causal "
                 f"attention ({how}) in block {block.index}, after the drop after block {first}: dropping a token "
                 "there changes what the later tokens may see, so causal decoders are not pruned. Use an "
                 "encoder (bidirectional attention), or drop only after the last causal block."
@@ -254,20 +249,20 @@ def run(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
     records = []
     for node in list(gm.graph.nodes):
         op = op_name(node, gm)
-        where = module_path(node)
+        path = module_path(node)
         if op in ("scaled_dot_product_attention", "multihead_attention"):
-            records.append(AttentionRecord(node.name, where, "sdpa" if op.startswith("scaled") else op))
+            records.append(AttentionRecord(node.name, path, "sdpa" if op.startswith("scaled") else op))
         elif op == "softmax" and node.op != "call_module":
             if not ctx.config.sdpa:
-                records.append(AttentionRecord(node.name, where, "explicit", "sdpa=False"))
+                records.append(AttentionRecord(node.name, path, "explicit", "sdpa=False"))
                 continue
             try:
                 found = _match(node, gm)
             except _Keep as why:
-                records.append(AttentionRecord(node.name, where, "explicit", str(why)))
+                records.append(AttentionRecord(node.name, path, "explicit", str(why)))
                 continue
             _rewrite(gm, found)
-            records.append(AttentionRecord(node.name, where, "explicit -> sdpa"))
+            records.append(AttentionRecord(node.name, path, "explicit -> sdpa"))
     ctx.attention = records
     gm.graph.lint()
     gm.recompile()

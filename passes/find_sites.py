@@ -318,14 +318,15 @@ def _read_positions(gm, graph: nx.DiGraph, by_name, last: Block) -> tuple[int, s
     in place, so they count as prefix tokens. (count, 'node ... (module ...)')."""
     tokens = shape(by_name[last.output])[TOKEN_AXIS]
     output = next(n.name for n in reversed(gm.graph.nodes) if n.op == "output")
+    feeds_output = nx.ancestors(graph, output)
     best, where = 0, ""
     for name in nx.descendants(graph, last.output):
         node = by_name[name]
-        if not nx.has_path(graph, name, output):  # a pooler whose result the model drops
-            continue
         op = op_name(node, gm)
         source = node.args[0] if node.args else None
         if op not in _POSITION_READS or len(shape(source) or ()) != 3 or shape(source)[TOKEN_AXIS] != tokens:
+            continue
+        if name not in feeds_output:  # a pooler whose result the model drops
             continue
         count = _first_tokens_read(node, op)
         if count and count > best:

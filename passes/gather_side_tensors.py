@@ -29,7 +29,7 @@ import torch
 import torch.fx
 
 from repshift_fx.errors import UnsupportedSiteError
-from repshift_fx.graph import data_graph, module_path, nodes_by_name, op_name, shape, tensor_args
+from repshift_fx.graph import data_graph, literal_arg, nodes_by_name, op_name, reachable, shape, tensor_args, where
 from repshift_fx.passes.token_shapes import _FollowingShapeProp
 
 # attention calls whose mask (argument 3 or attn_mask) is cut to the kept tokens: SDPA, and the
@@ -64,10 +64,6 @@ def gather_side(side: torch.Tensor, index: torch.Tensor, axes: tuple[int, ...], 
 def padding_last(scores: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
     """Scores with every padded position (real == 0) the lowest: (B, N), (B, N) -> (B, N)."""
     return scores.masked_fill(real == 0, torch.finfo(scores.dtype).min)
-
-
-def _where(node: torch.fx.Node) -> str:
-    return f"{op_name(node)} at node '{node.name}' (module '{module_path(node) or 'root'}')"
 
 
 def padding_mask(gm: torch.fx.GraphModule, analysis, weights=frozenset(), args: tuple = ()) -> torch.fx.Node | None:
@@ -131,9 +127,9 @@ class _Drops:
 class _SideGatherer(_FollowingShapeProp):
     """Shape following (token_shapes) that also gathers the side tensors each node reads."""
 
-    def __init__(self, gm: torch.fx.GraphModule, ctx, drops: _Drops, user_inputs: set):
+    def __init__(self, gm: torch.fx.GraphModule, drops: _Drops, from_inputs: set):
         super().__init__(gm)
-        self.drops, self.ctx, self.user_inputs = drops, ctx, user_inputs
+        self.drops, self.from_inputs = drops, from_inputs  # from_inputs: the nodes downstream of a user input
         for keep, after in zip(drops.keep, drops.after):
             self.old_shapes[keep] = self.old_shapes.get(after)
         for index in drops.index:  # the gathers read the indices long after their last use
@@ -160,9 +156,9 @@ class _SideGatherer(_FollowingShapeProp):
     def _frontier(self, n: torch.fx.Node, k: int) -> None:
         op = op_name(n)
         if op in _ATTENTION:
-            mask = n.kwargs.get("attn_mask", n.args[3] if len(n.args) > 3 else None)
+            mask = literal_arg(n, 3, "attn_mask")
             sides = [mask] if isinstance(mask, torch.fx.Node) and self.drops.region.get(mask) != k else []
-            q, key = n.args[0], n.kwargs.get("key", n.args[1] if len(n.args) > 1 else None)
+            q, key = n.args[0], literal_arg(n, 1, "key")
             new = self._pair(self._new(q), self._new(key))
             old = self._pair(self.old_shapes.get(q), self.old_shapes.get(key))
         elif op in _BROADCAST:
@@ -190,7 +186,7 @@ class _SideGatherer(_FollowingShapeProp):
             return
         if 0 in axes or padded[0] not in (1, new[0]) or new[0] != self._batch():
             raise UnsupportedSiteError(
-                f"{_where(n)} reads '{side.name}' {tuple(value.shape)} with tokens {tuple(new)} that are not "
+                f"{where(n)} reads '{side.name}' {tuple(value.shape)} with tokens {tuple(new)} that are not "
                 "batch-first (heads folded into the batch?): the pass cannot tell which entries to keep. "
                 "Prune after this block (a later `at`), or choose another model."
             )
@@ -202,7 +198,7 @@ class _SideGatherer(_FollowingShapeProp):
             value = self.env.get(side)
             if not isinstance(value, torch.Tensor) or value.dim() < 2 or value.shape[0] != self._batch():
                 continue
-            if side in self.drops.region or not (self.user_inputs & ({side.name} | self._sources(side))):
+            if side in self.drops.region or side not in self.from_inputs:
                 continue
             if not self._feeds_region(n, k):
                 return
@@ -217,7 +213,7 @@ class _SideGatherer(_FollowingShapeProp):
         levels = {self.drops.level(sizes[i], k) for i in axes}
         if None in levels or len(levels) != 1:
             raise UnsupportedSiteError(
-                f"{_where(n)} reads '{side.name}' {tuple(value.shape)}, whose axes {axes} meet the pruned tokens "
+                f"{where(n)} reads '{side.name}' {tuple(value.shape)}, whose axes {axes} meet the pruned tokens "
                 f"but hold {[sizes[i] for i in axes]} entries, not the {self.drops.tokens(k)} tokens entering the "
                 f"drop after block {self.drops.plan.drops[k].block} (nor those less the prefix): the pass cannot "
                 "tell which entries to keep. Prune after this block (a later `at`), or choose another model."
@@ -227,7 +223,7 @@ class _SideGatherer(_FollowingShapeProp):
         for j in range(first, k + 1):
             if self.drops.plan.drops[j].fused:
                 raise UnsupportedSiteError(
-                    f"{_where(n)} reads '{side.name}', a tensor that carries the token axis, after a drop with "
+                    f"{where(n)} reads '{side.name}', a tensor that carries the token axis, after a drop with "
                     "fuse=True: the fused token has no entry in it. Use fuse=False with this model."
                 )
             node = self._gather_node(node, j, axes, rank, offset, n)
@@ -266,15 +262,6 @@ class _SideGatherer(_FollowingShapeProp):
 
     def _batch(self) -> int:
         return self.old_shapes[self.drops.after[0]][0]
-
-    def _sources(self, node: torch.fx.Node) -> set[str]:
-        seen, todo = set(), [node]
-        while todo:
-            for arg in todo.pop().all_input_nodes:
-                if arg.name not in seen:
-                    seen.add(arg.name)
-                    todo.append(arg)
-        return seen
 
     def _feeds_region(self, n: torch.fx.Node, k: int) -> bool:
         seen, todo = set(), [n]
@@ -334,8 +321,8 @@ def run(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
         _insert_padding_scores(gm, drops, mask)
         ctx.notes.append(f"padding: input '{_input_name(gm, mask, ctx.args)}' marks padded positions; they score "
                          "lowest at every drop, and the attention mask is gathered with the kept tokens")
-    user_inputs = {n.name for n in gm.graph.nodes if n.op == "placeholder" and n.name not in weights}
-    gatherer = _SideGatherer(gm, ctx, drops, user_inputs)
+    user_inputs = [n for n in gm.graph.nodes if n.op == "placeholder" and n.name not in weights]
+    gatherer = _SideGatherer(gm, drops, reachable(user_inputs, lambda n: n.users))
     gatherer.propagate(*ctx.args)
     ctx.side_gathers = gatherer.gathered
     gm.graph.lint()

@@ -21,7 +21,7 @@ import torch.fx
 
 from repshift_fx.capture import ShapeRecorder
 from repshift_fx.errors import UnsupportedSiteError, root_cause
-from repshift_fx.graph import module_path, op_name, shape
+from repshift_fx.graph import op_name, reachable, shape, where
 
 _SIZED = ("view", "reshape", "expand")
 
@@ -32,10 +32,6 @@ def _sizes(node: torch.fx.Node) -> tuple[list, bool]:
     if len(rest) == 1 and isinstance(rest[0], (tuple, list)):
         return list(rest[0]), True
     return rest, False
-
-
-def _where(node: torch.fx.Node) -> str:
-    return f"{op_name(node)} at node '{node.name}' (module '{module_path(node) or 'root'}')"
 
 
 def _value(size, env: dict, fresh: frozenset = frozenset()):
@@ -72,7 +68,7 @@ def _follow_token_count(node: torch.fx.Node, old_in: tuple, new_in: tuple, env: 
     hits = [i for i, v in enumerate(values) if v == old_n]
     if len(hits) > 1:
         raise UnsupportedSiteError(
-            f"{_where(node)} writes the token count {old_n} as a literal more than once {tuple(sizes)}; "
+            f"{where(node)} writes the token count {old_n} as a literal more than once {tuple(sizes)}; "
             "cannot tell which is the token axis. Write the sizes from x.shape, or prune after it."
         )
     if hits:
@@ -81,7 +77,7 @@ def _follow_token_count(node: torch.fx.Node, old_in: tuple, new_in: tuple, env: 
     numel = math.prod(new_in)
     if op_name(node) != "expand" and -1 not in sizes and all(isinstance(s, int) for s in sizes) and math.prod(known) != numel:
         raise UnsupportedSiteError(
-            f"{_where(node)} reshapes {old_n} tokens to {tuple(sizes)}, which needs all of them "
+            f"{where(node)} reshapes {old_n} tokens to {tuple(sizes)}, which needs all of them "
             "(e.g. back to an H x W grid); prune after the last block that needs the full grid."
         )
     node.args = (node.args[0], tuple(sizes)) if packed else (node.args[0], *sizes)
@@ -89,14 +85,8 @@ def _follow_token_count(node: torch.fx.Node, old_in: tuple, new_in: tuple, env: 
 
 def _after_drops(gm: torch.fx.GraphModule) -> frozenset:
     """Every node downstream of a drop's index (by any edge, sizes included)."""
-    todo = [n for n in gm.graph.nodes if n.meta.get("repshift", {}).get("role") == "index"]
-    seen = set(todo)
-    while todo:
-        for user in todo.pop().users:
-            if user not in seen:
-                seen.add(user)
-                todo.append(user)
-    return frozenset(seen)
+    indices = [n for n in gm.graph.nodes if n.meta.get("repshift", {}).get("role") == "index"]
+    return frozenset(reachable(indices, lambda n: n.users))
 
 
 class _FollowingShapeProp(ShapeRecorder):
@@ -120,7 +110,7 @@ class _FollowingShapeProp(ShapeRecorder):
         except Exception as wrapped:
             err = root_cause(wrapped)
             raise UnsupportedSiteError(
-                f"{_where(n)} fails once tokens are dropped: {type(err).__name__}: {err}. It needs "
+                f"{where(n)} fails once tokens are dropped: {type(err).__name__}: {err}. It needs "
                 "the full token set (windowed attention, a reshape to a grid, a fixed-size table); "
                 "prune after it with a later `at`, or choose another model."
             ) from wrapped

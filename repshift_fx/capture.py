@@ -83,10 +83,10 @@ def _keyword_inputs(example_input: dict, model: nn.Module | None) -> Inputs:
             f"a dict example_input must map forward parameter names to tensors; {bad or 'it is empty'} "
             "do not, e.g. {'input_ids': ids, 'attention_mask': mask}"
         )
-    params = list(inspect.signature(model.forward).parameters) if model is not None else []
+    parameters = inspect.signature(model.forward).parameters if model is not None else {}
+    params = list(parameters)
     unknown = [k for k in example_input if k not in params]
-    takes_kwargs = model is not None and any(
-        p.kind == p.VAR_KEYWORD for p in inspect.signature(model.forward).parameters.values())
+    takes_kwargs = model is not None and any(p.kind == p.VAR_KEYWORD for p in parameters.values())
     if model is not None and unknown and not takes_kwargs:
         raise ExampleInputError(
             f"{type(model).__name__}.forward has no parameter(s) {unknown}; it takes {params}"

@@ -4,8 +4,9 @@
     gm = dynamo_trace(model, args)       # args: a tuple, or capture.Inputs (keyword tensors)
 
 The graph holds torch-level calls (`F.linear`, `layer_norm`, SDPA), the parameters as attributes
-shared with the model, and takes the same (keyword) arguments as the model. The model is run once
-eagerly first, so that an input it does not accept is an `ExampleInputError` in its own words.
+shared with the model, and takes the same (keyword) arguments as the model. Where the export
+fails, the model is run once eagerly, so that an input it does not accept is an `ExampleInputError`
+in its own words rather than a `TraceError`.
 """
 from __future__ import annotations
 
@@ -48,12 +49,10 @@ def _without_cache(model: nn.Module):
             config.use_cache = True
 
 
-def dynamo_trace(model: nn.Module, args: tuple) -> torch.fx.GraphModule:
-    """`torch._dynamo.export` of one call on `args` (keywords where `args` is `Inputs`)."""
-    from .capture import Inputs, expected_input
+def _runs_eagerly(model: nn.Module, args: tuple, positional: tuple, kwargs: dict) -> None:
+    """Run the model once on the example input; an input it does not accept -> ExampleInputError."""
+    from .capture import expected_input
 
-    kwargs = args.as_kwargs() if isinstance(args, Inputs) else {}
-    positional = () if isinstance(args, Inputs) else tuple(args)
     try:
         with torch.no_grad():
             model(*positional, **kwargs)
@@ -70,10 +69,19 @@ def dynamo_trace(model: nn.Module, args: tuple) -> torch.fx.GraphModule:
             f"{f'; {unknown} are not among its forward parameters {params[:6]}' if unknown else ''}: "
             f"{type(cause).__name__}: {cause}"
         ) from err
+
+
+def dynamo_trace(model: nn.Module, args: tuple) -> torch.fx.GraphModule:
+    """`torch._dynamo.export` of one call on `args` (keywords where `args` is `Inputs`)."""
+    from .capture import Inputs
+
+    kwargs = args.as_kwargs() if isinstance(args, Inputs) else {}
+    positional = () if isinstance(args, Inputs) else tuple(args)
     try:
         with torch.no_grad(), _without_cache(model), _leaving_no_attributes(model):
             gm = torch._dynamo.export(model, _log_export_usage=False)(*positional, **kwargs).graph_module
     except Exception as err:
+        _runs_eagerly(model, args, positional, kwargs)  # a bad example input fails eagerly too
         cause = root_cause(err)
         raise TraceError(
             f"neither torch.fx nor torch._dynamo.export can capture {type(model).__name__} as one graph: "

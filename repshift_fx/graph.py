@@ -124,6 +124,24 @@ def module_path(node: torch.fx.Node) -> str:
     return re.sub(r"\._modules\.|\.modules\.", ".", path).strip(".")
 
 
+def where(node: torch.fx.Node, gm: torch.fx.GraphModule | None = None) -> str:
+    """'softmax at node 'x' (module 'blocks.0.attn')', for messages that name a node."""
+    return f"{op_name(node, gm)} at node '{node.name}' (module '{module_path(node) or 'root'}')"
+
+
+def reachable(start_nodes, step) -> set[torch.fx.Node]:
+    """Every node reachable from `start_nodes` by `step` (`lambda n: n.users` downstream,
+    `lambda n: n.all_input_nodes` upstream), the start nodes included."""
+    seen = set(start_nodes)
+    todo = list(seen)
+    while todo:
+        for nxt in step(todo.pop()):
+            if nxt not in seen:
+                seen.add(nxt)
+                todo.append(nxt)
+    return seen
+
+
 def common_path(paths) -> str:
     parts = [p.split(".") for p in paths if p]
     if not parts:
