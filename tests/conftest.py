@@ -47,6 +47,25 @@ def deit():
     return tiny_timm("deit_tiny_patch16_224")
 
 
+@pytest.fixture(scope="session")
+def _resnet18_shared():
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18().eval()
+    return model, snapshot(model)
+
+
+@pytest.fixture
+def resnet18(_resnet18_shared):
+    """torchvision resnet18 (seed 0, eval), one for the session. torch.compile marks the module it
+    wraps (`_is_torch_compile`): removed after each test, which must leave the model otherwise as it was."""
+    model, original = _resnet18_shared
+    yield model
+    vars(model).pop("_is_torch_compile", None)
+    assert_unchanged(model, original)
+
+
 @pytest.fixture
 def image():
     torch.manual_seed(1)
@@ -57,6 +76,20 @@ def assert_close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-5) -> None:
     """|a - b| at most tol times max |b| (b is the reference)."""
     error = ((a - b).abs().max() / b.abs().max().clamp_min(1e-6)).item()
     assert error <= tol, f"relative error {error:.3g} > {tol:g}"
+
+
+def assert_refused(model, x, error, *substrings, **config) -> str:
+    """compress(model, x, **config) raises `error`, a RepShiftError whose message contains every one
+    of `substrings`, and leaves the model unchanged. Returns the message."""
+    before = snapshot(model)
+    with pytest.raises(error) as caught:
+        repshift_fx.compress(model, x, compile=False, **config)
+    message = str(caught.value)
+    assert isinstance(caught.value, repshift_fx.RepShiftError)
+    for substring in substrings:
+        assert substring in message, (substring, message)
+    assert_unchanged(model, before)
+    return message
 
 
 def node_values(gm: torch.fx.GraphModule, *args) -> dict:

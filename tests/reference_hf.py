@@ -1,8 +1,9 @@
 """Plain eager oracles for the families of tests/test_hf.py and tests/test_side_tensors.py.
 
 They loop over the model's layers by hand, prune per sample with Python indexing, and share no
-code with repshift_fx: a Hugging Face BERT with a padding mask (post-norm, mean or CLS pooling) and
-timm's EVA02 (rotary tables cut to the kept tokens).
+code with repshift_fx: a Hugging Face BERT with a padding mask (post-norm, mean or CLS pooling), the
+Hugging Face ViT and DINOv2 (LayerScale) image classifiers, and timm's EVA02 (rotary tables cut to the
+kept tokens).
 """
 import math
 
@@ -66,6 +67,29 @@ def bert_reference(bert, input_ids, attention_mask, at, keep, pooling="mean", pr
         return x[:, 0]
     weights = real.unsqueeze(-1).to(x.dtype)
     return (x * weights).sum(1) / weights.sum(1)
+
+
+@torch.no_grad()
+def vision_reference(model, pixel_values, at, keep):
+    """A HF ViTForImageClassification or Dinov2ForImageClassification (pre-norm, one CLS token) pruned
+    by hand: after each block of `at`, keep the CLS token and the tokens whose MLP branch (times the
+    LayerScale in DINOv2) is farthest from the stream entering it. Returns the logits."""
+    schedule = dict(zip(at, keep if isinstance(keep, (tuple, list)) else [keep] * len(at)))
+    dinov2 = hasattr(model, "dinov2")
+    base = model.dinov2 if dinov2 else model.vit
+    x = base.embeddings(pixel_values)
+    for i, layer in enumerate(base.encoder.layer if dinov2 else base.layers):
+        if dinov2:
+            mid = x + layer.layer_scale1(layer.attention(layer.norm1(x))[0])
+            branch = layer.layer_scale2(layer.mlp(layer.norm2(mid)))
+        else:
+            mid = x + layer.attention(layer.layernorm_before(x))[0]
+            branch = layer.mlp(layer.layernorm_after(mid))
+        x = mid + branch
+        if i in schedule:
+            x = take(x, keep_per_sample((branch - mid).norm(dim=-1), 1, schedule[i]))
+    x = base.layernorm(x)
+    return model.classifier(torch.cat([x[:, 0], x[:, 1:].mean(1)], dim=1) if dinov2 else x[:, 0])
 
 
 def _rotate(x):

@@ -5,9 +5,9 @@ import torch
 from torch import nn
 
 import repshift_fx
-from conftest import assert_unchanged, snapshot, tiny_timm
+from conftest import assert_refused, tiny_timm
 from repshift_fx import (
-    ConfigError, ExampleInputError, ModelModeError, NoSiteError, RepShiftError, TraceError, UnsupportedSiteError,
+    ConfigError, ExampleInputError, ModelModeError, NoSiteError, TraceError, UnsupportedSiteError,
 )
 
 
@@ -16,40 +16,31 @@ def model():
     return tiny_timm("deit_tiny_patch16_224")
 
 
-def _fails(model, x, error, match, **config):
-    before = snapshot(model)
-    with pytest.raises(error, match=match) as caught:
-        repshift_fx.compress(model, x, compile=False, **config)
-    assert isinstance(caught.value, RepShiftError)
-    assert_unchanged(model, before)
-    return str(caught.value)
-
-
 X = torch.randn(2, 3, 64, 64)
 
 
 @pytest.mark.parametrize("keep", [0, 1.5, -0.2, "0.5", (0.5, 2.0)])
 def test_keep_outside_unit_interval(model, keep):
-    _fails(model, X, ConfigError, "keep", keep=keep, at=(1,) if not isinstance(keep, tuple) else (1, 2))
+    assert_refused(model, X, ConfigError, "keep", keep=keep, at=(1,) if not isinstance(keep, tuple) else (1, 2))
 
 
 def test_at_out_of_range_says_how_many_blocks(model):
-    message = _fails(model, X, ConfigError, "4 blocks were found", at=(1, 4))
+    message = assert_refused(model, X, ConfigError, "4 blocks were found", at=(1, 4))
     assert "[4]" in message
 
 
 @pytest.mark.parametrize("at", [(2, 2), (2, 1)])
 def test_repeated_or_unsorted_at(model, at):
-    _fails(model, X, ConfigError, "strictly increasing", at=at)
+    assert_refused(model, X, ConfigError, "strictly increasing", at=at)
 
 
 def test_keep_per_block_must_match_at(model):
-    _fails(model, X, ConfigError, "one rate per", at=(1, 2), keep=(0.5, 0.5, 0.5))
+    assert_refused(model, X, ConfigError, "one rate per", at=(1, 2), keep=(0.5, 0.5, 0.5))
 
 
 @pytest.mark.parametrize("option", [{"site": "head"}, {"distance": "kl"}, {"score": "attention_map"}, {"protect": -1}])
 def test_unknown_choices(model, option):
-    _fails(model, X, ConfigError, next(iter(option)), **option)
+    assert_refused(model, X, ConfigError, next(iter(option)), **option)
 
 
 def test_inspect_rejects_unknown_options(model):
@@ -59,20 +50,20 @@ def test_inspect_rejects_unknown_options(model):
 
 def test_training_mode_refused(model):
     model.train()
-    _fails(model, X, ModelModeError, "model.eval()")
+    assert_refused(model, X, ModelModeError, "model.eval()")
     assert model.training
 
 
 def test_wrong_input_size_says_what_the_model_expects(model):
-    _fails(model, torch.randn(2, 3, 32, 32), ExampleInputError, r"expects \(B, 3, 64, 64\)")
+    assert_refused(model, torch.randn(2, 3, 32, 32), ExampleInputError, "expects (B, 3, 64, 64)")
 
 
 def test_wrong_input_rank(model):
-    _fails(model, torch.randn(3, 64, 64), ExampleInputError, r"\(3, 64, 64\)")
+    assert_refused(model, torch.randn(3, 64, 64), ExampleInputError, "(3, 64, 64)")
 
 
 def test_example_input_of_wrong_type(model):
-    _fails(model, [[1.0]], ExampleInputError, "tensor")
+    assert_refused(model, [[1.0]], ExampleInputError, "tensor")
 
 
 def test_no_residual_mlp_says_what_was_found():
@@ -84,12 +75,13 @@ def test_no_residual_mlp_says_what_was_found():
         def forward(self, x):
             return x + self.attn(x, x, x, need_weights=False)[0]
 
-    message = _fails(AttentionOnly().eval(), torch.randn(2, 5, 16), NoSiteError, "no residual MLP")
+    message = assert_refused(AttentionOnly().eval(), torch.randn(2, 5, 16), NoSiteError, "no residual MLP")
     assert "attention at 'attn'" in message
 
 
 def test_cnn_without_tokens():
-    _fails(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval(), torch.randn(1, 3, 8, 8), NoSiteError, "no residual adds")
+    assert_refused(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval(), torch.randn(1, 3, 8, 8), NoSiteError,
+                   "no residual adds")
 
 
 def test_untraceable_model_names_the_module():
@@ -106,7 +98,7 @@ def test_untraceable_model_names_the_module():
         def forward(self, x):
             return self.gate(self.stem(x))
 
-    message = _fails(Net().eval(), torch.randn(2, 3, 4), TraceError, "module 'gate' \\(Branchy\\)")
+    message = assert_refused(Net().eval(), torch.randn(2, 3, 4), TraceError, "module 'gate' (Branchy)")
     assert "backend='repshift'" in message
 
 
@@ -116,5 +108,5 @@ def test_untraceable_model_names_the_module():
 def test_windowed_attention_is_refused_naming_the_node():
     model = timm.create_model("swin_tiny_patch4_window7_224", img_size=112, depths=(2, 2), num_heads=(2, 4),
                               embed_dim=32).eval()
-    message = _fails(model, torch.randn(1, 3, 112, 112), UnsupportedSiteError, "node '", at=(0,))
+    message = assert_refused(model, torch.randn(1, 3, 112, 112), UnsupportedSiteError, "node '", at=(0,))
     assert "module 'layers." in message

@@ -6,7 +6,6 @@ import importlib.util
 import json
 import logging
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,7 +19,6 @@ from repshift_fx.datasets import FASHION_MNIST, WORDNET, DataError, fashion_mnis
 from repshift_fx.datasets import WORDNET_CLASSES, TextDataset, wordnet_definitions
 from repshift_fx.specs import LoadedModel, SpecError
 
-ROOT = Path(__file__).resolve().parents[1]
 needs_fashion = pytest.mark.skipif(
     not (FASHION_MNIST / "t10k-images-idx3-ubyte.gz").exists(),
     reason=f"Fashion-MNIST is not installed at {FASHION_MNIST}: apt-get install dataset-fashion-mnist (Debian); "
@@ -34,14 +32,10 @@ needs_wordnet = pytest.mark.skipif(
 TINY = '{"depth": 3, "img_size": 32, "patch_size": 8, "embed_dim": 32, "num_heads": 2}'
 
 
-def _tool():
-    return load_tool("evaluate")
-
-
 @needs_fashion
 def test_harness_end_to_end_on_fashion_mnist(tmp_path, capsys, caplog):
     caplog.set_level(logging.INFO, logger="repshift_fx")
-    tool = _tool()
+    tool = load_tool("evaluate")
     out, cache = tmp_path / "out", tmp_path / "cache"
     common = ["timm:vit_tiny_patch16_224", "--kwargs", TINY, "--limit", "200", "--train-limit", "300", "--at", "0,1",
               "--cache", str(cache), "--no-progress", "--batch", "100"]
@@ -194,7 +188,7 @@ def tiny_bert_dir(tmp_path_factory):
 
 def test_text_harness_end_to_end_on_wordnet(tiny_bert_dir, tmp_path, capsys, caplog):
     caplog.set_level(logging.INFO, logger="repshift_fx")
-    tool = _tool()
+    tool = load_tool("evaluate")
     out, cache = tmp_path / "out", tmp_path / "cache"
     common = [f"hf:{tiny_bert_dir}", "--data", "wordnet", "--limit", "200", "--train-limit", "300", "--at", "0",
               "--cache", str(cache), "--no-progress", "--batch", "100"]
@@ -250,7 +244,7 @@ def test_text_keep_one_reproduces_the_unpruned_model(tiny_bert_dir):
 
 
 def test_text_and_image_mismatches_say_what_to_do(tiny_bert_dir, tmp_path, capsys):
-    tool = _tool()
+    tool = load_tool("evaluate")
     assert tool.main(["timm:vit_tiny_patch16_224", "--kwargs", TINY, "--data", "wordnet", "--limit", "10",
                       "--no-cache", "--out", str(tmp_path)]) == 2
     assert "needs a text model: hf:minilm" in capsys.readouterr().err

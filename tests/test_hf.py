@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import repshift_fx
-from conftest import assert_close, assert_unchanged, snapshot
-from reference_hf import bert_reference
+from conftest import assert_close, assert_unchanged, node_values, snapshot
+from reference_hf import bert_reference, vision_reference
 from repshift_fx import UnsupportedSiteError
 
 transformers = pytest.importorskip("transformers", reason="pip install -c constraints.txt transformers (extra [hf])")
@@ -69,38 +69,27 @@ def test_vision_keep_one_is_the_original(family, impl):
     assert [row.attention for row in gm.report.blocks] == ["explicit -> SDPA" if impl == "eager" else "SDPA"] * 4
 
 
-@pytest.mark.parametrize("impl,pooling", [("eager", "mean"), ("sdpa", "mean"), ("sdpa", "cls")])
-def test_bert_with_mask_matches_the_eager_reference(impl, pooling, text):
+@pytest.mark.parametrize("impl,pooling,score", [("eager", "mean", "shift"), ("sdpa", "mean", "shift"),
+                                                ("sdpa", "cls", "shift"), ("sdpa", "mean", "attention"),
+                                                ("sdpa", "cls", "attention")])
+def test_bert_with_mask_matches_the_eager_reference(impl, pooling, score, text):
+    """score="attention" runs explicit attention in the scoring blocks; the padding mask reaching
+    the second one must be cut to the tokens the first drop kept, as it is for SDPA."""
     bert = tiny_bert(impl)
     encoder = SentenceEmbedding(bert, pooling).eval()
-    gm = repshift_fx.compress(encoder, text, keep=0.5, at=(0, 1), compile=False)
+    gm = repshift_fx.compress(encoder, text, keep=0.5, at=(0, 1), score=score, compile=False)
     prefix = 1 if pooling == "cls" else 0  # the CLS pooling reads token 0: it is kept in place
     assert gm.report.prefix == prefix
     assert gm.report.tokens == ([12, 7, 4] if prefix else [12, 6, 3])  # prefix + ceil(keep * others)
     with torch.no_grad():
-        assert_close(gm(**text), bert_reference(bert, text["input_ids"], text["attention_mask"], (0, 1), 0.5, pooling, prefix))
-
-
-@pytest.mark.parametrize("pooling", ["mean", "cls"])
-def test_bert_with_mask_attention_score_matches_the_eager_reference(pooling, text):
-    """score="attention" runs explicit attention in the scoring blocks; the padding mask reaching
-    the second one must be cut to the tokens the first drop kept, as it is for SDPA."""
-    bert = tiny_bert("sdpa")
-    encoder = SentenceEmbedding(bert, pooling).eval()
-    gm = repshift_fx.compress(encoder, text, keep=0.5, at=(0, 1), score="attention", compile=False)
-    prefix = 1 if pooling == "cls" else 0
-    with torch.no_grad():
         assert_close(gm(**text), bert_reference(bert, text["input_ids"], text["attention_mask"], (0, 1), 0.5,
-                                                pooling, prefix, score="attention"))
+                                                pooling, prefix, score=score))
 
 
 def test_padded_positions_are_never_kept_in_place_of_real_tokens(text):
     encoder = SentenceEmbedding(tiny_bert("sdpa")).eval()
     gm = repshift_fx.compress(encoder, text, keep=0.5, at=(0, 1), score="random", compile=False)
-    run = torch.fx.Interpreter(gm, garbage_collect_values=False)
-    with torch.no_grad():
-        run.run(text["input_ids"], text["attention_mask"])
-    values = {node.name: value for node, value in run.env.items()}
+    values = node_values(gm, text["input_ids"], text["attention_mask"])
     real = text["attention_mask"].bool()
     for block in (0, 1):
         index = values[f"repshift_index_{block}"]
@@ -127,8 +116,11 @@ def test_vision_classifiers_prune(family):
     x = torch.randn(2, 3, 32, 32)
     gm = repshift_fx.compress(model, x, keep=0.5, at=(0, 2), compile=False)
     assert gm.report.tokens == [17, 9, 9, 5]
+    whole = repshift_fx.compress(model, x, keep=1.0, at=(0, 2), compile=False)
     with torch.no_grad():
         assert gm(x).logits.shape == (2, 5)
+        assert_close(gm(x).logits, vision_reference(model, x, (0, 2), 0.5))
+        assert_close(whole(x).logits, model(x).logits)
 
 
 def test_backend_prunes_a_transformers_model(text):

@@ -18,13 +18,6 @@ from reference_lines import resnet_reference
 from repshift_fx import ConfigError, NoSiteError, UnsupportedSiteError, lines
 
 
-
-@pytest.fixture(scope="module")
-def resnet18():
-    torch.manual_seed(0)
-    return torchvision.models.resnet18().eval()
-
-
 @pytest.fixture
 def img():
     torch.manual_seed(1)

@@ -6,7 +6,6 @@ import re
 
 import pytest
 import torch
-import torchvision
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -20,12 +19,6 @@ from repshift_fx.plan_lines import LineSearch
 from repshift_fx.report_lines import build_line_report
 
 X = torch.randn(1, 3, 128, 128)  # resnet18: grids 32, 16, 8, 4 (even: no count is refused)
-
-
-@pytest.fixture(scope="module")
-def resnet18():
-    torch.manual_seed(0)
-    return torchvision.models.resnet18().eval()
 
 
 def flops(fn, x=X) -> int:

@@ -8,20 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import repshift_fx
-from conftest import assert_unchanged, snapshot, tiny_timm
-from repshift_fx import NoSiteError, RepShiftError, UnsupportedSiteError
-
-
-def _refused(model, x, error, *patterns, **config):
-    before = snapshot(model)
-    with pytest.raises(error) as caught:
-        repshift_fx.compress(model, x, compile=False, **config)
-    message = str(caught.value)
-    assert isinstance(caught.value, RepShiftError)
-    for pattern in patterns:
-        assert pattern in message, (pattern, message)
-    assert_unchanged(model, before)
-    return message
+from conftest import assert_refused, tiny_timm
+from repshift_fx import NoSiteError, UnsupportedSiteError
 
 
 def _marked(report, block: int, *patterns):
@@ -35,15 +23,15 @@ def test_swin_windows_are_refused_and_inspect_marks_them():
     model = timm.create_model("swin_tiny_patch4_window7_224", img_size=112, depths=(2, 2), num_heads=(2, 4),
                               embed_dim=32).eval()
     x = torch.randn(1, 3, 112, 112)
-    _refused(model, x, UnsupportedSiteError, "node 'reshape", "module 'layers.0.blocks.0'", "windowed attention",
-             "later `at`", at=(0,))
+    assert_refused(model, x, UnsupportedSiteError, "node 'reshape", "module 'layers.0.blocks.0'", "windowed attention",
+                   "later `at`", at=(0,))
     _marked(repshift_fx.inspect(model, x, at=(0,)), 0, "layers.0.blocks.0")
 
 
 def test_convnext_in_tokens_mode_is_refused_naming_its_grid():
     model = timm.create_model("convnext_atto", num_classes=10).eval()
-    _refused(model, torch.randn(1, 3, 64, 64), NoSiteError, "grid model", "node 'add'", "module 'stages.0.blocks.0'",
-             "mode='lines'", mode="tokens")
+    assert_refused(model, torch.randn(1, 3, 64, 64), NoSiteError, "grid model", "node 'add'",
+                   "module 'stages.0.blocks.0'", "mode='lines'", mode="tokens")
 
 
 class _Neck(nn.Module):
@@ -74,7 +62,7 @@ class _Dense(nn.Module):
 
 def test_a_neck_that_reshapes_tokens_to_a_grid_is_refused():
     model, x = _Dense(neck=True).eval(), torch.randn(2, 3, 64, 64)
-    _refused(model, x, UnsupportedSiteError, "reshape at node", "module 'neck'", "reshape to a grid", at=(1,))
+    assert_refused(model, x, UnsupportedSiteError, "reshape at node", "module 'neck'", "reshape to a grid", at=(1,))
     report = repshift_fx.inspect(model, x, at=(1,))
     assert report.refused[0].startswith("outside the blocks, node 'reshape") and "module 'neck'" in report.refused[0]
     assert len(report.blocks) == 4 and report.tokens == [16] * 4
@@ -82,7 +70,7 @@ def test_a_neck_that_reshapes_tokens_to_a_grid_is_refused():
 
 def test_a_segmentation_head_is_refused_at_the_output():
     model, x = _Dense(neck=False).eval(), torch.randn(2, 3, 64, 64)
-    _refused(model, x, UnsupportedSiteError, "output node 'head'", "module 'head'", "dense-prediction", at=(1,))
+    assert_refused(model, x, UnsupportedSiteError, "output node 'head'", "module 'head'", "dense-prediction", at=(1,))
 
 
 class _CausalBlock(nn.Module):
@@ -112,8 +100,8 @@ class _CausalNet(nn.Module):
 
 def test_causal_sdpa_is_refused_and_inspect_marks_it():
     model, x = _CausalNet().eval(), torch.randn(2, 10, 16)
-    _refused(model, x, UnsupportedSiteError, "scaled_dot_product_attention at node", "module 'blocks.1'",
-             "is_causal=True", "causal decoders are not pruned", keep=0.5, at=(0,))
+    assert_refused(model, x, UnsupportedSiteError, "scaled_dot_product_attention at node", "module 'blocks.1'",
+                   "is_causal=True", "causal decoders are not pruned", keep=0.5, at=(0,))
     _marked(repshift_fx.inspect(model, x, keep=0.5, at=(0,)), 1, "is_causal=True")
 
 
@@ -125,7 +113,7 @@ def test_a_transformers_decoder_is_refused_for_its_causal_mask(impl):
     torch.manual_seed(0)
     model = transformers.LlamaModel._from_config(config, attn_implementation=impl).eval()
     inputs = {"input_ids": torch.randint(3, 100, (2, 10))}
-    _refused(model, inputs, UnsupportedSiteError, "module 'layers.1.self_attn'", "lets each token see only the tokens "
-             "before it", "causal decoders are not pruned", keep=0.5, at=(0,))
+    assert_refused(model, inputs, UnsupportedSiteError, "module 'layers.1.self_attn'",
+                   "lets each token see only the tokens before it", "causal decoders are not pruned", keep=0.5, at=(0,))
     assert model.config.use_cache is True  # traced with the cache off, and restored
     _marked(repshift_fx.inspect(model, inputs, keep=0.5, at=(0,)), 1, "causal attention")

@@ -7,7 +7,7 @@ import torch
 import torchvision
 
 import repshift_fx
-from conftest import assert_close, assert_unchanged, load_tool, snapshot, tiny_timm
+from conftest import assert_close, assert_unchanged, load_tool, node_values, snapshot, tiny_timm
 from reference import reference_forward, reference_torchvision_vit
 from repshift_fx import UnsupportedSiteError, shift
 from repshift_fx.passes.attention_scores import IMPL
@@ -116,10 +116,7 @@ def test_model_left_unchanged(tv_vit):
 
 def test_fused_token_sits_after_the_kept_ones_and_is_scored_later(deit, image):
     gm = repshift_fx.compress(deit, image, keep=0.5, at=(0, 1), score="norm", fuse=True, compile=False)
-    run = torch.fx.Interpreter(gm, garbage_collect_values=False)
-    with torch.no_grad():
-        run.run(image)
-    values = {node.name: value for node, value in run.env.items()}
+    values = node_values(gm, image)
     block_out, index, kept = values["add_2"], values["repshift_index_0"], values["repshift_keep_0"]
     assert kept.shape == (2, 1 + 8 + 1, 192)
     assert (index[:, 0] == 0).all() and (index[:, 1:].diff(dim=1) > 0).all()
