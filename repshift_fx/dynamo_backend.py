@@ -49,7 +49,7 @@ from .dynamo_graph import (
     refresh_example_values,
 )
 from .errors import ConfigError, NoSiteError, UnsupportedSiteError
-from .graph import data_graph, nodes_by_name, shape
+from .graph import data_graph, name_modules_as_user, nodes_by_name, shape
 from .grid_ops import is_grid
 from .lines_pipeline import plan_and_rewrite_lines
 from .passes import find_sites
@@ -117,6 +117,7 @@ def prune_graph(gm: torch.fx.GraphModule, example_inputs: list, config: Config):
     pin_token_axes(inputs, weights)
     args = concrete_args(inputs, example_inputs, weights)
     record_shapes(gm, args)
+    name_modules_as_user(gm, frame_module())
     hints = {n.name: _PREFIX_OF[ex] for n, ex in zip(inputs, example_inputs)
              if isinstance(ex, torch.Tensor) and ex in _PREFIX_OF}
     prefix_outputs = _prefix_outputs(gm, weights, hints)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .errors import ExampleInputError, TraceError, root_cause
+from .graph import name_modules_as_user
 
 
 @contextlib.contextmanager
@@ -90,6 +91,7 @@ def dynamo_trace(model: nn.Module, args: tuple) -> torch.fx.GraphModule:
             "torch.compile(model, backend='repshift'), which allows graph breaks."
         ) from err
     gm.graph.eliminate_dead_code()  # e.g. a pooler whose output the model drops; asserts stay (impure)
+    name_modules_as_user(gm, model)
     gm.recompile()
     gm.meta["repshift_tracer"] = "dynamo"
     return gm

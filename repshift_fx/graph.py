@@ -117,11 +117,51 @@ def module_path(node: torch.fx.Node) -> str:
     stack = node.meta.get("nn_module_stack") or {}
     if not stack:
         return ""
-    path = list(stack.values())[-1][0]
-    path = _DYNAMO_PATH.sub(r".\1", str(path))  # L['self'].blocks[0].mlp -> L.self.blocks.0.mlp
+    return module_path_text(str(list(stack.values())[-1][0]))
+
+
+def module_path_text(path: str) -> str:
+    """A dotted path from dynamo's source text, where no root module is at hand to resolve it."""
+    path = _DYNAMO_PATH.sub(r".\1", path)  # L['self'].blocks[0].mlp -> L.self.blocks.0.mlp
     path = re.sub(r"^L\.self\.?|^self\.?", "", path)
     path = re.sub(r"^[LG]\.", "", path)  # dynamo: a module held in another local or a global, L['vit'].blocks[1]
     return re.sub(r"\._modules\.|\.modules\.", ".", path).strip(".")
+
+
+def _resolves(root: nn.Module, parts: list[str], cls) -> bool:
+    try:
+        module = root.get_submodule(".".join(parts))
+    except AttributeError:
+        return False
+    return not isinstance(cls, type) or isinstance(module, cls)
+
+
+def user_path(raw: str, root: nn.Module, cls=None) -> str:
+    """A module path as the user's own `root.get_submodule` resolves it.
+
+    Capture paths prefix what they were handed: dynamo writes `L['self'].blocks[0]`, and a
+    forward wrapped by a decorator (Hugging Face's) reaches the model as `L['args'][0]`. The
+    longest tail of the path that resolves on `root` to a module of type `cls` is the user's."""
+    parts = [p for p in _DYNAMO_PATH.sub(r".\1", str(raw)).split(".") if p and p not in ("_modules", "modules")]
+    for start in range(len(parts) + 1):
+        if _resolves(root, parts[start:], cls):
+            return ".".join(parts[start:])
+    return module_path_text(str(raw))
+
+
+def name_modules_as_user(gm: torch.fx.GraphModule, root: nn.Module | None) -> None:
+    """Rewrite every node's `nn_module_stack` paths to the user's paths on `root` (see `user_path`)."""
+    if root is None:
+        return
+    known: dict = {}
+    for node in gm.graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        if not stack:
+            continue
+        for key, (path, cls) in list(stack.items()):
+            if (path, cls) not in known:
+                known[path, cls] = user_path(path, root, cls)
+            stack[key] = (known[path, cls], cls)
 
 
 def where(node: torch.fx.Node, gm: torch.fx.GraphModule | None = None) -> str:

@@ -1,13 +1,23 @@
 #!/usr/bin/env bash
-# Set up .venv for repshift_fx on a fresh machine.
-#   bash tools/setup_env.sh        the package (enough for examples/compress_deit.py)
-#   bash tools/setup_env.sh test   also what the tests need: extras, real weights, Debian data
-# constraints.txt pins the CPU build of torch 2.13.0: without it timm/torchvision pull a CUDA torch.
+# Set up a virtual environment for repshift_fx on a fresh machine.
+#   bash tools/setup_env.sh          .venv: the package (enough for examples/compress_deit.py)
+#   bash tools/setup_env.sh test     .venv: also what the tests need: extras, real weights, Debian data
+#   bash tools/setup_env.sh latest   .venv-latest: the test set-up with the newest versions the ranges in
+#                                    pyproject.toml allow (the drift job; not in CI), then prints them
+# The first two install from constraints-lock.txt, every package pinned to the versions the suite last
+# passed with. constraints.txt pins the CPU build of torch 2.13.0: without it timm/torchvision pull a CUDA torch.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python3 -m venv .venv
-pip=(.venv/bin/pip install -q -c constraints.txt)
-if [ "${1:-}" != "test" ]; then
+job="${1:-}"
+venv=.venv
+pins=(-c constraints.txt -c constraints-lock.txt)
+if [ "$job" = latest ]; then
+    venv=.venv-latest
+    pins=(-c constraints.txt --upgrade --upgrade-strategy eager)
+fi
+python3 -m venv "$venv"
+pip=("$venv/bin/pip" install -q "${pins[@]}")
+if [ -z "$job" ]; then
     "${pip[@]}" -e .
     exit 0
 fi
@@ -22,4 +32,7 @@ if [ ! -d /usr/share/datasets/fashion-mnist ] || [ ! -e /usr/share/wordnet/data.
     else
         echo "setup_env: cannot apt-get install dataset-fashion-mnist wordnet-base (not root); their tests will skip" >&2
     fi
+fi
+if [ "$job" = latest ]; then
+    "$venv/bin/pip" list 2>/dev/null | grep -i -E '^(torch|timm|transformers|torchvision|numpy) '
 fi
