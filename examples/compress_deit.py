@@ -9,7 +9,7 @@ import logging
 import repshift_fx  # before timm: installs the torchvision guard
 import timm
 import torch
-from repshift_fx.benchmark import format_table, run_benchmark
+from repshift_fx.apps.bench import format_table, run_benchmark
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--model", default="deit_small_patch16_224")

@@ -15,7 +15,8 @@ from __future__ import annotations
 import argparse
 
 import repshift_fx  # noqa: F401  (before timm)
-from repshift_fx.benchmark import time_variants
+from repshift_fx.apps.bench import time_variants
+from repshift_fx.context import inserted, role_of
 
 import torch
 from timm.layers import trunc_normal_
@@ -53,10 +54,10 @@ def tokens_per_time_step(gm: torch.fx.GraphModule, clip: torch.Tensor, grid: tup
     found = {}
     place = torch.arange(grid[0] * grid[1] * grid[2]).expand(clip.shape[0], -1)
     for node, value in run.env.items():
-        if node.meta.get("repshift", {}).get("role") == "index":
+        if role_of(node) == "index":
             place = place.gather(1, value)
             time_step = place // (grid[1] * grid[2])
-            found[node.meta["repshift"]["block"]] = [
+            found[inserted(node).block] = [
                 torch.bincount(row, minlength=grid[0]).tolist() for row in time_step]
     return found
 

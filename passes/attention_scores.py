@@ -9,10 +9,10 @@ Guarantees: for each drop, the scoring block's one attention is computed explici
     CLS token (prefix >= 1):  mean over heads of softmax(q k^T s)[:, :, 0, :]   (the CLS row)
     no prefix tokens:         mean over heads and queries of softmax(q k^T s)    (attention received)
 
-(`repshift_fx.shift.attention_importance`); `ctx.importance` maps the block index to that node's
+(`repshift_fx.method.tokens.attention_importance`); `ctx.importance` maps the block index to that node's
 name. The forms, and what each becomes:
 
-    F.scaled_dot_product_attention(q, k, v, ...)    -> shift.explicit_attention(q, k, v, ..., prefix=p)
+    F.scaled_dot_product_attention(q, k, v, ...)    -> attention.explicit_attention(q, k, v, ..., prefix=p)
     nn.MultiheadAttention (a leaf) / its functional -> the same call with need_weights=True,
                                                        average_attn_weights=True (no fast path)
     explicit softmax kept (sdpa=False)              -> importance read from the softmax output
@@ -30,9 +30,10 @@ import operator
 import torch
 import torch.fx
 
-from repshift_fx import shift
+from repshift_fx.context import mark
+from repshift_fx.method import attention
 from repshift_fx.errors import UnsupportedSiteError
-from repshift_fx.graph import literal_arg, nodes_by_name, op_name, reachable, shape, where
+from repshift_fx.fx.nodes import literal_arg, nodes_by_name, op_name, reachable, shape, where
 
 IMPL = "explicit (attention score)"
 _FORMS = ("scaled_dot_product_attention", "multihead_attention", "softmax")
@@ -71,7 +72,7 @@ def _check_tokens(node: torch.fx.Node, probs_shape: tuple, batch: int, tokens: i
 
 
 def _sdpa_args(node: torch.fx.Node) -> inspect.BoundArguments:
-    bound = inspect.signature(shift.explicit_attention).bind(*node.args, **node.kwargs)
+    bound = inspect.signature(attention.explicit_attention).bind(*node.args, **node.kwargs)
     dropout = bound.arguments.get("dropout_p", 0.0)
     if isinstance(dropout, torch.fx.Node) or dropout:
         raise UnsupportedSiteError(f"{where(node)} applies dropout {dropout} to the attention weights; "
@@ -88,7 +89,7 @@ def _explicit_sdpa(gm, node: torch.fx.Node, prefix: int, batch: int, tokens: int
     bound = _sdpa_args(node)
     graph = gm.graph
     with graph.inserting_before(node):
-        explicit = graph.call_function(shift.explicit_attention, bound.args, {**bound.kwargs, "prefix": prefix})
+        explicit = graph.call_function(attention.explicit_attention, bound.args, {**bound.kwargs, "prefix": prefix})
         output = graph.call_function(operator.getitem, (explicit, 0))
         score = graph.create_node("call_function", operator.getitem, (explicit, 1), name=name)
     for new in (explicit, output, score):
@@ -115,7 +116,7 @@ def _weighted_mha(gm, node: torch.fx.Node, prefix: int, batch: int, tokens: int,
     with graph.inserting_after(node):
         weights = graph.call_function(operator.getitem, (node, 1))
     with graph.inserting_after(weights):
-        score = graph.create_node("call_function", shift.attention_importance, (weights, prefix), name=name)
+        score = graph.create_node("call_function", attention.attention_importance, (weights, prefix), name=name)
     for new in (weights, score):
         new.meta.update({k: v for k, v in node.meta.items() if k == "nn_module_stack"})
     return score
@@ -125,7 +126,7 @@ def _tapped_softmax(gm, node: torch.fx.Node, prefix: int, batch: int, tokens: in
     """An explicit softmax left by attention_to_sdpa: read the importance from its output."""
     _check_tokens(node, shape(node) or (), batch, tokens)
     with gm.graph.inserting_after(node):
-        score = gm.graph.create_node("call_function", shift.attention_importance, (node, prefix), name=name)
+        score = gm.graph.create_node("call_function", attention.attention_importance, (node, prefix), name=name)
     score.meta.update({k: v for k, v in node.meta.items() if k == "nn_module_stack"})
     return score
 
@@ -151,7 +152,7 @@ def run(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
         stream = shape(nodes_by_name(gm)[block.input])
         score = _REWRITES[op_name(node, gm)](gm, node, drop.prefix, stream[0], block.tokens,
                                              f"repshift_score_{drop.block}")
-        score.meta["repshift"] = {"role": "score", "block": drop.block}
+        mark(score, "score", drop.block)
         ctx.importance[drop.block] = score.name
         _label_records(ctx, block)
     blocks = ", ".join(str(d.block + ctx.block_offset) for d in ctx.plan.drops)

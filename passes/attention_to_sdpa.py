@@ -34,7 +34,7 @@ import torch.fx
 import torch.nn.functional as F
 
 from repshift_fx.errors import UnsupportedSiteError
-from repshift_fx.graph import carries_tensor, literal_arg, module_path, op_name, reachable, shape, where
+from repshift_fx.fx.nodes import carries_tensor, literal_arg, module_path, op_name, reachable, shape, where
 
 _PRODUCT = ("matmul", "bmm")
 _PASS_THROUGH = ("dropout", "identity")

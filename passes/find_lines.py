@@ -29,8 +29,8 @@ import networkx as nx
 import torch.fx
 
 from repshift_fx.errors import NoSiteError
-from repshift_fx.graph import common_path, data_graph, literal_arg, module_path, nodes_by_name, shape, tensor_args
-from repshift_fx.grid_ops import ELEMENTWISE, POINTWISE, grid_op, is_grid, spatial
+from repshift_fx.fx.nodes import common_path, data_graph, literal_arg, module_path, nodes_by_name, shape, tensor_args
+from repshift_fx.fx.grid_ops import ELEMENTWISE, POINTWISE, grid_op, is_grid, spatial
 
 
 @dataclass(frozen=True)

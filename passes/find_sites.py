@@ -23,7 +23,7 @@ import networkx as nx
 import torch.fx
 
 from repshift_fx.errors import NoSiteError
-from repshift_fx.graph import (
+from repshift_fx.fx.nodes import (
     common_path,
     data_graph,
     literal_arg,

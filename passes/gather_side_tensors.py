@@ -28,9 +28,10 @@ import networkx as nx
 import torch
 import torch.fx
 
+from repshift_fx.context import inserted, mark
 from repshift_fx.errors import UnsupportedSiteError
-from repshift_fx.graph import data_graph, literal_arg, nodes_by_name, op_name, reachable, shape, tensor_args, where
-from repshift_fx.passes.token_shapes import _FollowingShapeProp
+from repshift_fx.fx.nodes import data_graph, literal_arg, nodes_by_name, op_name, reachable, shape, tensor_args, where
+from repshift_fx.passes.token_shapes import FollowingShapeProp
 
 # attention calls whose mask (argument 3 or attn_mask) is cut to the kept tokens: SDPA, and the
 # explicit form score="attention" puts in the scoring blocks (same arguments)
@@ -124,7 +125,7 @@ class _Drops:
         return None
 
 
-class _SideGatherer(_FollowingShapeProp):
+class _SideGatherer(FollowingShapeProp):
     """Shape following (token_shapes) that also gathers the side tensors each node reads."""
 
     def __init__(self, gm: torch.fx.GraphModule, drops: _Drops, from_inputs: set):
@@ -143,7 +144,7 @@ class _SideGatherer(_FollowingShapeProp):
     def run_node(self, n: torch.fx.Node):
         if n in self.drops.keep:
             self.current = self.drops.keep.index(n)
-        elif "repshift" not in n.meta and n.op.startswith("call"):
+        elif inserted(n) is None and n.op.startswith("call"):
             k = self.drops.region.get(n)
             if k is not None:
                 self._frontier(n, k)
@@ -236,8 +237,8 @@ class _SideGatherer(_FollowingShapeProp):
             with graph.inserting_before(before):
                 node = graph.create_node("call_function", gather_side, (source, index, axes, rank, offset),
                                          name=f"repshift_side_{self.drops.plan.drops[j].block}")
-            root = source.meta.get("repshift", {}).get("source", source.name)
-            node.meta["repshift"] = {"role": "side", "block": self.drops.plan.drops[j].block, "source": root}
+            root = (inserted(source).source if inserted(source) else source.name)
+            mark(node, "side", self.drops.plan.drops[j].block, source=root)
             value = gather_side(self.env[source], self.env[index], axes, rank, offset)
             self.env[node] = value
             self.old_shapes[node] = tuple(value.shape)
@@ -295,10 +296,10 @@ def _insert_padding_scores(gm: torch.fx.GraphModule, drops: _Drops, mask: torch.
                 previous = drops.index[k - 1]
                 real = graph.create_node("call_function", gather_side, (real, previous, (1,), 2, 0),
                                          name=f"repshift_padding_{block}")
-                real.meta["repshift"] = {"role": "side", "block": drops.plan.drops[k - 1].block, "source": mask.name}
+                mark(real, "side", drops.plan.drops[k - 1].block, source=mask.name)
             score = graph.create_node("call_function", padding_last, (index.args[0], real),
                                       name=f"repshift_real_score_{block}")
-        score.meta["repshift"] = {"role": "score", "block": block}
+        mark(score, "score", block)
         index.args = (score, *index.args[1:])
 
 

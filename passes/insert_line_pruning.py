@@ -1,6 +1,6 @@
 """Rewrite (lines mode): insert the row/column scoring, selection and gather of every planned drop.
 
-Expects: `ctx.plan` (repshift_fx.plan_lines.LinePlan) naming nodes of this graph.
+Expects: `ctx.plan` (repshift_fx.plan.lines.LinePlan) naming nodes of this graph.
 Guarantees: after each drop's block output three nodes are inserted,
 
     repshift_score_i = line_shift(output, shortcut, distance) | line_norm(output) | random_lines(output)
@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import torch.fx
 
-from repshift_fx import lines
-from repshift_fx.graph import nodes_by_name
+from repshift_fx.context import mark
+from repshift_fx.method import lines
+from repshift_fx.fx.nodes import nodes_by_name
 
 _SCORERS = {"shift": lines.line_shift, "norm": lines.line_norm, "random": lines.random_lines}
 
@@ -29,7 +30,7 @@ def _insert_drop(graph: torch.fx.Graph, by_name, drop, config) -> torch.fx.Node:
     def add(after, stem, target, args, kwargs=None):
         with graph.inserting_after(after):
             node = graph.create_node("call_function", target, args, kwargs, name=f"repshift_{stem}_{drop.block}")
-        node.meta["repshift"] = {"role": stem, "block": drop.block, "mode": "lines"}
+        mark(node, stem, drop.block, mode="lines")
         return node
 
     score = add(output, "score", _SCORERS[config.score], inputs, kwargs)

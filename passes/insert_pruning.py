@@ -1,6 +1,6 @@
 """Rewrite: insert the scoring, top-k and gather nodes of every planned drop.
 
-Expects: `ctx.plan` (repshift_fx.plan.PrunePlan) naming nodes of this graph.
+Expects: `ctx.plan` (repshift_fx.plan.tokens.PrunePlan) naming nodes of this graph.
 Guarantees: after each drop's block output three nodes are inserted,
 
     repshift_score_i = representation_shift(changed, reference) | token_norm | random_scores
@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import torch.fx
 
-from repshift_fx import shift
-from repshift_fx.graph import nodes_by_name
+from repshift_fx.context import mark
+from repshift_fx.method import tokens as shift
+from repshift_fx.fx.nodes import nodes_by_name
 
 _SCORERS = {"shift": shift.representation_shift, "norm": shift.token_norm, "random": shift.random_scores}
 
@@ -29,7 +30,7 @@ def _insert_drop(graph: torch.fx.Graph, by_name, drop, config, importance: dict)
     def add(after, stem, target, args, kwargs=None):
         with graph.inserting_after(after):
             node = graph.create_node("call_function", target, args, kwargs, name=f"repshift_{stem}_{drop.block}")
-        node.meta["repshift"] = {"role": stem, "block": drop.block}
+        mark(node, stem, drop.block)
         return node
 
     if config.score == "attention":  # the importance lies inside the block, before its output

@@ -19,12 +19,13 @@ from __future__ import annotations
 import torch
 import torch.fx
 
+from repshift_fx.context import inserted, role_of
 from repshift_fx.capture import ShapeRecorder
 from repshift_fx.errors import UnsupportedSiteError, root_cause
-from repshift_fx.graph import module_path, shape
-from repshift_fx.grid_ops import grid_op, pad_end, spatial, window
+from repshift_fx.fx.nodes import module_path, shape
+from repshift_fx.fx.grid_ops import grid_op, pad_end, spatial, window
 from repshift_fx.passes.verify import output_shapes
-from repshift_fx.plan import kept_count
+from repshift_fx.plan.tokens import kept_count
 
 
 def _where(node: torch.fx.Node, gm) -> str:
@@ -40,13 +41,12 @@ class _LineShapeProp(ShapeRecorder):
         self.drops = {d.block: d for d in plan.drops}
         self.old = {n: shape(n) for n in gm.graph.nodes}  # shapes before the drops
         for n in gm.graph.nodes:  # a gather stands where its (full) input stood
-            if n.meta.get("repshift", {}).get("role") == "keep":
+            if role_of(n) == "keep":
                 self.old[n] = shape(n.args[0])
 
     def run_node(self, n: torch.fx.Node):
-        role = n.meta.get("repshift", {})
-        if role.get("role") == "index":
-            self._fix_counts(n, self.drops[role["block"]])
+        if role_of(n) == "index":
+            self._fix_counts(n, self.drops[inserted(n).block])
         self._check_window(n)
         try:
             result = super().run_node(n)
@@ -110,7 +110,7 @@ class _LineShapeProp(ShapeRecorder):
 def _record_grids(gm: torch.fx.GraphModule, ctx) -> None:
     """The grid entering and leaving each block, after pruning (for the plan and the report)."""
     by_name = {n.name: n for n in gm.graph.nodes}
-    kept = {n.args[0].name: n for n in gm.graph.nodes if n.meta.get("repshift", {}).get("role") == "keep"}
+    kept = {n.args[0].name: n for n in gm.graph.nodes if role_of(n) == "keep"}
 
     def grid(name: str) -> tuple[int, int]:
         return spatial(kept.get(name, by_name[name]))

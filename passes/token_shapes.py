@@ -19,9 +19,10 @@ import math
 import torch
 import torch.fx
 
+from repshift_fx.context import role_of
 from repshift_fx.capture import ShapeRecorder
 from repshift_fx.errors import UnsupportedSiteError, root_cause
-from repshift_fx.graph import op_name, reachable, shape, where
+from repshift_fx.fx.nodes import op_name, reachable, shape, where
 
 _SIZED = ("view", "reshape", "expand")
 
@@ -85,11 +86,11 @@ def _follow_token_count(node: torch.fx.Node, old_in: tuple, new_in: tuple, env: 
 
 def _after_drops(gm: torch.fx.GraphModule) -> frozenset:
     """Every node downstream of a drop's index (by any edge, sizes included)."""
-    indices = [n for n in gm.graph.nodes if n.meta.get("repshift", {}).get("role") == "index"]
+    indices = [n for n in gm.graph.nodes if role_of(n) == "index"]
     return frozenset(reachable(indices, lambda n: n.users))
 
 
-class _FollowingShapeProp(ShapeRecorder):
+class FollowingShapeProp(ShapeRecorder):
     """Shape recording that adjusts literal sizes just before a node runs on fewer tokens."""
 
     def __init__(self, gm: torch.fx.GraphModule):
@@ -117,6 +118,6 @@ class _FollowingShapeProp(ShapeRecorder):
 
 
 def run(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
-    _FollowingShapeProp(gm).propagate(*ctx.args)
+    FollowingShapeProp(gm).propagate(*ctx.args)
     gm.recompile()
     return gm

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch.fx
 
 from repshift_fx.errors import UnsupportedSiteError
-from repshift_fx.graph import module_path, shape
+from repshift_fx.fx.nodes import module_path, shape
 
 
 def output_shapes(gm: torch.fx.GraphModule) -> list:
@@ -28,6 +28,6 @@ def run(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
                 f"output {where} changes shape from {old} to {new} once tokens are dropped "
                 "(a dense-prediction head needs every token, and so does a model that returns every "
                 "token, such as BertModel's last_hidden_state); compress only the backbone, prune with a "
-                "classification head, or pool inside the model (repshift_fx.hf.SentenceEmbedding)."
+                "classification head, or pool inside the model (repshift_fx.apps.hf.SentenceEmbedding)."
             )
     return gm

@@ -2,17 +2,22 @@
 
     compressed = repshift_fx.compress(model, example_input)          # compiled, pruned
     print(repshift_fx.inspect(model, example_input))                  # what it would do
+
+The pipeline, one folder a step: capture/ -> passes/ (analyze, rewrite, verify) with plan/ between
+them -> compile/; modes/ holds one strategy per reduction (tokens, lines), report/ what a run did,
+method/ the method itself as plain functions. apps/ (CLI, bench, evaluation, data) is never
+imported from here.
 """
 from __future__ import annotations
 
-from ._torchvision_guard import install as _install_torchvision_guard
+from repshift_fx._torchvision_guard import install as _install_torchvision_guard
 
-_install_torchvision_guard()
+_install_torchvision_guard()  # before anything imports torchvision (timm does)
 
-import torch  # noqa: E402
-
-from .config import Config  # noqa: E402
-from .errors import (  # noqa: E402
+from repshift_fx.api import compress, inspect  # noqa: E402
+from repshift_fx.compile.backend import backend  # noqa: E402
+from repshift_fx.config import Config  # noqa: E402
+from repshift_fx.errors import (  # noqa: E402
     ConfigError,
     ExampleInputError,
     ModelModeError,
@@ -21,109 +26,10 @@ from .errors import (  # noqa: E402
     TraceError,
     UnsupportedSiteError,
 )
-from .flops import before_and_after, per_sample_gmacs  # noqa: E402
-from .pipeline import rewrite  # noqa: E402
-from .plan import plan_for_budget  # noqa: E402
-from .report import Report, build_report  # noqa: E402
-from .report_lines import build_line_report  # noqa: E402
-from .dynamo_backend import backend  # noqa: E402  (torch.compile(model, backend=backend(...)))
+from repshift_fx.report.tokens import Report  # noqa: E402
 
 __all__ = [
     "compress", "inspect", "backend", "Config", "Report", "RepShiftError", "ConfigError", "ExampleInputError",
     "ModelModeError", "NoSiteError", "TraceError", "UnsupportedSiteError",
 ]
 __version__ = "0.1.0"
-
-
-def _analyse(model, example_input, config: Config, flops: bool):
-    budget = None
-    if config.target_flops is not None:
-        config, budget = plan_for_budget(model, example_input, config)
-    gm, ctx = rewrite(model, example_input, config)
-    if ctx.mode == "lines":  # CNNs: rows and columns (repshift_fx/report_lines.py)
-        return gm, build_line_report(model, gm, ctx, flops, budget=budget)
-    before = after = None
-    if flops:
-        before, after = before_and_after(model, gm, ctx)
-    return gm, build_report(ctx, before, after, gm=gm, budget=budget)
-
-
-def compress(model: torch.nn.Module, example_input, *, keep=None, at=None, site="mlp", distance="l2",
-             residual=False, score="shift", protect="auto", sdpa=True, target_flops=None, mode="auto", fuse=False,
-             compile=True, **compile_options):
-    """Prune `model`'s tokens by Representation Shift and compile it.
-
-    Args:
-        model: an nn.Module in eval mode (a ViT-like model: residual attention and MLP blocks
-            over (B, N, C) tokens). It is not changed; the result shares its parameters.
-        example_input: a tensor (or tuple of tensors) the model accepts; it fixes the token
-            counts (another resolution needs another compress()).
-        keep: fraction of the non-prefix tokens kept at each drop, in (0, 1], or one per `at`.
-            A drop keeps ceil(keep * n) of n tokens, the best-scored, in their original order.
-            Default 0.7 (unless target_flops is given; the two exclude each other).
-        at: 0-based indices of the blocks whose shift is measured; the tokens are dropped from
-            the next block on. None: (d//4, d//2, 3d//4) for d blocks, (3, 6, 9) for DeiT.
-        site: "mlp" scores D(MLP(LN(x')), x') at the MLP sub-layer (the paper's default);
-            "attn" the same at the attention sub-layer; "block" D(block(x), x).
-        distance: "l2", "l1" or "cosine" (1 - cosine similarity), over channels.
-        residual: score D(x' + branch(x'), x') instead of D(branch(x'), x').
-        score: "shift" (the method), or the baselines "norm" (token L2 norm), "random", and
-            "attention" (EViT: the CLS token's attention to each token, averaged over heads, in the
-            scoring block; without prefix tokens, the mean attention each token receives). It needs
-            the attention map, so the scoring blocks (only those) run explicit attention.
-        protect: "auto" finds the prefix tokens (CLS, distillation, registers) in the graph; an
-            int sets their number. They are never dropped.
-        sdpa: rewrite explicit softmax attention to F.scaled_dot_product_attention.
-        target_flops: a FLOP budget in (0, 1], compressed / original: the planner chooses the one
-            keep rate for every drop in `at` whose FLOPs are the largest at most this fraction
-            (counted by torch.utils.flop_counter); `.report.budget` says the ratio reached.
-        mode: "auto" picks from the graph: "tokens" for residual MLPs over (B, N, C) tokens (ViTs),
-            else "lines" for residual blocks over (B, C, H, W) maps (CNNs: ResNet, EfficientNet),
-            which drops whole rows and columns, scored by D(block(x), shortcut(x)) averaged along
-            each line; there `keep` may also be a pair (rows, cols), or one rate or pair per `at`,
-            and `at` counts the residual adds in the order the stream meets them (docs/lines.md).
-        fuse: EViT fusion: the dropped tokens of each drop are folded into one extra token (their
-            average weighted by the softmax of their scores), placed after the kept tokens; later
-            drops score it like any other token. Tokens mode only.
-        compile: False returns the rewritten torch.fx.GraphModule (eager) for reading and tests.
-        **compile_options: passed to torch.compile (backend=, dynamic=, options=, ...);
-            torch.compile's own `mode` ("max-autotune", ...) is `compile_mode=` here, since
-            `mode` chooses tokens or lines.
-
-    Returns:
-        The compiled module (torch.compile of the rewritten graph), or the GraphModule; either
-        has `.report`, the `Report` that `inspect` returns.
-
-    Raises:
-        RepShiftError: a subclass per cause (bad option, training mode, untraceable model, bad
-            example input, no residual MLP, a site that cannot be pruned safely).
-    """
-    config = Config(keep=keep, at=at, site=site, distance=distance, residual=residual, score=score,
-                    protect=protect, sdpa=sdpa, target_flops=target_flops, mode=mode, fuse=fuse)
-    gm, report = _analyse(model, example_input, config, flops=False)
-    gm.report = report
-    if not compile:
-        return gm
-    if "compile_mode" in compile_options:
-        compile_options["mode"] = compile_options.pop("compile_mode")
-    return torch.compile(gm, **compile_options)
-
-
-def inspect(model: torch.nn.Module, example_input, **config) -> Report:
-    """What `compress(model, example_input, **config)` would do, without compiling.
-
-    Returns a `Report`: blocks and their module paths, tokens in and out of every block, where
-    attention is fused (SDPA, rewritten, MultiheadAttention, kept explicit and why), the prefix
-    tokens and the GFLOPs per sample before and after. `print(report)` shows it as a table.
-    A model compress() refuses (UnsupportedSiteError) still gets its table, nothing pruned, with
-    the refused block marked and the reason under "refused" (repshift_fx/refusals.py).
-    """
-    config.pop("compile", None)
-    config = Config.from_kwargs(**config)
-    try:
-        gm, report = _analyse(model, example_input, config, flops=True)
-    except UnsupportedSiteError as error:
-        from .refusals import refused_report
-
-        return refused_report(model, example_input, config, error)
-    return report

@@ -3,15 +3,14 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
-from .errors import ConfigError
+from repshift_fx.errors import ConfigError
 
 SITES = ("mlp", "attn", "block")
 DISTANCES = ("l2", "l1", "cosine")
 SCORES = ("shift", "norm", "random", "attention")  # attention: EViT-style CLS attention (explicit there)
-MODES = ("auto", "tokens", "lines")  # lines: rows and columns of CNN maps (repshift_fx/plan_lines.py)
+MODES = ("auto", "tokens", "lines")  # lines: rows and columns of CNN maps (repshift_fx/plan/lines.py)
 
 
 @dataclass(frozen=True)
@@ -108,20 +107,3 @@ def _nested_tuples(keep):
 def _choose(name: str, value, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ConfigError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
-
-
-@dataclass
-class PassContext:
-    """What the passes share: the config, the example args, and what earlier passes found."""
-
-    config: Config
-    args: tuple
-    model_name: str = "model"
-    weight_placeholders: frozenset[str] = frozenset()  # dynamo lifts parameters to placeholders
-    prefix_hints: dict = field(default_factory=dict)  # placeholder -> (prefix, source), from an earlier dynamo graph
-    block_offset: int = 0  # the model's number of this graph's first block (dynamo graph breaks)
-    analysis: Any = None  # passes.find_sites.Analysis
-    plan: Any = None  # repshift_fx.plan.PrunePlan
-    attention: list = field(default_factory=list)  # passes.attention_to_sdpa.AttentionRecord
-    notes: list[str] = field(default_factory=list)
-    mode: str = "tokens"  # the mode run_passes chose: "tokens", or "lines" (analysis/plan are LineAnalysis/LinePlan)

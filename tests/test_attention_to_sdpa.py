@@ -7,7 +7,8 @@ from torch import nn
 import repshift_fx
 from conftest import tiny_timm
 from repshift_fx.capture import capture
-from repshift_fx.config import Config, PassContext
+from repshift_fx.config import Config
+from repshift_fx.context import PassContext
 from repshift_fx.passes import attention_to_sdpa
 
 

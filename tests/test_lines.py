@@ -15,7 +15,8 @@ import repshift_fx
 from conftest import (assert_close, assert_compiled_matches_eager, assert_unchanged, load_tool, node_values,
                       snapshot)
 from reference_lines import resnet_reference
-from repshift_fx import ConfigError, NoSiteError, UnsupportedSiteError, lines
+from repshift_fx import ConfigError, NoSiteError, UnsupportedSiteError
+from repshift_fx.method import lines
 
 
 @pytest.fixture
@@ -103,7 +104,7 @@ def test_keep_one_gives_the_original_outputs(name):
 def test_line_shift_map_draws_rows_and_columns(resnet18):
     from PIL import Image
 
-    from repshift_fx.shiftmap_lines import GAP, STRIP, line_shift_map, render_lines
+    from repshift_fx.apps.shiftmap_lines import GAP, STRIP, line_shift_map, render_lines
 
     lmap = line_shift_map(resnet18, torch.randn(1, 3, 96, 96), block=1, keep=0.5)
     assert lmap.positions.shape == (24, 24) and lmap.kept_rows.sum() == 12 and lmap.kept_cols.sum() == 12
@@ -171,7 +172,7 @@ def test_model_left_unchanged(resnet18, img):
 
 
 def test_bench_sweep_times_each_keep_at_its_own_flops(resnet18):
-    from repshift_fx.benchmark import run_sweep
+    from repshift_fx.apps.bench import run_sweep
 
     x = torch.randn(2, 3, 64, 64)
     rows = run_sweep(resnet18, x, (1.0, 0.5), at=(2,), rounds=2, threads=None, progress=False,

@@ -1,20 +1,46 @@
-"""A plain `pip install .` gives a working `repshift_fx.passes`, imported from outside the repo."""
+"""A plain `pip install .` and the editable install both give every subpackage (the passes as
+`repshift_fx.passes`), imported from outside the repository."""
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_plain_install_ships_the_passes_as_a_subpackage(tmp_path):
+def _subpackages() -> list[str]:
+    found = ["repshift_fx.passes"]
+    for init in sorted((ROOT / "repshift_fx").rglob("__init__.py")):
+        found.append(".".join(("repshift_fx", *init.parent.relative_to(ROOT / "repshift_fx").parts)).rstrip("."))
+    return sorted(set(found))
+
+
+SUBPACKAGES = _subpackages()
+IMPORT_ALL = "import importlib; print('\\n'.join(importlib.import_module(m).__file__ for m in {!r}))".format(SUBPACKAGES)
+
+
+def test_pyproject_lists_every_subpackage():
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    assert sorted(declared) == SUBPACKAGES
+
+
+def test_plain_install_ships_every_subpackage(tmp_path):
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
                     "--target", str(target), str(ROOT)], check=True, capture_output=True, timeout=300)
     assert (target / "repshift_fx" / "passes" / "find_sites.py").exists()
     assert not (target / "passes").exists()
-    code = "import repshift_fx.passes.find_sites as f, repshift_fx; print(f.__file__); print(repshift_fx.__file__)"
     result = subprocess.run([sys.executable, "-S", "-c", f"import sys; sys.path[:0] = [{str(target)!r}] + "
-                             f"{[p for p in sys.path if 'site-packages' in p]!r}; {code}"],
+                             f"{[p for p in sys.path if 'site-packages' in p]!r}; {IMPORT_ALL}"],
                             cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert all(line.startswith(str(target)) for line in result.stdout.split())
+    files = result.stdout.split()
+    assert len(files) == len(SUBPACKAGES) and all(line.startswith(str(target)) for line in files)
+
+
+def test_editable_install_imports_every_subpackage_from_outside(tmp_path):
+    result = subprocess.run([sys.executable, "-c", IMPORT_ALL], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    files = result.stdout.split()
+    assert len(files) == len(SUBPACKAGES) and all(line.startswith(str(ROOT)) for line in files)

@@ -8,8 +8,10 @@ import repshift_fx
 from conftest import tiny_timm
 from repshift_fx import ConfigError
 from repshift_fx.config import Config
-from repshift_fx.flops import count_macs
-from repshift_fx.plan import CostModel, _Measure, kept_chain, kept_count, largest_rate, plan_for_budget
+from repshift_fx.report.flops import count_macs
+from repshift_fx.pipeline import plan_for_budget, rewrite, rewrite_unpruned
+from repshift_fx.plan.budget import CostModel, TokenSearch, kept_chain, largest_rate
+from repshift_fx.plan.tokens import kept_count
 
 X = torch.randn(1, 3, 64, 64)
 
@@ -31,6 +33,10 @@ def test_candidate_rates_cover_every_step_of_every_drop():
     for low, high in zip(rates, rates[1:]):
         middle = (low + high) / 2
         assert all(kept_count(middle, n) == kept_count(high, n) for n in range(1, 7))
+
+
+def _search(model, config):
+    return TokenSearch(model, X, config, rewrite_unpruned(model, X, config), rewrite)
 
 
 def test_kept_chain_counts_as_the_plan_does(model):
@@ -64,7 +70,7 @@ def test_cost_model_interpolates_exactly():
 
 
 def test_cost_model_predicts_the_counted_flops_of_every_schedule(model):
-    measure = _Measure(model, X, Config(target_flops=0.5, at=(0, 2)))
+    measure = _search(model, Config(target_flops=0.5, at=(0, 2)))
     cost = measure.cost_model()
     for rate in (1 / 16, 0.3, 0.5, 0.77, 1.0):
         tokens = tuple(measure.prefix + k for k in kept_chain(rate, measure.before, 2))
@@ -75,7 +81,7 @@ def test_cost_model_predicts_the_counted_flops_of_every_schedule(model):
 @pytest.fixture(scope="module")
 def every_schedule(model):
     """Counted MACs of every distinct single-rate schedule at at=(0, 2), by brute force."""
-    measure = _Measure(model, X, Config(target_flops=0.5, at=(0, 2)))
+    measure = _search(model, Config(target_flops=0.5, at=(0, 2)))
     by_chain = {}
     for rate in candidate_rates(measure.before):
         by_chain.setdefault(kept_chain(rate, measure.before, 2), rate)

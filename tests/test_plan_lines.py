@@ -13,10 +13,9 @@ import repshift_fx
 from conftest import assert_unchanged, snapshot
 from repshift_fx import ConfigError, UnsupportedSiteError
 from repshift_fx.config import Config
-from repshift_fx.pipeline import rewrite
-from repshift_fx.plan import plan_for_budget
-from repshift_fx.plan_lines import LineSearch
-from repshift_fx.report_lines import build_line_report
+from repshift_fx.pipeline import plan_for_budget, rewrite, rewrite_unpruned
+from repshift_fx.plan.budget_lines import LineSearch
+from repshift_fx.report.lines import build_line_report
 
 X = torch.randn(1, 3, 128, 128)  # resnet18: grids 32, 16, 8, 4 (even: no count is refused)
 
@@ -49,7 +48,8 @@ def test_target_is_met_by_the_largest_rate(resnet18, at):
 @pytest.mark.parametrize("at,target", [(None, 0.7), ((1, 4), 0.7), ((1, 4), 0.5), ((0, 3, 6), 0.8)])
 def test_choice_is_the_best_single_rate(resnet18, at, target):
     config, result = plan_for_budget(resnet18, X, Config(target_flops=target, at=at))
-    search = LineSearch(resnet18, X, Config(target_flops=target, at=at))
+    asked = Config(target_flops=target, at=at)
+    search = LineSearch(resnet18, X, asked, rewrite_unpruned(resnet18, X, asked), rewrite)
     assert round(result.gflops_after * 1e9) == best_schedule(search) and result.reached <= target
     assert config.keep == result.keep and config.at == result.at and config.target_flops is None
     assert result.kept == search.schedule(result.keep)  # the schedule it learnt is the one the plan keeps
@@ -145,7 +145,8 @@ def test_refused_counts_are_passed_over(patchy):
     with pytest.raises(UnsupportedSiteError, match="kernel 2, stride 2"):  # 17 of 24 rows: odd
         repshift_fx.compress(patchy, x, keep=0.7, at=(1,), compile=False)
     config, result = plan_for_budget(patchy, x, Config(target_flops=0.7, at=(1,)))
-    search = LineSearch(patchy, x, Config(target_flops=0.7, at=(1,)))
+    asked = Config(target_flops=0.7, at=(1,))
+    search = LineSearch(patchy, x, asked, rewrite_unpruned(patchy, x, asked), rewrite)
     assert round(result.gflops_after * 1e9) == best_schedule(search)
     assert search.refused and all(r % 2 == 0 and c % 2 == 0 for r, c in result.kept)
     gm = repshift_fx.compress(patchy, x, keep=config.keep, at=(1,), compile=False)

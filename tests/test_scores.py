@@ -9,7 +9,8 @@ import torchvision
 import repshift_fx
 from conftest import assert_close, assert_unchanged, load_tool, node_values, snapshot, tiny_timm
 from reference import reference_forward, reference_torchvision_vit
-from repshift_fx import UnsupportedSiteError, shift
+from repshift_fx import UnsupportedSiteError
+from repshift_fx.method import tokens as shift
 from repshift_fx.passes.attention_scores import IMPL
 
 
@@ -191,7 +192,7 @@ def test_dynamo_backend_attention_score_on_functional_multihead_attention(tv_vit
 
 
 def test_bench_comparison_has_every_score_at_equal_flops(deit, tmp_path):
-    from repshift_fx.benchmark import run_comparison, score_ratio
+    from repshift_fx.apps.bench import run_comparison, score_ratio
 
     x = torch.randn(2, 3, 64, 64)
     rows = run_comparison(deit, x, rounds=2, threads=None, progress=False, keep=0.5, at=(1,),
@@ -206,7 +207,7 @@ def test_bench_comparison_has_every_score_at_equal_flops(deit, tmp_path):
 
 
 def test_bench_speedups_are_to_the_baseline_of_the_same_kind(deit):
-    from repshift_fx.benchmark import bench_rows
+    from repshift_fx.apps.bench import bench_rows
 
     x = torch.randn(2, 3, 64, 64)
     times = {"baseline eager": [0.4, 0.4, 0.5], "baseline compiled": [0.2, 0.3, 0.2],

@@ -26,7 +26,7 @@ from pathlib import Path
 import repshift_fx  # noqa: F401  (before timm: installs the torchvision guard)
 import timm
 import torch
-from repshift_fx.benchmark import (attention_cost, format_table, rows_as_dicts, run_benchmark, run_comparison,
+from repshift_fx.apps.bench import (attention_cost, format_table, rows_as_dicts, run_benchmark, run_comparison,
                                    run_sweep, score_ratio, scoring_overhead)
 from tabulate import tabulate
 

@@ -41,8 +41,10 @@ from pathlib import Path
 
 import repshift_fx  # noqa: F401  (before timm: installs the torchvision guard)
 import torch
-from repshift_fx import evaluation, evaluation_text, specs
-from repshift_fx.datasets import DataError, TextDataset, load_dataset
+from repshift_fx.apps.evaluation import images as evaluation
+from repshift_fx.apps.evaluation import text as evaluation_text
+from repshift_fx.apps import specs
+from repshift_fx.apps.data.datasets import DataError, TextDataset, load_dataset
 from repshift_fx.errors import ConfigError, RepShiftError
 
 

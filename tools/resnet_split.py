@@ -23,8 +23,8 @@ import statistics
 import repshift_fx  # noqa: F401  (before torchvision: installs the torchvision guard)
 import torch
 import torchvision
-from repshift_fx.benchmark import time_variants
-from repshift_fx.flops import per_sample_gmacs
+from repshift_fx.apps.bench import time_variants
+from repshift_fx.report.flops import per_sample_gmacs
 from tabulate import tabulate
 
 

@@ -1,0 +1,262 @@
+"""The `repshift-fx` command: inspect what the pass does to a model, bench it, draw shift maps.
+
+    repshift-fx inspect timm:deit_small_patch16_224 [--keep 0.7 --at 3,6,9 | --target-flops 0.65]
+                        [--site mlp --distance l2 --score shift --fuse] [--format table|json|dot] [-o FILE]
+    repshift-fx bench timm:deit_small_patch16_224 [--batch 32 --threads 2 --rounds 5]
+    repshift-fx shiftmap timm:deit_small_patch16_224 photo.jpg [--block 3 --keep 0.7] -o map.png
+    repshift-fx shiftmap torchvision:resnet50 photo.jpg --block 4 -o lines.png      # rows and columns
+
+Bad input (an unknown model, an unreadable or ill-fitting checkpoint, a malformed --input,
+--at out of range, --target-flops out of reach, ...) is one line on stderr and exit code 2;
+--debug shows the traceback. Usage and the JSON keys: docs/cli.md.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import repshift_fx
+
+from repshift_fx.apps import shiftmap
+from repshift_fx.apps import shiftmap_lines
+from repshift_fx.apps import specs
+from repshift_fx.config import DISTANCES, MODES, SCORES, SITES
+from repshift_fx.errors import RepShiftError
+
+log = logging.getLogger("repshift_fx")
+PROG = "repshift-fx"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad option in one line (exit 2) instead of usage + message."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("spec", metavar="SPEC", help="timm:NAME, torchvision:NAME or module.path:factory")
+    parser.add_argument("--checkpoint", metavar="FILE", help="state dict to load (.safetensors, or torch.save "
+                        "read with weights_only=True); default: random weights")
+    parser.add_argument("--input", metavar="SHAPE", help="example input shape, e.g. 1x3x224x224 (default: "
+                        "from the model's config)")
+    parser.add_argument("--kwargs", metavar="JSON", help="keyword arguments for the model factory, e.g. "
+                        "'{\"img_size\": 224}'")
+    parser.add_argument("--site", choices=SITES, default="mlp", help="where the shift is measured (default mlp)")
+    parser.add_argument("--distance", choices=DISTANCES, default="l2", help="distance over channels (default l2)")
+    parser.add_argument("--residual", action="store_true", help="score D(x + branch(x), x)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what the pass does")
+
+
+def _schedule_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--keep", metavar="RATE", help="fraction of tokens kept per drop, or one per --at block "
+                       "(default 0.7)")
+    group.add_argument("--target-flops", metavar="R", type=float, help="FLOP budget in (0, 1]: the planner "
+                       "chooses the keep rate")
+    parser.add_argument("--at", metavar="I,J,..", help="blocks after which tokens are dropped (default d/4, d/2, 3d/4)")
+    parser.add_argument("--score", choices=SCORES, default="shift", help="shift (default) or a baseline")
+    parser.add_argument("--protect", metavar="N", type=int, help="number of prefix tokens (default: found)")
+    parser.add_argument("--fuse", action="store_true", help="EViT fusion: fold the dropped tokens into one token "
+                        "(tokens mode)")
+    parser.add_argument("--no-sdpa", action="store_true", help="keep explicit attention as it is")
+    parser.add_argument("--mode", choices=MODES, default="auto", help="tokens (ViTs), lines (rows and columns "
+                        "of CNN maps) or auto (from the graph, default)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"{PROG} {repshift_fx.__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+
+    inspect = commands.add_parser("inspect", help="blocks, token counts, attention and GFLOPs before/after")
+    _model_options(inspect)
+    _schedule_options(inspect)
+    inspect.add_argument("--format", choices=("table", "json", "dot"), default="table")
+    inspect.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
+    inspect.set_defaults(run=run_inspect)
+
+    bench = commands.add_parser("bench", help="img/s of the baseline and the compressed model, eager and compiled")
+    _model_options(bench)
+    _schedule_options(bench)
+    bench.add_argument("--batch", type=int, default=32, help="batch size (default 32; replaces --input's first size)")
+    bench.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    bench.add_argument("--rounds", type=int, default=5, help="timed rounds, interleaved (default 5)")
+    bench.add_argument("--no-overhead", action="store_true", help="skip the fixed-token variant that measures "
+                       "what scoring and gather cost")
+    bench.add_argument("--format", choices=("table", "json"), default="table")
+    bench.set_defaults(run=run_bench)
+
+    draw = commands.add_parser("shiftmap", help="the shift of one block over an image (per token, or per row and "
+                               "column of a CNN map), and what is kept")
+    _model_options(draw)
+    draw.add_argument("image", metavar="IMAGE", help="an image file PIL can read")
+    draw.add_argument("--block", type=int, default=3, help="the block whose shift is drawn (default 3)")
+    draw.add_argument("--keep", type=float, default=0.7, help="keep rate for the kept panel (default 0.7)")
+    draw.add_argument("--mode", choices=MODES, default="auto", help="tokens, lines or auto (from the graph, default)")
+    draw.add_argument("--scale", type=int, default=2, help="pixels per input pixel (default 2)")
+    draw.add_argument("-o", "--output", metavar="PNG", default="shiftmap.png", help="output file (default shiftmap.png)")
+    draw.set_defaults(run=run_shiftmap)
+    return parser
+
+
+def _schedule(args) -> dict:
+    """compress()/inspect() options from the command line."""
+    config = {"site": args.site, "distance": args.distance, "residual": args.residual, "score": args.score,
+              "sdpa": not args.no_sdpa, "fuse": args.fuse}
+    if args.keep is not None:
+        config["keep"] = specs.parse_floats(args.keep, "--keep")
+    if args.target_flops is not None:
+        config["target_flops"] = args.target_flops
+    if args.at is not None:
+        config["at"] = specs.parse_ints(args.at, "--at")
+    if args.protect is not None:
+        config["protect"] = args.protect
+    if args.mode != "auto":
+        config["mode"] = args.mode
+    return config
+
+
+def _emit(text: str, output: str | None) -> None:
+    if not output:
+        print(text)
+        return
+    try:
+        Path(output).write_text(text if text.endswith("\n") else text + "\n")
+    except OSError as err:
+        raise specs.SpecError(f"cannot write {output!r}: {err.strerror or err}") from None
+    print(f"wrote {output}", file=sys.stderr)
+
+
+def _at_least_one(args, *names: str) -> None:
+    for name in names:
+        if getattr(args, name) < 1:
+            raise specs.SpecError(f"--{name} must be a whole number >= 1, got {getattr(args, name)}")
+
+
+def run_inspect(args) -> int:
+    loaded = specs.load_model(args.spec, checkpoint=args.checkpoint, input_shape=args.input, kwargs=args.kwargs)
+    report = repshift_fx.inspect(loaded.model, specs.example_input(loaded.input_shape), **_schedule(args))
+    if args.format == "json":
+        fields = report.to_dict()
+        data = {"schema": fields.pop("schema", None), "spec": args.spec, "input": list(loaded.input_shape), **fields}
+        text = json.dumps(data, indent=2)
+    elif args.format == "dot":
+        text = report.to_dot()
+    else:
+        text = f"{args.spec}, input {'x'.join(map(str, loaded.input_shape))}\n{report}"
+    _emit(text, args.output)
+    return 0
+
+
+def run_bench(args) -> int:
+    from repshift_fx.apps.bench import format_table, rows_as_dicts, run_benchmark
+
+    _at_least_one(args, "batch", "threads", "rounds")
+    loaded = specs.load_model(args.spec, checkpoint=args.checkpoint, input_shape=args.input, kwargs=args.kwargs,
+                              batch=args.batch)
+    images = specs.example_input(loaded.input_shape)
+    rows = run_benchmark(loaded.model, images, rounds=args.rounds, threads=args.threads, progress=True,
+                         overhead=not args.no_overhead, **_schedule(args))
+    if args.format == "json":
+        print(json.dumps({"spec": args.spec, "input": list(loaded.input_shape), "threads": args.threads,
+                          "rounds": args.rounds, "rows": rows_as_dicts(rows)}, indent=2))
+    else:
+        print(f"{args.spec}, input {'x'.join(map(str, loaded.input_shape))}, {args.threads} threads, "
+              f"{args.rounds} rounds interleaved, medians")
+        print(format_table(rows))
+    return 0
+
+
+def run_shiftmap(args) -> int:
+    loaded = specs.load_model(args.spec, checkpoint=args.checkpoint, input_shape=args.input, kwargs=args.kwargs,
+                              batch=1)
+    if len(loaded.input_shape) != 4:
+        raise specs.SpecError(f"shiftmap needs an image model (input B x C x H x W), got --input "
+                              f"{'x'.join(map(str, loaded.input_shape))}")
+    _at_least_one(args, "scale")
+    _, channels, height, width = loaded.input_shape
+    x, photo = shiftmap.load_image(args.image, (height, width), loaded.mean, loaded.std, channels)
+    config = {"distance": args.distance, "residual": args.residual}
+    if args.mode != "lines":
+        config["site"] = args.site
+    if args.mode != "auto":
+        config["mode"] = args.mode
+    gm, values = shiftmap.rewritten_values(loaded.model, x, args.block, keep=args.keep, **config)
+    if gm.report.mode == "lines":  # CNNs: the row and column scores
+        lmap = shiftmap_lines.line_map(gm, values, args.block, args.distance)
+        title = f"line shift at block {args.block} ({args.distance})"
+        picture = shiftmap_lines.render_lines(photo, lmap, scale=args.scale, title=title)
+        kept = lmap.kept_text
+    else:
+        smap = shiftmap.token_map(gm, values, x, args.block)
+        title = f"shift at block {args.block} ({args.site}, {args.distance})"
+        picture = shiftmap.render(photo, smap, scale=args.scale, title=title)
+        kept = f"kept {smap.keep} of {smap.tokens} patch tokens"
+    try:
+        picture.save(args.output)
+    except (OSError, ValueError) as err:
+        raise specs.SpecError(f"cannot write {args.output!r}: {err}") from None
+    print(f"wrote {args.output} ({picture.width}x{picture.height}): block {args.block}, {kept}", file=sys.stderr)
+    return 0
+
+
+@contextlib.contextmanager
+def _logging_and_warnings(args):
+    """Log to stderr at the level the flags ask for; library warnings (timm, torch) only under
+    --debug, since stderr is the one-line error channel. Restored on exit (tests call main)."""
+    level = logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    previous = log.level
+    log.addHandler(handler)
+    log.setLevel(level)
+    try:
+        with warnings.catch_warnings():
+            if not args.debug:
+                warnings.simplefilter("ignore")
+            yield
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(previous)
+
+
+def _one_line(err: BaseException) -> str:
+    """The message on one line, without the node dump torch.fx appends to errors it re-raises."""
+    text = " ".join(str(err).split())
+    return text.split(" While executing %")[0]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `repshift-fx`; returns the exit code (0, 2 for bad input, 1 for a bug)."""
+    args = build_parser().parse_args(argv)
+    try:
+        with _logging_and_warnings(args):
+            return args.run(args)
+    except RepShiftError as err:
+        if args.debug:
+            raise
+        print(f"{PROG} {args.command}: error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # `repshift-fx inspect ... | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except Exception as err:  # a bug, not bad input: say so, the traceback is one flag away
+        if args.debug:
+            raise
+        print(f"{PROG} {args.command}: internal error: {type(err).__name__}: {_one_line(err)} "
+              "(run again with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""Capture: an FX graph of the model plus every node's shape.
+
+    model, example_input -> (GraphModule, example args)
+
+`example_input` is a tensor, a tuple of tensors, or a dict of keyword tensors
+(`{"input_ids": ..., "attention_mask": ...}`); a dict becomes `Inputs`, a tuple in the order of
+the model's forward parameters that remembers their names, and the graph takes the same names.
+
+Two tracers: `torch.fx.symbolic_trace` (module paths in errors, optional forward args fixed to
+their defaults), and, for Hugging Face transformers models or where symbolic tracing fails,
+`torch._dynamo.export` (the same torch-level ops a dynamo backend sees: `F.linear`,
+`layer_norm`, SDPA; parameters stay attributes; Python control flow that does not depend on
+tensor values is evaluated away; see repshift_fx/capture/dynamo_export.py). The graph shares the model's parameters (nothing is copied, nothing is changed); shapes
+are recorded in ``node.meta["tensor_meta"]``.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.fx
+from torch import nn
+
+from .fx_trace import trace
+from .inputs import Inputs, analysis_args, as_args, check_model, expected_input, is_transformers_model
+from .shapes import ShapeRecorder, propagate_shapes, fold_pass_through_calls
+
+__all__ = ["capture", "reuse_traces", "trace", "Inputs", "as_args", "analysis_args", "check_model", "expected_input",
+           "is_transformers_model", "ShapeRecorder", "propagate_shapes", "fold_pass_through_calls"]
+
+
+_REUSED: dict | None = None  # trace key -> GraphModule, inside `reuse_traces()`
+
+
+@contextlib.contextmanager
+def reuse_traces():
+    """Inside this block, capturing the same model on inputs of the same shapes again reuses the
+    first trace (a copy of its graph), e.g. compressing one model at several keep rates:
+
+        with repshift_fx.capture.reuse_traces():
+            fast = [repshift_fx.compress(model, x, keep=k, compile=False) for k in (0.9, 0.7, 0.5)]
+
+    The model must not change inside the block (its code, modules or attributes: a trace records
+    them); its weights may change in place, which the graph reads."""
+    global _REUSED
+    outer = _REUSED
+    _REUSED = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _REUSED = outer
+
+
+def _trace_key(model: nn.Module, args: tuple) -> tuple:
+    tensors = tuple((tuple(a.shape), a.dtype, a.device) for a in args)
+    return id(model), getattr(args, "names", None), tensors
+
+
+def _copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A GraphModule over a copy of `gm`'s graph (nodes, names and meta), sharing its attributes
+    and its input/output conventions (`Graph.__deepcopy__` without copying the codegen)."""
+    graph = torch.fx.Graph(tracer_cls=gm.graph._tracer_cls)
+    value, old_output = graph.graph_copy(gm.graph, {}, return_output_node=True)
+    graph._codegen = gm.graph._codegen
+    graph.output(value, type_expr=getattr(old_output, "type", None)).meta = dict(old_output.meta)
+    copied = torch.fx.GraphModule(gm, graph, gm.__class__.__name__)
+    copied.meta.update(gm.meta)
+    return copied
+
+
+def capture(model: nn.Module, example_input) -> tuple[torch.fx.GraphModule, tuple]:
+    """Trace `model` and record shapes on (a slice of) `example_input`."""
+    check_model(model)
+    given = as_args(example_input, model)
+    args = analysis_args(given)
+    key = _trace_key(model, args) if _REUSED is not None else None
+    if key is not None and key in _REUSED:
+        return _copy(_REUSED[key][0]), args
+    gm = trace(model, args)
+    propagate_shapes(gm, args, model, given)
+    fold_pass_through_calls(gm)
+    if key is not None:
+        _REUSED[key] = (_copy(gm), model)  # the model is held so that its id stays its own
+    return gm, args

@@ -1,0 +1,92 @@
+"""Capture by `torch._dynamo.export`: for Hugging Face transformers models and whatever
+`torch.fx.symbolic_trace` cannot trace (see repshift_fx/capture/).
+
+    gm = dynamo_trace(model, args)       # args: a tuple, or capture.Inputs (keyword tensors)
+
+The graph holds torch-level calls (`F.linear`, `layer_norm`, SDPA), the parameters as attributes
+shared with the model, and takes the same (keyword) arguments as the model. Where the export
+fails, the model is run once eagerly, so that an input it does not accept is an `ExampleInputError`
+in its own words rather than a `TraceError`.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+
+import torch
+from torch import nn
+
+from ..errors import ExampleInputError, TraceError, root_cause
+from ..fx.nodes import name_modules_as_user
+from .inputs import Inputs, expected_input, is_transformers_model
+
+
+@contextlib.contextmanager
+def _leaving_no_attributes(model: nn.Module):
+    """Attributes dynamo sets on the modules it traces (`_is_torch_compile`) are removed again."""
+    own = {m: set(vars(m)) for m in model.modules()}
+    try:
+        yield
+    finally:
+        for module, names in own.items():
+            for name in set(vars(module)) - names:
+                delattr(module, name)
+
+
+@contextlib.contextmanager
+def _without_cache(model: nn.Module):
+    """A transformers decoder returns its key/value cache (a `DynamicCache`, no tensor dynamo can
+    return): trace it with `config.use_cache` off, restored afterwards, so that the passes see its
+    (causal) attention and refuse it by name rather than fail to trace."""
+    config = getattr(model, "config", None)
+    cached = is_transformers_model(model) and getattr(config, "use_cache", False) is True
+    if cached:
+        config.use_cache = False
+    try:
+        yield
+    finally:
+        if cached:
+            config.use_cache = True
+
+
+def _runs_eagerly(model: nn.Module, args: tuple, positional: tuple, kwargs: dict) -> None:
+    """Run the model once on the example input; an input it does not accept -> ExampleInputError."""
+    try:
+        with torch.no_grad():
+            model(*positional, **kwargs)
+    except Exception as err:
+        cause = root_cause(err)
+        shapes = ", ".join(f"{name}={tuple(a.shape)}" for name, a in zip(getattr(args, "names", None) or
+                                                                          [f"#{i}" for i in range(len(args))], args))
+        hint = expected_input(model)
+        params = [p for p in inspect.signature(model.forward).parameters if p not in ("args", "kwargs")]
+        unknown = [n for n in getattr(args, "names", ()) if n not in params]
+        raise ExampleInputError(
+            f"the example input ({shapes}) does not fit {type(model).__name__}"
+            f"{'; the model expects ' + hint if hint else ''}"
+            f"{f'; {unknown} are not among its forward parameters {params[:6]}' if unknown else ''}: "
+            f"{type(cause).__name__}: {cause}"
+        ) from err
+
+
+def dynamo_trace(model: nn.Module, args: tuple) -> torch.fx.GraphModule:
+    """`torch._dynamo.export` of one call on `args` (keywords where `args` is `Inputs`)."""
+    kwargs = args.as_kwargs() if isinstance(args, Inputs) else {}
+    positional = () if isinstance(args, Inputs) else tuple(args)
+    try:
+        with torch.no_grad(), _without_cache(model), _leaving_no_attributes(model):
+            gm = torch._dynamo.export(model, _log_export_usage=False)(*positional, **kwargs).graph_module
+    except Exception as err:
+        _runs_eagerly(model, args, positional, kwargs)  # a bad example input fails eagerly too
+        cause = root_cause(err)
+        raise TraceError(
+            f"neither torch.fx nor torch._dynamo.export can capture {type(model).__name__} as one graph: "
+            f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}. Remove the "
+            "graph break (torch._dynamo.explain(model)(x) lists them), or use "
+            "torch.compile(model, backend='repshift'), which allows graph breaks."
+        ) from err
+    gm.graph.eliminate_dead_code()  # e.g. a pooler whose output the model drops; asserts stay (impure)
+    name_modules_as_user(gm, model)
+    gm.recompile()
+    gm.meta["repshift_tracer"] = "dynamo"
+    return gm

@@ -1,0 +1,124 @@
+"""The example input, checked and put in the order the model's forward takes it.
+
+    args = as_args(example_input, model)     # a tensor, a tuple of tensors, or Inputs (keyword tensors)
+    args = analysis_args(args)               # two samples: enough to read every shape
+"""
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError, ExampleInputError, ModelModeError
+
+
+def check_model(model) -> None:
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    if model.training:
+        raise ModelModeError(
+            f"{type(model).__name__} is in training mode. repshift_fx compresses inference graphs "
+            "only (dropout and drop-path are removed); call model.eval() before compress()/inspect()."
+        )
+
+
+class Inputs(tuple):
+    """Example tensors given as keywords, in the order of the model's forward parameters.
+
+    A tuple (the passes run the graph on it positionally) that keeps the keyword `names`, so that
+    `capture(model, inputs)` traces the same call again."""
+
+    names: tuple[str, ...] = ()
+
+    def __new__(cls, tensors, names):
+        new = super().__new__(cls, tensors)
+        new.names = tuple(names)
+        return new
+
+    def like(self, tensors) -> "Inputs":
+        """The same names over other tensors (a slice of each, say)."""
+        return Inputs(tensors, self.names)
+
+    def as_kwargs(self) -> dict:
+        return dict(zip(self.names, self))
+
+
+def _keyword_inputs(example_input: dict, model: nn.Module | None) -> Inputs:
+    bad = [k for k, v in example_input.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad or not example_input:
+        raise ExampleInputError(
+            f"a dict example_input must map forward parameter names to tensors; {bad or 'it is empty'} "
+            "do not, e.g. {'input_ids': ids, 'attention_mask': mask}"
+        )
+    parameters = inspect.signature(model.forward).parameters if model is not None else {}
+    params = list(parameters)
+    unknown = [k for k in example_input if k not in params]
+    takes_kwargs = model is not None and any(p.kind == p.VAR_KEYWORD for p in parameters.values())
+    if model is not None and unknown and not takes_kwargs:
+        raise ExampleInputError(
+            f"{type(model).__name__}.forward has no parameter(s) {unknown}; it takes {params}"
+        )
+    order = sorted(example_input, key=lambda k: params.index(k) if k in params else len(params))
+    return Inputs([example_input[k] for k in order], order)
+
+
+def as_args(example_input, model: nn.Module | None = None) -> tuple:
+    """The example input as positional args: a tensor, a tuple/list of tensors, or `Inputs`
+    for a dict of keyword tensors (ordered as `model.forward` lists them)."""
+    if isinstance(example_input, Inputs):
+        return example_input
+    if isinstance(example_input, dict):
+        return _keyword_inputs(example_input, model)
+    if isinstance(example_input, torch.Tensor):
+        return (example_input,)
+    if isinstance(example_input, (tuple, list)) and all(
+        isinstance(t, torch.Tensor) for t in example_input
+    ):
+        return tuple(example_input)
+    raise ExampleInputError(
+        "example_input must be a tensor, a tuple of tensors or a dict of keyword tensors, got "
+        f"{type(example_input).__name__}"
+    )
+
+
+def defaults_not_given(model: nn.Module, given) -> dict:
+    """Forward parameters the example input leaves out, fixed to their (constant) defaults.
+
+    `given`: the number of positional inputs, or the names of the keyword inputs."""
+    params = list(inspect.signature(model.forward).parameters.values())
+    params = [p for p in params if p.name not in given] if not isinstance(given, int) else params[given:]
+    return {
+        p.name: p.default
+        for p in params
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        and p.default is not p.empty
+        and (p.default is None or isinstance(p.default, (bool, int, float, str)))
+    }
+
+
+def is_transformers_model(model: nn.Module) -> bool:
+    """A Hugging Face transformers model: traced by dynamo (torch.fx cannot trace them)."""
+    return any(cls.__module__.split(".")[0] == "transformers" for cls in type(model).__mro__)
+
+
+def expected_input(model: nn.Module) -> str | None:
+    """The input size a model declares, where it declares one (patch embedding, torchvision ViT, timm cfg)."""
+    for module in model.modules():
+        size = getattr(module, "img_size", None)
+        channels = getattr(getattr(module, "proj", None), "in_channels", 3)
+        if isinstance(size, (tuple, list)) and len(size) == 2:
+            return f"(B, {channels}, {size[0]}, {size[1]})"
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    if isinstance(cfg, dict) and cfg.get("input_size"):
+        return "(B, " + ", ".join(str(s) for s in cfg["input_size"]) + ")"
+    size = getattr(model, "image_size", None)
+    if isinstance(size, int):
+        return f"(B, 3, {size}, {size})"
+    return None
+
+
+def analysis_args(args: tuple) -> tuple:
+    """Two samples are enough to read every shape; more only cost time."""
+    sliced = tuple(a[:2] if a.dim() > 0 and a.shape[0] > 2 else a for a in args)
+    return args.like(sliced) if isinstance(args, Inputs) else sliced

@@ -1,0 +1,87 @@
+"""Every node's shape, recorded by running the captured graph once on the example input.
+
+    propagate_shapes(gm, args, model)    # node.meta["tensor_meta"]; bad input -> ExampleInputError
+    fold_pass_through_calls(gm)          # calls that returned None or one of their inputs, removed
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx
+from torch import nn
+from torch.fx.node import map_aggregate
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
+
+from ..errors import ExampleInputError, root_cause
+from .inputs import expected_input
+
+
+class ShapeRecorder(torch.fx.Interpreter):
+    """Runs the graph and records `tensor_meta` on every node, as ShapeProp does, without
+    printing a traceback of its own when a node fails (the caller turns it into an error)."""
+
+    def run_node(self, n: torch.fx.Node):
+        result = super().run_node(n)
+        tensors = []
+
+        def describe(value):
+            if not isinstance(value, torch.Tensor):
+                return value
+            tensors.append(value)
+            return _extract_tensor_metadata(value)
+
+        meta = map_aggregate(result, describe)
+        if tensors:
+            n.meta["tensor_meta"] = meta
+        n.meta["type"] = type(result)
+        return result
+
+    def propagate(self, *args):
+        with torch.no_grad():
+            return self.run(*args)
+
+
+class _ShapeAndPassThroughProp(ShapeRecorder):
+    """Also notes the calls which, on this input, return None or one of their inputs."""
+
+    def run_node(self, n: torch.fx.Node):
+        result = super().run_node(n)
+        if n.op == "call_function" and n.target.__module__ not in ("_operator", "operator"):
+            if result is None:
+                n.meta["folds_to"] = None
+            else:
+                hits = [a for a in n.args if isinstance(a, torch.fx.Node) and self.env.get(a) is result]
+                others = [a for a in n.args if not (isinstance(a, torch.fx.Node) and self.env.get(a) is result)]
+                if len(hits) == 1 and all(self.env.get(a, a) is None for a in others if isinstance(a, torch.fx.Node)):
+                    n.meta["folds_to"] = hits[0]
+        return result
+
+
+def fold_pass_through_calls(gm: torch.fx.GraphModule) -> None:
+    """Remove calls that evaluate to None or hand back an input unchanged.
+
+    With the optional forward arguments fixed to their defaults, helpers such as an optional
+    mask resolver return None and `maybe_add_mask(scores, None)` returns `scores`: they are
+    no-ops that would otherwise hide the attention pattern from the passes.
+    """
+    for node in list(gm.graph.nodes):
+        if "folds_to" not in node.meta or not node.users:  # asserts and other effects stay
+            continue
+        for user in list(node.users):
+            user.replace_input_with(node, node.meta["folds_to"])
+        gm.graph.erase_node(node)
+    gm.recompile()
+
+
+def propagate_shapes(gm: torch.fx.GraphModule, args: tuple, model: nn.Module | None = None, given: tuple = ()) -> None:
+    """Run the graph once on `args`, recording every node's shape; bad input -> ExampleInputError."""
+    try:
+        _ShapeAndPassThroughProp(gm).propagate(*args)
+    except Exception as wrapped:
+        err = root_cause(wrapped)
+        shapes = ", ".join(str(tuple(a.shape)) for a in (given or args))
+        hint = expected_input(model) if model is not None else None
+        expects = f"; the model expects {hint}" if hint else ""
+        raise ExampleInputError(
+            f"the example input {shapes} does not fit {type(model or gm).__name__}{expects}: "
+            f"{type(err).__name__}: {err}"
+        ) from wrapped

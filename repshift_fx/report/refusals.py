@@ -1,0 +1,69 @@
+"""The report of a refused model: `inspect()` still shows the blocks, with the refusal marked.
+
+    report = refused_report(model, example_input, config, error)
+
+`compress()` raises the `UnsupportedSiteError` the passes raise (Swin's windows, a reshape back to
+a grid, a dense head, causal attention, a side tensor the pass cannot attribute); `inspect()`
+returns this report instead: every block as the analysis found it, no token dropped, the block
+that holds the refused node marked with the reason, and the error's message under "refused".
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+
+from repshift_fx.capture import capture
+from repshift_fx.config import Config
+from repshift_fx.context import PassContext
+from repshift_fx.errors import UnsupportedSiteError
+from repshift_fx.passes import attention_to_sdpa, find_sites
+from repshift_fx.plan.tokens import PrunePlan, default_at
+from repshift_fx.report.tokens import Report, build_report
+
+_NODE = re.compile(r"node '([^']+)'")
+_MODULE = re.compile(r"module '([^']*)'")
+
+
+def refused_site(message: str) -> tuple[str | None, str | None]:
+    """(node, module) an error message names, where it names them."""
+    node, module = _NODE.search(message), _MODULE.search(message)
+    return (node.group(1) if node else None), (module.group(1) if module else None)
+
+
+def _block_of(analysis, node: str | None, module: str | None):
+    """The block whose nodes hold `node` or whose module holds `module`; None when outside every block."""
+    for block in analysis.blocks:
+        sites = [s for s in (block.mixer, block.mlp) if s is not None]
+        if node is not None and any(node in s.nodes for s in sites):
+            return block
+        if module and block.module and (module == block.module or module.startswith(block.module + ".")):
+            return block
+    return None
+
+
+def refused_report(model, example_input, config: Config, error: UnsupportedSiteError) -> Report:
+    """The analysis of `model` with nothing pruned, and `error` marked where it arose.
+
+    Re-raises `error` when the model has no token blocks to show (the refusal came earlier)."""
+    gm, args = capture(model, example_input)
+    ctx = PassContext(config=dataclasses.replace(config, keep=1.0, target_flops=None), args=args,
+                      model_name=type(model).__name__)
+    try:
+        find_sites.run(gm, ctx)
+    except Exception:
+        raise error from None
+    analysis = ctx.analysis
+    prefix = analysis.prefix if config.protect == "auto" else int(config.protect)
+    ctx.plan = PrunePlan(ctx.config, [], [b.tokens for b in analysis.blocks], prefix)
+    attention_to_sdpa.run(gm, ctx)
+    report = build_report(ctx, gm=gm)
+    node, module = refused_site(error.message)
+    block = _block_of(analysis, node, module)
+    where = f"block {block.index} ({block.module or 'root'})" if block is not None else "outside the blocks"
+    if block is not None:
+        report.blocks[block.index].refused = error.message
+    report.refused.insert(0, f"{where}, node '{node or '-'}' (module '{module or '-'}'): {error.message}")
+    report.config["at"] = config.at if config.at is not None else default_at(len(analysis.blocks))
+    report.config["keep"] = config.keep
+    report.notes.append("nothing is pruned: compress() refuses this model with this config (see 'refused')")
+    return report

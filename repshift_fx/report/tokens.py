@@ -1,0 +1,301 @@
+"""The report: what the pass found and did, one row per block, as a table, as data, as a graph.
+
+    print(report)              # tabulate table + summary
+    report.to_dict()           # stable keys (docs/cli.md), ready for json.dumps
+    report.to_dot()            # DOT text: the rewritten graph, drops and pruned blocks highlighted
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import networkx as nx
+from tabulate import tabulate
+
+from repshift_fx.context import inserted, role_of
+from repshift_fx.report.flops import FlopBreakdown, before_and_after, block_of_nodes
+from repshift_fx.fx.nodes import carries_tensor, op_name, shape
+
+SCHEMA = "repshift-fx/report/1"
+
+_IMPL_NAMES = {
+    "sdpa": "SDPA",
+    "explicit -> sdpa": "explicit -> SDPA",
+    "multihead_attention": "MultiheadAttention (fused inside)",
+    "explicit": "explicit (kept)",
+}
+_MIXERS = {"attention": "attention + MLP", "mixing": "token-mixing + MLP", "-": "MLP"}
+_BLOCK_KEYS = ("index", "module", "site", "mixer", "attention", "tokens_in", "tokens_out", "scored",
+               "gflops_before", "gflops_after", "refused")
+
+
+@dataclass
+class BlockRow:
+    index: int
+    module: str
+    mixer: str  # "attention" | "mixing" | "-"
+    attention: str  # SDPA, explicit -> SDPA, MultiheadAttention, explicit (kept): why
+    tokens_in: int
+    tokens_out: int
+    scored: bool  # a drop follows this block
+    site: str = ""  # "attention + MLP", "token-mixing + MLP (why)", "MLP"
+    gflops_before: float | None = None  # GMACs per sample of the block's nodes
+    gflops_after: float | None = None
+    # why no drop may come before this block ("" when it may): the side tensors a block reads (rotary
+    # tables, masks, biases) are gathered (passes/gather_side_tensors.py), so only what the passes
+    # refuse is marked, by `repshift_fx.report.refusals.refused_report`
+    refused: str = ""
+
+
+@dataclass
+class Report:
+    model: str
+    config: dict
+    blocks: list[BlockRow]
+    prefix: int
+    prefix_source: str
+    gflops_before: float | None = None
+    gflops_after: float | None = None
+    notes: list[str] = field(default_factory=list)
+    gflops_outside_before: float | None = None  # patch embedding, head, ...: not in any block
+    gflops_outside_after: float | None = None
+    side_tensors: list[str] = field(default_factory=list)  # gathered with the stream's indices
+    refused: list[str] = field(default_factory=list)
+    budget: dict | None = None  # plan.BudgetResult as a dict, when target_flops chose keep
+    graph: Any = field(default=None, repr=False, compare=False)  # nx.DiGraph for to_dot()
+    mode: ClassVar[str] = "tokens"  # which pipeline made it; `report_lines.LineReport`: "lines"
+    shown_config: ClassVar[tuple[str, ...] | None] = None  # config keys in the title; None: every one set
+
+    @property
+    def tokens(self) -> list[int]:
+        return [row.tokens_in for row in self.blocks]
+
+    @property
+    def flop_ratio(self) -> float | None:
+        if self.gflops_before and self.gflops_after is not None:
+            return self.gflops_after / self.gflops_before
+        return None
+
+    def to_dict(self) -> dict:
+        """Plain data with stable keys (documented in docs/cli.md); tuples stay tuples."""
+        return {
+            "schema": SCHEMA,
+            "model": self.model,
+            "config": dict(self.config),
+            "blocks": [{key: getattr(row, key) for key in _BLOCK_KEYS} for row in self.blocks],
+            "prefix": self.prefix,
+            "prefix_source": self.prefix_source,
+            "gflops_before": self.gflops_before,
+            "gflops_after": self.gflops_after,
+            "flop_ratio": self.flop_ratio,
+            "gflops_outside_before": self.gflops_outside_before,
+            "gflops_outside_after": self.gflops_outside_after,
+            "side_tensors": list(self.side_tensors),
+            "refused": list(self.refused),
+            "budget": dict(self.budget) if self.budget else None,
+            "notes": list(self.notes),
+        }
+
+    def to_dot(self) -> str:
+        """The rewritten graph in DOT (see `dot_graph`); needs the report of a rewrite."""
+        if self.graph is None:
+            raise ValueError("this report has no graph; build it with repshift_fx.inspect()")
+        return to_dot(self.graph)
+
+    def table(self, fmt: str = "simple") -> str:
+        rows = [
+            (r.index, r.module or "-", r.site + (" [refused]" if r.refused else ""), r.attention,
+             r.tokens_in, r.tokens_out, gflops_text(r.gflops_before), gflops_text(r.gflops_after), "drop" if r.scored else "")
+            for r in self.blocks
+        ]
+        headers = ("block", "module", "site", "attention", "tokens in", "tokens out", "GFLOPs before",
+                   "GFLOPs after", "")
+        return tabulate(rows, headers=headers, tablefmt=fmt, disable_numparse=True)
+
+    def summary(self) -> list[str]:
+        lines = self._summary_head()
+        if self.flop_ratio is not None:
+            lines.append(
+                f"GFLOPs per sample: {gflops_text(self.gflops_before)} -> {gflops_text(self.gflops_after)} "
+                f"(ratio {self.flop_ratio:.3f}); outside the blocks {gflops_text(self.gflops_outside_before)} -> "
+                f"{gflops_text(self.gflops_outside_after)}"
+            )
+        if self.budget:
+            lines.append(self._budget_line())
+        lines += self._side_lines()
+        lines.append("refused: nothing" if not self.refused else "refused:")
+        lines += [f"  - {item}" for item in self.refused]
+        return lines + self.notes
+
+    def _summary_head(self) -> list[str]:
+        """The summary's first lines (`LineReport`: its stage table instead of the prefix)."""
+        return [f"prefix tokens kept: {self.prefix} ({self.prefix_source})"]
+
+    def _budget_line(self) -> str:
+        b = self.budget
+        return (f"FLOP budget {b['target']}: reached ratio {b['reached']:.4f} with keep={b['keep']:.4f} "
+                f"at {tuple(b['at'])} (kept {', '.join(map(str, b['kept']))} tokens)")
+
+    def _side_lines(self) -> list[str]:
+        return [f"side tensors gathered: {', '.join(self.side_tensors) or 'none'}"]
+
+    def __str__(self) -> str:
+        keys = self.config if self.shown_config is None else self.shown_config
+        cfg = ", ".join(f"{k}={self.config[k]}" for k in keys if self.config.get(k) is not None)
+        return "\n".join([f"repshift_fx report for {self.model} ({cfg})", self.table(), "", *self.summary()])
+
+
+def gflops_text(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
+def attention_label(records) -> str:
+    if not records:
+        return "-"
+    labels = []
+    for rec in records:
+        text = _IMPL_NAMES.get(rec.impl, rec.impl)
+        labels.append(f"{text}: {rec.reason}" if rec.reason else text)
+    return "; ".join(dict.fromkeys(labels))
+
+
+def site_label(block) -> str:
+    label = _MIXERS[block.mixer.kind if block.mixer else "-"]
+    if block.mixer is not None and block.mixer.kind == "mixing" and block.mixer.reason:
+        label += f" ({block.mixer.reason})"
+    return label
+
+
+def _as_breakdown(value) -> tuple[float | None, list | None, float | None]:
+    if isinstance(value, FlopBreakdown):
+        return value.total, value.blocks, value.outside
+    return value, None, None
+
+
+def build_report(ctx, gflops_before=None, gflops_after=None, *, gm=None, budget=None) -> Report:
+    """The report of one rewrite. gflops_*: a float (whole model) or a `flops.FlopBreakdown`
+    (per block too); `gm`: the rewritten graph, for `side_tensors` and `to_dot`; `budget`: the
+    `plan.BudgetResult` when target_flops chose the keep rate."""
+    analysis, plan = ctx.analysis, ctx.plan
+    before, blocks_before, outside_before = _as_breakdown(gflops_before)
+    after, blocks_after, outside_after = _as_breakdown(gflops_after)
+    dropped = set(plan.at)
+    rows = []
+    for block in analysis.blocks:
+        members = set(block.mlp.nodes) | (set(block.mixer.nodes) if block.mixer else set())
+        records = [rec for rec in ctx.attention if rec.node in members]
+        tokens_in = plan.tokens[block.index]
+        tokens_out = next((d.out for d in plan.drops if d.block == block.index), tokens_in)
+        row = BlockRow(block.index, block.module, block.mixer.kind if block.mixer else "-", attention_label(records),
+                       tokens_in, tokens_out, block.index in dropped, site_label(block),
+                       blocks_before[block.index] if blocks_before else None,
+                       blocks_after[block.index] if blocks_after else None)
+        rows.append(row)
+    notes = list(ctx.notes)
+    refused = []
+    for site in analysis.stray:
+        refused.append(f"residual site at '{site.module or site.add}' ({site.kind}) is not part of a block")
+    for rec in ctx.attention:
+        if rec.impl == "explicit":
+            refused.append(f"attention at '{rec.node}' ({rec.module or 'root'}) kept explicit: {rec.reason}")
+    config = {k: v for k, v in vars(plan.config).items()}
+    config["at"] = plan.at
+    if budget is not None:
+        config["target_flops"] = budget.target
+    graph = dot_graph(gm, analysis, plan) if gm is not None else None
+    return Report(ctx.model_name, config, rows, plan.prefix, analysis.prefix_source, before, after, notes,
+                  outside_before, outside_after, side_tensors(gm, plan) if gm is not None else [], refused,
+                  dataclasses.asdict(budget) if budget is not None else None, graph)
+
+
+def token_report(model, gm, ctx, flops: bool = True, budget=None) -> Report:
+    """The report of one tokens-mode rewrite; with `flops`, GMACs per sample per block."""
+    before = after = None
+    if flops:
+        before, after = before_and_after(model, gm, ctx)
+    return build_report(ctx, before, after, gm=gm, budget=budget)
+
+
+def side_tensors(gm, plan) -> list[str]:
+    """Tensors other than the stream that a drop gathers with the same indices."""
+    streams = {d.after for d in plan.drops}
+    found = []
+    for node in gm.graph.nodes:
+        role = role_of(node)
+        source = node.args[0] if node.args else None
+        if role is not None and op_name(node) == "gather_tokens" and getattr(source, "name", None) not in streams:
+            found.append(source.name)
+        elif role == "side" and inserted(node).source not in found:
+            found.append(inserted(node).source)  # passes/gather_side_tensors.py
+    return found
+
+
+# --- DOT ---
+
+ROLE_FILL = {"score": "#f4a261", "index": "#e76f51", "keep": "#e63946", "side": "#e9c46a"}
+PRUNED_FILL = "#a8dadc"
+_CLUSTER = {True: "#457b9d", False: "#bbbbbb"}
+
+
+def dot_graph(gm, analysis, plan) -> nx.DiGraph:
+    """The tensor data flow of the rewritten graph as a networkx DiGraph ready for DOT.
+
+    Nodes: every tensor-valued fx node, labelled `name / op / shape`; the inserted scoring,
+    top-k and gather nodes filled red-orange; the nodes of blocks that run on fewer tokens
+    filled blue. `graph.graph["clusters"]` lists each block's nodes for `to_dot`."""
+    owner = block_of_nodes(gm, analysis, known=None)
+    full = plan.tokens[0] if plan.tokens else None
+    graph = nx.DiGraph()
+    graph.graph.update(graph={"rankdir": "TB", "fontname": "Helvetica"},
+                       node={"shape": "box", "style": "filled", "fillcolor": "white", "fontsize": "10"},
+                       edge={"arrowsize": "0.6"})
+    keep = {n.name for n in gm.graph.nodes if n.op in ("placeholder", "output") or carries_tensor(n)}
+    for node in gm.graph.nodes:
+        if node.name not in keep:
+            continue
+        attrs = {"label": f"{node.name}\\n{op_name(node, gm)} {tuple(shape(node) or ())}"}
+        role = role_of(node)
+        block = owner.get(node.name)
+        if role:
+            attrs.update(fillcolor=ROLE_FILL[role], fontcolor="white" if role == "keep" else "black")
+        elif block is not None and plan.tokens[block] != full:
+            attrs["fillcolor"] = PRUNED_FILL
+        graph.add_node(node.name, **attrs)
+        for arg in node.all_input_nodes:
+            if arg.name in keep:
+                graph.add_edge(arg.name, node.name)
+    clusters = {}
+    for name, block in owner.items():
+        if block is not None and name in graph:
+            clusters.setdefault(block, []).append(name)
+    graph.graph["clusters"] = {
+        block: {"nodes": names, "label": _cluster_label(analysis.blocks[block], plan),
+                "pruned": plan.tokens[block] != full}
+        for block, names in sorted(clusters.items())
+    }
+    return graph
+
+
+def _cluster_label(block, plan) -> str:
+    drop = next((d for d in plan.drops if d.block == block.index), None)
+    text = f"block {block.index} ({block.module or '-'}): {plan.tokens[block.index]} tokens"
+    return text + (f", keeps {drop.out}" if drop else "")
+
+
+def to_dot(graph: nx.DiGraph) -> str:
+    """DOT text by networkx + pydot (no Graphviz binary needed), with one cluster per block."""
+    import pydot
+
+    plain = graph.copy()
+    clusters = plain.graph.pop("clusters", {})
+    dot = nx.nx_pydot.to_pydot(plain)
+    for block, info in clusters.items():
+        cluster = pydot.Cluster(f"block_{block}", label=f'"{info["label"]}"', style="rounded",
+                                color=_CLUSTER[info["pruned"]], fontsize="11")
+        for name in info["nodes"]:
+            for node in dot.get_node(name) or dot.get_node(f'"{name}"'):
+                dot.del_node(node.get_name())
+                cluster.add_node(node)
+        dot.add_subgraph(cluster)
+    return dot.to_string()
