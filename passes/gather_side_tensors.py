@@ -1,6 +1,6 @@
 """Rewrite: whatever carries the token axis downstream of a drop is gathered with the drop's indices.
 
-Expects: `insert_pruning` has run (each drop's `repshift_index_i` and `repshift_keep_i`), the nodes
+Expects: `insert_pruning` has run (each drop's index and kept tokens, roles "index" and "keep"), the nodes
 still carry the shapes recorded before the drops, `ctx.plan`, `ctx.analysis` and `ctx.args`.
 Guarantees: the graph runs on `ctx.args` with every tensor that meets the pruned tokens cut to the
 same tokens, in the same order:
@@ -14,9 +14,8 @@ same tokens, in the same order:
   (B, H, K, D) queries, (1, H, N, N) -> (B, H, K, K).
 - a side computation that runs after a drop on a batch-first tensor of the inputs (the padding
   mask of mean pooling, `mask.sum(1)`) reads the gathered tensor, so it counts the kept tokens only;
-- a padding mask (an integer or boolean (B, N) input that reaches the attention but not the token
-  stream) makes every padded position score lowest, `padding_last`, so a padded position is never
-  kept in place of a real token; later drops read the mask gathered by the earlier ones.
+- (padded positions score lowest at every drop: passes/padding_scores.py, before this pass).
+Nodes past a restore (passes/restore_tokens.py) see every token again and are left alone.
 
 A side tensor whose token axis cannot be attributed (a size that is neither N nor N - p, tokens
 not batch-first, heads folded into the batch) or that meets a fused token (`fuse=True`) is refused
@@ -24,13 +23,12 @@ with an `UnsupportedSiteError` naming the node and module. `ctx.side_gathers` li
 """
 from __future__ import annotations
 
-import networkx as nx
 import torch
 import torch.fx
 
-from repshift_fx.context import inserted, mark
+from repshift_fx.context import inserted, mark, role_of
 from repshift_fx.errors import UnsupportedSiteError
-from repshift_fx.fx.nodes import data_graph, literal_arg, nodes_by_name, op_name, reachable, shape, tensor_args, where
+from repshift_fx.fx.nodes import literal_arg, nodes_by_name, op_name, reachable, tensor_args, where
 from repshift_fx.passes.token_shapes import FollowingShapeProp
 
 # attention calls whose mask (argument 3 or attn_mask) is cut to the kept tokens: SDPA, and the
@@ -62,42 +60,15 @@ def gather_side(side: torch.Tensor, index: torch.Tensor, axes: tuple[int, ...], 
     return side
 
 
-def padding_last(scores: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-    """Scores with every padded position (real == 0) the lowest: (B, N), (B, N) -> (B, N)."""
-    return scores.masked_fill(real == 0, torch.finfo(scores.dtype).min)
-
-
-def padding_mask(gm: torch.fx.GraphModule, analysis, weights=frozenset(), args: tuple = ()) -> torch.fx.Node | None:
-    """The (B, N) input that masks the attention: integer, boolean, or floating with only 0 and 1
-    in the example `args`; it reaches a token-mixing branch but not the token stream (input_ids
-    do). None when there is none."""
-    by_name, graph = nodes_by_name(gm), data_graph(gm)
-    stream = analysis.blocks[0].input
-    batch, tokens = shape(by_name[stream])[:2]
-    feeds_stream = {stream} | nx.ancestors(graph, stream)
-    mixers = set().union(*(b.mixer.nodes for b in analysis.blocks if b.mixer is not None))
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    for position, node in enumerate(placeholders):
-        meta = node.meta.get("tensor_meta")
-        if node.name in weights or node.name in feeds_stream or getattr(meta, "shape", None) != (batch, tokens):
-            continue
-        if meta.dtype.is_floating_point:
-            value = args[position] if position < len(args) else None
-            if not isinstance(value, torch.Tensor) or not bool(((value == 0) | (value == 1)).all()):
-                continue  # an additive float mask (0 / -inf) is no 0/1 padding mask
-        if mixers & nx.descendants(graph, node.name):
-            return node
-    return None
-
-
 class _Drops:
     """The drops of the plan as graph nodes, and which drop each node lies downstream of."""
 
     def __init__(self, gm: torch.fx.GraphModule, plan):
         by_name = nodes_by_name(gm)
         self.plan = plan
-        self.index = [by_name[f"repshift_index_{d.block}"] for d in plan.drops]
-        self.keep = [by_name[f"repshift_keep_{d.block}"] for d in plan.drops]
+        roles = {(role_of(n), inserted(n).block): n for n in gm.graph.nodes if role_of(n) in ("index", "keep")}
+        self.index = [roles["index", d.block] for d in plan.drops]
+        self.keep = [roles["keep", d.block] for d in plan.drops]
         self.after = [by_name[d.after] for d in plan.drops]
         self.region: dict[torch.fx.Node, int] = {}
         for k, keep in enumerate(self.keep):
@@ -105,7 +76,7 @@ class _Drops:
             while todo:
                 node = todo.pop()
                 for user in node.users:
-                    if self.region.get(user) != k:
+                    if self.region.get(user) != k and role_of(user) != "restore":
                         self.region[user] = k
                         todo.append(user)
 
@@ -286,42 +257,12 @@ def _broadcast(shapes: list) -> tuple | None:
         return None
 
 
-def _insert_padding_scores(gm: torch.fx.GraphModule, drops: _Drops, mask: torch.fx.Node) -> None:
-    """Each drop's index reads `padding_last(score, mask)`, the mask gathered by the earlier drops."""
-    graph, real = gm.graph, mask
-    for k, index in enumerate(drops.index):
-        block = drops.plan.drops[k].block
-        with graph.inserting_before(index):
-            if k:
-                previous = drops.index[k - 1]
-                real = graph.create_node("call_function", gather_side, (real, previous, (1,), 2, 0),
-                                         name=f"repshift_padding_{block}")
-                mark(real, "side", drops.plan.drops[k - 1].block, source=mask.name)
-            score = graph.create_node("call_function", padding_last, (index.args[0], real),
-                                      name=f"repshift_real_score_{block}")
-        mark(score, "score", block)
-        index.args = (score, *index.args[1:])
-
-
-def _input_name(gm: torch.fx.GraphModule, node: torch.fx.Node, args) -> str:
-    """The keyword the user gave for a placeholder (dynamo names them arg0, arg1, ...)."""
-    names = getattr(args, "names", ())
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    position = placeholders.index(node)
-    return names[position] if position < len(names) else node.name
-
-
 def run(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
     ctx.side_gathers = []
     if not ctx.plan.drops:
         return gm
     drops = _Drops(gm, ctx.plan)
-    weights = getattr(ctx, "weight_placeholders", frozenset())
-    mask = padding_mask(gm, ctx.analysis, weights, ctx.args)
-    if mask is not None:
-        _insert_padding_scores(gm, drops, mask)
-        ctx.notes.append(f"padding: input '{_input_name(gm, mask, ctx.args)}' marks padded positions; they score "
-                         "lowest at every drop, and the attention mask is gathered with the kept tokens")
+    weights = ctx.weight_placeholders
     user_inputs = [n for n in gm.graph.nodes if n.op == "placeholder" and n.name not in weights]
     gatherer = _SideGatherer(gm, drops, reachable(user_inputs, lambda n: n.users))
     gatherer.propagate(*ctx.args)

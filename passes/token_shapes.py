@@ -22,7 +22,7 @@ import torch.fx
 from repshift_fx.context import role_of
 from repshift_fx.capture import ShapeRecorder
 from repshift_fx.errors import UnsupportedSiteError, root_cause
-from repshift_fx.fx.nodes import op_name, reachable, shape, where
+from repshift_fx.fx.nodes import module_path, op_name, reachable, shape, where
 
 _SIZED = ("view", "reshape", "expand")
 
@@ -79,7 +79,8 @@ def _follow_token_count(node: torch.fx.Node, old_in: tuple, new_in: tuple, env: 
     if op_name(node) != "expand" and -1 not in sizes and all(isinstance(s, int) for s in sizes) and math.prod(known) != numel:
         raise UnsupportedSiteError(
             f"{where(node)} reshapes {old_n} tokens to {tuple(sizes)}, which needs all of them "
-            "(e.g. back to an H x W grid); prune after the last block that needs the full grid."
+            "(e.g. back to an H x W grid); restore=True puts every token back before it, or prune after the last "
+            "block that needs the full grid.", node=node.name, module=module_path(node), needs_every_token=True,
         )
     node.args = (node.args[0], tuple(sizes)) if packed else (node.args[0], *sizes)
 
@@ -113,7 +114,8 @@ class FollowingShapeProp(ShapeRecorder):
             raise UnsupportedSiteError(
                 f"{where(n)} fails once tokens are dropped: {type(err).__name__}: {err}. It needs "
                 "the full token set (windowed attention, a reshape to a grid, a fixed-size table); "
-                "prune after it with a later `at`, or choose another model."
+                "restore=True puts every token back before the block run ends, or prune after it with a later `at`.",
+                node=n.name, module=module_path(n), needs_every_token=True,
             ) from wrapped
 
 

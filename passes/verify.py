@@ -27,7 +27,8 @@ def run(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
             raise UnsupportedSiteError(
                 f"output {where} changes shape from {old} to {new} once tokens are dropped "
                 "(a dense-prediction head needs every token, and so does a model that returns every "
-                "token, such as BertModel's last_hidden_state); compress only the backbone, prune with a "
-                "classification head, or pool inside the model (repshift_fx.apps.hf.SentenceEmbedding)."
+                "token, such as BertModel's last_hidden_state). restore=True (or 'auto', the default) puts "
+                "every token back before it; or prune with a classification head, or pool inside the model.",
+                node=name, module=module_path(node) if node is not None else None, needs_every_token=True,
             )
     return gm

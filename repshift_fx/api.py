@@ -5,9 +5,11 @@
 """
 from __future__ import annotations
 
+import inspect as pyinspect
+
 import torch
 
-from repshift_fx.config import Config
+from repshift_fx.config import Config, check_names, option_names
 from repshift_fx.errors import UnsupportedSiteError
 from repshift_fx.pipeline import run
 from repshift_fx.report.refusals import refused_report
@@ -16,7 +18,8 @@ from repshift_fx.report.tokens import Report
 
 def compress(model: torch.nn.Module, example_input, *, keep=None, at=None, site="mlp", distance="l2",
              residual=False, score="shift", protect="auto", sdpa=True, target_flops=None, mode="auto", fuse=False,
-             compile=True, **compile_options):
+             reduce="drop", restore="auto", r=None, merge_metric="keys", size_attention="mask", compile=True,
+             **compile_options):
     """Prune `model`'s tokens by Representation Shift and compile it.
 
     Args:
@@ -51,6 +54,18 @@ def compress(model: torch.nn.Module, example_input, *, keep=None, at=None, site=
         fuse: EViT fusion: the dropped tokens of each drop are folded into one extra token (their
             average weighted by the softmax of their scores), placed after the kept tokens; later
             drops score it like any other token. Tokens mode only.
+        reduce: "drop" (the paper), or "merge": each leaving token is added into its most similar
+            kept token (cosine of the scoring block's attention keys, `merge_metric="keys"`, or of the
+            stream, "stream"), a size-weighted mean; every token carries its size, and later
+            attention weighs keys by it (proportional attention, kept fused: an SDPA attn_mask, or
+            `size_attention="qk"`, an extra q/k column that needs no mask).
+        restore: "auto" (default) puts every token back where the graph needs them all (a
+            per-token output such as BertModel's last_hidden_state, a stage that reshapes tokens
+            to a grid): a kept token takes its value, a merged one the value of the token it went
+            into, a dropped one its value when dropped. True always restores at the end of each
+            run of blocks; False refuses such models.
+        r: score="tome" (ToMe, the baseline, on any graph): tokens merged away in each block of
+            `at` (all blocks by default) by bipartite soft matching between attention and MLP.
         compile: False returns the rewritten torch.fx.GraphModule (eager) for reading and tests.
         **compile_options: passed to torch.compile (backend=, dynamic=, options=, ...);
             torch.compile's own `mode` ("max-autotune", ...) is `compile_mode=` here, since
@@ -64,8 +79,10 @@ def compress(model: torch.nn.Module, example_input, *, keep=None, at=None, site=
         RepShiftError: a subclass per cause (bad option, training mode, untraceable model, bad
             example input, no residual MLP, a site that cannot be pruned safely).
     """
+    check_compile_options(compile_options)
     config = Config(keep=keep, at=at, site=site, distance=distance, residual=residual, score=score,
-                    protect=protect, sdpa=sdpa, target_flops=target_flops, mode=mode, fuse=fuse)
+                    protect=protect, sdpa=sdpa, target_flops=target_flops, mode=mode, fuse=fuse, reduce=reduce,
+                    restore=restore, r=r, merge_metric=merge_metric, size_attention=size_attention)
     gm, report = run(model, example_input, config, flops=False)
     gm.report = report
     if not compile:
@@ -73,6 +90,13 @@ def compress(model: torch.nn.Module, example_input, *, keep=None, at=None, site=
     if "compile_mode" in compile_options:
         compile_options["mode"] = compile_options.pop("compile_mode")
     return torch.compile(gm, **compile_options)
+
+
+def check_compile_options(options: dict) -> None:
+    """Keywords compress() passes on must be torch.compile's; a typo is a ConfigError naming the
+    nearest option of either, before anything runs."""
+    accepted = [p for p in pyinspect.signature(torch.compile).parameters if p not in ("model", "mode")]
+    check_names(options, option_names() + accepted + ["compile_mode", "compile"])
 
 
 def inspect(model: torch.nn.Module, example_input, **config) -> Report:

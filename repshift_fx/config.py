@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import numbers
 from dataclasses import dataclass
 
@@ -9,7 +10,10 @@ from repshift_fx.errors import ConfigError
 
 SITES = ("mlp", "attn", "block")
 DISTANCES = ("l2", "l1", "cosine")
-SCORES = ("shift", "norm", "random", "attention")  # attention: EViT-style CLS attention (explicit there)
+SCORES = ("shift", "norm", "random", "attention", "tome")  # attention: EViT-style CLS attention (explicit there)
+REDUCES = ("drop", "merge")  # merge: the leaving tokens fold into their most similar kept token
+MERGE_METRICS = ("keys", "stream")  # what "most similar" compares: the attention keys, or the stream
+SIZE_ATTENTIONS = ("mask", "qk")  # proportional attention as an SDPA attn_mask, or an extra q/k column
 MODES = ("auto", "tokens", "lines")  # lines: rows and columns of CNN maps (repshift_fx/plan/lines.py)
 
 
@@ -28,11 +32,17 @@ class Config:
     target_flops: float | None = None  # FLOPs after / before; the planner chooses keep
     mode: str = "auto"  # "auto" (from the graph), "tokens" (ViTs) or "lines" (CNNs)
     fuse: bool = False  # EViT fusion: the dropped tokens folded into one extra token
+    reduce: str = "drop"  # "drop", or "merge": the leaving tokens fold into their most similar kept token
+    restore: bool | str = "auto"  # put every token back where the graph needs them all ("auto": where needed)
+    r: int | tuple[int, ...] | None = None  # score="tome": tokens merged away in each block of `at`
+    merge_metric: str = "keys"  # reduce="merge": similarity of the attention keys, or of the stream
+    size_attention: str = "mask"  # proportional attention: SDPA attn_mask, or "qk" (no mask: flash on GPU)
 
     def __post_init__(self):
+        _check_merging(self)
         if self.target_flops is not None:
             _check_target_flops(self.target_flops, self.keep)
-        elif self.keep is None:
+        elif self.keep is None and self.score != "tome":
             object.__setattr__(self, "keep", 0.7)
         if self.at is not None:
             if isinstance(self.at, numbers.Integral):
@@ -62,6 +72,14 @@ class Config:
         _choose("distance", self.distance, DISTANCES)
         _choose("score", self.score, SCORES)
         _choose("mode", self.mode, MODES)
+        _choose("reduce", self.reduce, REDUCES)
+        _choose("merge_metric", self.merge_metric, MERGE_METRICS)
+        _choose("size_attention", self.size_attention, SIZE_ATTENTIONS)
+        if not (isinstance(self.restore, bool) or self.restore == "auto"):
+            raise ConfigError(f"restore must be 'auto', True or False, got {self.restore!r}")
+        if self.restore is True and self.fuse:
+            raise ConfigError("restore=True cannot put back tokens that fuse=True folded into one; use "
+                              "reduce='merge' (restore then unmerges), or fuse=False")
         if self.protect != "auto" and (
             not isinstance(self.protect, numbers.Integral) or isinstance(self.protect, bool) or self.protect < 0
         ):
@@ -69,11 +87,44 @@ class Config:
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "Config":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(kwargs) - names)
-        if unknown:
-            raise ConfigError(f"unknown option(s) {unknown}; the options are {sorted(names)}")
+        check_names(kwargs, option_names())
         return cls(**kwargs)
+
+
+def option_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(Config)]
+
+
+def check_names(given, valid, what: str = "option") -> None:
+    """ConfigError for the first unknown name, naming the nearest valid one."""
+    for name in given:
+        if name not in valid:
+            near = difflib.get_close_matches(name, list(valid), n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else f"; the {what}s are {sorted(valid)}"
+            raise ConfigError(f"unknown {what} {name!r}{hint}")
+
+
+def _check_merging(config: Config) -> None:
+    """The options of merging and of the ToMe baseline, which exclude some others."""
+    if config.score == "tome":
+        if config.reduce == "merge":
+            raise ConfigError("score='tome' chooses its own merges (bipartite matching); reduce='merge' folds the "
+                              "tokens a per-token score ranks last: use one of them")
+        if config.r is None:
+            raise ConfigError("score='tome' merges r tokens away in each block of at: pass r= (an int, or one per "
+                              "entry of at), e.g. r=8")
+        if config.keep is not None or config.target_flops is not None:
+            raise ConfigError("score='tome' sets the amount of merging with r=, not keep= or target_flops=")
+        rs = config.r if isinstance(config.r, (tuple, list)) else (config.r,)
+        if not all(isinstance(r, numbers.Integral) and not isinstance(r, bool) and r >= 0 for r in rs):
+            raise ConfigError(f"r must be a number of tokens >= 0, or one per entry of at, got {config.r!r}")
+        object.__setattr__(config, "r", tuple(int(r) for r in config.r) if isinstance(config.r, (tuple, list))
+                           else int(config.r))
+    elif config.r is not None:
+        raise ConfigError(f"r={config.r!r} is the number of tokens ToMe merges per block: it needs score='tome'")
+    if config.fuse and (config.reduce == "merge" or config.score == "tome"):
+        raise ConfigError("fuse=True folds the dropped tokens into one extra token; with reduce='merge' each leaving "
+                          "token folds into its most similar kept token already: use one of them")
 
 
 def _check_target_flops(target, keep) -> None:

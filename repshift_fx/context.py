@@ -61,3 +61,4 @@ class PassContext:
     importance: dict[int, str] = field(default_factory=dict)  # score="attention": block -> importance node
     side_gathers: list = field(default_factory=list)  # passes.gather_side_tensors: what each drop gathered
     notes: list[str] = field(default_factory=list)
+    restore_after: frozenset[int] = frozenset()  # restore="auto": blocks after which every token comes back

@@ -4,9 +4,15 @@
 class RepShiftError(Exception):
     """Base class: the message says what was wrong and what to do."""
 
-    def __init__(self, message: str):
+    def __init__(self, message: str, *, node: str | None = None, module: str | None = None, plan=None,
+                 needs_every_token: bool = False):
         super().__init__(message)
         self.message = message
+        self.node = node  # the model's node it concerns, where one is known
+        self.module = module  # that node's module path, as the user's model names it
+        self.plan = plan  # the plan fixed before the refusal (the FLOP-budget search learns from it)
+        self.needs_every_token = needs_every_token  # restore=True would put every token back before it
+        self.analysis = None  # the analysis of the graph it arose in, set by the run loop
 
     def __str__(self) -> str:  # torch.fx's Interpreter appends its node dump to args; not shown
         return self.message

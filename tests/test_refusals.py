@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import repshift_fx
-from conftest import assert_refused, tiny_timm
+from conftest import assert_close, assert_refused, tiny_timm
 from repshift_fx import NoSiteError, UnsupportedSiteError
 
 
@@ -60,17 +60,26 @@ class _Dense(nn.Module):
         return self.neck(tokens) if self.neck is not None else self.head(tokens)
 
 
-def test_a_neck_that_reshapes_tokens_to_a_grid_is_refused():
-    model, x = _Dense(neck=True).eval(), torch.randn(2, 3, 64, 64)
-    assert_refused(model, x, UnsupportedSiteError, "reshape at node", "module 'neck'", "reshape to a grid", at=(1,))
-    report = repshift_fx.inspect(model, x, at=(1,))
-    assert report.refused[0].startswith("outside the blocks, node 'reshape") and "module 'neck'" in report.refused[0]
-    assert len(report.blocks) == 4 and report.tokens == [16] * 4
+@pytest.mark.parametrize("neck", (True, False))
+def test_a_dense_head_without_restore_is_refused(neck):
+    model, x = _Dense(neck=neck).eval(), torch.randn(2, 3, 64, 64)
+    words = ("reshape at node", "module 'neck'", "reshape to a grid") if neck else \
+        ("output node 'head'", "module 'head'", "dense-prediction")
+    assert_refused(model, x, UnsupportedSiteError, *words, "restore=True", at=(1,), restore=False)
+    report = repshift_fx.inspect(model, x, at=(1,), restore=False)
+    assert report.refused[0].startswith("outside the blocks") and len(report.blocks) == 4 and report.tokens == [16] * 4
 
 
-def test_a_segmentation_head_is_refused_at_the_output():
-    model, x = _Dense(neck=False).eval(), torch.randn(2, 3, 64, 64)
-    assert_refused(model, x, UnsupportedSiteError, "output node 'head'", "module 'head'", "dense-prediction", at=(1,))
+@pytest.mark.parametrize("neck", (True, False))
+@pytest.mark.parametrize("reduce", ("drop", "merge"))
+def test_a_dense_head_prunes_with_every_token_restored_before_it(neck, reduce):
+    model, x = _Dense(neck=neck).eval(), torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        original = model(x)
+    pruned = repshift_fx.compress(model, x, at=(1,), reduce=reduce, compile=False)
+    assert pruned(x).shape == original.shape and pruned.report.blocks[-1].restored
+    assert repshift_fx.inspect(model, x, at=(1,), reduce=reduce).flop_ratio < 0.95
+    assert_close(repshift_fx.compress(model, x, keep=1.0, at=(1,), reduce=reduce, compile=False)(x), original)
 
 
 class _CausalBlock(nn.Module):

@@ -8,7 +8,8 @@ import repshift_fx
 from conftest import assert_close, assert_compiled_matches_eager, tiny_timm
 from reference_hf import beit_reference, eva_reference
 from repshift_fx import UnsupportedSiteError
-from repshift_fx.passes.gather_side_tensors import gather_side, padding_last
+from repshift_fx.passes.gather_side_tensors import gather_side
+from repshift_fx.passes.padding_scores import padding_last
 
 
 

@@ -81,7 +81,15 @@ def test_literal_token_counts_follow_the_drop():
         torch.testing.assert_close(gm(img), reference(model, img, (0, 1), 0.5))
 
 
-def test_head_that_flattens_every_token_is_refused_by_name():
+def test_head_that_flattens_every_token_is_refused_by_name_without_restore():
     model = LiteralViT(flatten_head=True).eval()
-    with pytest.raises(UnsupportedSiteError, match="node 'reshape_6'.*fails once tokens are dropped"):
-        repshift_fx.compress(model, torch.randn(2, 3, 64, 64), keep=0.5, at=(1,), compile=False)
+    with pytest.raises(UnsupportedSiteError, match="node 'reshape_6'.*fails once tokens are dropped.*restore=True"):
+        repshift_fx.compress(model, torch.randn(2, 3, 64, 64), keep=0.5, at=(1,), restore=False, compile=False)
+
+
+def test_head_that_flattens_every_token_reads_them_restored():
+    model, img = LiteralViT(flatten_head=True).eval(), torch.randn(2, 3, 64, 64)
+    gm = repshift_fx.compress(model, img, keep=0.5, at=(1,), compile=False)
+    with torch.no_grad():
+        assert gm(img).shape == model(img).shape
+    assert gm.report.blocks[-1].restored and gm.report.tokens[-1] < gm.report.tokens[0]

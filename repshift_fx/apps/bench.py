@@ -37,6 +37,7 @@ from repshift_fx.context import role_of
 from repshift_fx.report.flops import per_sample_gmacs
 from repshift_fx.method.lines import gather_lines
 from repshift_fx.method.tokens import fuse_dropped
+from repshift_fx.api import compress
 
 
 @dataclass
@@ -83,8 +84,6 @@ def _time_once(fn, args) -> float:
 
 def build_variants(model, example_input, *, compile_options=None, overhead=True, **config) -> dict:
     """name -> callable, for the baseline and the compressed model, eager and compiled."""
-    from repshift_fx import compress  # the public API; imported here to avoid a cycle
-
     compile_options = compile_options or {}
     gm = compress(model, example_input, compile=False, **config)
     variants = {
@@ -187,8 +186,6 @@ def run_variants(model, example_input, variants: dict, *, rounds: int = 5, threa
     """The baseline and every named variant `name -> (model, compress config)`, eager and compiled
     (`kinds`: which of the two to time), timed interleaved in one run: rows "baseline <kind>" and
     "<name> <kind>" (medians; speedups to the baseline of the same kind)."""
-    from repshift_fx import compress  # the public API; imported here to avoid a cycle
-
     if threads:
         torch.set_num_threads(threads)
     args = example_input if isinstance(example_input, tuple) else (example_input,)

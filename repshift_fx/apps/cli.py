@@ -26,7 +26,7 @@ import repshift_fx
 from repshift_fx.apps import shiftmap
 from repshift_fx.apps import shiftmap_lines
 from repshift_fx.apps import specs
-from repshift_fx.config import DISTANCES, MODES, SCORES, SITES
+from repshift_fx.config import DISTANCES, MODES, REDUCES, SCORES, SITES
 from repshift_fx.errors import RepShiftError
 
 log = logging.getLogger("repshift_fx")
@@ -67,6 +67,11 @@ def _schedule_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fuse", action="store_true", help="EViT fusion: fold the dropped tokens into one token "
                         "(tokens mode)")
     parser.add_argument("--no-sdpa", action="store_true", help="keep explicit attention as it is")
+    parser.add_argument("--reduce", choices=REDUCES, default="drop", help="drop (default) the tokens that leave, "
+                        "or merge them into their most similar kept token")
+    parser.add_argument("--restore", choices=("auto", "on", "off"), default="auto", help="put every token back "
+                        "where the model needs them all: auto (default, where needed), on, off (refuse instead)")
+    parser.add_argument("--r", type=int, metavar="R", help="--score tome: tokens merged away per block")
     parser.add_argument("--mode", choices=MODES, default="auto", help="tokens (ViTs), lines (rows and columns "
                         "of CNN maps) or auto (from the graph, default)")
 
@@ -110,7 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _schedule(args) -> dict:
     """compress()/inspect() options from the command line."""
     config = {"site": args.site, "distance": args.distance, "residual": args.residual, "score": args.score,
-              "sdpa": not args.no_sdpa, "fuse": args.fuse}
+              "sdpa": not args.no_sdpa, "fuse": args.fuse, "reduce": args.reduce,
+              "restore": {"auto": "auto", "on": True, "off": False}[args.restore]}
+    if args.r is not None:
+        config["r"] = args.r
     if args.keep is not None:
         config["keep"] = specs.parse_floats(args.keep, "--keep")
     if args.target_flops is not None:

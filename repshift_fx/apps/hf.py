@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from repshift_fx.errors import ConfigError
+from repshift_fx.api import compress
 
 
 class SentenceEmbedding(nn.Module):
@@ -122,8 +123,6 @@ def embed(model, tokenizer, texts: list[str], batch_size: int = 64, draws: int =
     """L2-normalised embeddings, `draws` times: [(len(texts), C)]. With `config` (keep=, at=,
     score=, ...) each batch runs through `repshift_fx.compress(model, batch, compile=False, **config)`
     (once; draw d runs it after torch.manual_seed(d), for score="random")."""
-    from repshift_fx.api import compress
-
     out = [None] * draws
     with torch.no_grad():
         for rows, inputs in text_batches(tokenizer, texts, batch_size):

@@ -25,6 +25,7 @@ from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 
 from repshift_fx.errors import RepShiftError
 from repshift_fx.apps.specs import SpecError
+from repshift_fx.api import compress
 
 GAP = 8
 # inferno, sampled at 0, 1/6, ..., 1 (RGB 0-255); interpolated linearly in between
@@ -57,8 +58,6 @@ def grid(tokens: int, height: int, width: int) -> tuple[int, int]:
 def rewritten_values(model: torch.nn.Module, x: torch.Tensor, block: int, *, keep=0.7, **config):
     """(the graph `compress(..., at=(block,), compile=False)` rewrites, every value it computes
     on the first image of x): the score and index nodes' values are what the maps draw."""
-    from repshift_fx import compress  # the public API; a module-level import would be circular
-
     x = x[:1]
     gm = compress(model, x, keep=keep, at=(block,), compile=False, **config)
     runner = torch.fx.Interpreter(gm, garbage_collect_values=False)

@@ -56,7 +56,7 @@ def _trace_key(model: nn.Module, args: tuple) -> tuple:
     return id(model), getattr(args, "names", None), tensors
 
 
-def _copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+def copy_graph(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """A GraphModule over a copy of `gm`'s graph (nodes, names and meta), sharing its attributes
     and its input/output conventions (`Graph.__deepcopy__` without copying the codegen)."""
     graph = torch.fx.Graph(tracer_cls=gm.graph._tracer_cls)
@@ -75,10 +75,10 @@ def capture(model: nn.Module, example_input) -> tuple[torch.fx.GraphModule, tupl
     args = analysis_args(given)
     key = _trace_key(model, args) if _REUSED is not None else None
     if key is not None and key in _REUSED:
-        return _copy(_REUSED[key][0]), args
+        return copy_graph(_REUSED[key][0]), args
     gm = trace(model, args)
     propagate_shapes(gm, args, model, given)
     fold_pass_through_calls(gm)
     if key is not None:
-        _REUSED[key] = (_copy(gm), model)  # the model is held so that its id stays its own
+        _REUSED[key] = (copy_graph(gm), model)  # the model is held so that its id stays its own
     return gm, args

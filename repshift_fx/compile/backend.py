@@ -85,8 +85,9 @@ class RepShiftBackend:
         return _noting_prefix(compiled, prefix_outputs)
 
 
-def backend(*, keep=0.7, at=None, site="mlp", distance="l2", residual=False, score="shift", protect="auto",
-            sdpa=True, mode="auto", fuse=False, inner="inductor") -> RepShiftBackend:
+def backend(*, keep=None, at=None, site="mlp", distance="l2", residual=False, score="shift", protect="auto",
+            sdpa=True, mode="auto", fuse=False, reduce="drop", restore="auto", r=None, merge_metric="keys",
+            size_attention="mask", inner="inductor") -> RepShiftBackend:
     """A torch.compile backend that prunes tokens by Representation Shift.
 
         torch.compile(model, backend=repshift_fx.backend(keep=0.5, at=(3, 6, 9)))
@@ -103,7 +104,8 @@ def backend(*, keep=0.7, at=None, site="mlp", distance="l2", residual=False, sco
         raised at the first call (dynamo wraps it in BackendCompilerFailed).
     """
     config = Config(keep=keep, at=at, site=site, distance=distance, residual=residual, score=score,
-                    protect=protect, sdpa=sdpa, mode=mode, fuse=fuse)
+                    protect=protect, sdpa=sdpa, mode=mode, fuse=fuse, reduce=reduce, restore=restore, r=r,
+                    merge_metric=merge_metric, size_attention=size_attention)
     _inner_backend(inner)  # an unknown name fails here, not at the first call
     return RepShiftBackend(config, inner)
 
@@ -133,7 +135,10 @@ def prune_graph(gm: torch.fx.GraphModule, example_inputs: list, config: Config):
     if local is None:
         return gm, None, prefix_outputs
     _warn_unknown_prefix(gm, ctx)
-    _refuse_pruned_outputs(gm, ctx, local.at[0])
+    if _pruned_outputs(gm, ctx, local.at[0]):
+        if local.restore is False:
+            _refuse_pruned_outputs(gm, ctx, local.at[0])
+        local = dataclasses.replace(local, restore=True)  # every token back before they leave the graph
     ctx.config = local
     gm = TOKENS.plan_and_rewrite(gm, ctx)
     refresh_example_values(gm)
@@ -303,22 +308,27 @@ def _warn_unknown_prefix(gm: torch.fx.GraphModule, ctx: PassContext) -> None:
             return
 
 
-def _refuse_pruned_outputs(gm: torch.fx.GraphModule, ctx: PassContext, first: int) -> None:
-    """Pruned tokens must not leave the graph: the next graph and the Python code between them
-    (a graph break) were captured for the full token count, or the model returns every token."""
+def _pruned_outputs(gm: torch.fx.GraphModule, ctx: PassContext, first: int) -> list[torch.fx.Node]:
+    """Outputs that would carry pruned tokens out of the graph: the next graph and the Python code
+    between them (a graph break) were captured for the full token count, or the model returns
+    every token."""
     by_name = nodes_by_name(gm)
     block = ctx.analysis.blocks[first]
     tokens = shape(by_name[block.output])[1]
-    for node in _outputs_after(gm, block.output):
-        if len(shape(node) or ()) == 3 and shape(node)[1] == tokens:
-            raise UnsupportedSiteError(
-                f"output '{node.name}' of {ctx.model_name} {tuple(shape(node))} carries the tokens of block "
-                f"{first + ctx.block_offset} ({block.module or '-'}) on, which a drop there would cut: either "
-                "dynamo breaks the graph after that block (a print, .item(), data-dependent control flow), "
-                "handing the tokens to Python code and to the next graph, or the model returns every token "
-                "(a dense head). Remove the graph break (torch._dynamo.explain(model)(x) lists them), or "
-                "prune only at blocks after it."
-            )
+    return [node for node in _outputs_after(gm, block.output) if len(shape(node) or ()) == 3 and shape(node)[1] == tokens]
+
+
+def _refuse_pruned_outputs(gm: torch.fx.GraphModule, ctx: PassContext, first: int) -> None:
+    block, node = ctx.analysis.blocks[first], _pruned_outputs(gm, ctx, first)[0]
+    raise UnsupportedSiteError(
+        f"output '{node.name}' of {ctx.model_name} {tuple(shape(node))} carries the tokens of block "
+        f"{first + ctx.block_offset} ({block.module or '-'}) on, which a drop there would cut: either "
+        "dynamo breaks the graph after that block (a print, .item(), data-dependent control flow), "
+        "handing the tokens to Python code and to the next graph, or the model returns every token "
+        "(a dense head). restore=True (or 'auto') puts every token back before it; or remove the graph break "
+        "(torch._dynamo.explain(model)(x) lists them), or prune only at blocks after it.",
+        node=node.name, needs_every_token=True,
+    )
 
 
 def _report(ctx: PassContext) -> Report:

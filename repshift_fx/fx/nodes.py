@@ -200,3 +200,11 @@ def literal_arg(node: torch.fx.Node, index: int, name: str, default=None):
     if len(node.args) > index:
         return node.args[index]
     return node.kwargs.get(name, default)
+
+
+def last_attention_before(node: torch.fx.Node) -> torch.fx.Node | None:
+    """The latest `F.scaled_dot_product_attention` call upstream of `node`, in graph order."""
+    upstream = reachable([node], lambda n: n.all_input_nodes)
+    found = [n for n in upstream if n.op == "call_function" and n.target is torch.nn.functional.scaled_dot_product_attention]
+    order = {n: i for i, n in enumerate(node.graph.nodes)}
+    return max(found, key=order.__getitem__) if found else None

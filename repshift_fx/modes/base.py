@@ -48,13 +48,13 @@ class Mode:
         """Plan from `ctx.analysis` and `ctx.config`, then the rewrites. A refusal carries the plan
         (the counts fixed before it: the FLOP-budget search learns from them)."""
         self.check_config(ctx.config)
-        ctx.plan = self.make_plan(ctx.analysis, ctx.config)
+        ctx.plan = self.make_plan(ctx.analysis, ctx.config, restore_after=ctx.restore_after)
         try:
             for p in self.rewrite_passes:
                 log.debug("running pass %s", p.__name__)
                 gm = p.run(gm, ctx)
         except UnsupportedSiteError as error:
-            error.plan = ctx.plan
+            error.plan, error.analysis = ctx.plan, ctx.analysis  # the counts fixed before the refusal
             raise
         self.log_plan(ctx)
         return gm

@@ -121,7 +121,7 @@ def _score_inputs(site, config: Config) -> tuple[str, ...]:
     return (site.output, site.shortcut) if config.score == "shift" else (site.output,)
 
 
-def make_line_plan(analysis, config: Config) -> LinePlan:
+def make_line_plan(analysis, config: Config, restore_after=frozenset()) -> LinePlan:
     check_line_config(config)
     depth = len(analysis.sites)
     at = config.at if config.at is not None else default_line_at(analysis)

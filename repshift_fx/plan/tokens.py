@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from repshift_fx.config import Config
 from repshift_fx.errors import ConfigError, UnsupportedSiteError
@@ -40,6 +40,8 @@ class PrunePlan:
     drops: list[Drop]
     tokens: list[int]  # tokens entering each block, prefix included
     prefix: int
+    # (block, drops): after `block` every token is put back, undoing `drops` (passes/restore_tokens.py)
+    restore_at: list[tuple[int, list[Drop]]] = field(default_factory=list)
 
     @property
     def at(self) -> tuple[int, ...]:
@@ -88,27 +90,85 @@ def check_keep_chosen(config: Config) -> None:
         )
 
 
-def make_plan(analysis, config: Config) -> PrunePlan:
-    check_keep_chosen(config)
+def runs(analysis) -> list[list]:
+    """The blocks in runs over one token count: a stage of a hierarchical model (whose end pools
+    or reshapes the tokens into the next stage's count), or every block of a plain one."""
+    found = []
+    for block in analysis.blocks:
+        if found and found[-1][-1].tokens == block.tokens:
+            found[-1].append(block)
+        else:
+            found.append([block])
+    return found
+
+
+def tome_pairs(prefix: int, n: int) -> int:
+    """How many tokens ToMe's set A holds (the most it can merge away) among prefix + n tokens."""
+    return len(range(prefix + prefix % 2, prefix + n, 2))
+
+
+def _schedule(config: Config, at: tuple[int, ...]) -> dict[int, float | int]:
+    amounts = config.r if config.score == "tome" else config.keep
+    amounts = amounts if isinstance(amounts, tuple) else (amounts,) * len(at)
+    if len(amounts) != len(at):
+        what = "r has" if config.score == "tome" else "keep has"
+        raise ConfigError(f"{what} {len(amounts)} entries for {len(at)} entries of at={at}")
+    return dict(zip(at, amounts))
+
+
+def _drop(block, amount, prefix: int, n: int, config: Config) -> Drop:
+    if config.score == "tome":  # between attention and MLP, as ToMe merges
+        if amount > tome_pairs(prefix, n):
+            raise ConfigError(f"ToMe's r={amount} at block {block.index} ({block.module or '-'}) is more than half of "
+                              f"the {n} tokens entering it: at most {tome_pairs(prefix, n)} can merge there")
+        return Drop(block.index, block.mlp.stream, (), prefix, n, n - amount)
+    keep = kept_count(amount, n)
+    fused = int(config.fuse and keep < n)  # fuse=True: the dropped tokens become one token
+    return Drop(block.index, block.output, _score_inputs(block, config), prefix, n, keep, fused)
+
+
+def _check_stage(run, drops: list[Drop], config: Config) -> None:
+    first = run[0]
+    raise UnsupportedSiteError(
+        f"block {first.index} ({first.module or '-'}) starts a stage of {first.tokens} tokens: the stage before it "
+        f"pools or reshapes its tokens into a grid, which needs all of them, but block(s) "
+        f"{[d.block for d in drops]} drop some earlier. Put them back before the stage ends with restore=True "
+        f"(or 'auto'), or drop only from block {first.index} on (at=...)."
+    )
+
+
+def make_plan(analysis, config: Config, restore_after=frozenset()) -> PrunePlan:
+    """The drops of `at`, and where every token is restored: after the last block of a run (of
+    blocks over one token count) that holds a drop, when another run follows or restore=True,
+    and after each block of `restore_after` (restore="auto": before what needs every token)."""
+    if config.score != "tome":
+        check_keep_chosen(config)
     depth = len(analysis.blocks)
-    at = config.at if config.at is not None else default_at(depth)
+    at = config.at if config.at is not None else \
+        tuple(range(depth)) if config.score == "tome" else default_at(depth)
     if not at:
-        raise ConfigError(f"the model has {depth} blocks: too few for the default schedule; pass at=")
+        raise ConfigError(f"the model has {depth} blocks: too few for the default schedule; pass at=, e.g. at=(0,)")
     check_at(at, depth, analysis.blocks[0].module or "the root")
-    keeps = config.keep if isinstance(config.keep, tuple) else (config.keep,) * len(at)
-    if len(keeps) != len(at):
-        raise ConfigError(f"keep has {len(keeps)} rates for {len(at)} entries of at={at}")
+    schedule = _schedule(config, at)
     prefix = analysis.prefix if config.protect == "auto" else int(config.protect)
     if prefix >= analysis.blocks[0].tokens:
         raise ConfigError(f"protect={prefix} leaves no token to prune of {analysis.blocks[0].tokens}")
 
-    drops, tokens, n = [], [], analysis.blocks[0].tokens - prefix
-    schedule = dict(zip(at, keeps))
-    for block in analysis.blocks:
-        tokens.append(prefix + n)
-        if block.index in schedule:
-            keep = kept_count(schedule[block.index], n)
-            fused = int(config.fuse and keep < n)  # fuse=True: the dropped tokens become one token
-            drops.append(Drop(block.index, block.output, _score_inputs(block, config), prefix, n, keep, fused))
-            n = keep + fused
-    return PrunePlan(config, drops, tokens, prefix)
+    drops, tokens, restore_at, pending = [], [], [], []
+    stages = runs(analysis)
+    for k, run in enumerate(stages):
+        if pending and config.restore is False:
+            _check_stage(run, pending, config)
+        pending, n = [], run[0].tokens - prefix
+        for block in run:
+            tokens.append(prefix + n)
+            if block.index in schedule:
+                drop = _drop(block, schedule[block.index], prefix, n, config)
+                drops.append(drop)
+                pending.append(drop)
+                n = drop.keep + drop.fused
+            run_ends = block is run[-1] and (config.restore is True or k < len(stages) - 1)
+            if pending and (run_ends or block.index in restore_after):
+                restore_at.append((block.index, pending))
+                pending, n = [], run[0].tokens - prefix
+    return PrunePlan(config, drops, tokens, prefix, restore_at)

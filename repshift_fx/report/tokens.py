@@ -27,7 +27,7 @@ _IMPL_NAMES = {
 }
 _MIXERS = {"attention": "attention + MLP", "mixing": "token-mixing + MLP", "-": "MLP"}
 _BLOCK_KEYS = ("index", "module", "site", "mixer", "attention", "tokens_in", "tokens_out", "scored",
-               "gflops_before", "gflops_after", "refused")
+               "gflops_before", "gflops_after", "refused", "reduce", "restored")
 
 
 @dataclass
@@ -46,6 +46,8 @@ class BlockRow:
     # tables, masks, biases) are gathered (passes/gather_side_tensors.py), so only what the passes
     # refuse is marked, by `repshift_fx.report.refusals.refused_report`
     refused: str = ""
+    reduce: str = ""  # what its drop does: "drop", "merge", "ToMe r=8" ("" without one)
+    restored: bool = False  # every token is put back after this block
 
 
 @dataclass
@@ -106,7 +108,8 @@ class Report:
     def table(self, fmt: str = "simple") -> str:
         rows = [
             (r.index, r.module or "-", r.site + (" [refused]" if r.refused else ""), r.attention,
-             r.tokens_in, r.tokens_out, gflops_text(r.gflops_before), gflops_text(r.gflops_after), "drop" if r.scored else "")
+             r.tokens_in, r.tokens_out, gflops_text(r.gflops_before), gflops_text(r.gflops_after),
+             " + ".join(x for x in (r.reduce, "restore" if r.restored else "") if x))
             for r in self.blocks
         ]
         headers = ("block", "module", "site", "attention", "tokens in", "tokens out", "GFLOPs before",
@@ -173,6 +176,25 @@ def _as_breakdown(value) -> tuple[float | None, list | None, float | None]:
     return value, None, None
 
 
+def reduce_label(plan, block: int) -> str:
+    drop = next((d for d in plan.drops if d.block == block), None)
+    if drop is None:
+        return ""
+    if plan.config.score == "tome":
+        return f"ToMe r={drop.before - drop.keep}"
+    return plan.config.reduce
+
+
+def sized(plan, block: int) -> bool:
+    """Whether the block's attention weighs keys by their sizes: a merge came before it (and no
+    restore since)."""
+    if plan.config.reduce != "merge" and plan.config.score != "tome":
+        return False
+    merged = [d.block for d in plan.drops if d.block < block]
+    restored = [end for end, _ in plan.restore_at if end < block]
+    return bool(merged) and (not restored or max(merged) > max(restored))
+
+
 def build_report(ctx, gflops_before=None, gflops_after=None, *, gm=None, budget=None) -> Report:
     """The report of one rewrite. gflops_*: a float (whole model) or a `flops.FlopBreakdown`
     (per block too); `gm`: the rewritten graph, for `side_tensors` and `to_dot`; `budget`: the
@@ -180,7 +202,7 @@ def build_report(ctx, gflops_before=None, gflops_after=None, *, gm=None, budget=
     analysis, plan = ctx.analysis, ctx.plan
     before, blocks_before, outside_before = _as_breakdown(gflops_before)
     after, blocks_after, outside_after = _as_breakdown(gflops_after)
-    dropped = set(plan.at)
+    dropped, restored = set(plan.at), {end for end, _ in plan.restore_at}
     rows = []
     for block in analysis.blocks:
         members = set(block.mlp.nodes) | (set(block.mixer.nodes) if block.mixer else set())
@@ -191,6 +213,9 @@ def build_report(ctx, gflops_before=None, gflops_after=None, *, gm=None, budget=
                        tokens_in, tokens_out, block.index in dropped, site_label(block),
                        blocks_before[block.index] if blocks_before else None,
                        blocks_after[block.index] if blocks_after else None)
+        row.reduce, row.restored = reduce_label(plan, block.index), block.index in restored
+        if sized(plan, block.index) and "SDPA" in row.attention:
+            row.attention += " + log(size)"
         rows.append(row)
     notes = list(ctx.notes)
     refused = []
@@ -258,7 +283,7 @@ def dot_graph(gm, analysis, plan) -> nx.DiGraph:
         role = role_of(node)
         block = owner.get(node.name)
         if role:
-            attrs.update(fillcolor=ROLE_FILL[role], fontcolor="white" if role == "keep" else "black")
+            attrs.update(fillcolor=ROLE_FILL.get(role, ROLE_FILL["side"]), fontcolor="white" if role == "keep" else "black")
         elif block is not None and plan.tokens[block] != full:
             attrs["fillcolor"] = PRUNED_FILL
         graph.add_node(node.name, **attrs)

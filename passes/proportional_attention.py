@@ -1,0 +1,86 @@
+"""Rewrite (reduce="merge", score="tome"): attention after a merge weighs each key by its size,
+softmax(q k^T * scale + log size) v (ToMe's proportional attention), with attention kept fused.
+
+Expects: `merge_tokens` has run (each merge's tokens and size, roles "keep" and "size"), the side
+tensors gathered.
+Guarantees: every `F.scaled_dot_product_attention` call downstream of a merge (and not past a
+restore) reads `with_size_bias(attn_mask, size, q)` as its attn_mask, the size of the latest merge
+before it; CPU and GPU fused kernels take a float mask. With `size_attention="qk"` an SDPA call
+without a mask becomes `proportional_attention` instead: the size rides in an extra column of q
+and k, so kernels that take no mask (FlashAttention on GPU) stay usable. Attention inside
+nn.MultiheadAttention or kept explicit is left as it is, with a note in the report.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+
+from repshift_fx.context import inserted, mark, role_of
+from repshift_fx.fx.nodes import literal_arg, op_name
+from repshift_fx.method import merge
+
+
+def regions(gm: torch.fx.GraphModule, starts: list[torch.fx.Node]) -> dict[torch.fx.Node, int]:
+    """Which of `starts` each node lies downstream of (the latest), stopping at restores."""
+    region: dict[torch.fx.Node, int] = {}
+    for k, start in enumerate(starts):
+        todo = [start]
+        while todo:
+            for user in todo.pop().users:
+                if region.get(user) != k and role_of(user) != "restore":
+                    region[user] = k
+                    todo.append(user)
+    return region
+
+
+def _bias_mask(graph, node, size) -> None:
+    query = node.args[0]
+    mask = literal_arg(node, 3, "attn_mask")
+    with graph.inserting_before(node):
+        biased = graph.call_function(merge.with_size_bias, (mask, size, query))
+    mark(biased, "size", inserted(size).block)
+    args, kwargs = list(node.args), dict(node.kwargs)
+    if len(args) > 3:
+        args[3] = biased
+    else:
+        kwargs["attn_mask"] = biased
+    node.args, node.kwargs = tuple(args), kwargs
+
+
+def _without_mask(graph, node, size) -> None:
+    query, key, value = node.args[:3]
+    with graph.inserting_before(node):
+        new = graph.call_function(merge.proportional_attention,
+                                  (query, key, value, size, literal_arg(node, 6, "scale")))
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
+
+
+def run(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
+    sizes = {inserted(n).block: n for n in gm.graph.nodes if role_of(n) == "size" and n.target is not merge.with_size_bias}
+    if not sizes:
+        return gm
+    graph, config = gm.graph, ctx.plan.config
+    merged = [n for n in gm.graph.nodes if role_of(n) == "keep" and inserted(n).block in sizes]
+    region = regions(gm, merged)
+    sizes = [sizes[inserted(n).block] for n in merged]
+    masked = mha = 0
+    for node in list(graph.nodes):
+        k = region.get(node)
+        if k is None:
+            continue
+        if node.op == "call_function" and node.target is F.scaled_dot_product_attention:
+            plain = literal_arg(node, 3, "attn_mask") is None and not literal_arg(node, 5, "is_causal", False)
+            if config.size_attention == "qk" and plain:
+                _without_mask(graph, node, sizes[k])
+            else:
+                _bias_mask(graph, node, sizes[k])
+                masked += 1
+        elif op_name(node, gm) == "multihead_attention":
+            mha += 1
+    if mha:
+        ctx.notes.append(f"{mha} MultiheadAttention call(s) after a merge attend without the token sizes")
+    gm.graph.lint()
+    gm.recompile()
+    return gm

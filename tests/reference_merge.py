@@ -1,0 +1,133 @@
+"""Plain eager merging on timm ViTs, the oracle of reduce="merge", score="tome" and restore.
+
+Loops over the blocks and the samples by hand, attention written out with the sizes added to its
+logits, and shares no code with repshift_fx.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def attention(attn, x, size):
+    """A timm Attention on its (normed) input with log(size) added to the logits; also the keys
+    averaged over heads (ToMe's metric). (B, N, C), (B, N) -> (B, N, C), (B, N, D)."""
+    batch, tokens, _ = x.shape
+    qkv = attn.qkv(x).reshape(batch, tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = attn.q_norm(qkv[0]), attn.k_norm(qkv[1]), qkv[2]
+    logits = torch.einsum("bhqd,bhkd->bhqk", q, k) * attn.scale + size.log()[:, None, None, :]
+    out = torch.einsum("bhqk,bhkd->bhqd", logits.softmax(-1), v).transpose(1, 2).reshape(batch, tokens, -1)
+    return attn.proj(attn.norm(out)), k.mean(1)
+
+
+def cosine(a, b):
+    return (a @ b) / (a.norm() * b.norm()).clamp_min(1e-12)
+
+
+class Tracker:
+    """Where every original token is now: alive at a position, or frozen at its value when dropped."""
+
+    def __init__(self, batch, tokens):
+        self.where = [[("alive", i) for i in range(tokens)] for _ in range(batch)]
+
+    def move(self, b, new_position, dropped_values=None):
+        """new_position[old] -> new position (alive), or None (dropped: frozen at dropped_values[old])."""
+        self.where[b] = [(s, new_position[p]) if s == "alive" and new_position[p] is not None else
+                         ("frozen", dropped_values[p]) if s == "alive" else (s, p) for s, p in self.where[b]]
+
+    def restore(self, x):
+        return torch.stack([torch.stack([x[b, p] if s == "alive" else p for s, p in row])
+                            for b, row in enumerate(self.where)])
+
+
+def merge_step(x, size, scores, metric, prefix, keep, tracker=None):
+    """Keep the prefix and the best-scored ceil(keep * n); every other token is added into its most
+    cosine-similar kept non-prefix token, a size-weighted mean."""
+    n = x.shape[1] - prefix
+    k = math.ceil(round(keep * n, 9))
+    rows, sizes = [], []
+    for b in range(x.shape[0]):
+        kept = list(range(prefix)) + sorted((scores[b, prefix:].argsort(descending=True)[:k] + prefix).tolist())
+        total = {j: size[b, j] * x[b, j] for j in kept}
+        weight = {j: size[b, j].clone() for j in kept}
+        destination = {j: j for j in kept}
+        for i in range(prefix, x.shape[1]):
+            if i in total:
+                continue
+            j = max(kept[prefix:], key=lambda j: cosine(metric[b, i], metric[b, j]))
+            total[j] = total[j] + size[b, i] * x[b, i]
+            weight[j] = weight[j] + size[b, i]
+            destination[i] = j
+        rows.append(torch.stack([total[j] / weight[j] for j in kept]))
+        sizes.append(torch.stack([weight[j] for j in kept]))
+        if tracker is not None:
+            tracker.move(b, {i: kept.index(j) for i, j in destination.items()})
+    return torch.stack(rows), torch.stack(sizes)
+
+
+def drop_step(x, scores, prefix, keep, tracker):
+    n = x.shape[1] - prefix
+    k = math.ceil(round(keep * n, 9))
+    rows = []
+    for b in range(x.shape[0]):
+        kept = list(range(prefix)) + sorted((scores[b, prefix:].argsort(descending=True)[:k] + prefix).tolist())
+        rows.append(x[b, kept])
+        tracker.move(b, {i: (kept.index(i) if i in kept else None) for i in range(x.shape[1])}, x[b])
+    return torch.stack(rows)
+
+
+def tome_step(x, size, metric, prefix, r, tracker=None):
+    """ToMe's bipartite soft matching, kept tokens in their original order."""
+    rows, sizes = [], []
+    tokens = x.shape[1]
+    a_side = list(range(prefix + prefix % 2, tokens, 2))
+    b_side = list(range(prefix + 1 - prefix % 2, tokens, 2))
+    for b in range(x.shape[0]):
+        best = {a: max(b_side, key=lambda j: cosine(metric[b, a], metric[b, j])) for a in a_side}
+        similarity = {a: cosine(metric[b, a], metric[b, best[a]]) for a in a_side}
+        leaving = sorted(a_side, key=lambda a: -similarity[a])[:r]
+        kept = [i for i in range(tokens) if i not in leaving]
+        total = {j: size[b, j] * x[b, j] for j in kept}
+        weight = {j: size[b, j].clone() for j in kept}
+        for a in leaving:
+            total[best[a]] = total[best[a]] + size[b, a] * x[b, a]
+            weight[best[a]] = weight[best[a]] + size[b, a]
+        rows.append(torch.stack([total[j] / weight[j] for j in kept]))
+        sizes.append(torch.stack([weight[j] for j in kept]))
+        if tracker is not None:
+            tracker.move(b, {i: kept.index(best.get(i, i) if i in leaving else i) for i in range(tokens)})
+    return torch.stack(rows), torch.stack(sizes)
+
+
+def shift_mlp(mlp_out, mid):
+    return ((mlp_out - mid) ** 2).sum(-1).sqrt()
+
+
+@torch.no_grad()
+def merge_forward(model, img, at=(), keep=0.7, metric="keys", tome_r=None, reduce="merge", per_token=False):
+    """The model's logits (or, with `per_token`, its normed tokens, every one restored) with the
+    shift's drops merged (reduce="merge"), dropped (reduce="drop"), or ToMe (tome_r tokens per block)."""
+    x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(img))))
+    prefix, size = model.num_prefix_tokens, torch.ones(x.shape[:2])
+    tracker = Tracker(*x.shape[:2])
+    for i, blk in enumerate(model.blocks):
+        attn_out, keys = attention(blk.attn, blk.norm1(x), size)
+        mid = x + blk.ls1(attn_out)
+        if tome_r is not None:
+            mid, size = tome_step(mid, size, keys, prefix, tome_r, tracker)
+        mlp_out = blk.ls2(blk.mlp(blk.norm2(mid)))
+        x = mid + mlp_out
+        if i in at and reduce == "merge":
+            x, size = merge_step(x, size, shift_mlp(mlp_out, mid), keys if metric == "keys" else x, prefix, keep, tracker)
+        elif i in at:
+            x = drop_step(x, shift_mlp(mlp_out, mid), prefix, keep, tracker)
+            size = torch.ones(x.shape[:2])
+    if per_token:
+        return model.norm(tracker.restore(x))
+    return model.forward_head(model.norm(x))
+
+
+def proportional_reference(q, k, v, size, scale):
+    """softmax(q k^T * scale + log size) v, explicit. (B, H, N, D), (B, N) -> (B, H, N, Dv)."""
+    logits = q @ k.transpose(-2, -1) * scale + size.log()[:, None, None, :]
+    return F.softmax(logits, dim=-1) @ v

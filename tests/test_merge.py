@@ -1,0 +1,99 @@
+"""reduce="merge", score="tome" and restore, against the plain eager oracle (tests/reference_merge.py)."""
+import pytest
+import torch
+from torch import nn
+
+import repshift_fx
+from conftest import assert_close, assert_compiled_matches_eager, assert_refused, assert_unchanged, snapshot, tiny_timm
+from reference_merge import merge_forward
+from repshift_fx import ConfigError, UnsupportedSiteError
+
+
+class Features(nn.Module):
+    """A ViT's normed tokens, every one: a per-token output (what a dense head or a bare encoder returns)."""
+
+    def __init__(self, vit):
+        super().__init__()
+        self.vit = vit
+
+    def forward(self, x):
+        return self.vit.forward_features(x)
+
+
+@pytest.fixture(scope="module")
+def distilled():
+    return tiny_timm("deit_tiny_distilled_patch16_224")
+
+
+@pytest.mark.parametrize("metric", ("keys", "stream"))
+def test_shift_merge_matches_the_reference(deit, image, metric):
+    before = snapshot(deit)
+    gm = repshift_fx.compress(deit, image, keep=0.6, at=(1, 2), reduce="merge", merge_metric=metric, compile=False)
+    assert_close(gm(image), merge_forward(deit, image, at=(1, 2), keep=0.6, metric=metric))
+    assert gm.report.tokens == [17, 17, 11, 7]
+    assert_unchanged(deit, before)
+
+
+@pytest.mark.parametrize("name", ("deit", "distilled"))
+def test_tome_matches_the_reference(name, deit, distilled, image):
+    model = {"deit": deit, "distilled": distilled}[name]
+    gm = repshift_fx.compress(model, image, score="tome", r=2, compile=False)
+    assert_close(gm(image), merge_forward(model, image, tome_r=2))
+    prefix = model.num_prefix_tokens
+    assert gm.report.tokens == [prefix + 16 - 2 * i for i in range(4)]
+
+
+def test_merging_nothing_is_the_original(deit, image):
+    with torch.no_grad():
+        original = deit(image)
+    for config in (dict(keep=1.0, at=(1, 2), reduce="merge"), dict(score="tome", r=0)):
+        assert_close(repshift_fx.compress(deit, image, compile=False, **config)(image), original)
+
+
+def test_both_forms_of_proportional_attention_agree(deit, image):
+    masked = repshift_fx.compress(deit, image, keep=0.6, at=(0, 2), reduce="merge", compile=False)
+    columns = repshift_fx.compress(deit, image, keep=0.6, at=(0, 2), reduce="merge", size_attention="qk",
+                                   compile=False)
+    assert_close(columns(image), masked(image))
+    assert "SDPA + log(size)" in str(masked.report)
+
+
+@pytest.mark.parametrize("reduce", ("drop", "merge"))
+def test_restore_puts_every_token_back(deit, image, reduce):
+    model = Features(deit).eval()
+    gm = repshift_fx.compress(model, image, keep=0.6, at=(1, 2), reduce=reduce, compile=False)
+    out = gm(image)
+    assert out.shape == (2, 17, 192)
+    assert_close(out, merge_forward(deit, image, at=(1, 2), keep=0.6, reduce=reduce, per_token=True))
+    assert gm.report.blocks[-1].restored and not any(row.restored for row in gm.report.blocks[:-1])
+    assert gm.report.flop_ratio is None or gm.report.flop_ratio < 1
+
+
+def test_restore_after_tome_unmerges(deit, image):
+    model = Features(deit).eval()
+    gm = repshift_fx.compress(model, image, score="tome", r=2, compile=False)
+    assert_close(gm(image), merge_forward(deit, image, tome_r=2, per_token=True))
+
+
+def test_merge_compiles_to_what_it_runs_eagerly(deit):
+    assert_compiled_matches_eager(deit, (3, 64, 64), (2, 3), keep=0.6, at=(1,), reduce="merge", backend="eager")
+
+
+def test_restore_false_on_a_per_token_output_says_restore_would_fix_it(deit, image):
+    assert_refused(Features(deit).eval(), image, UnsupportedSiteError, "changes shape", "restore=True",
+                   keep=0.7, at=(1,), restore=False)
+
+
+@pytest.mark.parametrize("config,words", [
+    (dict(reduce="fold"), "reduce must be one of"),
+    (dict(score="tome", r=9), "more than half"),
+    (dict(score="tome"), "pass r="),
+    (dict(score="tome", r=2, reduce="merge"), "chooses its own merges"),
+    (dict(score="tome", r=2, keep=0.5), "not keep="),
+    (dict(reduce="merge", fuse=True), "use one of them"),
+    (dict(r=2), "needs score='tome'"),
+    (dict(kepe=0.5), "did you mean 'keep'"),
+    (dict(merge_metric="values"), "merge_metric must be one of"),
+])
+def test_bad_merge_options_are_config_errors(deit, image, config, words):
+    assert_refused(deit, image, ConfigError, words, **config)
