@@ -33,7 +33,7 @@ import torch.fx
 from repshift_fx.context import mark
 from repshift_fx.method import attention
 from repshift_fx.errors import UnsupportedSiteError
-from repshift_fx.fx.nodes import literal_arg, nodes_by_name, op_name, reachable, shape, where
+from repshift_fx.fx.nodes import literal_arg, located, nodes_by_name, op_name, reachable, shape, where
 
 IMPL = "explicit (attention score)"
 _FORMS = ("scaled_dot_product_attention", "multihead_attention", "softmax")
@@ -45,8 +45,8 @@ def _attention_node(gm, block) -> torch.fx.Node:
     if mixer is None or mixer.kind != "attention":
         raise UnsupportedSiteError(
             f"score='attention' needs an attention sub-layer in block {block.index} ({block.module or 'root'}), "
-            f"which has {'none' if mixer is None else 'a ' + mixer.kind + ' branch'}; use score='shift'"
-        )
+            f"which has {'none' if mixer is None else 'a ' + mixer.kind + ' branch'}; use score='shift'",
+            module=block.module)
     by_name = nodes_by_name(gm)
     # every edge, not only those with recorded shapes: attention_to_sdpa's SDPA nodes carry none yet
     members = (reachable([by_name[mixer.stream]], lambda n: n.users)
@@ -56,7 +56,7 @@ def _attention_node(gm, block) -> torch.fx.Node:
         names = ", ".join(sorted(n.name for n in found)) or "none"
         raise UnsupportedSiteError(
             f"score='attention' reads one attention map per scoring block, but block {block.index} "
-            f"({block.module or 'root'}) has {len(found)} ({names}); use score='shift'"
+            f"({block.module or 'root'}) has {len(found)} ({names}); use score='shift'", module=block.module
         )
     return found[0]
 
@@ -67,7 +67,7 @@ def _check_tokens(node: torch.fx.Node, probs_shape: tuple, batch: int, tokens: i
         raise UnsupportedSiteError(
             f"{where(node)}: its attention weights would be {tuple(probs_shape)}, not (batch {batch}, heads, "
             f"{tokens}, {tokens}) over the block's tokens (heads folded into the batch, windows or "
-            "cross-attention); score='attention' cannot tell each token's importance. Use score='shift'."
+            "cross-attention); score='attention' cannot tell each token's importance. Use score='shift'.", **located(node)
         )
 
 
@@ -76,7 +76,7 @@ def _sdpa_args(node: torch.fx.Node) -> inspect.BoundArguments:
     dropout = bound.arguments.get("dropout_p", 0.0)
     if isinstance(dropout, torch.fx.Node) or dropout:
         raise UnsupportedSiteError(f"{where(node)} applies dropout {dropout} to the attention weights; "
-                                   "trace the model in eval mode with no attention dropout")
+                                   "trace the model in eval mode with no attention dropout", **located(node))
     return bound
 
 
@@ -84,7 +84,7 @@ def _explicit_sdpa(gm, node: torch.fx.Node, prefix: int, batch: int, tokens: int
     """SDPA -> explicit_attention(..., prefix) -> (output, importance); returns the importance node."""
     q, k = shape(node.args[0]), shape(literal_arg(node, 1, "key"))
     if q is None or k is None:
-        raise UnsupportedSiteError(f"{where(node)}: the shapes of its query and key are unknown")
+        raise UnsupportedSiteError(f"{where(node)}: the shapes of its query and key are unknown", **located(node))
     _check_tokens(node, (*q[:-1], k[-2]), batch, tokens)
     bound = _sdpa_args(node)
     graph = gm.graph
@@ -108,7 +108,7 @@ def _weighted_mha(gm, node: torch.fx.Node, prefix: int, batch: int, tokens: int,
     node.args, node.kwargs = bound.args, bound.kwargs
     query, key = shape(bound.arguments["query"]), shape(bound.arguments["key"])
     if query is None or key is None:
-        raise UnsupportedSiteError(f"{where(node)}: the shapes of its query and key are unknown")
+        raise UnsupportedSiteError(f"{where(node)}: the shapes of its query and key are unknown", **located(node))
     batch_first = getattr(gm.get_submodule(node.target), "batch_first", False) if node.op == "call_module" else False
     length, source = (query[1], key[1]) if batch_first else (query[0], key[0])
     _check_tokens(node, (batch, length, source), batch, tokens)

@@ -34,7 +34,7 @@ import torch.fx
 import torch.nn.functional as F
 
 from repshift_fx.errors import UnsupportedSiteError
-from repshift_fx.fx.nodes import carries_tensor, literal_arg, module_path, op_name, reachable, shape, where
+from repshift_fx.fx.nodes import carries_tensor, literal_arg, located, module_path, op_name, reachable, shape, where
 
 _PRODUCT = ("matmul", "bmm")
 _PASS_THROUGH = ("dropout", "identity")
@@ -240,7 +240,7 @@ def refuse_causal(gm: torch.fx.GraphModule, ctx) -> None:
                 f"{where(node, gm)} is causal "
                 f"attention ({how}) in block {block.index}, after the drop after block {first}: dropping a token "
                 "there changes what the later tokens may see, so causal decoders are not pruned. Use an "
-                "encoder (bidirectional attention), or drop only after the last causal block."
+                "encoder (bidirectional attention), or drop only after the last causal block.", **located(node)
             )
 
 

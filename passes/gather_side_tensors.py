@@ -28,7 +28,7 @@ import torch.fx
 
 from repshift_fx.context import inserted, mark, role_of
 from repshift_fx.errors import UnsupportedSiteError
-from repshift_fx.fx.nodes import literal_arg, nodes_by_name, op_name, reachable, tensor_args, where
+from repshift_fx.fx.nodes import literal_arg, located, nodes_by_name, op_name, reachable, tensor_args, where
 from repshift_fx.passes.token_shapes import FollowingShapeProp
 
 # attention calls whose mask (argument 3 or attn_mask) is cut to the kept tokens: SDPA, and the
@@ -160,7 +160,7 @@ class _SideGatherer(FollowingShapeProp):
             raise UnsupportedSiteError(
                 f"{where(n)} reads '{side.name}' {tuple(value.shape)} with tokens {tuple(new)} that are not "
                 "batch-first (heads folded into the batch?): the pass cannot tell which entries to keep. "
-                "Prune after this block (a later `at`), or choose another model."
+                "Prune after this block (a later `at`), or choose another model.", **located(n)
             )
         self._replace(n, side, self._chain(n, side, value, axes, rank, padded, k))
 
@@ -188,7 +188,7 @@ class _SideGatherer(FollowingShapeProp):
                 f"{where(n)} reads '{side.name}' {tuple(value.shape)}, whose axes {axes} meet the pruned tokens "
                 f"but hold {[sizes[i] for i in axes]} entries, not the {self.drops.tokens(k)} tokens entering the "
                 f"drop after block {self.drops.plan.drops[k].block} (nor those less the prefix): the pass cannot "
-                "tell which entries to keep. Prune after this block (a later `at`), or choose another model."
+                "tell which entries to keep. Prune after this block (a later `at`), or choose another model.", **located(n)
             )
         first, offset = levels.pop()
         node = side
@@ -196,7 +196,7 @@ class _SideGatherer(FollowingShapeProp):
             if self.drops.plan.drops[j].fused:
                 raise UnsupportedSiteError(
                     f"{where(n)} reads '{side.name}', a tensor that carries the token axis, after a drop with "
-                    "fuse=True: the fused token has no entry in it. Use fuse=False with this model."
+                    "fuse=True: the fused token has no entry in it. Use fuse=False with this model.", **located(n)
                 )
             node = self._gather_node(node, j, axes, rank, offset, n)
         return node

@@ -22,7 +22,7 @@ import torch.fx
 from repshift_fx.context import inserted, role_of
 from repshift_fx.capture import ShapeRecorder
 from repshift_fx.errors import UnsupportedSiteError, root_cause
-from repshift_fx.fx.nodes import module_path, shape
+from repshift_fx.fx.nodes import located, module_path, shape
 from repshift_fx.fx.grid_ops import grid_op, pad_end, spatial, window
 from repshift_fx.passes.verify import output_shapes
 from repshift_fx.plan.tokens import kept_count
@@ -56,7 +56,7 @@ class _LineShapeProp(ShapeRecorder):
             err = root_cause(wrapped)
             raise UnsupportedSiteError(
                 f"{_where(n, self.module)} fails once rows and columns are dropped: {type(err).__name__}: {err}. "
-                "It needs the full grid; prune a block after it with a later `at`, or only the backbone."
+                "It needs the full grid; prune a block after it with a later `at`, or only the backbone.", **located(n)
             ) from wrapped
         self._check_fixed_size(n, result)
         return result
@@ -88,7 +88,7 @@ class _LineShapeProp(ShapeRecorder):
                 raise UnsupportedSiteError(
                     f"{_where(n, self.module)} (kernel {win.kernel[axis]}, stride {win.stride[axis]}) would skip the "
                     f"last {name} of the {new} kept: it needs a count its stride divides (it had {old}). Choose a keep "
-                    f"rate that leaves such a count, or prune after it."
+                    f"rate that leaves such a count, or prune after it.", **located(n)
                 )
 
     def _check_fixed_size(self, n: torch.fx.Node, result) -> None:
@@ -103,7 +103,7 @@ class _LineShapeProp(ShapeRecorder):
             raise UnsupportedSiteError(
                 f"{_where(n, self.module)} gives a {old_out[2]}x{old_out[3]} grid from a pruned input: it resizes "
                 "or pools to a fixed size, which the dropped rows and columns would be stretched into. Prune "
-                "after it, or only the backbone."
+                "after it, or only the backbone.", **located(n)
             )
 
 

@@ -22,7 +22,7 @@ import torch.fx
 from repshift_fx.context import role_of
 from repshift_fx.capture import ShapeRecorder
 from repshift_fx.errors import UnsupportedSiteError, root_cause
-from repshift_fx.fx.nodes import module_path, op_name, reachable, shape, where
+from repshift_fx.fx.nodes import located, module_path, op_name, reachable, shape, where
 
 _SIZED = ("view", "reshape", "expand")
 
@@ -70,7 +70,7 @@ def _follow_token_count(node: torch.fx.Node, old_in: tuple, new_in: tuple, env: 
     if len(hits) > 1:
         raise UnsupportedSiteError(
             f"{where(node)} writes the token count {old_n} as a literal more than once {tuple(sizes)}; "
-            "cannot tell which is the token axis. Write the sizes from x.shape, or prune after it."
+            "cannot tell which is the token axis. Write the sizes from x.shape, or prune after it.", **located(node)
         )
     if hits:
         sizes[hits[0]] = new_n

@@ -43,6 +43,12 @@ def test_tome_matches_the_reference(name, deit, distilled, image):
     assert gm.report.tokens == [prefix + 16 - 2 * i for i in range(4)]
 
 
+def test_attention_score_merges_by_the_keys_of_its_explicit_attention(deit, image):
+    gm = repshift_fx.compress(deit, image, keep=0.6, at=(1, 2), score="attention", reduce="merge", compile=False)
+    assert gm(image).shape == (2, 1000) and gm.report.tokens == [17, 17, 11, 7]
+    assert "cosine of the keys" in str(gm.report) and "no attention keys" not in str(gm.report)
+
+
 def test_merging_nothing_is_the_original(deit, image):
     with torch.no_grad():
         original = deit(image)

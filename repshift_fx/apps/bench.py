@@ -160,10 +160,21 @@ def run_comparison(model, example_input, *, scores=("shift", "attention", "rando
     off); adds "attention (all explicit)": score="attention" with sdpa=False, the way EViT-style
     code runs when every block computes its attention map. Other options: `run_variants`'s."""
     config, timing = _split_options(options)
-    variants = {score: (model, {**config, "score": score}) for score in scores}
+    variants = {score: (model, variant_config(score, config)) for score in scores}
     if explicit_model is not None:
         variants["attention (all explicit)"] = (explicit_model, {**config, "score": "attention", "sdpa": False})
     return run_variants(model, example_input, variants, **timing)
+
+
+def variant_config(name: str, config: dict) -> dict:
+    """compress() options of a named variant: a score ("shift", "attention", ...), "SCORE+merge"
+    (reduce="merge"), or "tome:R" (ToMe, R tokens per block, in place of keep and at)."""
+    if name.startswith("tome:"):
+        rest = {k: v for k, v in config.items() if k not in ("keep", "at", "fuse")}
+        return {**rest, "score": "tome", "r": int(name.split(":", 1)[1])}
+    if name.endswith("+merge"):
+        return {**config, "score": name[: -len("+merge")], "reduce": "merge"}
+    return {**config, "score": name}
 
 
 def run_sweep(model, example_input, keeps, **options) -> list[BenchRow]:

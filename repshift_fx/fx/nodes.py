@@ -169,6 +169,11 @@ def where(node: torch.fx.Node, gm: torch.fx.GraphModule | None = None) -> str:
     return f"{op_name(node, gm)} at node '{node.name}' (module '{module_path(node) or 'root'}')"
 
 
+def located(node: torch.fx.Node) -> dict:
+    """The `node=` and `module=` fields of an error about `node` (RepShiftError)."""
+    return {"node": node.name, "module": module_path(node)}
+
+
 def reachable(start_nodes, step) -> set[torch.fx.Node]:
     """Every node reachable from `start_nodes` by `step` (`lambda n: n.users` downstream,
     `lambda n: n.all_input_nodes` upstream), the start nodes included."""
@@ -202,9 +207,13 @@ def literal_arg(node: torch.fx.Node, index: int, name: str, default=None):
     return node.kwargs.get(name, default)
 
 
+ATTENTION_CALLS = ("scaled_dot_product_attention", "explicit_attention")  # (q, k, v, ...) alike
+
+
 def last_attention_before(node: torch.fx.Node) -> torch.fx.Node | None:
-    """The latest `F.scaled_dot_product_attention` call upstream of `node`, in graph order."""
+    """The latest attention call (SDPA, or the explicit form score="attention" puts in a scoring
+    block: same arguments) upstream of `node`, in graph order."""
     upstream = reachable([node], lambda n: n.all_input_nodes)
-    found = [n for n in upstream if n.op == "call_function" and n.target is torch.nn.functional.scaled_dot_product_attention]
+    found = [n for n in upstream if n.op == "call_function" and op_name(n) in ATTENTION_CALLS]
     order = {n: i for i, n in enumerate(node.graph.nodes)}
     return max(found, key=order.__getitem__) if found else None

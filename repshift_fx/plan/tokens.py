@@ -67,7 +67,7 @@ def _score_inputs(block, config: Config) -> tuple[str, ...]:
     if site is None:
         raise UnsupportedSiteError(
             f"site='attn' needs an attention sub-layer in block {block.index} ({block.module}), "
-            "but this block has only an MLP; use site='mlp' or site='block'"
+            "but this block has only an MLP; use site='mlp' or site='block'", module=block.module
         )
     return (site.add if config.residual else site.branch, site.stream)
 
@@ -133,7 +133,7 @@ def _check_stage(run, drops: list[Drop], config: Config) -> None:
         f"block {first.index} ({first.module or '-'}) starts a stage of {first.tokens} tokens: the stage before it "
         f"pools or reshapes its tokens into a grid, which needs all of them, but block(s) "
         f"{[d.block for d in drops]} drop some earlier. Put them back before the stage ends with restore=True "
-        f"(or 'auto'), or drop only from block {first.index} on (at=...)."
+        f"(or 'auto'), or drop only from block {first.index} on (at=...).", module=first.module
     )
 
 

@@ -10,7 +10,6 @@ that holds the refused node marked with the reason, and the error's message unde
 from __future__ import annotations
 
 import dataclasses
-import re
 
 from repshift_fx.capture import capture
 from repshift_fx.config import Config
@@ -19,16 +18,6 @@ from repshift_fx.errors import UnsupportedSiteError
 from repshift_fx.passes import attention_to_sdpa, find_sites
 from repshift_fx.plan.tokens import PrunePlan, default_at
 from repshift_fx.report.tokens import Report, build_report
-
-_NODE = re.compile(r"node '([^']+)'")
-_MODULE = re.compile(r"module '([^']*)'")
-
-
-def refused_site(message: str) -> tuple[str | None, str | None]:
-    """(node, module) an error message names, where it names them."""
-    node, module = _NODE.search(message), _MODULE.search(message)
-    return (node.group(1) if node else None), (module.group(1) if module else None)
-
 
 def _block_of(analysis, node: str | None, module: str | None):
     """The block whose nodes hold `node` or whose module holds `module`; None when outside every block."""
@@ -57,7 +46,7 @@ def refused_report(model, example_input, config: Config, error: UnsupportedSiteE
     ctx.plan = PrunePlan(ctx.config, [], [b.tokens for b in analysis.blocks], prefix)
     attention_to_sdpa.run(gm, ctx)
     report = build_report(ctx, gm=gm)
-    node, module = refused_site(error.message)
+    node, module = error.node, error.module
     block = _block_of(analysis, node, module)
     where = f"block {block.index} ({block.module or 'root'})" if block is not None else "outside the blocks"
     if block is not None:

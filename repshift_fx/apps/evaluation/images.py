@@ -72,14 +72,17 @@ def all_variants(mode: str = "tokens") -> list[Variant]:
 
 def parse_variants(text: str, mode: str = "tokens") -> list[Variant]:
     """'all', or a comma-separated list of shift[:SITE[:DISTANCE]], attention, norm, random, each
-    with an optional '+merge' (reduce="merge"), and tome (ToMe, r matched to each keep's FLOPs)."""
+    with an optional '+merge' (reduce="merge", keys similarity) or '+merge-stream' (stream similarity),
+    and tome (ToMe, r matched to each keep's FLOPs)."""
     if text.strip() == "all":
         return all_variants(mode)
     variants = []
     for item in (t.strip() for t in text.split(",") if t.strip()):
-        if item.endswith("+merge"):
-            base = parse_variants(item[: -len("+merge")], mode)[0]
-            variants.append(Variant(f"{base.label}+merge", base.options + (("reduce", "merge"),)))
+        if item.endswith(("+merge", "+merge-stream")):
+            stem, _, how = item.rpartition("+")
+            base = parse_variants(stem, mode)[0]
+            metric = (("merge_metric", "stream"),) if how == "merge-stream" else ()
+            variants.append(Variant(f"{base.label}+{how}", base.options + (("reduce", "merge"),) + metric))
             continue
         if item == "tome":
             variants.append(Variant("tome", (("score", "tome"),)))
