@@ -7,7 +7,7 @@ import torch
 import repshift_fx
 from conftest import assert_close
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 import video_vit  # noqa: E402
 
 TINY = ["--frames", "4", "--size", "32", "--patch", "8", "--depth", "4", "--dim", "32", "--heads", "2", "--batch", "2",

@@ -18,7 +18,7 @@ import repshift_fx
 from conftest import assert_close, assert_unchanged, snapshot, tiny_timm
 from repshift_fx import ConfigError, ModelModeError, UnsupportedSiteError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DIM, HEADS = 32, 4
 
 
