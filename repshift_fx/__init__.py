@@ -18,6 +18,7 @@ from repshift_fx.api import compress, inspect  # noqa: E402
 from repshift_fx.compile.backend import backend  # noqa: E402
 from repshift_fx.config import Config  # noqa: E402
 from repshift_fx.errors import (  # noqa: E402
+    CaptureError,
     ConfigError,
     ExampleInputError,
     ModelModeError,
@@ -29,7 +30,7 @@ from repshift_fx.errors import (  # noqa: E402
 from repshift_fx.report.tokens import Report  # noqa: E402
 
 __all__ = [
-    "compress", "inspect", "backend", "Config", "Report", "RepShiftError", "ConfigError", "ExampleInputError",
+    "compress", "inspect", "backend", "Config", "Report", "RepShiftError", "CaptureError", "ConfigError", "ExampleInputError",
     "ModelModeError", "NoSiteError", "TraceError", "UnsupportedSiteError",
 ]
 __version__ = "0.1.0"

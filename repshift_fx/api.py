@@ -16,6 +16,10 @@ from repshift_fx.report.refusals import refused_report
 from repshift_fx.report.tokens import Report
 
 
+# torch.compile's own keywords ("mode" is compress()'s: torch.compile's is compile_mode=)
+COMPILE_KEYWORDS = tuple(p for p in pyinspect.signature(torch.compile).parameters if p not in ("model", "mode"))
+
+
 def compress(model: torch.nn.Module, example_input, *, keep=None, at=None, site="mlp", distance="l2",
              residual=False, score="shift", protect="auto", sdpa=True, target_flops=None, mode="auto", fuse=False,
              reduce="drop", restore="auto", r=None, merge_metric="keys", size_attention="mask", compile=True,
@@ -95,8 +99,7 @@ def compress(model: torch.nn.Module, example_input, *, keep=None, at=None, site=
 def check_compile_options(options: dict) -> None:
     """Keywords compress() passes on must be torch.compile's; a typo is a ConfigError naming the
     nearest option of either, before anything runs."""
-    accepted = [p for p in pyinspect.signature(torch.compile).parameters if p not in ("model", "mode")]
-    check_names(options, option_names() + accepted + ["compile_mode", "compile"])
+    check_names(options, option_names() + list(COMPILE_KEYWORDS) + ["compile_mode", "compile"])
 
 
 def inspect(model: torch.nn.Module, example_input, **config) -> Report:

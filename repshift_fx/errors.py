@@ -30,6 +30,11 @@ class TraceError(RepShiftError):
     """torch.fx could not trace the model; the message names the module and the reason."""
 
 
+class CaptureError(RepShiftError):
+    """The captured graph does not compute what the model computes on the example input; the
+    message names the first module whose output differs."""
+
+
 class ExampleInputError(RepShiftError):
     """The example input does not fit the model (wrong rank, size or type)."""
 

@@ -34,6 +34,7 @@ from tabulate import tabulate
 from tqdm.auto import tqdm
 
 from repshift_fx.context import role_of
+from repshift_fx.fx.nodes import is_impure
 from repshift_fx.report.flops import per_sample_gmacs
 from repshift_fx.method.lines import gather_lines
 from repshift_fx.method.tokens import fuse_dropped
@@ -71,7 +72,7 @@ def fixed_token_variant(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
                 count = index.args[1] + index.args[2] + (node.target is fuse_dropped)  # select_tokens(s, prefix, keep)
                 narrow = graph.call_function(torch.narrow, (tokens, 1, 0, count))
         node.replace_all_uses_with(narrow)
-    graph.eliminate_dead_code()
+    graph.eliminate_dead_code(is_impure_node=is_impure)  # in-place calls stay
     fixed.recompile()
     return fixed
 

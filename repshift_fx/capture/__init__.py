@@ -21,6 +21,7 @@ import torch
 import torch.fx
 from torch import nn
 
+from .check import check_capture
 from .fx_trace import trace
 from .inputs import Inputs, analysis_args, as_args, check_model, expected_input, is_transformers_model
 from .shapes import ShapeRecorder, propagate_shapes, fold_pass_through_calls
@@ -68,8 +69,10 @@ def copy_graph(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return copied
 
 
-def capture(model: nn.Module, example_input) -> tuple[torch.fx.GraphModule, tuple]:
-    """Trace `model` and record shapes on (a slice of) `example_input`."""
+def capture(model: nn.Module, example_input, check: bool = True) -> tuple[torch.fx.GraphModule, tuple]:
+    """Trace `model` and record shapes on (a slice of) `example_input`; with `check`, the graph's
+    outputs on that slice are compared with the model's (`check_capture`: one more forward of each,
+    a `CaptureError` naming the first module that differs)."""
     check_model(model)
     given = as_args(example_input, model)
     args = analysis_args(given)
@@ -79,6 +82,8 @@ def capture(model: nn.Module, example_input) -> tuple[torch.fx.GraphModule, tupl
     gm = trace(model, args)
     propagate_shapes(gm, args, model, given)
     fold_pass_through_calls(gm)
+    if check:
+        check_capture(gm, model, args)
     if key is not None:
         _REUSED[key] = (copy_graph(gm), model)  # the model is held so that its id stays its own
     return gm, args

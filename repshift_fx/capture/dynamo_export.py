@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import ExampleInputError, TraceError, root_cause
-from ..fx.nodes import name_modules_as_user
+from ..fx.nodes import is_impure, name_modules_as_user
 from .inputs import Inputs, expected_input, is_transformers_model
 
 
@@ -85,7 +85,9 @@ def dynamo_trace(model: nn.Module, args: tuple) -> torch.fx.GraphModule:
             "graph break (torch._dynamo.explain(model)(x) lists them), or use "
             "torch.compile(model, backend='repshift'), which allows graph breaks."
         ) from err
-    gm.graph.eliminate_dead_code()  # e.g. a pooler whose output the model drops; asserts stay (impure)
+    # e.g. a pooler whose output the model drops; asserts and in-place calls whose result nothing
+    # reads (timm's `x.add_(pos_embed)`: Node.is_impure counts no call_method as impure) stay
+    gm.graph.eliminate_dead_code(is_impure_node=is_impure)
     name_modules_as_user(gm, model)
     gm.recompile()
     gm.meta["repshift_tracer"] = "dynamo"

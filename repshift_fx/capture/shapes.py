@@ -12,6 +12,7 @@ from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from ..errors import ExampleInputError, root_cause
+from ..fx.nodes import mutates
 from .inputs import expected_input
 
 
@@ -41,18 +42,25 @@ class ShapeRecorder(torch.fx.Interpreter):
 
 
 class _ShapeAndPassThroughProp(ShapeRecorder):
-    """Also notes the calls which, on this input, return None or one of their inputs."""
+    """Also notes the calls which, on this input, return None or one of their input tensors
+    unchanged. An in-place call (`F.relu(x, inplace=True)` returns `x`, changed) is no such call:
+    it is known by its name or by an input whose version counter it moved."""
 
     def run_node(self, n: torch.fx.Node):
+        candidate = n.op == "call_function" and n.target.__module__ not in ("_operator", "operator") \
+            and not mutates(n)
+        inputs = [self.env.get(a) for a in n.all_input_nodes] if candidate else []
+        versions = [t._version for t in inputs if isinstance(t, torch.Tensor)]
         result = super().run_node(n)
-        if n.op == "call_function" and n.target.__module__ not in ("_operator", "operator"):
-            if result is None:
-                n.meta["folds_to"] = None
-            else:
-                hits = [a for a in n.args if isinstance(a, torch.fx.Node) and self.env.get(a) is result]
-                others = [a for a in n.args if not (isinstance(a, torch.fx.Node) and self.env.get(a) is result)]
-                if len(hits) == 1 and all(self.env.get(a, a) is None for a in others if isinstance(a, torch.fx.Node)):
-                    n.meta["folds_to"] = hits[0]
+        if not candidate or versions != [t._version for t in inputs if isinstance(t, torch.Tensor)]:
+            return result
+        if result is None:
+            n.meta["folds_to"] = None
+        elif isinstance(result, torch.Tensor):  # not a size: max(s, 0) returning s is no pass-through
+            hits = [a for a in n.args if isinstance(a, torch.fx.Node) and self.env.get(a) is result]
+            others = [a for a in n.args if not (isinstance(a, torch.fx.Node) and self.env.get(a) is result)]
+            if len(hits) == 1 and all(self.env.get(a, a) is None for a in others if isinstance(a, torch.fx.Node)):
+                n.meta["folds_to"] = hits[0]
         return result
 
 

@@ -63,6 +63,31 @@ def op_name(node: torch.fx.Node, gm: torch.fx.GraphModule | None = None) -> str:
     return node.op
 
 
+_IN_PLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+                       operator.imatmul, operator.ipow, operator.iand, operator.ior, operator.ixor}
+
+
+def mutates(node: torch.fx.Node) -> bool:
+    """An in-place call: `x.add_(y)`, `torch.relu_(x)`, `F.relu(x, inplace=True)`, `x += y`, an aten
+    op whose schema writes an input. It changes an input, so it is not dead code when nothing reads
+    its result (dynamo writes timm's `x.add_(pos_embed)` so), nor a no-op when it returns that input."""
+    if node.op not in ("call_method", "call_function"):
+        return False
+    if node.kwargs.get("inplace") is True or node.target in _IN_PLACE_OPERATORS:
+        return True
+    schema = getattr(node.target, "_schema", None)
+    if schema is not None and getattr(schema, "is_mutable", False):
+        return True
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    return isinstance(name, str) and name.endswith("_") and not name.endswith("__") and name.strip("_") != ""
+
+
+def is_impure(node: torch.fx.Node) -> bool:
+    """`Node.is_impure` (placeholders, outputs, asserts, random ops) or an in-place call: what
+    `graph.eliminate_dead_code(is_impure_node=is_impure)` must keep although no node reads it."""
+    return node.is_impure() or mutates(node)
+
+
 def shape(node) -> tuple[int, ...] | None:
     """The recorded output shape of a node, or None if it is not a tensor."""
     if not isinstance(node, torch.fx.Node):
@@ -118,6 +143,16 @@ def module_path(node: torch.fx.Node) -> str:
     if not stack:
         return ""
     return module_path_text(str(list(stack.values())[-1][0]))
+
+
+def module_paths(node: torch.fx.Node) -> list[str]:
+    """The dotted paths of every module a node was traced in, outermost first (the root left out);
+    a `call_module` node ends with its own module."""
+    stack = node.meta.get("nn_module_stack") or {}
+    paths = [module_path_text(str(entry[0])) for entry in stack.values()]
+    if node.op == "call_module":
+        paths.append(str(node.target))
+    return list(dict.fromkeys(p for p in paths if p))
 
 
 def module_path_text(path: str) -> str:

@@ -1,0 +1,89 @@
+"""Capture computes what the model computes: in-place calls are neither folded away as pass-throughs
+nor removed as dead code, and `check_capture` names the first module whose output a wrong graph misses."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import repshift_fx
+from conftest import assert_close, tiny_timm
+from repshift_fx import CaptureError
+from repshift_fx.capture import capture, check_capture
+
+
+@pytest.mark.parametrize("name,kwargs", [
+    # ResNet stem: GroupNormAct's F.relu(x, inplace=True) returns x (changed); it was folded away as a no-op
+    ("vit_tiny_r_s16_p8_224", {}),
+    # NaFlexEmbeds adds its position embedding by x.add_(pos): dynamo export's DCE dropped the call
+    ("naflexvit_base_patch16_gap", {"embed_dim": 64, "num_heads": 2}),
+])
+@pytest.mark.parametrize("sdpa", (False, True))
+def test_keep_one_computes_what_the_model_computes(name, kwargs, sdpa):
+    model = tiny_timm(name, depth=2, img_size=64, **kwargs)
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 64, 64)
+    gm = repshift_fx.compress(model, x, keep=1.0, at=(0,), sdpa=sdpa, compile=False)
+    with torch.no_grad():
+        assert_close(gm(x), model(x))
+
+
+@pytest.mark.parametrize("name,kwargs", [("vit_tiny_r_s16_p8_224", {}),
+                                         ("naflexvit_base_patch16_gap", {"embed_dim": 64, "num_heads": 2})])
+def test_the_same_models_prune(name, kwargs):
+    model = tiny_timm(name, depth=4, img_size=64, **kwargs)
+    x = torch.randn(2, 3, 64, 64)
+    gm = repshift_fx.compress(model, x, keep=0.5, at=(1,), compile=False)
+    assert gm.report.tokens[2] < gm.report.tokens[1]
+    with torch.no_grad():
+        assert gm(x).shape == model(x).shape
+
+
+class InPlace(nn.Module):
+    """x.add_(pos) whose result nothing reads, and F.relu(x, inplace=True) that returns x itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+        self.pos = nn.Parameter(torch.randn(1, 4, 8))
+
+    def forward(self, x):
+        x = self.proj(x)
+        x.add_(self.pos)
+        return F.relu(x, inplace=True) * 2
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = InPlace()
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.embed(x))
+
+
+def test_in_place_calls_survive_capture():
+    torch.manual_seed(0)
+    model = Net().eval()
+    x = torch.randn(2, 4, 8)
+    gm, _ = capture(model, x)
+    with torch.no_grad():
+        assert_close(gm(x), model(x))
+    assert any(n.target == "add_" for n in gm.graph.nodes)
+
+
+def test_a_wrong_graph_is_a_capture_error_naming_the_first_module():
+    torch.manual_seed(0)
+    model = Net().eval()
+    x = torch.randn(2, 4, 8)
+    gm, args = capture(model, x)
+    add_ = next(n for n in gm.graph.nodes if n.target == "add_")
+    gm.graph.erase_node(add_)  # what dynamo's dead-code elimination did to NaFlexVit
+    gm.recompile()
+    with pytest.raises(CaptureError, match=r"first differing: module 'embed' \(InPlace\)"):
+        check_capture(gm, model, args)
+
+
+def test_check_capture_passes_on_a_faithful_graph(deit, image):
+    gm, args = capture(deit, image)
+    check_capture(gm, deit, args, rtol=0.0)  # the same ops in the same order: equal to float32 rounding
