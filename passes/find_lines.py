@@ -70,10 +70,6 @@ class LineAnalysis:
     stages: list[tuple[int, ...]]  # block indices of each stage
     long_skips: list[str] = field(default_factory=list)  # adds not taken as blocks
 
-    @property
-    def grids(self) -> list[tuple[int, int]]:
-        return [site.grid for site in self.sites]
-
 
 def _order(gm) -> dict[str, int]:
     return {node.name: i for i, node in enumerate(gm.graph.nodes)}
@@ -197,7 +193,7 @@ def _mixes_full_grid(node, op: str, below: set[str]) -> str:
     return ""
 
 
-def hazards_after(output: str, gm, graph: nx.DiGraph, by_name) -> list[Hazard]:
+def hazards_after(output: str, gm, graph: nx.DiGraph) -> list[Hazard]:
     """The nodes downstream of `output` that need the full grid, in graph order."""
     below = nx.descendants(graph, output) | {output}
     found = []
@@ -224,7 +220,7 @@ def analyze(gm: torch.fx.GraphModule, weights: frozenset[str] = frozenset()) -> 
         )
     for i, site in enumerate(sites):
         site.index = i
-        site.hazards = hazards_after(site.output, gm, graph, by_name)
+        site.hazards = hazards_after(site.output, gm, graph)
     return LineAnalysis(sites, _stages(sites), [s.add for s in outer])
 
 

@@ -91,11 +91,11 @@ class Analysis:
     grid: str = ""  # how the tokens lie, e.g. "4 x 7 x 7 (time x height x width) from conv3d at 'patch_embed.proj'"
 
 
-def _is_token_local(node: torch.fx.Node, gm, branch: set[str], token_count: int) -> bool:
+def _is_token_local(node: torch.fx.Node, gm, branch: set[str]) -> bool:
     name = op_name(node, gm)
     if name in _POINTWISE:
         return True
-    if name in ("linear", "layer_norm", "rms_norm", "group_norm_last"):
+    if name in ("linear", "layer_norm", "rms_norm"):
         if name in ("layer_norm", "rms_norm"):
             normalized = (
                 gm.get_submodule(node.target).normalized_shape
@@ -125,7 +125,7 @@ def _is_token_local(node: torch.fx.Node, gm, branch: set[str], token_count: int)
         return rank > 0 and all(isinstance(d, int) and d % rank == rank - 1 for d in dims)
     if name in ("view", "reshape", "flatten"):
         return _keeps_rows(shape(node.args[0]), shape(node))
-    if name in ("addmm", "mm", "matmul", "linear_rows"):  # GPT-2's Conv1D: addmm(bias, x.view(-1, C), W)
+    if name in ("addmm", "mm", "matmul"):  # GPT-2's Conv1D: addmm(bias, x.view(-1, C), W)
         data = node.args[1] if name == "addmm" else node.args[0]
         others = [a for a in tensor_args(node) if a is not data]
         return isinstance(data, torch.fx.Node) and data.name in branch and not any(a.name in branch for a in others) \
@@ -147,7 +147,7 @@ def _keeps_rows(before, after) -> bool:
     return len(before) >= 2 and len(after) >= 2 and before[:2] == after[:2]
 
 
-def _classify(branch_nodes, gm, by_name, stream: str, token_count: int) -> tuple[str, str]:
+def _classify(branch_nodes, gm, by_name, stream: str) -> tuple[str, str]:
     members = set(branch_nodes)
     reason = ""
     order = _order(by_name)
@@ -159,7 +159,7 @@ def _classify(branch_nodes, gm, by_name, stream: str, token_count: int) -> tuple
         inner = [a for a in tensor_args(node) if a.name in members or a.name == stream]
         if op in _ATTENTION or (op in _PRODUCTS and len(inner) >= 2):
             return "attention", f"{op} at node '{name}'"
-        if not reason and not _is_token_local(node, gm, members | {stream}, token_count):
+        if not reason and not _is_token_local(node, gm, members | {stream}):
             reason = f"{op} at node '{name}' ({module_path(node) or 'root'}) may mix tokens"
     return ("mixing", reason) if reason else ("mlp", "")
 
@@ -169,7 +169,7 @@ def _order(by_name: dict) -> dict[str, int]:
     return {name: i for i, name in enumerate(by_name)}
 
 
-def _residual_sites(gm, graph: nx.DiGraph, by_name, weights: frozenset[str]) -> list[Site]:
+def _residual_sites(gm, graph: nx.DiGraph, by_name) -> list[Site]:
     sites = []
     for node in gm.graph.nodes:
         if op_name(node, gm) != "add" or len(node.args) != 2:
@@ -185,7 +185,7 @@ def _residual_sites(gm, graph: nx.DiGraph, by_name, weights: frozenset[str]) -> 
         else:
             continue
         members = (nx.descendants(graph, stream.name) & nx.ancestors(graph, out.name)) | {out.name}
-        kind, reason = _classify(members, gm, by_name, stream.name, sa[TOKEN_AXIS])
+        kind, reason = _classify(members, gm, by_name, stream.name)
         paths = [module_path(by_name[m]) for m in members if by_name[m].op.startswith("call")]
         sites.append(Site(node.name, stream.name, out.name, kind, common_path(paths), frozenset(members), reason))
     nested = set().union(*(s.nodes for s in sites)) if sites else set()
@@ -269,7 +269,7 @@ def analyze(gm: torch.fx.GraphModule, weights: frozenset[str] = frozenset(), hin
     """Sites, blocks and prefix of `gm`; `hints`: see `_find_prefix`."""
     by_name = nodes_by_name(gm)
     graph = data_graph(gm)
-    sites = _residual_sites(gm, graph, by_name, weights)
+    sites = _residual_sites(gm, graph, by_name)
     blocks, stray = _pair_blocks(sites, by_name)
     if not blocks:
         found = ", ".join(f"{s.kind} at '{s.module or s.add}'" for s in sites) or "no residual adds"

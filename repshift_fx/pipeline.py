@@ -47,18 +47,24 @@ def rewrite(model: torch.nn.Module, example_input, config: Config) -> tuple[torc
             return attempt(copy_graph(gm), restore_after)
         except UnsupportedSiteError as refusal:
             first = first or refusal
+            if not refusal.needs_every_token:
+                raise first from None
             block = _last_block_before(gm, refusal)
-            undone = refusal.plan is not None and any(d.block == block and d.after == refusal.analysis.blocks[block].output
-                                                      for d in refusal.plan.drops)
-            if not refusal.needs_every_token or block is None or block in restore_after or undone:
-                raise first from None  # nothing to restore before it, or the drop would be undone at once
+            if block is None or block in restore_after or _undone_at_once(refusal, block):
+                raise first from None  # nothing to restore before it, or a drop would be undone at once
             restore_after |= {block}
+
+
+def _undone_at_once(refusal: UnsupportedSiteError, block: int) -> bool:
+    """Restoring after `block` would undo the drop made at that block's output before any block ran."""
+    output = refusal.analysis.blocks[block].output
+    return refusal.plan is not None and any(d.block == block and d.after == output for d in refusal.plan.drops)
 
 
 def _last_block_before(gm: torch.fx.GraphModule, refusal: UnsupportedSiteError) -> int | None:
     """The last block whose output reaches the node that needs every token (on the captured graph)."""
     by_name = nodes_by_name(gm)
-    if refusal.node not in by_name or refusal.analysis is None:
+    if refusal.node not in by_name or not hasattr(refusal.analysis, "blocks"):  # tokens mode only
         return None
     upstream = {n.name for n in reachable([by_name[refusal.node]], lambda n: n.all_input_nodes)}
     found = [b.index for b in refusal.analysis.blocks if b.output in upstream]
