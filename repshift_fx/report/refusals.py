@@ -15,7 +15,8 @@ from repshift_fx.capture import capture
 from repshift_fx.config import Config
 from repshift_fx.context import PassContext
 from repshift_fx.errors import UnsupportedSiteError
-from repshift_fx.passes import attention_to_sdpa, find_sites
+from repshift_fx.modes.tokens import TOKENS
+from repshift_fx.passes import attention_to_sdpa
 from repshift_fx.plan.tokens import PrunePlan, default_at
 from repshift_fx.report.tokens import Report, build_report
 
@@ -35,10 +36,10 @@ def refused_report(model, example_input, config: Config, error: UnsupportedSiteE
 
     Re-raises `error` when the model has no token blocks to show (the refusal came earlier)."""
     gm, args = capture(model, example_input)
-    ctx = PassContext(config=dataclasses.replace(config, keep=1.0, target_flops=None), args=args,
-                      model_name=type(model).__name__)
+    unpruned = dataclasses.replace(config, keep=None if config.score == "tome" else 1.0, target_flops=None)
+    ctx = PassContext(config=unpruned, args=args, model_name=type(model).__name__)
     try:
-        find_sites.run(gm, ctx)
+        TOKENS.analyze(gm, ctx)  # the tokens mode's analysis, as the run loop runs it
     except Exception:
         raise error from None
     analysis = ctx.analysis
