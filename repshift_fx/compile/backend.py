@@ -136,7 +136,8 @@ def prune_graph(gm: torch.fx.GraphModule, example_inputs: list, config: Config):
         return gm, None, prefix_outputs
     _warn_unknown_prefix(gm, ctx)
     if _pruned_outputs(gm, ctx, local.at[0]):
-        if local.restore is False:
+        last = len(ctx.analysis.blocks) - 1
+        if local.restore is False or min(local.at) == last:  # no block here would run on fewer tokens
             _refuse_pruned_outputs(gm, ctx, local.at[0])
         local = dataclasses.replace(local, restore=True)  # every token back before they leave the graph
     ctx.config = local

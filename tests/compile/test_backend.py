@@ -429,3 +429,26 @@ def test_mode_tokens_leaves_a_cnn_alone_and_mode_lines_a_vit(resnet18, deit, cap
         assert_close(compiled(y), deit(y), tol=0)
     assert backend.reports == [] == backend_lines.reports
     assert caplog.text.count("no blocks; left as it is") >= 2
+
+
+class _Tokens(nn.Module):
+    """A ViT's normed tokens, every one (a per-token output)."""
+
+    def __init__(self, vit):
+        super().__init__()
+        self.vit = vit
+
+    def forward(self, x):
+        return self.vit.forward_features(x)
+
+
+@pytest.mark.parametrize("reduce", ("drop", "merge"))
+def test_a_per_token_output_gets_its_tokens_back_in_the_backend(deit, reduce):
+    model, x = _Tokens(deit).eval(), torch.randn(2, 3, 64, 64)
+    reference = repshift_fx.compress(model, x, keep=0.5, at=(1,), reduce=reduce, compile=False)
+    compiled, backend = _compiled(model, keep=0.5, at=(1,), reduce=reduce)
+    with torch.no_grad():
+        assert_close(compiled(x), reference(x))
+    assert backend.reports[-1].tokens == [17, 17, 9, 9] and backend.reports[-1].blocks[-1].restored
+    compiled, _ = _compiled(model, keep=0.5, at=(1,), restore=False)
+    assert "restore=True" in str(_refusal(compiled, x))
