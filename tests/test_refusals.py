@@ -126,3 +126,15 @@ def test_a_transformers_decoder_is_refused_for_its_causal_mask(impl):
                    "lets each token see only the tokens before it", "causal decoders are not pruned", keep=0.5, at=(0,))
     assert model.config.use_cache is True  # traced with the cache off, and restored
     _marked(repshift_fx.inspect(model, inputs, keep=0.5, at=(0,)), 1, "causal attention")
+
+
+def test_a_drop_that_prunes_nothing_warns_and_says_so(caplog):
+    """keep < 1 after the last block leaves every block on all its tokens: a warning, never silence."""
+    import logging
+
+    model, x = tiny_timm("deit_tiny_patch16_224"), torch.randn(2, 3, 64, 64)
+    with caplog.at_level(logging.WARNING, logger="repshift_fx"):
+        report = repshift_fx.inspect(model, x, keep=0.5, at=(3,))
+    assert report.flop_ratio > 0.99 and "nothing is pruned" in caplog.text
+    assert any("nothing is pruned" in note and "at=(1, 2)" in note for note in report.notes)
+    assert not [n for n in repshift_fx.inspect(model, x, keep=0.5, at=(1,)).notes if "nothing is pruned" in n]

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -16,6 +17,8 @@ from tabulate import tabulate
 from repshift_fx.context import inserted, role_of
 from repshift_fx.report.flops import FlopBreakdown, before_and_after, block_of_nodes
 from repshift_fx.fx.nodes import carries_tensor, op_name, shape
+
+log = logging.getLogger("repshift_fx")
 
 SCHEMA = "repshift-fx/report/1"
 
@@ -176,6 +179,21 @@ def _as_breakdown(value) -> tuple[float | None, list | None, float | None]:
     return value, None, None
 
 
+def _nothing_pruned(ctx) -> list[str]:
+    """A warning when pruning was asked for but no block runs on fewer tokens (a drop after the
+    last block, or every drop undone right away): never a silent no-op."""
+    plan, blocks = ctx.plan, ctx.analysis.blocks
+    asked = any(d.keep < d.before for d in plan.drops)
+    shrunk = any(plan.tokens[b.index] < b.tokens for b in blocks)
+    if not asked or shrunk or not plan.drops:
+        return []
+    message = (f"nothing is pruned: the drops after block(s) {list(plan.at)} leave no later block running on fewer "
+               f"tokens (the model has {len(blocks)} blocks, 0..{len(blocks) - 1}); drop earlier, e.g. at="
+               f"{tuple(i for i in (len(blocks) // 4, len(blocks) // 2) if i < len(blocks) - 1) or (0,)}")
+    log.warning("%s: %s", ctx.model_name, message)
+    return [message]
+
+
 def reduce_label(plan, block: int) -> str:
     drop = next((d for d in plan.drops if d.block == block), None)
     if drop is None:
@@ -217,7 +235,7 @@ def build_report(ctx, gflops_before=None, gflops_after=None, *, gm=None, budget=
         if sized(plan, block.index) and "SDPA" in row.attention:
             row.attention += " + log(size)"
         rows.append(row)
-    notes = list(ctx.notes)
+    notes = list(ctx.notes) + _nothing_pruned(ctx)
     refused = []
     for site in analysis.stray:
         refused.append(f"residual site at '{site.module or site.add}' ({site.kind}) is not part of a block")
