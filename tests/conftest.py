@@ -22,6 +22,17 @@ def tiny_timm(name: str, depth: int = 4, img_size: int = 64, fused: bool = True,
     return model
 
 
+class PerToken(torch.nn.Module):
+    """A timm ViT's normed tokens, every one: a per-token output (a dense head, a bare encoder)."""
+
+    def __init__(self, vit):
+        super().__init__()
+        self.vit = vit
+
+    def forward(self, x):
+        return self.vit.forward_features(x)
+
+
 def snapshot(model: torch.nn.Module) -> dict:
     """Everything compress() must leave alone: weights, module tree, modes, attributes."""
     return {

@@ -1,23 +1,12 @@
 """reduce="merge", score="tome" and restore, against the plain eager oracle (tests/reference_merge.py)."""
 import pytest
 import torch
-from torch import nn
 
 import repshift_fx
-from conftest import assert_close, assert_compiled_matches_eager, assert_refused, assert_unchanged, snapshot, tiny_timm
+from conftest import (PerToken, assert_close, assert_compiled_matches_eager, assert_refused, assert_unchanged,
+                      snapshot, tiny_timm)
 from reference_merge import merge_forward
 from repshift_fx import ConfigError, UnsupportedSiteError
-
-
-class Features(nn.Module):
-    """A ViT's normed tokens, every one: a per-token output (what a dense head or a bare encoder returns)."""
-
-    def __init__(self, vit):
-        super().__init__()
-        self.vit = vit
-
-    def forward(self, x):
-        return self.vit.forward_features(x)
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +55,7 @@ def test_both_forms_of_proportional_attention_agree(deit, image):
 
 @pytest.mark.parametrize("reduce", ("drop", "merge"))
 def test_restore_puts_every_token_back(deit, image, reduce):
-    model = Features(deit).eval()
+    model = PerToken(deit).eval()
     gm = repshift_fx.compress(model, image, keep=0.6, at=(1, 2), reduce=reduce, compile=False)
     out = gm(image)
     assert out.shape == (2, 17, 192)
@@ -76,7 +65,7 @@ def test_restore_puts_every_token_back(deit, image, reduce):
 
 
 def test_restore_after_tome_unmerges(deit, image):
-    model = Features(deit).eval()
+    model = PerToken(deit).eval()
     gm = repshift_fx.compress(model, image, score="tome", r=2, compile=False)
     assert_close(gm(image), merge_forward(deit, image, tome_r=2, per_token=True))
 
@@ -86,7 +75,7 @@ def test_merge_compiles_to_what_it_runs_eagerly(deit):
 
 
 def test_restore_false_on_a_per_token_output_says_restore_would_fix_it(deit, image):
-    assert_refused(Features(deit).eval(), image, UnsupportedSiteError, "changes shape", "restore=True",
+    assert_refused(PerToken(deit).eval(), image, UnsupportedSiteError, "changes shape", "restore=True",
                    keep=0.7, at=(1,), restore=False)
 
 

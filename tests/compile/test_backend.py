@@ -15,7 +15,7 @@ from torch._dynamo.exc import BackendCompilerFailed
 from torch._dynamo.utils import counters
 
 import repshift_fx
-from conftest import assert_close, assert_unchanged, snapshot, tiny_timm
+from conftest import PerToken, assert_close, assert_unchanged, snapshot, tiny_timm
 from repshift_fx import ConfigError, ModelModeError, UnsupportedSiteError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -431,20 +431,9 @@ def test_mode_tokens_leaves_a_cnn_alone_and_mode_lines_a_vit(resnet18, deit, cap
     assert caplog.text.count("no blocks; left as it is") >= 2
 
 
-class _Tokens(nn.Module):
-    """A ViT's normed tokens, every one (a per-token output)."""
-
-    def __init__(self, vit):
-        super().__init__()
-        self.vit = vit
-
-    def forward(self, x):
-        return self.vit.forward_features(x)
-
-
 @pytest.mark.parametrize("reduce", ("drop", "merge"))
 def test_a_per_token_output_gets_its_tokens_back_in_the_backend(deit, reduce):
-    model, x = _Tokens(deit).eval(), torch.randn(2, 3, 64, 64)
+    model, x = PerToken(deit).eval(), torch.randn(2, 3, 64, 64)
     reference = repshift_fx.compress(model, x, keep=0.5, at=(1,), reduce=reduce, compile=False)
     compiled, backend = _compiled(model, keep=0.5, at=(1,), reduce=reduce)
     with torch.no_grad():
