@@ -181,17 +181,21 @@ def _as_breakdown(value) -> tuple[float | None, list | None, float | None]:
 
 def _nothing_pruned(ctx) -> list[str]:
     """A warning when pruning was asked for but no block runs on fewer tokens (a drop after the
-    last block, or every drop undone right away): never a silent no-op."""
-    plan, blocks = ctx.plan, ctx.analysis.blocks
-    asked = any(d.keep < d.before for d in plan.drops)
-    shrunk = any(plan.tokens[b.index] < b.tokens for b in blocks)
-    if not asked or shrunk or not plan.drops:
+    last block, blocks that hold only prefix tokens): never a silent no-op."""
+    plan, blocks, config = ctx.plan, ctx.analysis.blocks, ctx.plan.config
+    rates = config.keep if isinstance(config.keep, tuple) else (config.keep,)
+    asked = any(isinstance(k, float) and k < 1 for k in rates) or bool(config.r)
+    if not asked or any(plan.tokens[b.index] < b.tokens for b in blocks):
         return []
-    message = (f"nothing is pruned: the drops after block(s) {list(plan.at)} leave no later block running on fewer "
-               f"tokens (the model has {len(blocks)} blocks, 0..{len(blocks) - 1}); drop earlier, e.g. at="
-               f"{tuple(i for i in (len(blocks) // 4, len(blocks) // 2) if i < len(blocks) - 1) or (0,)}")
-    log.warning("%s: %s", ctx.model_name, message)
-    return [message]
+    if all(b.tokens <= plan.prefix + 1 for b in blocks):  # a drop keeps at least one token
+        why = (f"the {len(blocks)} block(s) found run on {max(b.tokens for b in blocks)} token(s) each, nothing to "
+               "drop; the model's other blocks are no (B, N, C) token blocks (they work on a grid, for instance)")
+    else:
+        hint = tuple(i for i in (len(blocks) // 4, len(blocks) // 2) if i < len(blocks) - 1) or (0,)
+        why = (f"the drops after block(s) {list(plan.at)} leave no later block running on fewer tokens (the model "
+               f"has {len(blocks)} blocks, 0..{len(blocks) - 1}); drop earlier, e.g. at={hint}")
+    log.warning("%s: nothing is pruned: %s", ctx.model_name, why)
+    return [f"nothing is pruned: {why}"]
 
 
 def reduce_label(plan, block: int) -> str:
