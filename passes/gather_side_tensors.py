@@ -28,7 +28,7 @@ import torch.fx
 
 from repshift_fx.context import inserted, mark, role_of
 from repshift_fx.errors import UnsupportedSiteError
-from repshift_fx.fx.nodes import literal_arg, located, nodes_by_name, op_name, reachable, tensor_args, where
+from repshift_fx.fx.nodes import literal_arg, located, nodes_by_name, op_name, reachable, regions, tensor_args, where
 from repshift_fx.passes.token_shapes import FollowingShapeProp
 
 # attention calls whose mask (argument 3 or attn_mask) is cut to the kept tokens: SDPA, and the
@@ -70,15 +70,7 @@ class _Drops:
         self.index = [roles["index", d.block] for d in plan.drops]
         self.keep = [roles["keep", d.block] for d in plan.drops]
         self.after = [by_name[d.after] for d in plan.drops]
-        self.region: dict[torch.fx.Node, int] = {}
-        for k, keep in enumerate(self.keep):
-            todo = [keep]
-            while todo:
-                node = todo.pop()
-                for user in node.users:
-                    if self.region.get(user) != k and role_of(user) != "restore":
-                        self.region[user] = k
-                        todo.append(user)
+        self.region = regions(self.keep, stop=lambda node: role_of(node) == "restore")
 
     def tokens(self, k: int) -> int:
         """Tokens entering drop k, prefix included."""

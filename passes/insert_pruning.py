@@ -21,7 +21,7 @@ import torch.fx
 
 from repshift_fx.context import mark
 from repshift_fx.method import tokens as shift
-from repshift_fx.fx.nodes import last_attention_before, literal_arg, nodes_by_name, shape
+from repshift_fx.fx.nodes import keys_before, nodes_by_name
 from repshift_fx.method import merge
 
 _SCORERS = {"shift": shift.representation_shift, "norm": shift.token_norm, "random": shift.random_scores}
@@ -37,7 +37,7 @@ def _insert_drop(graph: torch.fx.Graph, by_name, drop, config, importance: dict)
         return node
 
     if config.score == "tome":  # ToMe: the matching chooses both who leaves and where it goes
-        keys = _keys_before(output)
+        keys = keys_before(output)
         metric = add(output, "metric", merge.key_metric, (keys,)) if keys is not None else output
         match = add(metric, "match", merge.bipartite_soft_matching, (metric, drop.before - drop.keep, drop.prefix))
         index = add(match, "index", operator.getitem, (match, 0))
@@ -57,13 +57,6 @@ def _insert_drop(graph: torch.fx.Graph, by_name, drop, config, importance: dict)
         kept = add(index, "keep", shift.gather_tokens, (output, index))
     output.replace_all_uses_with(kept, delete_user_cb=lambda user: user not in (score, kept))
     return kept
-
-
-def _keys_before(node: torch.fx.Node) -> torch.fx.Node | None:
-    """The key of the latest SDPA call upstream of `node` (the block's own attention), if any."""
-    attention = last_attention_before(node)
-    key = literal_arg(attention, 1, "key") if attention is not None else None
-    return key if key is not None and (shape(key) or ())[-2:-1] == (shape(node) or ())[1:2] else None
 
 
 def run(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:

@@ -21,7 +21,7 @@ import torch
 import torch.fx
 
 from repshift_fx.context import mark
-from repshift_fx.fx.nodes import last_attention_before, literal_arg, nodes_by_name, shape
+from repshift_fx.fx.nodes import keys_before, nodes_by_name
 from repshift_fx.method import merge
 from repshift_fx.passes.padding_scores import real_tokens
 
@@ -32,9 +32,8 @@ def merges(config) -> bool:
 
 def _metric(graph, x: torch.fx.Node, config, notes: list, block: int) -> torch.fx.Node:
     if config.merge_metric == "keys":
-        attention = last_attention_before(x)
-        key = literal_arg(attention, 1, "key") if attention is not None else None
-        if key is not None and (shape(key) or ())[-2:-1] == (shape(x) or ())[1:2]:
+        key = keys_before(x)
+        if key is not None:
             with graph.inserting_after(x):
                 return graph.call_function(merge.key_metric, (key,))
         notes.append(f"block {block}: no attention keys over its tokens before the merge (none, or spatially "

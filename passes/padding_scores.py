@@ -17,16 +17,12 @@ import torch.fx
 
 from repshift_fx.context import inserted, mark, role_of
 from repshift_fx.fx.nodes import data_graph, nodes_by_name, shape
+from repshift_fx.passes.gather_side_tensors import gather_side
 
 
 def padding_last(scores: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
     """Scores with every padded position (real == 0) the lowest: (B, N), (B, N) -> (B, N)."""
     return scores.masked_fill(real == 0, torch.finfo(scores.dtype).min)
-
-
-def gather_mask(real: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """The (B, N) mask cut to the kept tokens: (B, N), (B, K) -> (B, K)."""
-    return real.gather(1, index)
 
 
 def padding_mask(gm: torch.fx.GraphModule, analysis, weights=frozenset(), args: tuple = ()) -> torch.fx.Node | None:
@@ -80,7 +76,8 @@ def run(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
         match = index.args[0] if index.target is operator.getitem else None  # ToMe's matching
         with graph.inserting_before(match if match is not None else index):
             if previous is not None:
-                real = graph.create_node("call_function", gather_mask, (real, previous), name=f"repshift_padding_{block}")
+                real = graph.create_node("call_function", gather_side, (real, previous, (1,), 2, 0),
+                                        name=f"repshift_padding_{block}")
                 mark(real, "side", inserted(previous).block, source=mask.name)
             if match is not None:  # padding pairs only with padding
                 match.args = (*match.args[:3], graph.call_function(operator.ne, (real, 0)))

@@ -17,21 +17,8 @@ import torch.fx
 import torch.nn.functional as F
 
 from repshift_fx.context import inserted, mark, role_of
-from repshift_fx.fx.nodes import literal_arg, op_name
+from repshift_fx.fx.nodes import literal_arg, op_name, regions
 from repshift_fx.method import merge
-
-
-def regions(gm: torch.fx.GraphModule, starts: list[torch.fx.Node]) -> dict[torch.fx.Node, int]:
-    """Which of `starts` each node lies downstream of (the latest), stopping at restores."""
-    region: dict[torch.fx.Node, int] = {}
-    for k, start in enumerate(starts):
-        todo = [start]
-        while todo:
-            for user in todo.pop().users:
-                if region.get(user) != k and role_of(user) != "restore":
-                    region[user] = k
-                    todo.append(user)
-    return region
 
 
 def _bias_mask(graph, node, size) -> None:
@@ -39,7 +26,7 @@ def _bias_mask(graph, node, size) -> None:
     mask = literal_arg(node, 3, "attn_mask")
     with graph.inserting_before(node):
         biased = graph.call_function(merge.with_size_bias, (mask, size, query))
-    mark(biased, "size", inserted(size).block)
+    mark(biased, "bias", inserted(size).block)
     args, kwargs = list(node.args), dict(node.kwargs)
     if len(args) > 3:
         args[3] = biased
@@ -58,14 +45,14 @@ def _without_mask(graph, node, size) -> None:
 
 
 def run(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
-    sizes = {inserted(n).block: n for n in gm.graph.nodes if role_of(n) == "size" and n.target is not merge.with_size_bias}
+    sizes = {inserted(n).block: n for n in gm.graph.nodes if role_of(n) == "size"}
     if not sizes:
         return gm
     graph, config = gm.graph, ctx.plan.config
     merged = [n for n in gm.graph.nodes if role_of(n) == "keep" and inserted(n).block in sizes]
-    region = regions(gm, merged)
+    region = regions(merged, stop=lambda node: role_of(node) == "restore")
     sizes = [sizes[inserted(n).block] for n in merged]
-    masked = mha = 0
+    mha = 0
     for node in list(graph.nodes):
         k = region.get(node)
         if k is None:
@@ -76,7 +63,6 @@ def run(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
                 _without_mask(graph, node, sizes[k])
             else:
                 _bias_mask(graph, node, sizes[k])
-                masked += 1
         elif op_name(node, gm) == "multihead_attention":
             mha += 1
     if mha:

@@ -22,7 +22,8 @@ from repshift_fx.method import merge
 
 
 def _drop_nodes(gm: torch.fx.GraphModule) -> dict[int, dict[str, torch.fx.Node]]:
-    """block -> {"index", "keep", "merge"(assignment)} of its drop, found by their roles."""
+    """block -> {"index", "keep"} of its drop, found by their roles, and "assign" (merge_tokens'
+    `repshift_assign_b`) where the drop merged."""
     found: dict[int, dict[str, torch.fx.Node]] = {}
     for node in gm.graph.nodes:
         record = inserted(node)

@@ -14,7 +14,7 @@ import torch.fx
 from repshift_fx.config import Config
 
 META_KEY = "repshift"
-ROLES = ("score", "index", "keep", "side", "merge", "size", "restore")
+ROLES = ("score", "index", "keep", "side", "metric", "match", "merge", "size", "bias", "restore")
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,11 @@ class PerToken(torch.nn.Module):
         return self.vit.forward_features(x)
 
 
+def last_hidden(out) -> torch.Tensor:
+    """A transformers encoder's `last_hidden_state`, from its output object or the graph's tuple."""
+    return out["last_hidden_state"] if isinstance(out, dict) else out[0]
+
+
 def snapshot(model: torch.nn.Module) -> dict:
     """Everything compress() must leave alone: weights, module tree, modes, attributes."""
     return {

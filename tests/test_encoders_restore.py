@@ -6,7 +6,7 @@ import timm
 import torch
 
 import repshift_fx
-from conftest import assert_close, assert_unchanged, snapshot
+from conftest import assert_close, assert_unchanged, last_hidden, snapshot
 
 transformers = pytest.importorskip("transformers", reason="pip install -c constraints.txt transformers (extra [hf])")
 SMALL = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64)
@@ -34,21 +34,17 @@ def _encoder(name: str):
         IMAGE
 
 
-def _hidden(out):
-    return out["last_hidden_state"] if isinstance(out, dict) else out[0]
-
-
 @pytest.mark.parametrize("name", ("ViTModel", "Dinov2Model", "CLIPVisionModel", "Wav2Vec2Model", "RobertaModel"))
 def test_a_bare_encoder_prunes_and_returns_every_token(name):
     model, inputs = _encoder(name)
     before = snapshot(model)
     with torch.no_grad():
-        original = _hidden(model(**inputs))
+        original = last_hidden(model(**inputs))
     report = repshift_fx.inspect(model, inputs, keep=0.7)
     assert report.flop_ratio < 0.9 and report.blocks[-1].restored
     pruned = repshift_fx.compress(model, inputs, keep=0.7, reduce="merge", compile=False)
-    assert _hidden(pruned(**inputs)).shape == original.shape
-    assert_close(_hidden(repshift_fx.compress(model, inputs, keep=1.0, compile=False)(**inputs)), original)
+    assert last_hidden(pruned(**inputs)).shape == original.shape
+    assert_close(last_hidden(repshift_fx.compress(model, inputs, keep=1.0, compile=False)(**inputs)), original)
     assert_unchanged(model, before)
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import repshift_fx
-from conftest import assert_close, assert_unchanged, node_values, snapshot
+from conftest import assert_close, assert_unchanged, last_hidden, node_values, snapshot
 from reference_hf import bert_reference, vision_reference
 from repshift_fx import UnsupportedSiteError
 
@@ -132,20 +132,16 @@ def test_backend_prunes_a_transformers_model(text):
     assert backend.reports and backend.reports[0].tokens == [12, 6, 3]
 
 
-def _hidden(out):
-    return out["last_hidden_state"] if isinstance(out, dict) else out[0]
-
-
 @pytest.mark.parametrize("reduce", ("drop", "merge"))
 def test_a_bare_encoder_prunes_and_returns_every_token(text, reduce):
     bert = tiny_bert("sdpa", layers=4)
     with torch.no_grad():
-        original = _hidden(bert(**text))
+        original = last_hidden(bert(**text))
     gm = repshift_fx.inspect(bert, text, keep=0.5, at=(0, 1), reduce=reduce)
     assert gm.flop_ratio < 0.9 and gm.blocks[-1].restored
     pruned = repshift_fx.compress(bert, text, keep=0.5, at=(0, 1), reduce=reduce, compile=False)
-    assert _hidden(pruned(**text)).shape == original.shape
-    assert_close(_hidden(repshift_fx.compress(bert, text, keep=1.0, at=(0, 1), reduce=reduce, compile=False)(**text)),
+    assert last_hidden(pruned(**text)).shape == original.shape
+    assert_close(last_hidden(repshift_fx.compress(bert, text, keep=1.0, at=(0, 1), reduce=reduce, compile=False)(**text)),
                  original)
 
 
@@ -157,7 +153,7 @@ def test_padding_never_mixes_with_real_tokens(text, config):
     other = dict(text, input_ids=torch.where(text["attention_mask"] == 1, text["input_ids"], 7))
     real = text["attention_mask"].bool()
     with torch.no_grad():
-        assert_close(_hidden(gm(**other))[real], _hidden(gm(**text))[real])
+        assert_close(last_hidden(gm(**other))[real], last_hidden(gm(**text))[real])
 
 
 def test_every_token_output_without_restore_is_refused_naming_restore(text):

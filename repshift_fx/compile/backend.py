@@ -135,10 +135,11 @@ def prune_graph(gm: torch.fx.GraphModule, example_inputs: list, config: Config):
     if local is None:
         return gm, None, prefix_outputs
     _warn_unknown_prefix(gm, ctx)
-    if _pruned_outputs(gm, ctx, local.at[0]):
+    leaving = _pruned_outputs(gm, ctx, local.at[0])
+    if leaving:
         last = len(ctx.analysis.blocks) - 1
         if local.restore is False or min(local.at) == last:  # no block here would run on fewer tokens
-            _refuse_pruned_outputs(gm, ctx, local.at[0])
+            _refuse_pruned_outputs(ctx, local.at[0], leaving[0])
         local = dataclasses.replace(local, restore=True)  # every token back before they leave the graph
     ctx.config = local
     gm = TOKENS.plan_and_rewrite(gm, ctx)
@@ -319,8 +320,8 @@ def _pruned_outputs(gm: torch.fx.GraphModule, ctx: PassContext, first: int) -> l
     return [node for node in _outputs_after(gm, block.output) if len(shape(node) or ()) == 3 and shape(node)[1] == tokens]
 
 
-def _refuse_pruned_outputs(gm: torch.fx.GraphModule, ctx: PassContext, first: int) -> None:
-    block, node = ctx.analysis.blocks[first], _pruned_outputs(gm, ctx, first)[0]
+def _refuse_pruned_outputs(ctx: PassContext, first: int, node: torch.fx.Node) -> None:
+    block = ctx.analysis.blocks[first]
     raise UnsupportedSiteError(
         f"output '{node.name}' of {ctx.model_name} {tuple(shape(node))} carries the tokens of block "
         f"{first + ctx.block_offset} ({block.module or '-'}) on, which a drop there would cut: either "

@@ -245,6 +245,28 @@ def literal_arg(node: torch.fx.Node, index: int, name: str, default=None):
 ATTENTION_CALLS = ("scaled_dot_product_attention", "explicit_attention")  # (q, k, v, ...) alike
 
 
+def keys_before(node: torch.fx.Node) -> torch.fx.Node | None:
+    """The key (B, H, N, D) of the latest attention call upstream of `node` (the block's own
+    attention), where it runs over `node`'s N tokens; None without one (or with spatially reduced keys)."""
+    attention = last_attention_before(node)
+    key = literal_arg(attention, 1, "key") if attention is not None else None
+    return key if key is not None and (shape(key) or ())[-2:-1] == (shape(node) or ())[1:2] else None
+
+
+def regions(starts: list[torch.fx.Node], stop) -> dict[torch.fx.Node, int]:
+    """Which of `starts` each node lies downstream of (the latest), not walking past a node for
+    which `stop(node)` holds: `{node: k}`."""
+    region: dict[torch.fx.Node, int] = {}
+    for k, start in enumerate(starts):
+        todo = [start]
+        while todo:
+            for user in todo.pop().users:
+                if region.get(user) != k and not stop(user):
+                    region[user] = k
+                    todo.append(user)
+    return region
+
+
 def last_attention_before(node: torch.fx.Node) -> torch.fx.Node | None:
     """The latest attention call (SDPA, or the explicit form score="attention" puts in a scoring
     block: same arguments) upstream of `node`, in graph order."""
