@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 
 import repshift_fx  # noqa: F401  (before timm)
-from repshift_fx.apps.bench import time_variants
+from repshift_fx.compile.timing import time_variants
 from repshift_fx.context import inserted, role_of
 
 import torch

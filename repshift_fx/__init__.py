@@ -15,6 +15,7 @@ from repshift_fx._torchvision_guard import install as _install_torchvision_guard
 _install_torchvision_guard()  # before anything imports torchvision (timm does)
 
 from repshift_fx.api import compress, inspect  # noqa: E402
+from repshift_fx.calibration import Calibration, calibrate  # noqa: E402
 from repshift_fx.compile.backend import backend  # noqa: E402
 from repshift_fx.config import Config  # noqa: E402
 from repshift_fx.errors import (  # noqa: E402
@@ -30,7 +31,7 @@ from repshift_fx.errors import (  # noqa: E402
 from repshift_fx.report.tokens import Report  # noqa: E402
 
 __all__ = [
-    "compress", "inspect", "backend", "Config", "Report", "RepShiftError", "CaptureError", "ConfigError", "ExampleInputError",
+    "compress", "inspect", "calibrate", "Calibration", "backend", "Config", "Report", "RepShiftError", "CaptureError", "ConfigError", "ExampleInputError",
     "ModelModeError", "NoSiteError", "TraceError", "UnsupportedSiteError",
 ]
 __version__ = "0.1.0"

@@ -110,11 +110,16 @@ def _check_merging(config: Config) -> None:
         if config.reduce == "merge":
             raise ConfigError("score='tome' chooses its own merges (bipartite matching); reduce='merge' folds the "
                               "tokens a per-token score ranks last: use one of them")
-        if config.r is None:
+        if config.r is None and config.target_flops is None:
             raise ConfigError("score='tome' merges r tokens away in each block of at: pass r= (an int, or one per "
-                              "entry of at), e.g. r=8")
-        if config.keep is not None or config.target_flops is not None:
-            raise ConfigError("score='tome' sets the amount of merging with r=, not keep= or target_flops=")
+                              "entry of at), e.g. r=8, or target_flops= (the planner chooses one r)")
+        if config.keep is not None:
+            raise ConfigError("score='tome' sets the amount of merging with r= (or target_flops=), not keep=")
+        if config.r is not None and config.target_flops is not None:
+            raise ConfigError(f"r={config.r!r} and target_flops={config.target_flops!r} both set the amount of "
+                              "ToMe's merging; give one")
+        if config.r is None:
+            return
         rs = config.r if isinstance(config.r, (tuple, list)) else (config.r,)
         if not all(isinstance(r, numbers.Integral) and not isinstance(r, bool) and r >= 0 for r in rs):
             raise ConfigError(f"r must be a number of tokens >= 0, or one per entry of at, got {config.r!r}")

@@ -72,8 +72,9 @@ def _last_block_before(gm: torch.fx.GraphModule, refusal: UnsupportedSiteError) 
 
 
 def rewrite_unpruned(model: torch.nn.Module, example_input, config: Config):
-    """The rewrite at keep=1.0: which drops `at` means, and their sizes without pruning."""
-    return rewrite(model, example_input, dataclasses.replace(config, keep=1.0, target_flops=None))
+    """The rewrite at keep=1.0 (ToMe: r=0): which drops `at` means, and their sizes without pruning."""
+    nothing = {"r": 0} if config.score == "tome" else {"keep": 1.0}
+    return rewrite(model, example_input, dataclasses.replace(config, target_flops=None, **nothing))
 
 
 def plan_for_budget(model: torch.nn.Module, example_input, config: Config):

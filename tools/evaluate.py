@@ -43,6 +43,8 @@ import repshift_fx  # noqa: F401  (before timm: installs the torchvision guard)
 import torch
 from repshift_fx.apps.evaluation import images as evaluation
 from repshift_fx.apps.evaluation import text as evaluation_text
+from repshift_fx.apps.evaluation import calibrated as evaluation_calibrated
+from repshift_fx.capture import reuse_traces
 from repshift_fx.apps import specs
 from repshift_fx.apps.data.datasets import DataError, TextDataset, load_dataset
 from repshift_fx.errors import ConfigError, RepShiftError
@@ -74,6 +76,10 @@ def parse_args(argv=None):
     parser.add_argument("--no-cache", action="store_true")
     parser.add_argument("--docs", metavar="DIR", help="also copy evaluate.md and evaluate.png here, named after --out")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--calibrate", type=int, metavar="N", help="calibrate on N training samples at "
+                        "--target-flops, then measure every candidate, the paper's rule and ToMe on the test split")
+    parser.add_argument("--target-flops", type=float, default=0.7, help="the FLOP target of --calibrate")
+    parser.add_argument("--max-candidates", type=int, default=40, help="the most candidates --calibrate measures")
     return parser.parse_args(argv)
 
 
@@ -95,6 +101,10 @@ def run(args) -> Path:
     setup = evaluation.prepare(loaded, train, test, head=args.head, features=args.features, probe=args.probe,
                                batch=args.batch, cache=None if args.no_cache else args.cache, cache_id=cache_id,
                                progress=not args.no_progress, seed=args.seed)
+    if args.calibrate:
+        batches = evaluation_calibrated.image_batches(setup, load_dataset(args.data, "train", args.calibrate),
+                                                      args.calibrate)
+        return calibrated(args, setup, batches, evaluation.evaluate_options)
     mode = repshift_fx.inspect(setup.model, setup.example, keep=1.0).mode
     variants = evaluation.parse_variants(args.scores, mode)
     keeps, at = _keeps_and_at(args)
@@ -119,8 +129,40 @@ def run_text(args) -> Path:
     setup = evaluation_text.prepare(loaded, train, test, probe=args.probe, batch=args.batch,
                                     cache=None if args.no_cache else args.cache, progress=not args.no_progress,
                                     seed=args.seed)
+    if args.calibrate:
+        batches = evaluation_calibrated.text_batches(loaded, load_dataset(args.data, "train", args.calibrate),
+                                                     args.calibrate, args.batch)
+        return calibrated(args, setup, batches, evaluation_text.evaluate_options)
     rows = evaluation_text.sweep(setup, variants, keeps, at, args.fuse)
     return write(args, setup, rows)
+
+
+def calibrated(args, setup, batches, evaluate_options) -> Path:
+    """--calibrate: calibrate on the training batches, then measure its candidates on the test split."""
+    with reuse_traces():
+        cal = repshift_fx.calibrate(setup.model, batches, target_flops=args.target_flops,
+                                    max_candidates=args.max_candidates, progress=not args.no_progress)
+        rows, rho = evaluation_calibrated.evaluate_calibration(setup, cal, evaluate_options, not args.no_progress)
+    title = (f"{args.spec}, {setup.test.name} ({len(setup.test)} {setup.unit}); calibrated on {cal.samples} training "
+             f"{setup.unit} at target_flops={args.target_flops}")
+    out = Path(args.out or f"results/evaluate/{_slug(Path(args.spec.split(':')[-1]).name)}-{_slug(args.data)}-calibrated")
+    out.mkdir(parents=True, exist_ok=True)
+    table = evaluation_calibrated.format_calibrated(rows, cal.objective, "github")
+    notes = "".join(f"- {note}\n" for note in setup.notes + cal.notes)
+    text = (f"{title}\n\n{table}\n\nSpearman's rank correlation between the calibration {cal.objective} and the "
+            f"test {'accuracy' if setup.accuracy is not None else 'agreement'} over the {len(rows) - 1} "
+            f"configurations measured: {rho:.3f}\n\n{cal.summary()}\n\n{notes}")
+    (out / "evaluate.md").write_text(text)
+    cal.save(out / "calibration.json")
+    evaluation_calibrated.plot_calibrated(rows, out / "evaluate.png", title)
+    cal.plot(out / "frontier.png", title)
+    print(text)
+    if args.docs:
+        docs = Path(args.docs)
+        docs.mkdir(parents=True, exist_ok=True)
+        for suffix in ("md", "png"):
+            (docs / f"evaluate_{out.name}.{suffix}").write_bytes((out / f"evaluate.{suffix}").read_bytes())
+    return out
 
 
 def _keeps_and_at(args) -> tuple[tuple[float, ...], tuple[int, ...] | None]:

@@ -23,7 +23,7 @@ import statistics
 import repshift_fx  # noqa: F401  (before torchvision: installs the torchvision guard)
 import torch
 import torchvision
-from repshift_fx.apps.bench import time_variants
+from repshift_fx.compile.timing import time_variants
 from repshift_fx.report.flops import per_sample_gmacs
 from tabulate import tabulate
 

@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import copy
 import inspect
-import random
 import statistics
-import time
 from dataclasses import asdict, dataclass
 
 import torch
@@ -39,6 +37,7 @@ from repshift_fx.report.flops import per_sample_gmacs
 from repshift_fx.method.lines import gather_lines
 from repshift_fx.method.tokens import fuse_dropped
 from repshift_fx.api import compress
+from repshift_fx.compile.timing import time_variants
 
 
 @dataclass
@@ -77,12 +76,6 @@ def fixed_token_variant(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return fixed
 
 
-def _time_once(fn, args) -> float:
-    start = time.perf_counter()
-    fn(*args)
-    return time.perf_counter() - start
-
-
 def build_variants(model, example_input, *, compile_options=None, overhead=True, **config) -> dict:
     """name -> callable, for the baseline and the compressed model, eager and compiled."""
     compile_options = compile_options or {}
@@ -109,24 +102,6 @@ def run_benchmark(model, example_input, *, rounds: int = 5, threads: int | None 
     pruned_gflops = per_sample_gmacs(variants["compressed eager"], args)
     gflops = {name: None if name.startswith("baseline") else pruned_gflops for name in variants}
     return bench_rows(model, args, times, gflops)
-
-
-def time_variants(variants: dict, args: tuple, *, rounds: int = 5, warmup: int = 1,
-                  progress: bool = True) -> dict[str, list[float]]:
-    """Seconds per call of every variant: all warmed up (compiled) first, then `rounds` rounds
-    in which each variant runs once, in an order shuffled per round (seeded), so that a noisy
-    neighbour, periodic or not, hits all alike."""
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    order, shuffle = list(variants), random.Random(0).shuffle
-    with torch.inference_mode():
-        for name, fn in tqdm(variants.items(), desc="compile + warm up", disable=not progress):
-            for _ in range(warmup):
-                fn(*args)
-        for _ in tqdm(range(rounds), desc="timing rounds", disable=not progress):
-            shuffle(order)
-            for name in order:
-                times[name].append(_time_once(variants[name], args))
-    return times
 
 
 def bench_rows(model, args: tuple, times: dict[str, list[float]], gflops: dict[str, float | None]) -> list[BenchRow]:

@@ -5,6 +5,8 @@
     repshift-fx bench timm:deit_small_patch16_224 [--batch 32 --threads 2 --rounds 5]
     repshift-fx shiftmap timm:deit_small_patch16_224 photo.jpg [--block 3 --keep 0.7] -o map.png
     repshift-fx shiftmap torchvision:resnet50 photo.jpg --block 4 -o lines.png      # rows and columns
+    repshift-fx tune timm:deit_small_patch16_224 --data fashion-mnist --target-flops 0.7 -o tuned.json
+    repshift-fx inspect|bench timm:deit_small_patch16_224 --config tuned.json       # the tuned options
 
 Bad input (an unknown model, an unreadable or ill-fitting checkpoint, a malformed --input,
 --at out of range, --target-flops out of reach, ...) is one line on stderr and exit code 2;
@@ -41,6 +43,13 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _model_options(parser: argparse.ArgumentParser) -> None:
+    _spec_options(parser)
+    parser.add_argument("--site", choices=SITES, default="mlp", help="where the shift is measured (default mlp)")
+    parser.add_argument("--distance", choices=DISTANCES, default="l2", help="distance over channels (default l2)")
+    parser.add_argument("--residual", action="store_true", help="score D(x + branch(x), x)")
+
+
+def _spec_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("spec", metavar="SPEC", help="timm:NAME, torchvision:NAME or module.path:factory")
     parser.add_argument("--checkpoint", metavar="FILE", help="state dict to load (.safetensors, or torch.save "
                         "read with weights_only=True); default: random weights")
@@ -48,9 +57,6 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
                         "from the model's config)")
     parser.add_argument("--kwargs", metavar="JSON", help="keyword arguments for the model factory, e.g. "
                         "'{\"img_size\": 224}'")
-    parser.add_argument("--site", choices=SITES, default="mlp", help="where the shift is measured (default mlp)")
-    parser.add_argument("--distance", choices=DISTANCES, default="l2", help="distance over channels (default l2)")
-    parser.add_argument("--residual", action="store_true", help="score D(x + branch(x), x)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the pass does")
 
@@ -74,6 +80,8 @@ def _schedule_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--r", type=int, metavar="R", help="--score tome: tokens merged away per block")
     parser.add_argument("--mode", choices=MODES, default="auto", help="tokens (ViTs), lines (rows and columns "
                         "of CNN maps) or auto (from the graph, default)")
+    parser.add_argument("--config", metavar="JSON", help="the options `repshift-fx tune` saved (they replace the "
+                        "options above)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,11 +117,36 @@ def build_parser() -> argparse.ArgumentParser:
     draw.add_argument("--scale", type=int, default=2, help="pixels per input pixel (default 2)")
     draw.add_argument("-o", "--output", metavar="PNG", default="shiftmap.png", help="output file (default shiftmap.png)")
     draw.set_defaults(run=run_shiftmap)
+
+    tune = commands.add_parser("tune", help="choose the options from a data set's training images or texts "
+                               "(no labels) under a FLOP or speed target; save them for --config")
+    _spec_options(tune)
+    tune.add_argument("--data", required=True, help="fashion-mnist, skimage (photos), folder:PATH, or wordnet "
+                      "(text, for hf:minilm / hf:DIR)")
+    tune.add_argument("--target-flops", type=float, metavar="R", help="FLOP budget in (0, 1]")
+    tune.add_argument("--target-speedup", type=float, metavar="S", help="speed target, compiled to compiled (> 1)")
+    tune.add_argument("--samples", type=int, default=256, help="calibration samples (default 256)")
+    tune.add_argument("--batch", type=int, default=32, help="batch size (default 32; the speed is timed at it)")
+    tune.add_argument("--max-candidates", type=int, default=40, help="the most candidates measured (default 40)")
+    tune.add_argument("--plot", metavar="PNG", help="also draw the agreement-vs-FLOPs frontier")
+    tune.add_argument("-o", "--output", metavar="JSON", default="tuned.json", help="default tuned.json")
+    tune.set_defaults(run=run_tune)
     return parser
 
 
+def run_tune(args) -> int:
+    from repshift_fx.apps.tune import run_tune as tune
+
+    return tune(args)
+
+
 def _schedule(args) -> dict:
-    """compress()/inspect() options from the command line."""
+    """compress()/inspect() options from the command line (or from --config)."""
+    if args.config:
+        from repshift_fx.apps.tune import config_from
+
+        config, args.config_note = config_from(args.config)
+        return config
     config = {"site": args.site, "distance": args.distance, "residual": args.residual, "score": args.score,
               "sdpa": not args.no_sdpa, "fuse": args.fuse, "reduce": args.reduce,
               "restore": {"auto": "auto", "on": True, "off": False}[args.restore]}
@@ -152,6 +185,8 @@ def _at_least_one(args, *names: str) -> None:
 def run_inspect(args) -> int:
     loaded = specs.load_model(args.spec, checkpoint=args.checkpoint, input_shape=args.input, kwargs=args.kwargs)
     report = repshift_fx.inspect(loaded.model, specs.example_input(loaded.input_shape), **_schedule(args))
+    if args.config:
+        report.notes.append(args.config_note)
     if args.format == "json":
         fields = report.to_dict()
         data = {"schema": fields.pop("schema", None), "spec": args.spec, "input": list(loaded.input_shape), **fields}
@@ -179,6 +214,8 @@ def run_bench(args) -> int:
     else:
         print(f"{args.spec}, input {'x'.join(map(str, loaded.input_shape))}, {args.threads} threads, "
               f"{args.rounds} rounds interleaved, medians")
+        if args.config:
+            print(args.config_note)
         print(format_table(rows))
     return 0
 

@@ -28,11 +28,12 @@ class BudgetResult:
 
     target: float
     reached: float  # GMACs after / GMACs before, counted by the flop counter
-    keep: float  # the single keep rate given to every drop
+    keep: float | None  # the single keep rate given to every drop (None: ToMe, which sets r)
     at: tuple[int, ...]
     kept: tuple  # non-prefix tokens kept at each drop; lines mode: (rows, cols) kept at each drop
     gflops_before: float
     gflops_after: float
+    r: int | None = None  # score="tome": the tokens merged away in every block of at
 
 
 @dataclass
@@ -217,10 +218,50 @@ class TokenSearch(Search):
         runs = {m: self.at_first_drop(m) for m in sizes}
         fixed = {r[0] for r in runs.values()}
         if len(fixed) != 1:
-            log.warning("FLOPs before the first drop vary with later token counts: %s", sorted(fixed))
+            log.info("FLOPs before the first drop vary with later token counts: %s", sorted(fixed))
         fused = {m: int(self.config.fuse and m < self.before) for m in sizes}  # fuse=True: one more token
         points = [{self.prefix + m + fused[m]: runs[m][j] for m in sizes} for j in range(1, len(self.at) + 1)]
         return CostModel(runs[self.before][0], points)
+
+
+class TomeSearch(Search):
+    """ToMe at a FLOP budget: the smallest r (the same in every block of `at`) within it."""
+
+    least = "the largest r ToMe's bipartite matching allows"
+
+    def config_for(self, r) -> Config:
+        return dataclasses.replace(self.config, r=r, at=self.at, target_flops=None)
+
+    def macs(self, r: int) -> int | None:
+        """Measured MACs at `r`; None where some block holds too few tokens to merge r away."""
+        try:
+            gm, ctx = self.rewrite(r)
+        except ConfigError:
+            return None
+        return sum(node_macs(gm, ctx.args).values())
+
+    def largest_r(self) -> int:
+        low, high = 0, self.unpruned[1].plan.drops[0].before  # macs(low) is not None; macs(high) is
+        while high - low > 1:
+            middle = (low + high) // 2
+            low, high = (middle, high) if self.macs(middle) is not None else (low, middle)
+        return low
+
+    def plan(self) -> tuple[Config, BudgetResult]:
+        most = self.largest_r()
+        if self.macs(most) > self.limit:
+            self.below_reach(self.macs(most), f"ToMe with r={most}")
+        low, high = -1, most  # macs(high) <= limit; MACs fall as r grows
+        while high - low > 1:
+            middle = (low + high) // 2
+            low, high = (middle, high) if self.macs(middle) > self.limit else (low, middle)
+        gm, ctx = self.rewrite(high)
+        reached = self.macs(high)
+        result = BudgetResult(self.config.target_flops, reached / self.original, None, self.at,
+                              tuple(d.keep for d in ctx.plan.drops), self.original / 1e9, reached / 1e9, high)
+        log.info("target_flops=%s: ToMe r=%d in blocks %s; FLOP ratio %.4f", result.target, high, self.at,
+                 result.reached)
+        return self.config_for(high), result
 
 
 def plan_tokens_for_budget(model, example_input, config: Config, unpruned, rewrite: Callable
@@ -231,7 +272,10 @@ def plan_tokens_for_budget(model, example_input, config: Config, unpruned, rewri
     the search bisects the rate on that exact cost model (`largest_rate`), and the result is
     counted again on the rewritten graph; should the two ever disagree, the search
     runs again on measured counts. Returns the config to compress with (keep=rate) and the result.
-    Raises ConfigError if even one token per drop exceeds the budget."""
+    Raises ConfigError if even one token per drop exceeds the budget. score="tome": the smallest r
+    within the budget (`TomeSearch`)."""
+    if config.score == "tome":
+        return TomeSearch(model, example_input, config, unpruned, rewrite).plan()
     measure = TokenSearch(model, example_input, config, unpruned, rewrite)
     cost = measure.cost_model()
 
@@ -241,7 +285,7 @@ def plan_tokens_for_budget(model, example_input, config: Config, unpruned, rewri
     rate = measure.largest(predict, measure.before)
     reached = measure.total(rate)
     if reached != predict(rate):
-        log.warning("FLOP cost model off (%d vs %d MACs); searching on measured counts", predict(rate), reached)
+        log.info("FLOP cost model off (%d vs %d MACs); searching on measured counts", predict(rate), reached)
         rate = measure.largest(measure.total, measure.before)
         reached = measure.total(rate)
     return measure.result(rate, reached, measure.chain(rate))

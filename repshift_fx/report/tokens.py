@@ -140,7 +140,8 @@ class Report:
 
     def _budget_line(self) -> str:
         b = self.budget
-        return (f"FLOP budget {b['target']}: reached ratio {b['reached']:.4f} with keep={b['keep']:.4f} "
+        amount = f"ToMe r={b['r']}" if b.get("r") is not None else f"keep={b['keep']:.4f}"
+        return (f"FLOP budget {b['target']}: reached ratio {b['reached']:.4f} with {amount} "
                 f"at {tuple(b['at'])} (kept {', '.join(map(str, b['kept']))} tokens)")
 
     def _side_lines(self) -> list[str]:

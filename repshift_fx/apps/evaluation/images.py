@@ -325,13 +325,18 @@ def options(setup_model, example, variant: Variant, keep: float, at=None, fuse: 
 
 def evaluate(setup: Setup, variant: Variant, keep: float, at=None, fuse: bool = False) -> EvalRow:
     """Compress the model with `variant` at `keep`, run it on the test split, score it."""
-    gm = compress(setup.model, setup.example, compile=False, **options(setup.model, setup.example, variant, keep, at, fuse))
+    return evaluate_options(setup, variant.label, keep, options(setup.model, setup.example, variant, keep, at, fuse))
+
+
+def evaluate_options(setup: Setup, label: str, keep: float, config: dict) -> EvalRow:
+    """Compress the model with the compress() options `config`, run it on the test split, score it."""
+    gm = compress(setup.model, setup.example, compile=False, **config)
     torch.manual_seed(setup.seed)  # random scores: the same draws on every run
     outputs = run_model(gm, setup.test, setup.shape, setup.mean, setup.std, setup.batch,
-                        f"{variant.label} keep={keep}", setup.progress, leave=False)
+                        f"{label} keep={keep}", setup.progress, leave=False)
     gflops = per_sample_gmacs(gm, (setup.example,))
     accuracy, agreement = setup.scores(outputs)
-    return EvalRow(variant.label, keep, gflops, gflops / setup.gflops, accuracy, agreement)
+    return EvalRow(label, keep, gflops, gflops / setup.gflops, accuracy, agreement)
 
 
 def sweep(setup: Setup, variants: list[Variant], keeps=KEEPS, at=None, fuse: bool = False, run=None) -> list[EvalRow]:

@@ -189,14 +189,21 @@ def prepare(loaded: TextModel, train: TextDataset, test: TextDataset, *, probe: 
 
 def evaluate(setup: TextSetup, variant: Variant, keep: float, at=None, fuse: bool = False) -> EvalRow:
     """Compress the model for each test batch with `variant` at `keep`, run it, score it."""
+    return evaluate_options(setup, variant.label, keep,
+                            lambda inputs: options(setup.model, inputs, variant, keep, at, fuse))
+
+
+def evaluate_options(setup: TextSetup, label: str, keep: float, config) -> EvalRow:
+    """Compress the model for each test batch with the compress() options `config` (or
+    `config(inputs)`, the options for one batch), run it, score it."""
     def make(inputs):
-        return compress(setup.model, inputs, compile=False, **options(setup.model, inputs, variant, keep, at, fuse))
+        return compress(setup.model, inputs, compile=False, **(config(inputs) if callable(config) else config))
 
     torch.manual_seed(setup.seed)  # random scores: the same draws on every run
-    outputs, gflops = run_batches(make, setup.batches, len(setup.test), f"{variant.label} keep={keep}",
+    outputs, gflops = run_batches(make, setup.batches, len(setup.test), f"{label} keep={keep}",
                                   setup.progress, leave=False, count=True)
     accuracy, agreement = setup.scores(outputs)
-    return EvalRow(variant.label, keep, gflops, gflops / setup.gflops, accuracy, agreement)
+    return EvalRow(label, keep, gflops, gflops / setup.gflops, accuracy, agreement)
 
 
 def sweep(setup: TextSetup, variants: list[Variant], keeps=KEEPS, at=None, fuse: bool = False) -> list[EvalRow]:

@@ -1,0 +1,112 @@
+"""Does calibration pay on held-out data? Every candidate of one calibration, and the baselines at
+its FLOP target, measured on the test split.
+
+    batches = image_batches(setup, train, 256)           # or text_batches(loaded, train, 256, setup.batch)
+    cal = repshift_fx.calibrate(setup.model, batches, target_flops=0.7)
+    rows, rho = evaluate_calibration(setup, cal, images.evaluate_options)
+
+The calibration batches come from the training split, disjoint from the test split. Rows:
+the unpruned model, the paper's rule and ToMe at the same target, the chosen configuration, and
+every other candidate; `rho` is the rank correlation (Spearman) between the calibration objective
+and the test accuracy over the candidates.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from scipy.stats import spearmanr
+from tabulate import tabulate
+from tqdm.auto import tqdm
+
+from repshift_fx.apps import hf
+from repshift_fx.apps.data.datasets import to_model_input
+from repshift_fx.apps.evaluation.images import EvalRow
+from repshift_fx.errors import RepShiftError
+
+
+@dataclass
+class CalibratedRow:
+    role: str  # "unpruned", "paper", "tome", "chosen" or "" (another candidate)
+    label: str
+    objective: float | None  # on the calibration batches
+    row: EvalRow  # on the test split
+
+
+def image_batches(setup, train, samples: int) -> list:
+    """The first `samples` training images as model inputs, in batches of `setup.batch`."""
+    n = min(samples, len(train))
+    return [to_model_input(train.images(range(s, min(s + setup.batch, n))), setup.shape, setup.mean, setup.std)
+            for s in range(0, n, setup.batch)]
+
+
+def text_batches(loaded, train, samples: int, batch: int) -> list:
+    """The first `samples` training texts, tokenized, batched by length (as the test texts are)."""
+    texts = train.texts[:samples]
+    return [inputs for _, inputs in hf.text_batches(loaded.tokenizer, texts, batch, loaded.max_length)]
+
+
+def evaluate_calibration(setup, cal, evaluate_options, progress: bool = True
+                         ) -> tuple[list[CalibratedRow], float]:
+    """The rows above, and Spearman's rho between objective and test accuracy (or agreement where
+    accuracy is not measured) over the candidates."""
+    target = cal.chosen.options["target_flops"]
+    unpruned = EvalRow("unpruned", 1.0, setup.gflops, 1.0, setup.accuracy, 1.0)
+    rows = [CalibratedRow("unpruned", "unpruned", None, unpruned)]
+    measured = {}
+    for c in tqdm([c for c in cal.table if c.error is None], desc="candidates on the test split",
+                  disable=not progress, unit="candidate"):
+        row = evaluate_options(setup, c.label, target, c.config)
+        measured[c.label] = row
+        role = "chosen" if "chosen" in c.role else "paper" if "paper" in c.role else \
+            "tome" if c.options.get("score") == "tome" else ""
+        rows.append(CalibratedRow(role, c.label, c.value, row))
+    if not any(r.role == "tome" for r in rows):
+        try:
+            row = evaluate_options(setup, "score=tome", target, {"score": "tome", "target_flops": target})
+            rows.append(CalibratedRow("tome", "score=tome", None, row))
+        except RepShiftError:
+            pass
+    candidates = [r for r in rows if r.objective is not None]
+    key = "accuracy" if setup.accuracy is not None else "agreement"
+    rho = spearmanr([r.objective for r in candidates], [getattr(r.row, key) for r in candidates]).statistic
+    order = {"unpruned": 0, "chosen": 1, "paper": 2, "tome": 3, "": 4}
+    rows.sort(key=lambda r: (order[r.role], -(r.objective or 0)))
+    return rows, float(rho)
+
+
+def format_calibrated(rows: list[CalibratedRow], objective: str, fmt: str = "simple") -> str:
+    table = [(r.role, r.label, f"{r.row.flop_ratio:.3f}", "-" if r.objective is None else f"{r.objective:.4f}",
+              "-" if r.row.accuracy is None else f"{100 * r.row.accuracy:.1f}", f"{100 * r.row.agreement:.1f}")
+             for r in rows]
+    headers = ("", "configuration", "FLOP ratio", f"calibration {objective}", "test accuracy %",
+               "test agreement %")
+    return tabulate(table, headers=headers, tablefmt=fmt, disable_numparse=True)
+
+
+def plot_calibrated(rows: list[CalibratedRow], path, title: str = "") -> None:
+    """Test accuracy (or agreement) against the FLOP ratio: every candidate, the unpruned model,
+    the paper's rule, ToMe and the chosen configuration marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key = "accuracy" if rows[0].row.accuracy is not None else "agreement"
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    others = [r for r in rows if r.role == ""]
+    ax.scatter([r.row.flop_ratio for r in others], [100 * getattr(r.row, key) for r in others], s=14, color="0.6",
+               label="other candidates")
+    marks = {"unpruned": ("k*", "unpruned"), "paper": ("s", "paper's rule"), "tome": ("D", "ToMe"),
+             "chosen": ("*", "calibrated")}
+    for role, (marker, name) in marks.items():
+        for r in (r for r in rows if r.role == role):
+            ax.plot([r.row.flop_ratio], [100 * getattr(r.row, key)], marker[-1], markersize=11,
+                    color="black" if role == "unpruned" else None, label=name)
+    ax.set_xlabel("FLOP ratio (after / before)")
+    ax.set_ylabel(f"test {key} (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,61 @@
+"""`repshift-fx tune`: calibrate a model on a data set's training split and save the configuration.
+
+    repshift-fx tune timm:deit_small_patch16_224 --data fashion-mnist --target-flops 0.7 -o tuned.json
+    repshift-fx inspect timm:deit_small_patch16_224 --config tuned.json
+
+Images come from --data's training split, resized and normalised as the model expects; text
+(hf:minilm, hf:DIR on --data wordnet) is tokenized and batched by length. Labels are never read.
+"""
+from __future__ import annotations
+
+import repshift_fx
+from repshift_fx.apps import hf, specs
+from repshift_fx.apps.data.datasets import DataError, TextDataset, load_dataset, to_model_input
+from repshift_fx.apps.evaluation import text as evaluation_text
+from repshift_fx.calibration import Calibration
+from repshift_fx.errors import ConfigError
+
+
+def load_for_tuning(args):
+    """(the model, its calibration batches) for the spec and --data of `args`."""
+    if evaluation_text.is_text_spec(args.spec):
+        loaded = evaluation_text.load_text_model(args.spec)
+        data = _split(args.data, args.samples, text=True)
+        batches = hf.text_batches(loaded.tokenizer, data.texts, args.batch, loaded.max_length)
+        return loaded.model, [inputs for _, inputs in batches]
+    loaded = specs.load_model(args.spec, checkpoint=args.checkpoint, input_shape=args.input, kwargs=args.kwargs)
+    data = _split(args.data, args.samples, text=False)
+    shape = tuple(loaded.input_shape[1:])
+    batches = [to_model_input(data.images(range(s, min(s + args.batch, len(data)))), shape, loaded.mean, loaded.std)
+               for s in range(0, len(data), args.batch)]
+    return loaded.model, batches
+
+
+def _split(name: str, samples: int, text: bool):
+    data = load_dataset(name, "train", samples)
+    if isinstance(data, TextDataset) != text:
+        raise DataError(f"--data {name} holds {'text' if isinstance(data, TextDataset) else 'images'}, but the model "
+                        f"takes {'text' if text else 'images'}")
+    if len(data) == 0:
+        raise DataError(f"--data {name} has no training samples")
+    return data
+
+
+def run_tune(args) -> int:
+    if args.samples < 1 or args.batch < 1:
+        raise ConfigError("--samples and --batch must be whole numbers >= 1")
+    model, batches = load_for_tuning(args)
+    cal = repshift_fx.calibrate(model, batches, target_flops=args.target_flops, target_speedup=args.target_speedup,
+                                max_candidates=args.max_candidates, progress=True)
+    cal.save(args.output)
+    if args.plot:
+        cal.plot(args.plot, f"{args.spec} on {args.data}")
+    print(cal)
+    print(f"wrote {args.output}; use it with: repshift-fx inspect {args.spec} --config {args.output}")
+    return 0
+
+
+def config_from(path: str) -> tuple[dict, str]:
+    """compress() options from a saved calibration, and the line that says where they came from."""
+    cal = Calibration.load(path)
+    return dict(cal.config), f"configuration from calibration {path}: {cal.summary()}"

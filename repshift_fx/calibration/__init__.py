@@ -1,0 +1,132 @@
+"""Calibration: choose the schedule for the user's model and budget from unlabelled batches.
+
+    cal = repshift_fx.calibrate(model, batches, target_flops=0.7)
+    compressed = repshift_fx.compress(model, x, **cal.config)
+
+The objective is how closely the reduced model's outputs follow the original's on `batches`
+(objective.py); the search walks from the paper's rule one dimension at a time (search.py, over
+space.py's dimensions); each candidate runs eagerly, with FLOPs counted on its rewritten graphs
+(measure.py); with `target_speedup` the finalists alone are compiled and timed (search.py).
+"""
+from __future__ import annotations
+
+import logging
+import numbers
+
+from torch import nn
+
+from repshift_fx.calibration.measure import Candidate, Measure
+from repshift_fx.calibration.result import Calibration
+from repshift_fx.calibration.search import descend, time_finalists
+from repshift_fx.calibration.space import Space
+from repshift_fx.capture import reuse_traces
+from repshift_fx.capture.inputs import check_model
+from repshift_fx.config import Config
+from repshift_fx.errors import ConfigError
+from repshift_fx.pipeline import rewrite_unpruned
+
+log = logging.getLogger("repshift_fx")
+__all__ = ["calibrate", "Calibration", "Candidate"]
+
+
+def calibrate(model: nn.Module, batches, *, target_flops: float | None = None, target_speedup: float | None = None,
+              space: dict | None = None, objective=None, max_candidates: int = 40, finalists: int = 3,
+              progress: bool = True, **fixed) -> Calibration:
+    """Choose compress() options for `model` under a FLOP or speed target, on unlabelled `batches`.
+
+    Args:
+        model: the model, in eval mode; it is never changed.
+        batches: example inputs: a list of tensors (or tuples, or dicts of tensors, e.g. tokenized
+            text), a few hundred samples in all; the same inputs the model takes.
+        target_flops: the FLOP budget, compressed / original, in (0, 1]; every candidate meets it
+            (the planner sets its keep rate, or ToMe's r).
+        target_speedup: a speed target (> 1, compiled to compiled on the first batch): the
+            finalists are compiled and timed; the best that reaches it is chosen, else the fastest,
+            with a note. Without target_flops the search starts at 1/target_speedup of the FLOPs.
+        space: option -> values to try, e.g. {"reduce": ["drop", "merge"], "at": [(2, 5, 8)]}
+            ("at": "auto" walks to neighbouring schedules); default: space.TOKEN_SPACE or
+            LINE_SPACE by the model's mode.
+        objective: None (top-1 agreement for a classifier's logits, cosine similarity for
+            features), "agreement", "cosine", or a callable (outputs, reference) -> float, higher
+            better, applied per batch to the main output tensors.
+        max_candidates: at most this many candidates are measured.
+        finalists: with target_speedup, how many of the best are compiled and timed.
+        **fixed: compress() options held fixed in every candidate (e.g. protect=1, mode="tokens").
+
+    Returns:
+        A `Calibration`: `.config` (compress() options), `.table`, `.plot(path)`, `.save(path)`.
+    """
+    check_model(model)
+    target_flops, target_speedup = _check_targets(target_flops, target_speedup)
+    Config.from_kwargs(**dict(fixed, target_flops=target_flops or 1.0))  # unknown or bad fixed options
+    with reuse_traces():
+        measure = Measure(model, batches, objective)
+        unpruned = rewrite_unpruned(model, measure.batches[0], Config(**fixed, keep=1.0))[1]
+        mode = unpruned.mode.name
+        depth = len(unpruned.analysis.blocks if mode == "tokens" else unpruned.analysis.sites)
+        search_space = Space.for_mode(mode, space).without(fixed)
+        budget = target_flops or min(1.0, 1.0 / target_speedup)
+        base = dict(fixed, target_flops=budget)
+        paper, table = descend(measure, search_space, base, depth, max_candidates, progress)
+        notes = []
+        if target_speedup is not None:
+            table, notes = _speed(model, measure, table, target_speedup, target_flops is None, finalists, progress)
+    ranked = sorted((c for c in table if c.error is None), key=Candidate.rank, reverse=True)
+    if not ranked:
+        raise ConfigError(f"every candidate was refused for {type(model).__name__}: {paper.error}")
+    if target_speedup is not None:
+        chosen = next((c for c in ranked if c.speedup is not None and c.speedup >= target_speedup), None) or \
+            max((c for c in ranked if c.speedup is not None), key=lambda c: c.speedup)
+    else:
+        chosen = ranked[0]
+    chosen.role.append("chosen")
+    calibration = Calibration(dict(chosen.config), table, measure.objective_name, measure.samples, target_flops,
+                              target_speedup, notes)
+    log.info("%s", calibration.summary())
+    return calibration
+
+
+def _check_targets(target_flops, target_speedup):
+    if target_flops is None and target_speedup is None:
+        raise ConfigError("calibrate() needs a target: target_flops= (a FLOP ratio in (0, 1], e.g. 0.7) or "
+                          "target_speedup= (compiled to compiled, > 1, e.g. 1.4)")
+    for name, value in (("target_flops", target_flops), ("target_speedup", target_speedup)):
+        if value is not None and (not isinstance(value, numbers.Real) or isinstance(value, bool) or value <= 0):
+            raise ConfigError(f"{name} must be a positive number, got {value!r}")
+    if target_flops is not None and target_flops > 1:
+        raise ConfigError(f"target_flops={target_flops} is above 1, but it is a FLOP ratio (compressed / original, "
+                          f"e.g. 0.7); for {target_flops}x faster pass target_speedup={target_flops}")
+    if target_speedup is not None and target_speedup <= 1:
+        raise ConfigError(f"target_speedup={target_speedup} is at most 1, but it is a speedup (e.g. 1.4 = 40% "
+                          f"faster); for {target_speedup} of the FLOPs pass target_flops={target_speedup}")
+    return target_flops, target_speedup
+
+
+def _speed(model, measure: Measure, table: list[Candidate], target: float, free_flops: bool, count: int,
+           progress: bool) -> tuple[list[Candidate], list[str]]:
+    """Time the best `count`; while none reaches `target` and the FLOP target is the search's own,
+    lower it by the shortfall (twice at most) and time the same settings again."""
+    finalists = sorted((c for c in table if c.error is None), key=Candidate.rank, reverse=True)[:count]
+    for attempt in range(3):
+        for c in finalists:
+            c.role.append("finalist")
+        time_finalists(model, measure.batches[0], finalists, progress=progress)
+        fastest = max(finalists, key=lambda c: c.speedup)
+        if fastest.speedup >= target or not free_flops or attempt == 2:
+            break
+        budget = fastest.options["target_flops"] * fastest.speedup / target
+        log.info("calibrate: the fastest finalist runs %.2fx; trying FLOP ratio %.3f", fastest.speedup, budget)
+        finalists = [measure(Candidate(dict(c.options, target_flops=round(budget, 4)))) for c in finalists]
+        finalists = [c for c in finalists if c.error is None]
+        table = table + finalists
+        if not finalists:
+            break
+    timed = [c for c in table if c.speedup is not None]
+    best = max(timed, key=lambda c: c.speedup)
+    notes = [] if best.speedup >= target else [
+        f"no candidate reached {target}x: the fastest, {best.label} at FLOP ratio {best.flops:.3f}, runs "
+        f"{best.speedup:.2f}x compiled to compiled on a batch of {measure.sizes[0]}"]
+    for note in notes:
+        log.warning("calibrate: %s", note)
+    return table, notes
+

@@ -1,0 +1,187 @@
+"""Candidates measured on the user's batches: FLOPs from the rewritten graphs, outputs against the
+unpruned model's (computed once).
+
+    measure = Measure(model, batches, objective=None)
+    row = measure(Candidate({"target_flops": 0.7, "reduce": "merge"}))   # row.value, row.flops
+
+Every candidate runs eagerly (`compress(..., compile=False)`), once per distinct batch shape,
+with the captures shared (`capture.reuse_traces`).
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from repshift_fx.api import compress
+from repshift_fx.calibration.objective import call, choose_objective, cosine, main_output, output_kind
+from repshift_fx.errors import ExampleInputError, RepShiftError
+from repshift_fx.report.flops import count_macs
+
+log = logging.getLogger("repshift_fx")
+
+
+@dataclass
+class Candidate:
+    """One configuration tried, and what it measured (None until measured)."""
+
+    options: dict  # the options searched (the amount as target_flops)
+    config: dict | None = None  # compress() and backend() options: the amount the planner chose (keep, or r)
+    flops: float | None = None  # FLOPs after / before, over the batches
+    value: float | None = None  # the objective (agreement or cosine), averaged over the samples
+    cosine: float | None = None  # output cosine similarity (the tie-break)
+    speedup: float | None = None  # compiled to compiled, on the first batch (target_speedup only)
+    role: list[str] = field(default_factory=list)  # "paper", "chosen", "finalist", ...
+    error: str | None = None  # why the pass refused it
+    at: tuple[int, ...] | None = None  # the blocks the drops (or merges) followed
+
+    @property
+    def label(self) -> str:
+        shown = {k: v for k, v in self.options.items() if k != "target_flops"}
+        return ", ".join(f"{k}={_short(v)}" for k, v in shown.items()) or "the paper's rule"
+
+    def rank(self) -> tuple:
+        """Higher is better: the objective, then the cosine, then fewer FLOPs."""
+        if self.error is not None:
+            return (float("-inf"),)
+        return (self.value, self.cosine, -self.flops)
+
+
+def _short(value) -> str:
+    return "(" + ",".join(map(str, value)) + ")" if isinstance(value, (tuple, list)) else str(value)
+
+
+def batch_list(batches) -> list:
+    """The user's batches as a list, checked: every batch a tensor, tuple of tensors or dict of
+    tensors, of one structure, with one batch size within each batch and the same sample shape as
+    the first batch (a dict's sequence length, the last axis, may differ)."""
+    batches = [batches] if isinstance(batches, (torch.Tensor, Mapping)) else list(batches)
+    if not batches:
+        raise ExampleInputError("calibrate() needs batches of example inputs (a list of tensors or of dicts of "
+                                "tensors, a few hundred samples in all); it got none")
+    first = _structure(batches[0], 0)
+    for i, batch in enumerate(batches[1:], 1):
+        got = _structure(batch, i)
+        if got != first:
+            raise ExampleInputError(f"batch {i} has shape {_describe(got)}, but batch 0 has {_describe(first)}: "
+                                    "every batch must give the model the same inputs (only the batch size and, for "
+                                    "dict batches, the sequence length may differ)")
+    return batches
+
+
+def _tensors(batch, i: int) -> list[tuple[str, torch.Tensor]]:
+    items = batch.items() if isinstance(batch, Mapping) else \
+        enumerate(batch) if isinstance(batch, (tuple, list)) else [("input", batch)]
+    items = list(items)
+    bad = [str(k) for k, v in items if not isinstance(v, torch.Tensor)]
+    if bad or not items:
+        raise ExampleInputError(f"batch {i} holds {'no tensor' if not items else 'non-tensors at ' + ', '.join(bad)}: "
+                                "give tensors, tuples of tensors or dicts of tensors")
+    sizes = {v.shape[0] if v.dim() else None for _, v in items}
+    if len(sizes) != 1 or None in sizes or 0 in sizes:
+        raise ExampleInputError(f"batch {i} has tensors of batch sizes {sorted(map(str, sizes))}: each tensor of a "
+                                "batch must hold the same samples along its first axis, at least one")
+    return items
+
+
+def _structure(batch, i: int) -> tuple:
+    """What must match between batches: names and sample shapes (a dict's last axis free)."""
+    free = isinstance(batch, Mapping)
+    return tuple((str(k), tuple(v.shape[1:-1] if free else v.shape[1:]), v.dtype) for k, v in _tensors(batch, i))
+
+
+def _describe(structure: tuple) -> str:
+    """e.g. "input: (B, 3, 224, 224) torch.float32" (a dict's free sequence axis not shown)."""
+    return "; ".join(f"{name}: {tuple(['B', *shape])} {dtype}".replace("'", "") for name, shape, dtype in structure)
+
+
+def shape_key(batch) -> tuple:
+    return tuple((str(k), tuple(v.shape)) for k, v in _tensors(batch, 0))
+
+
+def sample_count(batch) -> int:
+    return _tensors(batch, 0)[0][1].shape[0]
+
+
+def sample_macs(module, batch) -> int:
+    """MACs of one sample of `batch` through `module`."""
+    first = {k: v[:1] for k, v in batch.items()} if isinstance(batch, Mapping) else \
+        tuple(t[:1] for t in batch) if isinstance(batch, (tuple, list)) else batch[:1]
+    return count_macs(lambda: call(module, first), ())
+
+
+class Measure:
+    """The unpruned outputs and FLOPs, once; then each candidate's FLOP ratio and objective."""
+
+    def __init__(self, model: nn.Module, batches, objective=None):
+        self.model, self.batches = model, batch_list(batches)
+        self.sizes = [sample_count(b) for b in self.batches]
+        with torch.inference_mode():
+            outputs = [call(model, b) for b in self.batches]
+        self.kind = "custom" if objective is not None else output_kind(model, self.batches[0], outputs[0])
+        self.objective, self.objective_name = choose_objective(objective, self.kind if objective is None else "")
+        self.reference = [main_output(o).float() for o in outputs]
+        self.macs_before = self._macs(model)
+
+    @property
+    def samples(self) -> int:
+        return sum(self.sizes)
+
+    def _macs(self, module_for) -> float:
+        """Sample-weighted MACs over the batches; `module_for(batch)` (or a module) runs one."""
+        total, seen = 0.0, {}
+        for batch, n in zip(self.batches, self.sizes):
+            key = shape_key(batch)
+            if key not in seen:
+                module = module_for(batch) if not isinstance(module_for, nn.Module) else module_for
+                seen[key] = sample_macs(module, batch)
+            total += seen[key] * n
+        return total
+
+    def __call__(self, candidate: Candidate) -> Candidate:
+        """Fill `candidate`'s config, FLOPs and objective; a refusal is recorded in `.error`, not raised."""
+        compressed = {}
+
+        def module_for(batch):
+            key = shape_key(batch)
+            if key not in compressed:
+                compressed[key] = compress(self.model, batch, compile=False, **candidate.config)
+            return compressed[key]
+
+        try:
+            candidate.config = concrete(self.model, self.batches[0], candidate.options)
+            candidate.at = candidate.config.get("at")
+            candidate.flops = self._macs(module_for) / self.macs_before
+            values, cosines = [], []
+            torch.manual_seed(0)  # score="random": the same draws for every candidate
+            with torch.inference_mode():
+                for batch, reference in zip(self.batches, self.reference):
+                    out = main_output(call(module_for(batch), batch)).float()
+                    values.append(self.objective(out, reference))
+                    cosines.append(cosine(out, reference))
+        except RepShiftError as error:
+            candidate.error = str(error).split("\n")[0]
+            log.info("calibrate: %s refused: %s", candidate.label, candidate.error)
+            return candidate
+        candidate.value = _weighted(values, self.sizes)
+        candidate.cosine = _weighted(cosines, self.sizes)
+        return candidate
+
+
+def concrete(model: nn.Module, batch, options: dict) -> dict:
+    """`options` with target_flops replaced by what the planner chose for `batch`'s shape (keep,
+    or ToMe's r) and `at` made explicit: options every entry point takes (the dynamo backend
+    counts no FLOP budget), for the same FLOPs at that shape."""
+    if "target_flops" not in options:
+        return dict(options)
+    report = compress(model, batch, compile=False, **options).report
+    amount = {"r": report.budget["r"]} if report.budget.get("r") is not None else {"keep": report.budget["keep"]}
+    found = {k: v for k, v in options.items() if k != "target_flops"}
+    return dict(found, **amount, at=tuple(report.config["at"]))
+
+
+def _weighted(values: list[float], sizes: list[int]) -> float:
+    return sum(v * n for v, n in zip(values, sizes)) / sum(sizes)

@@ -1,0 +1,103 @@
+"""The search space of calibration, and the moves of its coordinate descent.
+
+    space = Space.for_mode("tokens", user_space)     # dimension -> values to try
+    space.alternatives("score", current)             # the values of one dimension to try next
+
+Dimensions: where the drops go (`at`), the score (shift, attention, norm, ToMe), the shift's
+distance and site, and drop or merge (`reduce`). The amount (keep, or ToMe's r) is never a
+dimension: the FLOP target sets it, through the planner (`target_flops`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from repshift_fx.config import Config, check_names
+from repshift_fx.errors import ConfigError
+
+TOKEN_SPACE = {"reduce": ("drop", "merge"), "score": ("shift", "attention", "tome"), "distance": ("l2", "cosine"),
+               "site": ("mlp", "attn"), "at": "auto"}
+LINE_SPACE = {"score": ("shift", "norm"), "distance": ("l2", "l1", "cosine"), "at": "auto"}
+DIMENSIONS = ("reduce", "score", "distance", "site", "merge_metric", "residual", "size_attention", "at")
+PAPER = {"score": "shift", "site": "mlp", "distance": "l2", "reduce": "drop", "at": None}  # None: the default at
+SHIFT_ONLY = ("distance", "site", "residual")  # meaningless for other scores
+NOT_FOR_TOME = ("reduce", "merge_metric", "at")  # ToMe merges by its own matching, in every block
+
+
+@dataclass
+class Space:
+    """Dimension -> the values to try; "at": "auto" (moves around the current schedule) or a list."""
+
+    values: dict
+
+    @classmethod
+    def for_mode(cls, mode: str, space: dict | None = None) -> "Space":
+        if space is None:
+            return cls(dict(LINE_SPACE if mode == "lines" else TOKEN_SPACE))
+        if not isinstance(space, dict) or not space:
+            raise ConfigError(f"space must be a dict of option -> values to try, e.g. {{'reduce': ['drop', "
+                              f"'merge']}}, got {space!r}")
+        check_names(space, DIMENSIONS, "space option")
+        checked = {}
+        for name, values in space.items():
+            if name == "at":
+                checked[name] = values if values == "auto" else [None if a is None else tuple(a) for a in values]
+                continue
+            values = list(values) if isinstance(values, (list, tuple)) else [values]
+            for value in values:
+                _check_value(name, value)
+            checked[name] = tuple(values)
+        return cls(checked)
+
+    def without(self, fixed: dict) -> "Space":
+        """The space less the options the user holds fixed."""
+        return Space({k: v for k, v in self.values.items() if k not in fixed})
+
+    def dimensions(self) -> list[str]:
+        return [d for d in DIMENSIONS if d in self.values]
+
+    def alternatives(self, dimension: str, current: dict, depth: int) -> list:
+        """Values of `dimension` other than the current one that make sense with the rest of it."""
+        if dimension in SHIFT_ONLY and current.get("score", "shift") != "shift":
+            return []
+        if dimension in NOT_FOR_TOME and current.get("score") == "tome":
+            return []
+        if dimension == "merge_metric" and current.get("reduce") != "merge":
+            return []
+        if dimension == "at":
+            found = at_moves(current.get("at"), depth) if self.values["at"] == "auto" else self.values["at"]
+        else:
+            found = self.values[dimension]
+        return [v for v in found if v != current.get(dimension, PAPER.get(dimension))]
+
+
+def _check_value(name: str, value) -> None:
+    base = dict(target_flops=0.5, score="shift")
+    base.update({name: value})
+    if name == "reduce" and value == "merge":
+        base["score"] = "shift"
+    try:
+        Config(**base)
+    except ConfigError as error:
+        raise ConfigError(f"space[{name!r}] holds {value!r}: {error}") from None
+
+
+def at_moves(at: tuple[int, ...], depth: int) -> list[tuple[int, ...]]:
+    """Schedules next to `at` among blocks 0..depth-2 (a drop after the last block saves nothing):
+    all drops one block earlier or later, each drop alone one block earlier or later, one drop
+    fewer, one drop more (in the middle of the widest gap)."""
+    last = depth - 2
+    moves = [tuple(a + s for a in at) for s in (-1, 1)]
+    for i in range(len(at)):
+        for s in (-1, 1):
+            moves.append(at[:i] + (at[i] + s,) + at[i + 1:])
+    if len(at) > 1:
+        moves += [at[:i] + at[i + 1:] for i in range(len(at))]
+    bounds = (-1,) + tuple(at) + (last + 1,)
+    gap = max(range(len(bounds) - 1), key=lambda i: bounds[i + 1] - bounds[i])
+    moves.append(tuple(sorted(set(at) | {(bounds[gap] + bounds[gap + 1] + 1) // 2})))
+    valid = []
+    for move in moves:
+        if move and list(move) == sorted(set(move)) and 0 <= move[0] and move[-1] <= last and move != tuple(at) \
+                and move not in valid:
+            valid.append(move)
+    return valid

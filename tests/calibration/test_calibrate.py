@@ -1,0 +1,142 @@
+"""repshift_fx.calibrate: the chosen options meet the target, its figures are what an independent
+eager run measures, the model is untouched, and bad input is refused in the user's words."""
+import json
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+import repshift_fx
+from repshift_fx import Calibration, ConfigError, ExampleInputError
+from repshift_fx.calibration.space import at_moves
+from conftest import assert_unchanged, snapshot, tiny_timm
+
+SPACE = {"reduce": ["drop", "merge"], "score": ["shift", "tome"], "at": "auto"}
+
+
+@pytest.fixture(scope="module")
+def vit():
+    return tiny_timm("deit_tiny_patch16_224", depth=4, img_size=64, num_classes=10)
+
+
+@pytest.fixture(scope="module")
+def batches():
+    generator = torch.Generator().manual_seed(1)
+    return [torch.randn(8, 3, 64, 64, generator=generator) for _ in range(3)]
+
+
+@pytest.fixture(scope="module")
+def calibrated(vit, batches):
+    before = snapshot(vit)
+    cal = repshift_fx.calibrate(vit, batches, target_flops=0.7, space=SPACE, max_candidates=8, progress=False)
+    assert_unchanged(vit, before)
+    assert not vit.training
+    return cal
+
+
+def flops(fn, x) -> int:
+    """Stock torch FLOP counting, attention as the math kernel's matmuls (the CPU flash kernel is not counted)."""
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter, torch.inference_mode():
+        fn(x[:1])
+    return counter.get_total_flops()
+
+
+def test_every_candidate_meets_the_flop_target_counted_independently(vit, batches, calibrated):
+    measured = [c for c in calibrated.table if c.error is None]
+    assert len(measured) >= 4
+    for c in measured:
+        gm = repshift_fx.compress(vit, batches[0], compile=False, **c.config)  # keep (or r) and at explicit
+        ratio = flops(gm, batches[0]) / flops(vit, batches[0])
+        assert ratio == pytest.approx(c.flops, rel=1e-6) and ratio <= 0.7
+
+
+def test_the_chosen_agreement_is_what_an_eager_run_measures(vit, batches, calibrated):
+    assert calibrated.objective == "top-1 agreement"  # a classifier's logits
+    gm = repshift_fx.compress(vit, batches[0], compile=False, **calibrated.config)
+    with torch.inference_mode():
+        same = [(gm(x).argmax(1) == vit(x).argmax(1)).double() for x in batches]
+    assert torch.cat(same).mean().item() == pytest.approx(calibrated.chosen.value)
+    assert calibrated.chosen.rank() >= calibrated.paper.rank()  # never worse than where it started
+    assert calibrated.paper.options == {"target_flops": 0.7}  # the paper's rule at the target
+
+
+def test_the_search_walks_every_dimension_of_the_space(calibrated):
+    tried = [c.options for c in calibrated.table]
+    assert any(o.get("reduce") == "merge" for o in tried)
+    assert any(o.get("score") == "tome" for o in tried)
+    assert any("at" in o for o in tried)  # moves around the default schedule
+    assert len(tried) <= 8
+
+
+def test_the_config_goes_to_compress_the_backend_and_json(vit, batches, calibrated, tmp_path):
+    path = tmp_path / "tuned.json"
+    calibrated.save(path)
+    loaded = Calibration.load(path)
+    assert loaded.config == calibrated.config and len(loaded.table) == len(calibrated.table)
+    saved = json.loads(path.read_text())
+    assert saved["target_flops"] == 0.7 and set(saved["config"]) >= {"at"} and {"keep", "r"} & set(saved["config"])
+    eager = repshift_fx.compress(vit, batches[0], compile=False, **loaded.config)
+    compiled = torch.compile(vit, backend=repshift_fx.backend(**loaded.config))
+    with torch.inference_mode():
+        torch.testing.assert_close(compiled(batches[0]), eager(batches[0]), atol=1e-4, rtol=1e-4)
+    calibrated.plot(tmp_path / "frontier.png")
+    assert (tmp_path / "frontier.png").stat().st_size > 10_000
+    assert "chosen" in str(calibrated) and "paper" in str(calibrated)
+
+
+def test_features_are_compared_by_cosine(batches):
+    encoder = tiny_timm("deit_tiny_patch16_224", depth=4, img_size=64, num_classes=0)
+    cal = repshift_fx.calibrate(encoder, batches[:1], target_flops=0.8, space={"reduce": ["merge"]},
+                                max_candidates=2, progress=False)
+    assert cal.objective == "cosine similarity"
+    gm = repshift_fx.compress(encoder, batches[0], compile=False, **cal.config)
+    with torch.inference_mode():
+        want = F.cosine_similarity(gm(batches[0]), encoder(batches[0]), dim=-1).mean().item()
+    assert cal.chosen.value == pytest.approx(want, rel=1e-6)
+
+
+def test_a_speed_target_out_of_reach_names_the_fastest(vit, batches):
+    cal = repshift_fx.calibrate(vit, batches[:1], target_flops=0.7, target_speedup=50.0, space={"reduce": ["drop"]},
+                                max_candidates=1, finalists=1, progress=False)
+    assert cal.chosen.speedup is not None and cal.chosen.speedup < 50
+    assert "no candidate reached 50.0x" in cal.notes[0] and cal.chosen.label in cal.notes[0]
+
+
+def test_at_moves_stay_in_range_and_increasing():
+    moves = at_moves((3, 6, 9), 12)
+    assert (2, 5, 8) in moves and (4, 7, 10) in moves and (3, 9) in moves and (3, 6, 8, 9) not in moves
+    assert all(list(m) == sorted(set(m)) and 0 <= m[0] and m[-1] <= 10 for m in moves)
+    assert (0,) not in at_moves((0,), 2) and at_moves((0,), 2) == []
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(), "needs a target"),
+    (dict(target_flops=1.4), "pass target_speedup=1.4"),
+    (dict(target_speedup=0.7), "pass target_flops=0.7"),
+    (dict(target_flops=0.7, space={"reduse": ["merge"]}), "did you mean 'reduce'"),
+    (dict(target_flops=0.7, space={"score": ["shfit"]}), "space['score'] holds 'shfit'"),
+    (dict(target_flops=0.7, objective="accuracy"), "objective must be"),
+    (dict(target_flops=0.01), "Ask for at least"),
+])
+def test_bad_options_are_refused_in_the_users_words(vit, batches, kwargs, words):
+    before = snapshot(vit)
+    with pytest.raises(ConfigError, match=None) as info:
+        repshift_fx.calibrate(vit, batches[:1], progress=False, max_candidates=1,
+                              **dict(kwargs, space=kwargs.get("space", {"reduce": ["drop"]})))
+    assert words in str(info.value) and not re.search(r"%[a-z_]", str(info.value))  # no graph node named
+    assert_unchanged(vit, before)
+
+
+@pytest.mark.parametrize("given, words", [
+    ([], "it got none"),
+    ([torch.randn(2, 3, 64, 64), torch.randn(2, 3, 32, 32)], "batch 1 has shape input: (B, 3, 32, 32)"),
+    ([{"input_ids": torch.ones(2, 5, dtype=torch.long)}, {"ids": torch.ones(2, 5, dtype=torch.long)}], "batch 1"),
+    ([(torch.randn(2, 3, 64, 64), torch.randn(3, 3))], "batch sizes"),
+])
+def test_empty_or_mismatched_batches_say_which_and_what(vit, given, words):
+    with pytest.raises(ExampleInputError) as info:
+        repshift_fx.calibrate(vit, given, target_flops=0.7, progress=False)
+    assert words in str(info.value)
