@@ -32,6 +32,15 @@ def test_tome_matches_the_reference(name, deit, distilled, image):
     assert gm.report.tokens == [prefix + 16 - 2 * i for i in range(4)]
 
 
+def test_tome_at_a_flop_budget_takes_the_smallest_r_within_it(deit, image):
+    report = repshift_fx.inspect(deit, image, score="tome", target_flops=0.8)
+    r = report.budget["r"]
+    assert report.flop_ratio <= 0.8 and report.budget["reached"] == pytest.approx(report.flop_ratio)
+    assert repshift_fx.inspect(deit, image, score="tome", r=r).flop_ratio == pytest.approx(report.flop_ratio)
+    assert repshift_fx.inspect(deit, image, score="tome", r=r - 1).flop_ratio > 0.8
+    assert f"ToMe r={r}" in str(report)
+
+
 def test_attention_score_merges_by_the_keys_of_its_explicit_attention(deit, image):
     gm = repshift_fx.compress(deit, image, keep=0.6, at=(1, 2), score="attention", reduce="merge", compile=False)
     assert gm(image).shape == (2, 1000) and gm.report.tokens == [17, 17, 11, 7]
@@ -85,6 +94,8 @@ def test_restore_false_on_a_per_token_output_says_restore_would_fix_it(deit, ima
     (dict(score="tome"), "pass r="),
     (dict(score="tome", r=2, reduce="merge"), "chooses its own merges"),
     (dict(score="tome", r=2, keep=0.5), "not keep="),
+    (dict(score="tome", r=2, target_flops=0.5), "both set the amount"),
+    (dict(score="tome", target_flops=0.05), "ToMe with r="),
     (dict(reduce="merge", fuse=True), "use one of them"),
     (dict(r=2), "needs score='tome'"),
     (dict(kepe=0.5), "did you mean 'keep'"),

@@ -30,8 +30,8 @@ __all__ = ["calibrate", "Calibration", "Candidate"]
 
 
 def calibrate(model: nn.Module, batches, *, target_flops: float | None = None, target_speedup: float | None = None,
-              space: dict | None = None, objective=None, max_candidates: int = 40, finalists: int = 3,
-              progress: bool = True, **fixed) -> Calibration:
+              space: dict | None = None, objective=None, max_candidates: int = 40, screen: int | None = 64,
+              refine: int = 4, finalists: int = 3, progress: bool = True, **fixed) -> Calibration:
     """Choose compress() options for `model` under a FLOP or speed target, on unlabelled `batches`.
 
     Args:
@@ -50,6 +50,9 @@ def calibrate(model: nn.Module, batches, *, target_flops: float | None = None, t
             features), "agreement", "cosine", or a callable (outputs, reference) -> float, higher
             better, applied per batch to the main output tensors.
         max_candidates: at most this many candidates are measured.
+        screen: the search measures each candidate on the first batches holding this many
+            samples (None: all); then the `refine` best, and the paper's rule, are measured on all
+            of them, and the choice is made among those.
         finalists: with target_speedup, how many of the best are compiled and timed.
         **fixed: compress() options held fixed in every candidate (e.g. protect=1, mode="tokens").
 
@@ -60,7 +63,7 @@ def calibrate(model: nn.Module, batches, *, target_flops: float | None = None, t
     target_flops, target_speedup = _check_targets(target_flops, target_speedup)
     Config.from_kwargs(**dict(fixed, target_flops=target_flops or 1.0))  # unknown or bad fixed options
     with reuse_traces():
-        measure = Measure(model, batches, objective)
+        measure = Measure(model, batches, objective, screen)
         unpruned = rewrite_unpruned(model, measure.batches[0], Config(**fixed, keep=1.0))[1]
         mode = unpruned.mode.name
         depth = len(unpruned.analysis.blocks if mode == "tokens" else unpruned.analysis.sites)
@@ -68,6 +71,10 @@ def calibrate(model: nn.Module, batches, *, target_flops: float | None = None, t
         budget = target_flops or min(1.0, 1.0 / target_speedup)
         base = dict(fixed, target_flops=budget)
         paper, table = descend(measure, search_space, base, depth, max_candidates, progress)
+        if measure.screened < len(measure.batches):
+            best = sorted((c for c in table if c.error is None), key=Candidate.rank, reverse=True)[:refine]
+            for candidate in {id(c): c for c in best + [paper] if c.error is None}.values():
+                measure(candidate, full=True)
         notes = []
         if target_speedup is not None:
             table, notes = _speed(model, measure, table, target_speedup, target_flops is None, finalists, progress)
@@ -116,7 +123,7 @@ def _speed(model, measure: Measure, table: list[Candidate], target: float, free_
             break
         budget = fastest.options["target_flops"] * fastest.speedup / target
         log.info("calibrate: the fastest finalist runs %.2fx; trying FLOP ratio %.3f", fastest.speedup, budget)
-        finalists = [measure(Candidate(dict(c.options, target_flops=round(budget, 4)))) for c in finalists]
+        finalists = [measure(Candidate(dict(c.options, target_flops=round(budget, 4))), full=True) for c in finalists]
         finalists = [c for c in finalists if c.error is None]
         table = table + finalists
         if not finalists:

@@ -9,6 +9,7 @@ with the captures shared (`capture.reuse_traces`).
 """
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ class Candidate:
     role: list[str] = field(default_factory=list)  # "paper", "chosen", "finalist", ...
     error: str | None = None  # why the pass refused it
     at: tuple[int, ...] | None = None  # the blocks the drops (or merges) followed
+    samples: int = 0  # how many samples value and cosine are over (the screening ones, or all)
 
     @property
     def label(self) -> str:
@@ -44,10 +46,10 @@ class Candidate:
         return ", ".join(f"{k}={_short(v)}" for k, v in shown.items()) or "the paper's rule"
 
     def rank(self) -> tuple:
-        """Higher is better: the objective, then the cosine, then fewer FLOPs."""
+        """Higher is better: measured on more samples, then the objective, the cosine, fewer FLOPs."""
         if self.error is not None:
             return (float("-inf"),)
-        return (self.value, self.cosine, -self.flops)
+        return (self.samples, self.value, self.cosine, -self.flops)
 
 
 def _short(value) -> str:
@@ -116,7 +118,7 @@ def sample_macs(module, batch) -> int:
 class Measure:
     """The unpruned outputs and FLOPs, once; then each candidate's FLOP ratio and objective."""
 
-    def __init__(self, model: nn.Module, batches, objective=None):
+    def __init__(self, model: nn.Module, batches, objective=None, screen: int | None = None):
         self.model, self.batches = model, batch_list(batches)
         self.sizes = [sample_count(b) for b in self.batches]
         with torch.inference_mode():
@@ -124,26 +126,31 @@ class Measure:
         self.kind = "custom" if objective is not None else output_kind(model, self.batches[0], outputs[0])
         self.objective, self.objective_name = choose_objective(objective, self.kind if objective is None else "")
         self.reference = [main_output(o).float() for o in outputs]
-        self.macs_before = self._macs(model)
+        counts = [sum(self.sizes[:k]) for k in range(1, len(self.sizes) + 1)]
+        self.screened = next((k for k, n in enumerate(counts, 1) if screen is not None and n >= screen), len(counts))
 
     @property
     def samples(self) -> int:
         return sum(self.sizes)
 
-    def _macs(self, module_for) -> float:
-        """Sample-weighted MACs over the batches; `module_for(batch)` (or a module) runs one."""
+    @functools.cache
+    def _macs_before(self, upto: int) -> float:
+        return self._macs(lambda _: self.model, upto)
+
+    def _macs(self, module_for, upto: int) -> float:
+        """Sample-weighted MACs over the first `upto` batches; `module_for(batch)` runs one."""
         total, seen = 0.0, {}
-        for batch, n in zip(self.batches, self.sizes):
+        for batch, n in zip(self.batches[:upto], self.sizes[:upto]):
             key = shape_key(batch)
             if key not in seen:
-                module = module_for(batch) if not isinstance(module_for, nn.Module) else module_for
-                seen[key] = sample_macs(module, batch)
+                seen[key] = sample_macs(module_for(batch), batch)
             total += seen[key] * n
         return total
 
-    def __call__(self, candidate: Candidate) -> Candidate:
-        """Fill `candidate`'s config, FLOPs and objective; a refusal is recorded in `.error`, not raised."""
-        compressed = {}
+    def __call__(self, candidate: Candidate, full: bool = False) -> Candidate:
+        """Fill `candidate`'s config, FLOPs and objective over the screening batches (`full`: over
+        every batch); a refusal is recorded in `.error`, not raised."""
+        compressed, upto = {}, len(self.batches) if full else self.screened
 
         def module_for(batch):
             key = shape_key(batch)
@@ -152,13 +159,15 @@ class Measure:
             return compressed[key]
 
         try:
-            candidate.config = concrete(self.model, self.batches[0], candidate.options)
-            candidate.at = candidate.config.get("at")
-            candidate.flops = self._macs(module_for) / self.macs_before
+            if candidate.config is None:
+                candidate.config, compressed[shape_key(self.batches[0])] = concrete(self.model, self.batches[0],
+                                                                                    candidate.options)
+                candidate.at = candidate.config.get("at")
+            candidate.flops = self._macs(module_for, upto) / self._macs_before(upto)
             values, cosines = [], []
             torch.manual_seed(0)  # score="random": the same draws for every candidate
             with torch.inference_mode():
-                for batch, reference in zip(self.batches, self.reference):
+                for batch, reference in zip(self.batches[:upto], self.reference[:upto]):
                     out = main_output(call(module_for(batch), batch)).float()
                     values.append(self.objective(out, reference))
                     cosines.append(cosine(out, reference))
@@ -166,21 +175,23 @@ class Measure:
             candidate.error = str(error).split("\n")[0]
             log.info("calibrate: %s refused: %s", candidate.label, candidate.error)
             return candidate
-        candidate.value = _weighted(values, self.sizes)
-        candidate.cosine = _weighted(cosines, self.sizes)
+        candidate.value = _weighted(values, self.sizes[:upto])
+        candidate.cosine = _weighted(cosines, self.sizes[:upto])
+        candidate.samples = sum(self.sizes[:upto])
         return candidate
 
 
-def concrete(model: nn.Module, batch, options: dict) -> dict:
-    """`options` with target_flops replaced by what the planner chose for `batch`'s shape (keep,
-    or ToMe's r) and `at` made explicit: options every entry point takes (the dynamo backend
-    counts no FLOP budget), for the same FLOPs at that shape."""
+def concrete(model: nn.Module, batch, options: dict):
+    """(`options` with target_flops replaced by what the planner chose for `batch`'s shape (keep,
+    or ToMe's r) and `at` made explicit, the graph compressed for `batch`): options every entry
+    point takes (the dynamo backend counts no FLOP budget), for the same FLOPs at that shape."""
+    gm = compress(model, batch, compile=False, **options)
     if "target_flops" not in options:
-        return dict(options)
-    report = compress(model, batch, compile=False, **options).report
-    amount = {"r": report.budget["r"]} if report.budget.get("r") is not None else {"keep": report.budget["keep"]}
+        return dict(options), gm
+    budget = gm.report.budget
+    amount = {"r": budget["r"]} if budget.get("r") is not None else {"keep": budget["keep"]}
     found = {k: v for k, v in options.items() if k != "target_flops"}
-    return dict(found, **amount, at=tuple(report.config["at"]))
+    return dict(found, **amount, at=tuple(gm.report.config["at"])), gm
 
 
 def _weighted(values: list[float], sizes: list[int]) -> float:

@@ -47,10 +47,10 @@ class Calibration:
                 f"{c.flops:.3f}{speed} ({len(self.table)} candidates)")
 
     def format_table(self, fmt: str = "simple") -> str:
-        rows = [(", ".join(c.role), c.label, _num(c.flops), _num(c.value), _num(c.cosine),
+        rows = [(", ".join(c.role), c.label, _num(c.flops), _num(c.value), _num(c.cosine), c.samples or "-",
                  "-" if c.speedup is None else f"{c.speedup:.2f}x", c.error or "")
                 for c in sorted(self.table, key=Candidate.rank, reverse=True)]
-        headers = ("", "candidate", "FLOP ratio", self.objective, "cosine", "speedup", "refused")
+        headers = ("", "candidate", "FLOP ratio", self.objective, "cosine", "samples", "speedup", "refused")
         return tabulate(rows, headers=headers, tablefmt=fmt)
 
     def __str__(self) -> str:

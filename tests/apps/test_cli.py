@@ -275,3 +275,19 @@ def test_torchvision_classifiers_get_their_preset_input_size(capsys):
     assert torchvision_input("timm:resnet18") is None
     data = run_json(capsys, "inspect", "torchvision:resnet18")
     assert data["input"] == [1, 3, 224, 224] and data["mode"] == "lines"
+
+
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(),
+                    reason="Fashion-MNIST: apt-get install dataset-fashion-mnist (bash tools/setup_env.sh test does)")
+def test_tune_saves_what_inspect_config_uses(capsys, tmp_path):
+    tuned = tmp_path / "tuned.json"
+    code, out, err = run(capsys, "tune", *TINY, "--data", "fashion-mnist", "--samples", 16, "--batch", 8,
+                         "--target-flops", 0.8, "--max-candidates", 2, "-o", tuned)
+    assert code == 0, err
+    saved = json.loads(tuned.read_text())
+    assert saved["target_flops"] == 0.8 and len(saved["table"]) == 2 and "paper" in out
+    data = run_json(capsys, "inspect", *TINY, "--config", tuned)
+    assert data["flop_ratio"] <= 0.8 and data["config"]["keep"] == saved["config"]["keep"]
+    assert any(note.startswith(f"configuration from calibration {tuned}") for note in data["notes"])
+    code, _, err = run(capsys, "inspect", *TINY, "--config", tmp_path / "missing.json")
+    assert code == 2 and "cannot read the calibration" in err and "Traceback" not in err

@@ -31,7 +31,8 @@ def batches():
 @pytest.fixture(scope="module")
 def calibrated(vit, batches):
     before = snapshot(vit)
-    cal = repshift_fx.calibrate(vit, batches, target_flops=0.7, space=SPACE, max_candidates=8, progress=False)
+    cal = repshift_fx.calibrate(vit, batches, target_flops=0.7, space=SPACE, max_candidates=8, screen=8, refine=2,
+                                progress=False)
     assert_unchanged(vit, before)
     assert not vit.training
     return cal
@@ -61,6 +62,14 @@ def test_the_chosen_agreement_is_what_an_eager_run_measures(vit, batches, calibr
     assert torch.cat(same).mean().item() == pytest.approx(calibrated.chosen.value)
     assert calibrated.chosen.rank() >= calibrated.paper.rank()  # never worse than where it started
     assert calibrated.paper.options == {"target_flops": 0.7}  # the paper's rule at the target
+
+
+def test_the_search_screens_on_the_first_batch_and_chooses_among_the_fully_measured(calibrated):
+    measured = [c for c in calibrated.table if c.error is None]
+    full = [c for c in measured if c.samples == 24]
+    assert calibrated.chosen in full and calibrated.paper in full and 2 <= len(full) <= 3
+    assert all(c.samples == 8 for c in measured if c not in full)
+    assert calibrated.chosen.value == max(c.value for c in full) or calibrated.chosen.rank() == max(c.rank() for c in full)
 
 
 def test_the_search_walks_every_dimension_of_the_space(calibrated):

@@ -6,8 +6,8 @@ its FLOP target, measured on the test split.
     rows, rho = evaluate_calibration(setup, cal, images.evaluate_options)
 
 The calibration batches come from the training split, disjoint from the test split. Rows:
-the unpruned model, the paper's rule and ToMe at the same target, the chosen configuration, and
-every other candidate; `rho` is the rank correlation (Spearman) between the calibration objective
+the unpruned model, the chosen configuration, the paper's rule, ToMe and random scores at the
+same target, and every other candidate; `rho` is the rank correlation (Spearman) between the calibration objective
 and the test accuracy over the candidates.
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ from repshift_fx.errors import RepShiftError
 
 @dataclass
 class CalibratedRow:
-    role: str  # "unpruned", "paper", "tome", "chosen" or "" (another candidate)
+    role: str  # "unpruned", "chosen", "paper", "tome", "random" (comma-joined where several), "" (another candidate)
     label: str
     objective: float | None  # on the calibration batches
     row: EvalRow  # on the test split
@@ -52,25 +52,23 @@ def evaluate_calibration(setup, cal, evaluate_options, progress: bool = True
     target = cal.chosen.options["target_flops"]
     unpruned = EvalRow("unpruned", 1.0, setup.gflops, 1.0, setup.accuracy, 1.0)
     rows = [CalibratedRow("unpruned", "unpruned", None, unpruned)]
-    measured = {}
     for c in tqdm([c for c in cal.table if c.error is None], desc="candidates on the test split",
                   disable=not progress, unit="candidate"):
         row = evaluate_options(setup, c.label, target, c.config)
-        measured[c.label] = row
-        role = "chosen" if "chosen" in c.role else "paper" if "paper" in c.role else \
-            "tome" if c.options.get("score") == "tome" else ""
-        rows.append(CalibratedRow(role, c.label, c.value, row))
-    if not any(r.role == "tome" for r in rows):
-        try:
-            row = evaluate_options(setup, "score=tome", target, {"score": "tome", "target_flops": target})
-            rows.append(CalibratedRow("tome", "score=tome", None, row))
-        except RepShiftError:
-            pass
+        roles = [r for r in ("chosen", "paper") if r in c.role] + (["tome"] if c.options.get("score") == "tome" else [])
+        rows.append(CalibratedRow(", ".join(roles), c.label, c.value, row))
+    for baseline in ("tome", "random"):  # at the same FLOP target; ToMe where the model has tokens
+        if not any(baseline in r.role for r in rows):
+            try:
+                row = evaluate_options(setup, f"score={baseline}", target, {"score": baseline, "target_flops": target})
+                rows.append(CalibratedRow(baseline, f"score={baseline}", None, row))
+            except RepShiftError:
+                pass
     candidates = [r for r in rows if r.objective is not None]
     key = "accuracy" if setup.accuracy is not None else "agreement"
     rho = spearmanr([r.objective for r in candidates], [getattr(r.row, key) for r in candidates]).statistic
-    order = {"unpruned": 0, "chosen": 1, "paper": 2, "tome": 3, "": 4}
-    rows.sort(key=lambda r: (order[r.role], -(r.objective or 0)))
+    order = {"unpruned": 0, "chosen": 1, "paper": 2, "tome": 3, "random": 4, "": 5}
+    rows.sort(key=lambda r: (order[r.role.split(",")[0]], -(r.objective or 0)))
     return rows, float(rho)
 
 
@@ -97,9 +95,9 @@ def plot_calibrated(rows: list[CalibratedRow], path, title: str = "") -> None:
     ax.scatter([r.row.flop_ratio for r in others], [100 * getattr(r.row, key) for r in others], s=14, color="0.6",
                label="other candidates")
     marks = {"unpruned": ("k*", "unpruned"), "paper": ("s", "paper's rule"), "tome": ("D", "ToMe"),
-             "chosen": ("*", "calibrated")}
+             "random": ("v", "random"), "chosen": ("*", "calibrated")}
     for role, (marker, name) in marks.items():
-        for r in (r for r in rows if r.role == role):
+        for r in (r for r in rows if role in r.role.split(", ")):
             ax.plot([r.row.flop_ratio], [100 * getattr(r.row, key)], marker[-1], markersize=11,
                     color="black" if role == "unpruned" else None, label=name)
     ax.set_xlabel("FLOP ratio (after / before)")
