@@ -166,9 +166,10 @@ class Measure:
             candidate.flops = self._macs(module_for, upto) / self._macs_before(upto)
             values, cosines = [], []
             torch.manual_seed(0)  # score="random": the same draws for every candidate
-            with torch.inference_mode():
-                for batch, reference in zip(self.batches[:upto], self.reference[:upto]):
-                    out = main_output(call(module_for(batch), batch)).float()
+            for batch, reference in zip(self.batches[:upto], self.reference[:upto]):
+                module = module_for(batch)  # compressed outside inference mode: capture records new tensors
+                with torch.inference_mode():
+                    out = main_output(call(module, batch)).float()
                     values.append(self.objective(out, reference))
                     cosines.append(cosine(out, reference))
         except RepShiftError as error:

@@ -56,9 +56,12 @@ class Descent:
     def __init__(self, measure: Measure, space: Space, depth: int, max_candidates: int, progress: bool):
         self.measure, self.space, self.depth, self.max = measure, space, depth, max_candidates
         self.seen: dict[tuple, Candidate] = {}
+        self.default_at = None  # what the seed's at=None resolved to
         self.bar = tqdm(total=max_candidates, desc="calibrate", unit="candidate", disable=not progress)
 
     def try_options(self, options: dict) -> Candidate | None:
+        if self.seen and options.get("at") == self.default_at:
+            options = {k: v for k, v in options.items() if k != "at"}  # the default schedule, named
         key = _key(options)
         if key in self.seen:
             return self.seen[key]
@@ -114,6 +117,7 @@ def descend(measure: Measure, space: Space, base: dict, depth: int, max_candidat
     the options in `base` (the FLOP target, options the user fixed)."""
     descent = Descent(measure, space, depth, max_candidates, progress)
     seed = descent.try_options(dict(base))
+    descent.default_at = seed.at
     seed.role.append("paper")
     if seed.error is not None:
         log.warning("calibrate: the paper's rule is refused for this model: %s", seed.error)

