@@ -80,6 +80,8 @@ def parse_args(argv=None):
                         "--target-flops, then measure every candidate, the paper's rule and ToMe on the test split")
     parser.add_argument("--target-flops", type=float, default=0.7, help="the FLOP target of --calibrate")
     parser.add_argument("--max-candidates", type=int, default=40, help="the most candidates --calibrate measures")
+    parser.add_argument("--space", metavar="JSON", help="--calibrate's search space, e.g. "
+                        "'{\"reduce\": [\"drop\", \"merge\"], \"score\": [\"shift\", \"attention\"], \"at\": \"auto\"}'")
     return parser.parse_args(argv)
 
 
@@ -140,11 +142,12 @@ def run_text(args) -> Path:
 def calibrated(args, setup, batches, evaluate_options) -> Path:
     """--calibrate: calibrate on the training batches, then measure its candidates on the test split."""
     with reuse_traces():
-        cal = repshift_fx.calibrate(setup.model, batches, target_flops=args.target_flops,
+        space = json.loads(args.space) if args.space else None
+        cal = repshift_fx.calibrate(setup.model, batches, target_flops=args.target_flops, space=space,
                                     max_candidates=args.max_candidates, progress=not args.no_progress)
         rows, rho = evaluation_calibrated.evaluate_calibration(setup, cal, evaluate_options, not args.no_progress)
     title = (f"{args.spec}, {setup.test.name} ({len(setup.test)} {setup.unit}); calibrated on {cal.samples} training "
-             f"{setup.unit} at target_flops={args.target_flops}")
+             f"{setup.unit} at target_flops={args.target_flops}{', space ' + args.space if args.space else ''}")
     out = Path(args.out or f"results/evaluate/{_slug(Path(args.spec.split(':')[-1]).name)}-{_slug(args.data)}-calibrated")
     out.mkdir(parents=True, exist_ok=True)
     table = evaluation_calibrated.format_calibrated(rows, cal.objective, "github")

@@ -89,7 +89,7 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, prefix: int,
 
     metric (B, N, C). A holds the non-prefix tokens at even positions, B those at odd positions
     (ToMe's split: with a class token, or class + distillation tokens, the same sets). Needs
-    0 <= r <= len(A). Returns kept_index (B, N - r) sorted, so the kept tokens keep their order
+    0 <= r <= min(len(A), len(B)). Returns kept_index (B, N - r) sorted, so the kept tokens keep their order
     (ToMe concatenates unmerged A then B), and the assignment (B, N) of `assign_to_kept`.
     valid (B, N) bool, False = padding: padding pairs only with padding, and merges first.
     """
@@ -103,7 +103,9 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, prefix: int,
         similarity = similarity.masked_fill(a_valid.unsqueeze(2) != b_valid.unsqueeze(1), float("-inf"))
         padding_pairs = ~a_valid.unsqueeze(2) & ~b_valid.unsqueeze(1)
         similarity = similarity.masked_fill(padding_pairs, 2.0)  # above any cosine: padding merges first
+    similarity = F.pad(similarity, (0, 1), value=float("-inf"))  # a maximum even where B is empty (then r == 0)
     best, partner = similarity.max(dim=-1)
+    partner = partner.clamp(max=b_pos.shape[0] - 1)
     chosen = best.argsort(dim=-1, descending=True)[:, :r]
     leaving = a_pos[chosen]
     positions = torch.arange(n, device=metric.device).expand(b, n)

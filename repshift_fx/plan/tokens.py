@@ -103,8 +103,11 @@ def runs(analysis) -> list[list]:
 
 
 def tome_pairs(prefix: int, n: int) -> int:
-    """How many tokens ToMe's set A holds (the most it can merge away) among prefix + n tokens."""
-    return len(range(prefix + prefix % 2, prefix + n, 2))
+    """The most tokens ToMe can merge away among prefix + n tokens: each leaving token of set A
+    needs a token of set B to go into (A and B alternate after the prefix)."""
+    a = len(range(prefix + prefix % 2, prefix + n, 2))
+    b = len(range(prefix + 1 - prefix % 2, prefix + n, 2))
+    return min(a, b) if b else 0
 
 
 def _schedule(config: Config, at: tuple[int, ...]) -> dict[int, float | int]:

@@ -15,6 +15,7 @@ from repshift_fx.method.merge import (
     size_bias,
     unmerge,
 )
+from repshift_fx.plan.tokens import tome_pairs
 
 torch.set_num_threads(1)
 
@@ -243,6 +244,14 @@ def test_bipartite_soft_matching_matches_loops(prefix, n):
         assert torch.equal(assignment, want_assign), r
         assert torch.equal(kept_index, kept_index.sort(1).values)
         assert (assignment[:, :prefix] == torch.arange(prefix)).all()
+
+
+@pytest.mark.parametrize("prefix,n", [(0, 1), (1, 2), (2, 3)])
+def test_one_token_after_the_prefix_has_nothing_to_merge_into(prefix, n):
+    """Set B is empty: ToMe can merge nothing (short texts after a few blocks of merging)."""
+    kept_index, assignment = bipartite_soft_matching(torch.randn(2, n, 4), 0, prefix)
+    assert torch.equal(kept_index, torch.arange(n).expand(2, n)) and torch.equal(assignment, kept_index)
+    assert tome_pairs(prefix, n - prefix) == 0 and tome_pairs(prefix, 2) == 1 and tome_pairs(0, 5) == 2
 
 
 def test_bipartite_r0_is_identity():
