@@ -263,3 +263,26 @@ def test_text_and_image_mismatches_say_what_to_do(tiny_bert_dir, tmp_path, capsy
     with pytest.raises(DataError, match="--data wordnet"):
         evaluation_text.prepare(loaded, load_dataset("skimage") if importlib.util.find_spec("skimage") else
                                 fashion_mnist("test", 5), load_dataset("wordnet", "test", 5), progress=False)
+
+
+@needs_fashion
+def test_calibrated_evaluation_measures_every_candidate_and_the_baselines_on_the_test_split(tmp_path):
+    from repshift_fx.apps.evaluation import calibrated
+
+    model = tiny_timm("deit_tiny_patch16_224", depth=4, img_size=64, num_classes=10)
+    loaded = LoadedModel("tiny", model, (1, 3, 64, 64), (0.5,) * 3, (0.5,) * 3)
+    setup = evaluation.prepare(loaded, None, fashion_mnist("test", 32), head="model", progress=False)
+    batches = calibrated.image_batches(setup, fashion_mnist("train", 16), 16)
+    cal = repshift_fx.calibrate(setup.model, batches, target_flops=0.8, space={"reduce": ["drop", "merge"]},
+                                max_candidates=2, progress=False)
+    rows, rho = calibrated.evaluate_calibration(setup, cal, evaluation.evaluate_options, progress=False)
+    roles = [r.role for r in rows]
+    assert roles[:2] == ["unpruned", "chosen"] and "paper" in roles and "tome" in roles and "random" in roles
+    chosen = rows[1].row
+    gm = repshift_fx.compress(setup.model, setup.example, compile=False, **cal.config)
+    want = evaluation.run_model(gm, setup.test, setup.shape, setup.mean, setup.std, progress=False).argmax(1)
+    assert chosen.agreement == pytest.approx((want == setup.reference).double().mean().item())
+    assert all(r.row.flop_ratio <= 0.8 for r in rows[1:])
+    assert rho != rho or -1 <= rho <= 1  # NaN when every candidate scores alike
+    calibrated.plot_calibrated(rows, tmp_path / "calibrated.png")
+    assert "test accuracy %" in calibrated.format_calibrated(rows, cal.objective)

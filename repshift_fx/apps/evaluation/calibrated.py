@@ -30,6 +30,7 @@ class CalibratedRow:
     label: str
     objective: float | None  # on the calibration batches
     row: EvalRow  # on the test split
+    samples: int = 0  # how many calibration samples `objective` is over (the screening ones, or all)
 
 
 def image_batches(setup, train, samples: int) -> list:
@@ -60,7 +61,7 @@ def evaluate_calibration(setup, cal, evaluate_options, progress: bool = True
             setup.notes.append(f"{c.label} left out on the test split: {error}")
             continue
         roles = [r for r in ("chosen", "paper") if r in c.role] + (["tome"] if c.options.get("score") == "tome" else [])
-        rows.append(CalibratedRow(", ".join(roles), c.label, c.value, row))
+        rows.append(CalibratedRow(", ".join(roles), c.label, c.value, row, c.samples))
     for baseline in ("tome", "random"):  # at the same FLOP target; ToMe where the model has tokens
         if not any(baseline in r.role for r in rows):
             try:
@@ -78,9 +79,9 @@ def evaluate_calibration(setup, cal, evaluate_options, progress: bool = True
 
 def format_calibrated(rows: list[CalibratedRow], objective: str, fmt: str = "simple") -> str:
     table = [(r.role, r.label, f"{r.row.flop_ratio:.3f}", "-" if r.objective is None else f"{r.objective:.4f}",
-              "-" if r.row.accuracy is None else f"{100 * r.row.accuracy:.1f}", f"{100 * r.row.agreement:.1f}")
-             for r in rows]
-    headers = ("", "configuration", "FLOP ratio", f"calibration {objective}", "test accuracy %",
+              r.samples or "-", "-" if r.row.accuracy is None else f"{100 * r.row.accuracy:.1f}",
+              f"{100 * r.row.agreement:.1f}") for r in rows]
+    headers = ("", "configuration", "FLOP ratio", f"calibration {objective}", "over samples", "test accuracy %",
                "test agreement %")
     return tabulate(table, headers=headers, tablefmt=fmt, disable_numparse=True)
 
