@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from repshift_fx.api import compress
 from repshift_fx.calibration.measure import Candidate, Measure
 from repshift_fx.calibration.objective import call
-from repshift_fx.calibration.space import SHIFT_ONLY, Space
+from repshift_fx.calibration.space import NOT_FOR_TOME, SHIFT_ONLY, Space
 from repshift_fx.compile.timing import time_variants
 from repshift_fx.config import Config
 
@@ -39,7 +39,7 @@ def options_for(current: dict, dimension: str, value) -> dict:
         for name in SHIFT_ONLY:
             options.pop(name, None)
     if options.get("score") == "tome":
-        for name in ("reduce", "merge_metric", "at"):
+        for name in NOT_FOR_TOME:
             options.pop(name, None)
     if options.get("reduce") != "merge":
         options.pop("merge_metric", None)

@@ -229,16 +229,23 @@ class TomeSearch(Search):
 
     least = "the largest r ToMe's bipartite matching allows"
 
+    def __init__(self, model, example_input, config: Config, unpruned, rewrite: Callable):
+        super().__init__(model, example_input, config, unpruned, rewrite)
+        self.measured: dict[int, int | None] = {}
+
     def config_for(self, r) -> Config:
         return dataclasses.replace(self.config, r=r, at=self.at, target_flops=None)
 
     def macs(self, r: int) -> int | None:
-        """Measured MACs at `r`; None where some block holds too few tokens to merge r away."""
-        try:
-            gm, ctx = self.rewrite(r)
-        except ConfigError:
-            return None
-        return sum(node_macs(gm, ctx.args).values())
+        """Measured MACs at `r` (one rewrite and count per r); None where some block holds too few
+        tokens to merge r away."""
+        if r not in self.measured:
+            try:
+                gm, ctx = self.rewrite(r)
+                self.measured[r] = sum(node_macs(gm, ctx.args).values())
+            except ConfigError:
+                self.measured[r] = None
+        return self.measured[r]
 
     def largest_r(self) -> int:
         low, high = 0, self.unpruned[1].plan.drops[0].before  # macs(low) is not None; macs(high) is
@@ -255,10 +262,11 @@ class TomeSearch(Search):
         while high - low > 1:
             middle = (low + high) // 2
             low, high = (middle, high) if self.macs(middle) > self.limit else (low, middle)
-        gm, ctx = self.rewrite(high)
         reached = self.macs(high)
-        result = BudgetResult(self.config.target_flops, reached / self.original, None, self.at,
-                              tuple(d.keep for d in ctx.plan.drops), self.original / 1e9, reached / 1e9, high)
+        kept = tuple(d.keep for d in self.unpruned[1].mode.make_plan(self.unpruned[1].analysis,
+                                                                      self.config_for(high)).drops)
+        result = BudgetResult(self.config.target_flops, reached / self.original, None, self.at, kept,
+                              self.original / 1e9, reached / 1e9, high)
         log.info("target_flops=%s: ToMe r=%d in blocks %s; FLOP ratio %.4f", result.target, high, self.at,
                  result.reached)
         return self.config_for(high), result
