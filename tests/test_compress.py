@@ -33,6 +33,15 @@ def test_prefix_tokens_found_and_reference_agrees(name, kwargs, prefix, image):
         assert_close(gm(img), reference_forward(model, img, (1, 2), 0.6))
 
 
+def test_compress_and_inspect_inside_inference_mode(deit, image):
+    """Inference tensors keep no version counter; capture must not need one."""
+    with torch.inference_mode():
+        gm = repshift_fx.compress(deit, image.clone(), keep=0.5, at=(0, 2), compile=False)
+        report = repshift_fx.inspect(deit, image.clone(), keep=0.5, at=(0, 2))
+        assert_close(gm(image), reference_forward(deit, image, (0, 2), 0.5))
+    assert report.flop_ratio < 0.8
+
+
 def test_norm_score_matches_reference(deit, image):
     gm = repshift_fx.compress(deit, image, keep=0.5, at=(1,), score="norm", compile=False)
     with torch.no_grad():

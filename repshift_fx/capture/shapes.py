@@ -50,9 +50,9 @@ class _ShapeAndPassThroughProp(ShapeRecorder):
         candidate = n.op == "call_function" and n.target.__module__ not in ("_operator", "operator") \
             and not mutates(n)
         inputs = [self.env.get(a) for a in n.all_input_nodes] if candidate else []
-        versions = [t._version for t in inputs if isinstance(t, torch.Tensor)]
+        versions = _versions(inputs)
         result = super().run_node(n)
-        if not candidate or versions != [t._version for t in inputs if isinstance(t, torch.Tensor)]:
+        if not candidate or versions != _versions(inputs):
             return result
         if result is None:
             n.meta["folds_to"] = None
@@ -62,6 +62,12 @@ class _ShapeAndPassThroughProp(ShapeRecorder):
             if len(hits) == 1 and all(self.env.get(a, a) is None for a in others if isinstance(a, torch.fx.Node)):
                 n.meta["folds_to"] = hits[0]
         return result
+
+
+def _versions(values) -> list[int | None]:
+    """Version counters of the tensors among `values`; None for inference tensors (made under
+    torch.inference_mode), which keep none."""
+    return [None if t.is_inference() else t._version for t in values if isinstance(t, torch.Tensor)]
 
 
 def fold_pass_through_calls(gm: torch.fx.GraphModule) -> None:
