@@ -45,7 +45,7 @@ from repshift_fx.apps.evaluation import images as evaluation
 from repshift_fx.apps.evaluation import text as evaluation_text
 from repshift_fx.apps.evaluation import calibrated as evaluation_calibrated
 from repshift_fx.capture import reuse_traces
-from repshift_fx.apps import specs
+from repshift_fx.apps import hf_specs, specs
 from repshift_fx.apps.data.datasets import DataError, TextDataset, load_dataset
 from repshift_fx.errors import ConfigError, RepShiftError
 
@@ -92,12 +92,12 @@ def _slug(text: str) -> str:
 def run(args) -> Path:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)  # random weights are the same on every run (the cache relies on it)
-    if evaluation_text.is_text_spec(args.spec):
+    if hf_specs.is_text_spec(args.spec):
         return run_text(args)
     loaded = specs.load_model(args.spec, checkpoint=args.checkpoint, input_shape=args.input, kwargs=args.kwargs)
     test = load_dataset(args.data, "test", args.limit)
     if isinstance(test, TextDataset):
-        raise DataError(f"--data {args.data} is text; it needs a text model: {evaluation_text.TEXT_SPECS}")
+        raise DataError(f"--data {args.data} is text; it needs a text model: {hf_specs.TEXT_SPECS}")
     train = load_dataset(args.data, "train", args.train_limit or args.limit) if args.head == "probe" else None
     cache_id = {"spec": args.spec, "checkpoint": _file_id(args.checkpoint), "kwargs": args.kwargs, "seed": args.seed}
     setup = evaluation.prepare(loaded, train, test, head=args.head, features=args.features, probe=args.probe,
@@ -127,7 +127,7 @@ def run_text(args) -> Path:
     keeps, at = _keeps_and_at(args)
     test = load_dataset(args.data, "test", args.limit)
     train = load_dataset(args.data, "train", args.train_limit or args.limit)
-    loaded = evaluation_text.load_text_model(args.spec)
+    loaded = hf_specs.load_text_model(args.spec)
     setup = evaluation_text.prepare(loaded, train, test, probe=args.probe, batch=args.batch,
                                     cache=None if args.no_cache else args.cache, progress=not args.no_progress,
                                     seed=args.seed)
@@ -183,7 +183,7 @@ def _file_id(path) -> str | None:
 
 def write(args, setup, rows) -> Path:
     head = f"linear probe ({setup.probe.kind})" if setup.probe else "the model's classifier"
-    weights = "" if evaluation_text.is_text_spec(args.spec) else (
+    weights = "" if hf_specs.is_text_spec(args.spec) else (
         f" + {Path(args.checkpoint).name}" if args.checkpoint else " (random weights)")
     title = (f"{args.spec}{weights}, {setup.test.name} ({len(setup.test)} {setup.unit}), {head}, "
              f"at={args.at or 'default'}{', fuse' if args.fuse else ''}")

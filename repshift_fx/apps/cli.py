@@ -50,13 +50,17 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _spec_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("spec", metavar="SPEC", help="timm:NAME, torchvision:NAME or module.path:factory")
+    parser.add_argument("spec", metavar="SPEC", help="timm:NAME, torchvision:NAME, hf:minilm, hf:DIR (a "
+                        "save_pretrained directory) or module.path:factory")
     parser.add_argument("--checkpoint", metavar="FILE", help="state dict to load (.safetensors, or torch.save "
                         "read with weights_only=True); default: random weights")
     parser.add_argument("--input", metavar="SHAPE", help="example input shape, e.g. 1x3x224x224 (default: "
                         "from the model's config)")
     parser.add_argument("--kwargs", metavar="JSON", help="keyword arguments for the model factory, e.g. "
                         "'{\"img_size\": 224}'")
+    parser.add_argument("--text", metavar="TEXT", action="append", help="text models (hf:): the input text "
+                        "(repeat for several; cycled to the batch size)")
+    parser.add_argument("--text-file", metavar="FILE", help="text models: one input text per line")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the pass does")
 
@@ -110,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     draw = commands.add_parser("shiftmap", help="the shift of one block over an image (per token, or per row and "
                                "column of a CNN map), and what is kept")
     _model_options(draw)
-    draw.add_argument("image", metavar="IMAGE", help="an image file PIL can read")
+    draw.add_argument("image", metavar="IMAGE", nargs="?", help="an image file PIL can read (text models: --text)")
     draw.add_argument("--block", type=int, default=3, help="the block whose shift is drawn (default 3)")
     draw.add_argument("--keep", type=float, default=0.7, help="keep rate for the kept panel (default 0.7)")
     draw.add_argument("--mode", choices=MODES, default="auto", help="tokens, lines or auto (from the graph, default)")
@@ -176,6 +180,21 @@ def _emit(text: str, output: str | None) -> None:
     print(f"wrote {output}", file=sys.stderr)
 
 
+def _model_input(args, loaded):
+    """The example input: random images, or the --text / --text-file texts for a text model."""
+    texts = list(args.text or [])
+    if args.text_file:
+        try:
+            texts += [line.strip() for line in Path(args.text_file).read_text().splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as err:
+            raise specs.SpecError(f"cannot read --text-file {args.text_file!r}: {err}") from None
+        if not texts:
+            raise specs.SpecError(f"--text-file {args.text_file!r} holds no text")
+    if texts and loaded.tokenizer is None:
+        raise specs.SpecError(f"--text is for text models (hf:minilm, hf:DIR); {args.spec} takes images")
+    return specs.model_input(loaded, texts)
+
+
 def _at_least_one(args, *names: str) -> None:
     for name in names:
         if getattr(args, name) < 1:
@@ -184,19 +203,24 @@ def _at_least_one(args, *names: str) -> None:
 
 def run_inspect(args) -> int:
     loaded = specs.load_model(args.spec, checkpoint=args.checkpoint, input_shape=args.input, kwargs=args.kwargs)
-    report = repshift_fx.inspect(loaded.model, specs.example_input(loaded.input_shape), **_schedule(args))
+    inputs = _model_input(args, loaded)
+    report = repshift_fx.inspect(loaded.model, inputs, **_schedule(args))
     if args.config:
         report.notes.append(args.config_note)
     if args.format == "json":
         fields = report.to_dict()
-        data = {"schema": fields.pop("schema", None), "spec": args.spec, "input": list(loaded.input_shape), **fields}
+        data = {"schema": fields.pop("schema", None), "spec": args.spec, "input": _shape(inputs), **fields}
         text = json.dumps(data, indent=2)
     elif args.format == "dot":
         text = report.to_dot()
     else:
-        text = f"{args.spec}, input {'x'.join(map(str, loaded.input_shape))}\n{report}"
+        text = f"{args.spec}, input {specs.describe_input(inputs)}\n{report}"
     _emit(text, args.output)
     return 0
+
+
+def _shape(inputs) -> list[int]:
+    return list((inputs[0] if isinstance(inputs, tuple) else inputs).shape)
 
 
 def run_bench(args) -> int:
@@ -205,14 +229,14 @@ def run_bench(args) -> int:
     _at_least_one(args, "batch", "threads", "rounds")
     loaded = specs.load_model(args.spec, checkpoint=args.checkpoint, input_shape=args.input, kwargs=args.kwargs,
                               batch=args.batch)
-    images = specs.example_input(loaded.input_shape)
-    rows = run_benchmark(loaded.model, images, rounds=args.rounds, threads=args.threads, progress=True,
+    inputs = _model_input(args, loaded)
+    rows = run_benchmark(loaded.model, inputs, rounds=args.rounds, threads=args.threads, progress=True,
                          overhead=not args.no_overhead, **_schedule(args))
     if args.format == "json":
-        print(json.dumps({"spec": args.spec, "input": list(loaded.input_shape), "threads": args.threads,
+        print(json.dumps({"spec": args.spec, "input": _shape(inputs), "threads": args.threads,
                           "rounds": args.rounds, "rows": rows_as_dicts(rows)}, indent=2))
     else:
-        print(f"{args.spec}, input {'x'.join(map(str, loaded.input_shape))}, {args.threads} threads, "
+        print(f"{args.spec}, input {specs.describe_input(inputs)}, {args.threads} threads, "
               f"{args.rounds} rounds interleaved, medians")
         if args.config:
             print(args.config_note)
@@ -223,6 +247,10 @@ def run_bench(args) -> int:
 def run_shiftmap(args) -> int:
     loaded = specs.load_model(args.spec, checkpoint=args.checkpoint, input_shape=args.input, kwargs=args.kwargs,
                               batch=1)
+    if loaded.tokenizer is not None:
+        return _text_shiftmap(args, loaded)
+    if not args.image:
+        raise specs.SpecError(f"shiftmap {args.spec} needs an IMAGE to draw the shift over")
     if len(loaded.input_shape) != 4:
         raise specs.SpecError(f"shiftmap needs an image model (input B x C x H x W), got --input "
                               f"{'x'.join(map(str, loaded.input_shape))}")
@@ -250,6 +278,27 @@ def run_shiftmap(args) -> int:
     except (OSError, ValueError) as err:
         raise specs.SpecError(f"cannot write {args.output!r}: {err}") from None
     print(f"wrote {args.output} ({picture.width}x{picture.height}): block {args.block}, {kept}", file=sys.stderr)
+    return 0
+
+
+def _text_shiftmap(args, loaded) -> int:
+    from repshift_fx.apps import shiftmap_text
+
+    if args.image:
+        raise specs.SpecError(f"{args.spec} is a text model: give the text with --text, not an image")
+    inputs = _model_input(args, loaded)
+    gm, values = shiftmap.rewritten_values(loaded.model, inputs, args.block, keep=args.keep, site=args.site,
+                                           distance=args.distance, residual=args.residual)
+    tmap = shiftmap_text.text_map(gm, values, loaded.tokenizer, inputs[0], args.block, inputs[1])
+    picture = shiftmap_text.render_text(tmap, f"shift at block {args.block} ({args.site}, {args.distance}); "
+                                              f"kept {int(tmap.kept.sum())} of {len(tmap.words)} word pieces")
+    try:
+        picture.save(args.output)
+    except (OSError, ValueError) as err:
+        raise specs.SpecError(f"cannot write {args.output!r}: {err}") from None
+    print(tmap.line())
+    print(f"wrote {args.output} ({picture.width}x{picture.height}): block {args.block}, kept "
+          f"{int(tmap.kept.sum())} of {len(tmap.words)} word pieces (x: dropped)", file=sys.stderr)
     return 0
 
 

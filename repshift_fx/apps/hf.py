@@ -72,12 +72,18 @@ def minilm_path():
 
 @contextlib.contextmanager
 def offline():
-    """HF_HUB_OFFLINE=1 inside the block (nothing is downloaded), restored afterwards."""
-    previous = os.environ.get("HF_HUB_OFFLINE")
+    """HF_HUB_OFFLINE=1 inside the block (nothing is downloaded) and no loading progress bar (the
+    command's stderr is its one-line error channel); both restored afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    previous, bars = os.environ.get("HF_HUB_OFFLINE"), hf_logging.is_progress_bar_enabled()
     os.environ["HF_HUB_OFFLINE"] = "1"
+    hf_logging.disable_progress_bar()
     try:
         yield
     finally:
+        if bars:
+            hf_logging.enable_progress_bar()
         if previous is None:
             os.environ.pop("HF_HUB_OFFLINE")
         else:

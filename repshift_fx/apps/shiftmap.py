@@ -55,14 +55,15 @@ def grid(tokens: int, height: int, width: int) -> tuple[int, int]:
     return tokens, 1
 
 
-def rewritten_values(model: torch.nn.Module, x: torch.Tensor, block: int, *, keep=0.7, **config):
+def rewritten_values(model: torch.nn.Module, x, block: int, *, keep=0.7, **config):
     """(the graph `compress(..., at=(block,), compile=False)` rewrites, every value it computes
-    on the first image of x): the score and index nodes' values are what the maps draw."""
-    x = x[:1]
-    gm = compress(model, x, keep=keep, at=(block,), compile=False, **config)
+    on the first sample of x, a tensor or a tuple of them): the score and index nodes' values
+    are what the maps draw."""
+    args = tuple(t[:1] for t in x) if isinstance(x, tuple) else (x[:1],)
+    gm = compress(model, args, keep=keep, at=(block,), compile=False, **config)
     runner = torch.fx.Interpreter(gm, garbage_collect_values=False)
     with torch.no_grad():
-        runner.run(x)
+        runner.run(*args)
     return gm, {node.name: value for node, value in runner.env.items()}
 
 

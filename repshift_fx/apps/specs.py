@@ -43,6 +43,8 @@ class LoadedModel:
     input_shape: tuple[int, ...]  # (B, C, H, W) for images
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    tokenizer: object = None  # text models (hf: specs): input_shape is (batch,), the text sets the tokens
+    max_length: int | None = None
 
 
 # --- parsing of option values ---
@@ -273,6 +275,8 @@ def _normalisation(model: nn.Module) -> tuple[tuple, tuple]:
 def load_model(spec: str, *, checkpoint=None, input_shape: str | None = None, kwargs: str | dict | None = None,
                batch: int | None = None) -> LoadedModel:
     """Parse and build everything a sub-command needs; `batch` replaces the first size."""
+    if spec.startswith("hf:"):
+        return _load_hf(spec, checkpoint, input_shape, kwargs, batch)
     kwargs = parse_kwargs(kwargs) if isinstance(kwargs, str) or kwargs is None else kwargs
     shape = parse_shape(input_shape) if input_shape else None
     model = build_model(spec, kwargs)
@@ -285,6 +289,36 @@ def load_model(spec: str, *, checkpoint=None, input_shape: str | None = None, kw
         shape = (batch, *shape[1:])
     mean, std = _normalisation(model)
     return LoadedModel(spec, model, tuple(shape), mean, std)
+
+
+def _load_hf(spec: str, checkpoint, input_shape, kwargs, batch) -> LoadedModel:
+    from repshift_fx.apps.hf_specs import load_hf
+
+    for option, value in (("--checkpoint", checkpoint), ("--input", input_shape), ("--kwargs", kwargs)):
+        if value:
+            raise SpecError(f"{option} does not apply to {spec}: an hf: model comes with its weights and config; "
+                            "text input is --text")
+    return load_hf(spec, batch)
+
+
+def model_input(loaded: LoadedModel, texts: list[str] | None = None, seed: int = 0):
+    """What the model is called with: a random image batch of `input_shape`, or for a text model
+    the tokenized `texts` as (input_ids, attention_mask): one row per text, or cycled to the batch
+    size the command set."""
+    if loaded.tokenizer is None:
+        return example_input(loaded.input_shape, seed)
+    from repshift_fx.apps.hf_specs import DEFAULT_TEXT, text_input
+
+    texts = texts or [DEFAULT_TEXT]
+    batch = loaded.input_shape[0] if loaded.input_shape else len(texts)
+    return text_input(loaded.tokenizer, texts, batch, loaded.max_length)
+
+
+def describe_input(inputs) -> str:
+    """'1x3x224x224', or '1x12 tokens' for (input_ids, attention_mask)."""
+    if isinstance(inputs, tuple):
+        return f"{'x'.join(map(str, inputs[0].shape))} tokens"
+    return "x".join(map(str, inputs.shape))
 
 
 def example_input(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:

@@ -9,17 +9,16 @@ Images come from --data's training split, resized and normalised as the model ex
 from __future__ import annotations
 
 import repshift_fx
-from repshift_fx.apps import hf, specs
+from repshift_fx.apps import hf, hf_specs, specs
 from repshift_fx.apps.data.datasets import DataError, TextDataset, load_dataset, to_model_input
-from repshift_fx.apps.evaluation import text as evaluation_text
 from repshift_fx.calibration import Calibration
 from repshift_fx.errors import ConfigError
 
 
 def load_for_tuning(args):
     """(the model, its calibration batches) for the spec and --data of `args`."""
-    if evaluation_text.is_text_spec(args.spec):
-        loaded = evaluation_text.load_text_model(args.spec)
+    if hf_specs.is_text_spec(args.spec):
+        loaded = hf_specs.load_text_model(args.spec)
         data = _split(args.data, args.samples, text=True)
         batches = hf.text_batches(loaded.tokenizer, data.texts, args.batch, loaded.max_length)
         return loaded.model, [inputs for _, inputs in batches]

@@ -224,9 +224,10 @@ def test_text_harness_end_to_end_on_wordnet(tiny_bert_dir, tmp_path, capsys, cap
 
 
 def test_text_keep_one_reproduces_the_unpruned_model(tiny_bert_dir):
+    from repshift_fx.apps import hf_specs
     from repshift_fx.apps.evaluation import text as evaluation_text
 
-    loaded = evaluation_text.load_text_model(f"hf:{tiny_bert_dir}")
+    loaded = hf_specs.load_text_model(f"hf:{tiny_bert_dir}")
     before = snapshot(loaded.model)
     setup = evaluation_text.prepare(loaded, load_dataset("wordnet", "train", 200), load_dataset("wordnet", "test", 150),
                                     batch=64, progress=False)
@@ -253,13 +254,14 @@ def test_text_and_image_mismatches_say_what_to_do(tiny_bert_dir, tmp_path, capsy
     assert "--head probe" in capsys.readouterr().err
     assert tool.main([f"hf:{tiny_bert_dir}", "--checkpoint", "w.pt", "--data", "wordnet", "--out", str(tmp_path)]) == 2
     assert "--checkpoint" in capsys.readouterr().err
+    from repshift_fx.apps import hf_specs
     from repshift_fx.apps.evaluation import text as evaluation_text
 
     with pytest.raises(SpecError, match="save_pretrained"):
-        evaluation_text.load_text_model(f"hf:{tmp_path / 'nowhere'}")
+        hf_specs.load_text_model(f"hf:{tmp_path / 'nowhere'}")
     with pytest.raises(SpecError, match="hf:minilm"):
-        evaluation_text.load_text_model("hf:")
-    loaded = evaluation_text.load_text_model(f"hf:{tiny_bert_dir}")
+        hf_specs.load_text_model("hf:")
+    loaded = hf_specs.load_text_model(f"hf:{tiny_bert_dir}")
     with pytest.raises(DataError, match="--data wordnet"):
         evaluation_text.prepare(loaded, load_dataset("skimage") if importlib.util.find_spec("skimage") else
                                 fashion_mnist("test", 5), load_dataset("wordnet", "test", 5), progress=False)

