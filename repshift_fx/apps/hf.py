@@ -125,6 +125,11 @@ def text_batches(tokenizer, texts: list[str], batch_size: int,
     return batches
 
 
+def text_inputs(tokenizer, texts: list[str], batch_size: int, max_length: int | None = None) -> list[dict]:
+    """The inputs of `text_batches`, without the positions: what calibrate() takes."""
+    return [inputs for _, inputs in text_batches(tokenizer, texts, batch_size, max_length)]
+
+
 def embed(model, tokenizer, texts: list[str], batch_size: int = 64, draws: int = 1, **config) -> list[torch.Tensor]:
     """L2-normalised embeddings, `draws` times: [(len(texts), C)]. With `config` (keep=, at=,
     score=, ...) each batch runs through `repshift_fx.compress(model, batch, compile=False, **config)`

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import repshift_fx
 from repshift_fx.apps import hf, hf_specs, specs
-from repshift_fx.apps.data.datasets import DataError, TextDataset, load_dataset, to_model_input
+from repshift_fx.apps.data.datasets import DataError, TextDataset, image_batches, load_dataset
 from repshift_fx.calibration import Calibration
 from repshift_fx.errors import ConfigError
 
@@ -20,14 +20,11 @@ def load_for_tuning(args):
     if hf_specs.is_text_spec(args.spec):
         loaded = hf_specs.load_text_model(args.spec)
         data = _split(args.data, args.samples, text=True)
-        batches = hf.text_batches(loaded.tokenizer, data.texts, args.batch, loaded.max_length)
-        return loaded.model, [inputs for _, inputs in batches]
+        return loaded.model, hf.text_inputs(loaded.tokenizer, data.texts, args.batch, loaded.max_length)
     loaded = specs.load_model(args.spec, checkpoint=args.checkpoint, input_shape=args.input, kwargs=args.kwargs)
     data = _split(args.data, args.samples, text=False)
-    shape = tuple(loaded.input_shape[1:])
-    batches = [to_model_input(data.images(range(s, min(s + args.batch, len(data)))), shape, loaded.mean, loaded.std)
-               for s in range(0, len(data), args.batch)]
-    return loaded.model, batches
+    return loaded.model, image_batches(data, len(data), args.batch, tuple(loaded.input_shape[1:]), loaded.mean,
+                                       loaded.std)
 
 
 def _split(name: str, samples: int, text: bool):

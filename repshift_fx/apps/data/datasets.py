@@ -203,3 +203,9 @@ def wordnet_definitions(split: str = "test", limit: int | None = None, root: Pat
     index = {name: i for i, name in enumerate(WORDNET_CLASSES)}
     return TextDataset(f"wordnet/{split}", torch.tensor([index[s.category] for s in picked]), WORDNET_CLASSES,
                        [s.definition for s in picked])
+
+
+def image_batches(data, samples: int, batch: int, shape: tuple[int, int, int], mean, std) -> list[torch.Tensor]:
+    """The first `samples` images of `data` as model inputs (`to_model_input`), `batch` at a time."""
+    n = min(samples, len(data))
+    return [to_model_input(data.images(range(s, min(s + batch, n))), shape, mean, std) for s in range(0, n, batch)]

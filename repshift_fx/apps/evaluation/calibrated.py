@@ -19,7 +19,7 @@ from tabulate import tabulate
 from tqdm.auto import tqdm
 
 from repshift_fx.apps import hf
-from repshift_fx.apps.data.datasets import to_model_input
+from repshift_fx.apps.data import datasets
 from repshift_fx.apps.evaluation.images import EvalRow
 from repshift_fx.errors import RepShiftError
 
@@ -35,15 +35,12 @@ class CalibratedRow:
 
 def image_batches(setup, train, samples: int) -> list:
     """The first `samples` training images as model inputs, in batches of `setup.batch`."""
-    n = min(samples, len(train))
-    return [to_model_input(train.images(range(s, min(s + setup.batch, n))), setup.shape, setup.mean, setup.std)
-            for s in range(0, n, setup.batch)]
+    return datasets.image_batches(train, samples, setup.batch, setup.shape, setup.mean, setup.std)
 
 
 def text_batches(loaded, train, samples: int, batch: int) -> list:
     """The first `samples` training texts, tokenized, batched by length (as the test texts are)."""
-    texts = train.texts[:samples]
-    return [inputs for _, inputs in hf.text_batches(loaded.tokenizer, texts, batch, loaded.max_length)]
+    return hf.text_inputs(loaded.tokenizer, train.texts[:samples], batch, loaded.max_length)
 
 
 def evaluate_calibration(setup, cal, evaluate_options, progress: bool = True
