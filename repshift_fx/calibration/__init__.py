@@ -39,7 +39,8 @@ def calibrate(model: nn.Module, batches, *, target_flops: float | None = None, t
         batches: example inputs: a list of tensors (or tuples, or dicts of tensors, e.g. tokenized
             text), a few hundred samples in all; the same inputs the model takes.
         target_flops: the FLOP budget, compressed / original, in (0, 1]; every candidate meets it
-            (the planner sets its keep rate, or ToMe's r).
+            (the planner sets its keep rate, or ToMe's r, on the first batch; the finalists' amounts
+            are then lowered until they meet it over every batch, whatever its length).
         target_speedup: a speed target (> 1, compiled to compiled on the first batch): the
             finalists are compiled and timed; the best that reaches it is chosen, else the fastest,
             with a note. Without target_flops the search starts at 1/target_speedup of the FLOPs.
@@ -50,9 +51,9 @@ def calibrate(model: nn.Module, batches, *, target_flops: float | None = None, t
             features), "agreement", "cosine", or a callable (outputs, reference) -> float, higher
             better, applied per batch to the main output tensors.
         max_candidates: at most this many candidates are measured.
-        screen: the search measures each candidate on the first batches holding this many
-            samples (None: all); then the `refine` best, and the paper's rule, are measured on all
-            of them, and the choice is made among those.
+        screen: the search measures each candidate on the fewest batches, evenly spaced over
+            them all, that hold this many samples (None: all); then the `refine` best, and the
+            paper's rule, are measured on all of them, and the choice is made among those.
         finalists: with target_speedup, how many of the best are compiled and timed.
         **fixed: compress() options held fixed in every candidate (e.g. protect=1, mode="tokens").
 
@@ -71,10 +72,12 @@ def calibrate(model: nn.Module, batches, *, target_flops: float | None = None, t
         budget = target_flops or min(1.0, 1.0 / target_speedup)
         base = dict(fixed, target_flops=budget)
         paper, table = descend(measure, search_space, base, depth, max_candidates, progress)
-        if measure.screened < len(measure.batches):
-            best = sorted((c for c in table if c.error is None), key=Candidate.rank, reverse=True)[:refine]
-            for candidate in {id(c): c for c in best + [paper] if c.error is None}.values():
+        best = sorted((c for c in table if c.error is None), key=Candidate.rank, reverse=True)[:refine]
+        for candidate in {id(c): c for c in best + [paper] if c.error is None}.values():
+            if measure.screening != measure.everything:
                 measure(candidate, full=True)
+            if target_flops is not None:
+                measure.fit(candidate, target_flops)
         notes = []
         if target_speedup is not None:
             table, notes = _speed(model, measure, table, target_speedup, target_flops is None, finalists, progress)

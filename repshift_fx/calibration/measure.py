@@ -126,31 +126,31 @@ class Measure:
         self.kind = "custom" if objective is not None else output_kind(model, self.batches[0], outputs[0])
         self.objective, self.objective_name = choose_objective(objective, self.kind if objective is None else "")
         self.reference = [main_output(o).float() for o in outputs]
-        counts = [sum(self.sizes[:k]) for k in range(1, len(self.sizes) + 1)]
-        self.screened = next((k for k, n in enumerate(counts, 1) if screen is not None and n >= screen), len(counts))
+        self.screening = spread(self.sizes, screen)
+        self.everything = tuple(range(len(self.batches)))
 
     @property
     def samples(self) -> int:
         return sum(self.sizes)
 
     @functools.cache
-    def _macs_before(self, upto: int) -> float:
-        return self._macs(lambda _: self.model, upto)
+    def _macs_before(self, which: tuple[int, ...]) -> float:
+        return self._macs(lambda _: self.model, which)
 
-    def _macs(self, module_for, upto: int) -> float:
-        """Sample-weighted MACs over the first `upto` batches; `module_for(batch)` runs one."""
+    def _macs(self, module_for, which: tuple[int, ...]) -> float:
+        """Sample-weighted MACs over the batches `which`; `module_for(batch)` runs one."""
         total, seen = 0.0, {}
-        for batch, n in zip(self.batches[:upto], self.sizes[:upto]):
-            key = shape_key(batch)
+        for i in which:
+            key = shape_key(self.batches[i])
             if key not in seen:
-                seen[key] = sample_macs(module_for(batch), batch)
-            total += seen[key] * n
+                seen[key] = sample_macs(module_for(self.batches[i]), self.batches[i])
+            total += seen[key] * self.sizes[i]
         return total
 
     def __call__(self, candidate: Candidate, full: bool = False) -> Candidate:
         """Fill `candidate`'s config, FLOPs and objective over the screening batches (`full`: over
         every batch); a refusal is recorded in `.error`, not raised."""
-        compressed, upto = {}, len(self.batches) if full else self.screened
+        compressed, which = {}, self.everything if full else self.screening
 
         def module_for(batch):
             key = shape_key(batch)
@@ -163,23 +163,60 @@ class Measure:
                 candidate.config, compressed[shape_key(self.batches[0])] = concrete(self.model, self.batches[0],
                                                                                     candidate.options)
                 candidate.at = candidate.config.get("at")
-            candidate.flops = self._macs(module_for, upto) / self._macs_before(upto)
+            candidate.flops = self._macs(module_for, which) / self._macs_before(which)
             values, cosines = [], []
             torch.manual_seed(0)  # score="random": the same draws for every candidate
-            for batch, reference in zip(self.batches[:upto], self.reference[:upto]):
-                module = module_for(batch)  # compressed outside inference mode: capture records new tensors
+            for i in which:
+                module = module_for(self.batches[i])
                 with torch.inference_mode():
-                    out = main_output(call(module, batch)).float()
-                    values.append(self.objective(out, reference))
-                    cosines.append(cosine(out, reference))
+                    out = main_output(call(module, self.batches[i])).float()
+                    values.append(self.objective(out, self.reference[i]))
+                    cosines.append(cosine(out, self.reference[i]))
         except RepShiftError as error:
             candidate.error = str(error).split("\n")[0]
             log.info("calibrate: %s refused: %s", candidate.label, candidate.error)
             return candidate
-        candidate.value = _weighted(values, self.sizes[:upto])
-        candidate.cosine = _weighted(cosines, self.sizes[:upto])
-        candidate.samples = sum(self.sizes[:upto])
+        sizes = [self.sizes[i] for i in which]
+        candidate.value, candidate.cosine = _weighted(values, sizes), _weighted(cosines, sizes)
+        candidate.samples = sum(sizes)
         return candidate
+
+
+    def fit(self, candidate: Candidate, target: float, steps: int = 20) -> Candidate:
+        """Lower `candidate`'s amount (keep by 0.01, or ToMe's r by 1) until its FLOPs over every
+        batch are within `target`: the planner chose it on one batch shape, and other shapes
+        (texts of other lengths) round token counts differently. Re-measured on every batch."""
+        for _ in range(steps):
+            if candidate.error is not None or candidate.flops <= target + 1e-9:
+                return candidate
+            tighter = _tighter(candidate.config)
+            if tighter is None:
+                break
+            candidate.config = tighter
+            self(candidate, full=True)
+        if candidate.error is None and candidate.flops > target + 1e-9:
+            candidate.error = f"FLOP ratio {candidate.flops:.3f} over the batches, above the target {target}"
+        return candidate
+
+
+def _tighter(config: dict) -> dict | None:
+    if isinstance(config.get("r"), int):
+        return dict(config, r=config["r"] + 1)
+    keep = config.get("keep")
+    if isinstance(keep, float) and keep > 0.02:
+        return dict(config, keep=round(keep - 0.01, 4))
+    return None
+
+
+def spread(sizes: list[int], screen: int | None) -> tuple[int, ...]:
+    """The fewest batches, evenly spaced over all of them, that hold `screen` samples (all batches
+    when None): batches sorted by length (texts) are screened on short and long ones alike."""
+    n = len(sizes)
+    for k in range(1, n + 1):
+        which = tuple(sorted({round(j * (n - 1) / max(k - 1, 1)) for j in range(k)}))
+        if screen is not None and sum(sizes[i] for i in which) >= screen:
+            return which
+    return tuple(range(n))
 
 
 def concrete(model: nn.Module, batch, options: dict):
