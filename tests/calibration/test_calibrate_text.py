@@ -3,6 +3,8 @@ dict batches of several lengths (each traced once), compared by cosine."""
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 import repshift_fx
 from conftest import assert_unchanged, snapshot
@@ -30,10 +32,21 @@ def test_minilm_calibrates_by_cosine_over_batches_of_several_lengths(minilm_batc
     assert_unchanged(model, before)
     assert cal.objective == "cosine similarity" and cal.samples == 24
     chosen = cal.chosen
-    want = []
+    want, before, after = [], 0, 0
     for inputs in batches:
         gm = repshift_fx.compress(model, inputs, compile=False, **cal.config)
         with torch.inference_mode():
             want.append(F.cosine_similarity(gm(**inputs), model(**inputs), dim=-1))
+        n = inputs["input_ids"].shape[0]
+        before, after = before + n * flops(model, inputs), after + n * flops(gm, inputs)
     assert chosen.value == pytest.approx(torch.cat(want).mean().item(), rel=1e-5)
     assert chosen.value >= cal.paper.value and 0.5 < chosen.value < 1
+    # the budget holds over every batch length, counted by stock torch (not only at the first length)
+    assert after / before <= 0.8 and chosen.flops == pytest.approx(after / before, rel=1e-3)
+
+
+def flops(module, inputs) -> int:
+    one = {k: v[:1] for k, v in inputs.items()}
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter, torch.inference_mode():
+        module(**one)
+    return counter.get_total_flops()
