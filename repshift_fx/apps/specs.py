@@ -19,32 +19,14 @@ import json
 import os
 import pickle
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from repshift_fx.errors import RepShiftError
+from repshift_fx.apps.spec_types import IMAGENET_MEAN, IMAGENET_STD, LoadedModel, SpecError
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 _WRAPPERS = ("state_dict", "model", "model_state_dict", "module", "net")
-
-
-class SpecError(RepShiftError):
-    """A model spec, checkpoint, --input, --kwargs or image the command cannot use."""
-
-
-@dataclass
-class LoadedModel:
-    spec: str
-    model: nn.Module
-    input_shape: tuple[int, ...]  # (B, C, H, W) for images
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    tokenizer: object = None  # text models (hf: specs): input_shape is (batch,), the text sets the tokens
-    max_length: int | None = None
 
 
 # --- parsing of option values ---
