@@ -22,16 +22,18 @@ from repshift_fx.errors import (  # noqa: E402
     CaptureError,
     ConfigError,
     ExampleInputError,
+    ExportError,
     ModelModeError,
     NoSiteError,
     RepShiftError,
     TraceError,
     UnsupportedSiteError,
 )
+from repshift_fx.export import Exported, export  # noqa: E402
 from repshift_fx.report.tokens import Report  # noqa: E402
 
 __all__ = [
-    "compress", "inspect", "calibrate", "Calibration", "backend", "Config", "Report", "RepShiftError", "CaptureError", "ConfigError", "ExampleInputError",
-    "ModelModeError", "NoSiteError", "TraceError", "UnsupportedSiteError",
+    "compress", "inspect", "export", "Exported", "calibrate", "Calibration", "backend", "Config", "Report", "RepShiftError", "CaptureError", "ConfigError", "ExampleInputError",
+    "ExportError", "ModelModeError", "NoSiteError", "TraceError", "UnsupportedSiteError",
 ]
 __version__ = "0.1.0"

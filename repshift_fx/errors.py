@@ -47,6 +47,11 @@ class UnsupportedSiteError(RepShiftError):
     """A requested site cannot be pruned safely; the message names the node and the module."""
 
 
+class ExportError(RepShiftError):
+    """The compressed graph could not be written as ONNX (an op torch.export or ONNX cannot take,
+    an unwritable path, the export extra missing); the message names the node and module."""
+
+
 def root_cause(err: BaseException) -> BaseException:
     """The innermost cause: torch.fx's ShapeProp wraps the model's own error in a RuntimeError."""
     while err.__cause__ is not None:

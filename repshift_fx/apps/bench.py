@@ -18,13 +18,22 @@ runs compiled.
     rows = run_sweep(model, images, keeps=(0.85, 0.75, 0.7), at=(4,), kinds=("compiled",))
 
 times the compressed model at several keep rates against the baseline in one run.
+
+    rows = run_onnx_benchmark(model, images, rounds=5, threads=2, keep=0.7)
+
+exports the compressed and the unpruned model to ONNX and times both in onnxruntime
+(CPUExecutionProvider, `threads` intra-op threads), interleaved: rows "baseline onnx" and
+"compressed onnx".
 """
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import statistics
+import tempfile
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.fx
@@ -38,6 +47,9 @@ from repshift_fx.method.lines import gather_lines
 from repshift_fx.method.tokens import fuse_dropped
 from repshift_fx.api import compress
 from repshift_fx.compile.timing import time_variants
+from repshift_fx.capture.inputs import as_args
+from repshift_fx.export.onnx import export, export_unpruned
+from repshift_fx.export.runtime import PROVIDER, feed, session
 
 
 @dataclass
@@ -101,6 +113,25 @@ def run_benchmark(model, example_input, *, rounds: int = 5, threads: int | None 
     times = time_variants(variants, args, rounds=rounds, warmup=warmup, progress=progress)
     pruned_gflops = per_sample_gmacs(variants["compressed eager"], args)
     gflops = {name: None if name.startswith("baseline") else pruned_gflops for name in variants}
+    return bench_rows(model, args, times, gflops)
+
+
+def run_onnx_benchmark(model, example_input, *, rounds: int = 5, threads: int | None = 2, warmup: int = 1,
+                       progress: bool = True, overhead: bool = False, **config) -> list[BenchRow]:
+    """The compressed and the unpruned model exported to ONNX (repshift_fx.export) and timed in
+    onnxruntime, interleaved: rows "baseline onnx" and "compressed onnx" (medians; the speedup is
+    the compressed model's over the unpruned one). `overhead` is ignored (no fixed-token variant)."""
+    if threads:
+        torch.set_num_threads(threads)
+    args = as_args(example_input, model)
+    with tempfile.TemporaryDirectory(prefix="repshift_onnx_") as folder:
+        baseline = export_unpruned(model, example_input, Path(folder) / "unpruned.onnx")
+        pruned = export(model, example_input, Path(folder) / "compressed.onnx", **config)
+        sessions = {"baseline onnx": session(baseline.path, threads=threads),
+                    "compressed onnx": session(pruned.path, threads=threads)}
+    variants = {name: functools.partial(s.run, None, feed(s, args)) for name, s in sessions.items()}
+    times = time_variants(variants, (), rounds=rounds, warmup=warmup, progress=progress)
+    gflops = {"baseline onnx": None, "compressed onnx": per_sample_gmacs(pruned.module, args)}
     return bench_rows(model, args, times, gflops)
 
 
@@ -248,6 +279,8 @@ def format_table(rows: list[BenchRow], fmt: str = "simple") -> str:
     headers = ("variant", "img/s", "ms/batch", "GFLOPs", "FLOP ratio", "speedup (same kind)", "speedup / FLOP gain",
                "to eager baseline")
     text = tabulate(table, headers=headers, tablefmt=fmt)
+    if any(r.variant.endswith(" onnx") for r in rows):
+        text += f"\n\nonnxruntime {PROVIDER}, intra-op threads = --threads; speedup = unpruned / compressed time"
     share = scoring_overhead(rows)
     if share is not None:
         text += f"\n\nscoring + top-k + gather: {100 * share:.1f}% of the compressed compiled time"

@@ -5,6 +5,8 @@
     repshift-fx bench timm:deit_small_patch16_224 [--batch 32 --threads 2 --rounds 5]
     repshift-fx shiftmap timm:deit_small_patch16_224 photo.jpg [--block 3 --keep 0.7] -o map.png
     repshift-fx shiftmap torchvision:resnet50 photo.jpg --block 4 -o lines.png      # rows and columns
+    repshift-fx inspect hf:minilm --text "a dog runs"                                # Hugging Face, text
+    repshift-fx shiftmap hf:minilm "a dog runs on the beach" -o words.png            # per word piece
     repshift-fx tune timm:deit_small_patch16_224 --data fashion-mnist --target-flops 0.7 -o tuned.json
     repshift-fx inspect|bench timm:deit_small_patch16_224 --config tuned.json       # the tuned options
 
@@ -25,6 +27,7 @@ from pathlib import Path
 
 import repshift_fx
 
+from repshift_fx.apps import export_cmd
 from repshift_fx.apps import shiftmap
 from repshift_fx.apps import shiftmap_lines
 from repshift_fx.apps import specs
@@ -109,12 +112,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-overhead", action="store_true", help="skip the fixed-token variant that measures "
                        "what scoring and gather cost")
     bench.add_argument("--format", choices=("table", "json"), default="table")
+    bench.add_argument("--onnx", action="store_true", help="time the compressed against the unpruned model, both "
+                       "exported to ONNX, in onnxruntime (CPU)")
     bench.set_defaults(run=run_bench)
 
     draw = commands.add_parser("shiftmap", help="the shift of one block over an image (per token, or per row and "
                                "column of a CNN map), and what is kept")
     _model_options(draw)
-    draw.add_argument("image", metavar="IMAGE", nargs="?", help="an image file PIL can read (text models: --text)")
+    draw.add_argument("image", metavar="IMAGE|TEXT", help="an image file PIL can read; for a text model (hf:), "
+                      "the text")
     draw.add_argument("--block", type=int, default=3, help="the block whose shift is drawn (default 3)")
     draw.add_argument("--keep", type=float, default=0.7, help="keep rate for the kept panel (default 0.7)")
     draw.add_argument("--mode", choices=MODES, default="auto", help="tokens, lines or auto (from the graph, default)")
@@ -135,7 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--plot", metavar="PNG", help="also draw the agreement-vs-FLOPs frontier")
     tune.add_argument("-o", "--output", metavar="JSON", default="tuned.json", help="default tuned.json")
     tune.set_defaults(run=run_tune)
+    export_cmd.add_parser(commands, _model_options, _schedule_options, run_export)
     return parser
+
+
+def run_export(args) -> int:
+    return export_cmd.run_export(args, _schedule(args), _model_input)
 
 
 def run_tune(args) -> int:
@@ -224,14 +235,15 @@ def _shape(inputs) -> list[int]:
 
 
 def run_bench(args) -> int:
-    from repshift_fx.apps.bench import format_table, rows_as_dicts, run_benchmark
+    from repshift_fx.apps.bench import format_table, rows_as_dicts, run_benchmark, run_onnx_benchmark
 
     _at_least_one(args, "batch", "threads", "rounds")
     loaded = specs.load_model(args.spec, checkpoint=args.checkpoint, input_shape=args.input, kwargs=args.kwargs,
                               batch=args.batch)
     inputs = _model_input(args, loaded)
-    rows = run_benchmark(loaded.model, inputs, rounds=args.rounds, threads=args.threads, progress=True,
-                         overhead=not args.no_overhead, **_schedule(args))
+    rows = (run_onnx_benchmark if args.onnx else run_benchmark)(
+        loaded.model, inputs, rounds=args.rounds, threads=args.threads, progress=True, overhead=not args.no_overhead,
+        **_schedule(args))
     if args.format == "json":
         print(json.dumps({"spec": args.spec, "input": _shape(inputs), "threads": args.threads,
                           "rounds": args.rounds, "rows": rows_as_dicts(rows)}, indent=2))
@@ -249,8 +261,6 @@ def run_shiftmap(args) -> int:
                               batch=1)
     if loaded.tokenizer is not None:
         return _text_shiftmap(args, loaded)
-    if not args.image:
-        raise specs.SpecError(f"shiftmap {args.spec} needs an IMAGE to draw the shift over")
     if len(loaded.input_shape) != 4:
         raise specs.SpecError(f"shiftmap needs an image model (input B x C x H x W), got --input "
                               f"{'x'.join(map(str, loaded.input_shape))}")
@@ -284,8 +294,10 @@ def run_shiftmap(args) -> int:
 def _text_shiftmap(args, loaded) -> int:
     from repshift_fx.apps import shiftmap_text
 
-    if args.image:
-        raise specs.SpecError(f"{args.spec} is a text model: give the text with --text, not an image")
+    if args.text or args.text_file:
+        raise specs.SpecError(f"shiftmap draws one text: give it as the argument after {args.spec}, without "
+                              "--text or --text-file")
+    args.text = [args.image]
     inputs = _model_input(args, loaded)
     gm, values = shiftmap.rewritten_values(loaded.model, inputs, args.block, keep=args.keep, site=args.site,
                                            distance=args.distance, residual=args.residual)

@@ -66,7 +66,7 @@ def test_inspect_hf_image_model_restores_every_token(capsys, tiny_vit_dir):
 
 def test_shiftmap_of_a_text(capsys, tmp_path):
     png = tmp_path / "words.png"
-    code, out, err = run(capsys, "shiftmap", "hf:minilm", "--text", TEXT, "--block", "1", "-o", png)
+    code, out, err = run(capsys, "shiftmap", "hf:minilm", TEXT, "--block", "1", "-o", png)
     assert code == 0, err
     _, tokenizer = load_minilm()
     words = tokenizer.convert_ids_to_tokens(tokenizer(TEXT)["input_ids"])
@@ -90,7 +90,7 @@ def test_bench_text_model(capsys):
     (["inspect", "hf:/nowhere/at/all"], "save_pretrained"),
     (["inspect", "hf:minilm", "--checkpoint", "w.pt"], "--checkpoint does not apply"),
     (["inspect", "hf:minilm", "--text-file", "/nowhere.txt"], "cannot read --text-file"),
-    (["shiftmap", "hf:minilm", "photo.jpg"], "give the text with --text"),
+    (["shiftmap", "hf:minilm", "a dog", "--text", "a cat"], "give it as the argument after hf:minilm"),
 ])
 def test_bad_hf_input_is_one_line(capsys, argv, message):
     assert cli.main(argv) == 2
