@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 from repshift_fx.apps import hf
 from repshift_fx.apps.data import datasets
 from repshift_fx.apps.evaluation.images import EvalRow
-from repshift_fx.errors import RepShiftError
+from repshift_fx.api import inspect
+from repshift_fx.errors import ConfigError, RepShiftError
 
 
 @dataclass
@@ -61,17 +62,43 @@ def evaluate_calibration(setup, cal, evaluate_options, progress: bool = True
         rows.append(CalibratedRow(", ".join(roles), c.label, c.value, row, c.samples))
     for baseline in ("tome", "random"):  # at the same FLOP target; ToMe where the model has tokens
         if not any(baseline in r.role for r in rows):
-            try:
-                row = evaluate_options(setup, f"score={baseline}", target, {"score": baseline, "target_flops": target})
+            row = _baseline(setup, evaluate_options, baseline, target)
+            if row is not None:
                 rows.append(CalibratedRow(baseline, f"score={baseline}", None, row))
-            except RepShiftError:
-                pass
     candidates = [r for r in rows if r.objective is not None]
     key = "accuracy" if setup.accuracy is not None else "agreement"
     rho = spearmanr([r.objective for r in candidates], [getattr(r.row, key) for r in candidates]).statistic
     order = {"unpruned": 0, "chosen": 1, "paper": 2, "tome": 3, "random": 4, "": 5}
     rows.sort(key=lambda r: (order[r.role.split(",")[0]], -(r.objective or 0)))
     return rows, float(rho)
+
+
+def _baseline(setup, evaluate_options, score: str, target: float):
+    """The baseline `score` at `target` on the test split; for ToMe on texts of several lengths,
+    where no r reaches the target on the shortest, r is chosen per batch (`tome_r_within`)."""
+    try:
+        return evaluate_options(setup, f"score={score}", target, {"score": score, "target_flops": target})
+    except RepShiftError as error:
+        if score != "tome" or not hasattr(setup, "batches"):
+            setup.notes.append(f"score={score} left out on the test split: {error}")
+            return None
+    setup.notes.append(f"score=tome: r chosen per test batch, the smallest within {target} of the FLOPs, or the "
+                       "largest ToMe allows where none is (the shortest texts)")
+    return evaluate_options(setup, "score=tome", target,
+                            lambda inputs: {"score": "tome", "r": tome_r_within(setup.model, inputs, target)})
+
+
+def tome_r_within(model, example, target: float) -> int:
+    """ToMe's r (the same in every block) for `example`: the smallest whose FLOP ratio is at most
+    `target`, or the largest the token count allows (at most half the tokens) where none is."""
+    r = 0
+    while True:
+        try:
+            if inspect(model, example, score="tome", r=r + 1).flop_ratio <= target:
+                return r + 1
+        except ConfigError:  # r + 1 is past half of the tokens somewhere
+            return r
+        r += 1
 
 
 def format_calibrated(rows: list[CalibratedRow], objective: str, fmt: str = "simple") -> str:
