@@ -45,7 +45,8 @@ def _attention_node(gm, block) -> torch.fx.Node:
     if mixer is None or mixer.kind != "attention":
         raise UnsupportedSiteError(
             f"score='attention' needs an attention sub-layer in block {block.index} ({block.module or 'root'}), "
-            f"which has {'none' if mixer is None else 'a ' + mixer.kind + ' branch'}; use score='shift'",
+            f"which has {'none' if mixer is None else 'a token-mixing branch of kind ' + repr(mixer.kind)}; "
+            "use score='shift'",
             module=block.module)
     by_name = nodes_by_name(gm)
     # every edge, not only those with recorded shapes: attention_to_sdpa's SDPA nodes carry none yet
@@ -136,7 +137,7 @@ _REWRITES = {"scaled_dot_product_attention": _explicit_sdpa, "multihead_attentio
 
 
 def _label_records(ctx, block) -> None:
-    members = set(block.mlp.nodes) | set(block.mixer.nodes)
+    members = set().union(*(site.nodes for site in (block.mlp, block.mixer) if site is not None))
     for record in ctx.attention:
         if record.node in members:
             record.impl, record.reason = IMPL, ""

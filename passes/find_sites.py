@@ -10,9 +10,16 @@ second input depends on the first. Its branch is classified by the ops on it:
   a per-channel weight, ...): the site Representation Shift scores;
 - ``attention``: the branch holds SDPA, MultiheadAttention, a softmax or a product of two
   activations;
-- ``mixing``: anything else that may move information between tokens (an SSM, a convolution).
+- ``ssm``: a state-space / recurrent mixer: the branch carries a state along the tokens by a
+  prefix scan (cumsum, cumprod, logcumsumexp along a non-channel axis), as the parallel form of
+  a selective scan (Mamba, ViM) does;
+- ``mixing``: anything else that may move information between tokens (a convolution).
 
-A block is an MLP site together with the token-mixing site just before it on the stream.
+A block is an MLP site together with the token-mixing site just before it on the stream. An SSM
+site that no MLP follows is a block of its own (ViM, Mamba: `x + mixer(norm(x))`, no MLP).
+Tokens read by position after the last block (a head's `x[:, 0]`) are protected: leading ones
+count as prefix tokens, others (ViM's class token in the middle, `x[:, N // 2]`) are kept in
+place, and the pruning pass rewrites the read to follow them (`Analysis.protected`).
 """
 from __future__ import annotations
 
@@ -23,6 +30,7 @@ import networkx as nx
 import torch.fx
 
 from repshift_fx.errors import NoSiteError
+from repshift_fx.fx.positions import describe_read, read_positions
 from repshift_fx.fx.nodes import (
     common_path,
     data_graph,
@@ -44,6 +52,7 @@ _ELEMENTWISE = {"add", "sub", "mul", "truediv", "div", "where", "maximum", "mini
 _CHANNEL_SPLITS = {"chunk", "split", "unbind"}
 _ATTENTION = {"scaled_dot_product_attention", "multihead_attention", "softmax"}
 _PRODUCTS = {"matmul", "bmm", "einsum", "baddbmm"}
+_SCANS = {"cumsum", "cumprod", "logcumsumexp", "cummax", "cummin"}
 
 
 @dataclass
@@ -53,7 +62,7 @@ class Site:
     add: str
     stream: str
     branch: str
-    kind: str  # "mlp" | "attention" | "mixing"
+    kind: str  # "mlp" | "attention" | "ssm" | "mixing"
     module: str
     nodes: frozenset[str]
     reason: str = ""  # why the branch is not token-local, for kind "mixing"
@@ -63,7 +72,7 @@ class Site:
 @dataclass
 class Block:
     index: int
-    mlp: Site
+    mlp: Site | None  # None: a mixer-only block (an SSM with no MLP after it)
     mixer: Site | None
     tokens: int  # tokens entering the block, prefix included
 
@@ -73,7 +82,7 @@ class Block:
 
     @property
     def output(self) -> str:
-        return self.mlp.add
+        return (self.mlp or self.mixer).add
 
     @property
     def module(self) -> str:
@@ -88,6 +97,9 @@ class Analysis:
     prefix_source: str
     channels: int
     stray: list[Site] = field(default_factory=list)  # sites not paired into a block
+    # tokens read by position after the last block, beyond the prefix: {position: (read node, ...)}
+    protected: dict[int, tuple[str, ...]] = field(default_factory=dict)
+    protected_source: str = ""  # 'position 8 (read by getitem at node ... (module 'root'))'
     grid: str = ""  # how the tokens lie, e.g. "4 x 7 x 7 (time x height x width) from conv3d at 'patch_embed.proj'"
 
 
@@ -151,6 +163,11 @@ def _classify(branch_nodes, gm, by_name, stream: str) -> tuple[str, str]:
     members = set(branch_nodes)
     reason = ""
     order = _order(by_name)
+    for name in sorted(members, key=order.get):  # a scan first: an SSM's materialized form also multiplies
+        node = by_name[name]
+        op = op_name(node, gm) if node.op.startswith("call") else ""
+        if op in _SCANS and _scans_tokens(node, op):
+            return "ssm", f"{op} at node '{name}' ({module_path(node) or 'root'}) scans along the tokens"
     for name in sorted(members, key=order.get):
         node = by_name[name]
         if node.op in ("placeholder", "get_attr", "output"):
@@ -162,6 +179,13 @@ def _classify(branch_nodes, gm, by_name, stream: str) -> tuple[str, str]:
         if not reason and not _is_token_local(node, gm, members | {stream}):
             reason = f"{op} at node '{name}' ({module_path(node) or 'root'}) may mix tokens"
     return ("mixing", reason) if reason else ("mlp", "")
+
+
+def _scans_tokens(node: torch.fx.Node, op: str) -> bool:
+    """A cumulative op over an axis other than the last (channels) and the first (batch)."""
+    dim = literal_arg(node, 1, "dim")
+    rank = len(shape(node.args[0]) or ())
+    return isinstance(dim, int) and rank >= 3 and dim % rank not in (0, rank - 1)
 
 
 def _order(by_name: dict) -> dict[str, int]:
@@ -214,17 +238,24 @@ def side_inputs(site: Site, gm, by_name, counts: set[int]) -> tuple[str, ...]:
 
 def _pair_blocks(sites: list[Site], by_name) -> tuple[list[Block], list[Site]]:
     blocks, stray, mixer = [], [], None
+
+    def lone(site: Site) -> None:  # a mixer no MLP follows: an SSM block of its own, else stray
+        if site.kind == "ssm":
+            blocks.append(Block(len(blocks), None, site, shape(by_name[site.stream])[TOKEN_AXIS]))
+        else:
+            stray.append(site)
+
     for site in sites:
         if site.kind != "mlp":
             if mixer is not None:
-                stray.append(mixer)
+                lone(mixer)
             mixer = site
             continue
         stream = mixer.stream if mixer else site.stream
         blocks.append(Block(len(blocks), site, mixer, shape(by_name[stream])[TOKEN_AXIS]))
         mixer = None
     if mixer is not None:
-        stray.append(mixer)
+        lone(mixer)
     return blocks, stray
 
 
@@ -279,59 +310,28 @@ def analyze(gm: torch.fx.GraphModule, weights: frozenset[str] = frozenset(), hin
             f"such sites; for CNNs use the line-wise mode.{_grid_residuals(gm, graph)}"
         )
     prefix, source = _find_prefix(gm, graph, by_name, blocks[0].input, weights, hints)
-    read, where = _read_positions(gm, graph, by_name, blocks[-1])
-    if read > prefix:
-        prefix, source = read, f"{source}; the first {read} token(s) read by position: {where}"
+    reads = read_positions(gm, graph, by_name, blocks[-1].output)
+    leading = _leading(prefix, reads)
+    if leading > prefix:
+        where = "; ".join(describe_read(by_name, gm, reads[p]) for p in sorted(reads) if p < leading)
+        prefix, source = leading, f"{source}; the first {leading} token(s) read by position: {where}"
+    protected = {p: reads[p] for p in sorted(reads) if p >= prefix}
+    protected_source = ", ".join(f"position {p} (read by {describe_read(by_name, gm, names)})"
+                                 for p, names in protected.items())
     for site in sites:
         tokens = shape(by_name[site.stream])[TOKEN_AXIS]
         site.side_inputs = side_inputs(site, gm, by_name, {tokens, tokens - prefix} - {0, 1})
     channels = shape(by_name[blocks[0].input])[-1]
     grid = token_grid(gm, graph, by_name, blocks[0].input, prefix)
-    return Analysis(blocks, sites, prefix, source, channels, stray, grid)
+    return Analysis(blocks, sites, prefix, source, channels, stray, grid=grid, protected=protected,
+                    protected_source=protected_source)
 
 
-_POSITION_READS = {"getitem", "select", "narrow"}
-
-
-def _first_tokens_read(node: torch.fx.Node, op: str) -> int | None:
-    """How many leading tokens `node` reads by position from a (B, N, ...) input: x[:, i] -> i + 1,
-    x[:, :j] -> j, select(x, 1, i) -> i + 1; None when it reads no fixed position on the token axis."""
-    if op == "getitem":
-        index = node.args[1] if len(node.args) > 1 else None
-        if not isinstance(index, tuple) or len(index) <= TOKEN_AXIS or index[0] != slice(None):
-            return None
-        item = index[TOKEN_AXIS]
-        if isinstance(item, int) and item >= 0:
-            return item + 1
-        if isinstance(item, slice) and item.start in (None, 0) and isinstance(item.stop, int) and item.stop > 0:
-            return item.stop
-        return None
-    dim = literal_arg(node, 1, "dim")
-    start = literal_arg(node, 2, "index" if op == "select" else "start")
-    if dim != TOKEN_AXIS or not isinstance(start, int) or start < 0:
-        return None
-    return start + (literal_arg(node, 3, "length", 1) if op == "narrow" else 1)
-
-
-def _read_positions(gm, graph: nx.DiGraph, by_name, last: Block) -> tuple[int, str]:
-    """Tokens read by their position after the last block (a pooler's `hidden[:, 0]`): they must stay
-    in place, so they count as prefix tokens. (count, 'node ... (module ...)')."""
-    tokens = shape(by_name[last.output])[TOKEN_AXIS]
-    output = next(n.name for n in reversed(gm.graph.nodes) if n.op == "output")
-    feeds_output = nx.ancestors(graph, output)
-    best, where = 0, ""
-    for name in nx.descendants(graph, last.output):
-        node = by_name[name]
-        op = op_name(node, gm)
-        source = node.args[0] if node.args else None
-        if op not in _POSITION_READS or len(shape(source) or ()) != 3 or shape(source)[TOKEN_AXIS] != tokens:
-            continue
-        if name not in feeds_output:  # a pooler whose result the model drops
-            continue
-        count = _first_tokens_read(node, op)
-        if count and count > best:
-            best, where = count, f"{op} at node '{name}' (module '{module_path(node) or 'root'}')"
-    return best, where
+def _leading(prefix: int, reads: dict) -> int:
+    """The prefix grown over the positions read right after it (x[:, 0], x[:, :4])."""
+    while prefix in reads:
+        prefix += 1
+    return prefix
 
 
 _CONVS = {"conv1d", "conv2d", "conv3d", "module:Conv1d", "module:Conv2d", "module:Conv3d"}

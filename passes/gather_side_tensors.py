@@ -34,6 +34,8 @@ from repshift_fx.passes.token_shapes import FollowingShapeProp
 # attention calls whose mask (argument 3 or attn_mask) is cut to the kept tokens: SDPA, and the
 # explicit form score="attention" puts in the scoring blocks (same arguments)
 _ATTENTION = {"scaled_dot_product_attention", "explicit_attention"}
+# ops that join a tensor to the pruned tokens along another axis: a full-length one is refused
+_JOINS = {"cat", "stack", "concat", "concatenate"}
 # ops whose tensor arguments broadcast against each other, element by element
 _BROADCAST = {"add", "sub", "mul", "truediv", "div", "where", "masked_fill", "maximum", "minimum", "lerp",
               "addcmul", "addcdiv", "eq", "ne", "lt", "le", "gt", "ge", "logical_and", "logical_or", "and_", "or_"}
@@ -125,6 +127,9 @@ class _SideGatherer(FollowingShapeProp):
             q, key = n.args[0], literal_arg(n, 1, "key")
             new = self._pair(self._new(q), self._new(key))
             old = self._pair(self.old_shapes.get(q), self.old_shapes.get(key))
+        elif op in _JOINS:
+            self._refuse_joined(n, k)
+            return
         elif op in _BROADCAST:
             inner = [a for a in tensor_args(n) if self.drops.region.get(a) == k or a is self.drops.keep[k]]
             sides = [a for a in tensor_args(n) if a not in inner]
@@ -170,6 +175,29 @@ class _SideGatherer(FollowingShapeProp):
             axes = tuple(i for i in range(1, len(sizes)) if self.drops.level(sizes[i], k) is not None)
             if axes:
                 self._replace(n, side, self._chain(n, side, value, axes, len(sizes), sizes, k))
+
+    def _refuse_joined(self, n: torch.fx.Node, k: int) -> None:
+        """A tensor computed over every token before drop k, joined to the kept tokens (cat/stack
+        along the channels): it still holds the dropped tokens' entries. Refused, not gathered:
+        whether the model means it per token cannot be read from a join."""
+        parts = n.args[0] if n.args and isinstance(n.args[0], (list, tuple)) else ()
+        inner = [p for p in parts if isinstance(p, torch.fx.Node) and (self.drops.region.get(p) == k
+                                                                       or p is self.drops.keep[k])]
+        if not inner:
+            return
+        old, new = self.old_shapes.get(inner[0]), self._new(inner[0])
+        axes = [i for i in range(len(new or ())) if old and len(old) == len(new) and old[i] != new[i]]
+        for part in parts:
+            value = self.env.get(part) if isinstance(part, torch.fx.Node) else None
+            if part in inner or not isinstance(value, torch.Tensor) or value.dim() != len(new or ()):
+                continue
+            if any(value.shape[i] == old[i] for i in axes):
+                drop = self.drops.plan.drops[k]
+                raise UnsupportedSiteError(
+                    f"{where(n)} joins '{part.name}' {tuple(value.shape)}, computed over all {old[axes[0]]} tokens "
+                    f"before the drop after block {drop.block}, to the {new[axes[0]]} tokens kept: it still holds "
+                    "the dropped tokens. Compute it inside the block from the tokens it receives, or drop only "
+                    f"after the last block that reads it (a later `at`).", **located(n))
 
     # --- building the gathers ---
 
@@ -249,6 +277,17 @@ def _broadcast(shapes: list) -> tuple | None:
         return None
 
 
+# reads of a tensor's shape, not of its values: what follows them does not carry the batch axis
+_SHAPE_READS = {"size", "sym_size", "sym_size_int", "dim", "numel", "sym_numel"}
+
+
+def _value_users(node: torch.fx.Node) -> list[torch.fx.Node]:
+    """The users that read `node`'s values: a tensor built from an input's shape alone (HF BEiT's
+    (heads, N, N) position bias, sized by the image) holds no sample axis, whatever its first size."""
+    return [u for u in node.users if op_name(u).split(".")[0] not in _SHAPE_READS
+            and not (op_name(u) == "getattr" and len(u.args) > 1 and u.args[1] in ("shape", "dtype", "device"))]
+
+
 def run(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
     ctx.side_gathers = []
     if not ctx.plan.drops:
@@ -256,7 +295,7 @@ def run(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
     drops = _Drops(gm, ctx.plan)
     weights = ctx.weight_placeholders
     user_inputs = [n for n in gm.graph.nodes if n.op == "placeholder" and n.name not in weights]
-    gatherer = _SideGatherer(gm, drops, reachable(user_inputs, lambda n: n.users))
+    gatherer = _SideGatherer(gm, drops, reachable(user_inputs, _value_users))
     gatherer.propagate(*ctx.args)
     ctx.side_gathers = gatherer.gathered
     gm.graph.lint()

@@ -11,7 +11,8 @@ Guarantees, for each drop b, in order:
 
 Each leaving token folds into its most similar kept token, by the cosine of the attention keys
 of the block that scored it (ToMe's metric) or of the stream (`config.merge_metric`); prefix
-tokens and padding never absorb or get absorbed.
+tokens, tokens kept in place for a read by position (`repshift_pinned_b`) and padding never
+absorb or get absorbed. The kept tokens keep their order: a merge changes values, not places.
 """
 from __future__ import annotations
 
@@ -48,6 +49,10 @@ def _assignment(graph, by_name, drop, index, x, config, notes) -> torch.fx.Node:
                                  name=name)
     real = real_tokens(index)
     valid = graph.call_function(operator.ne, (real, 0)) if real is not None else None
+    pinned = by_name.get(f"repshift_pinned_{drop.block}")
+    if pinned is not None:  # a token kept in place for a read by position absorbs nothing
+        free = graph.call_function(operator.invert, (pinned,))
+        valid = free if valid is None else graph.call_function(operator.and_, (valid, free))
     metric = _metric(graph, x, config, notes, drop.block)
     return graph.create_node("call_function", merge.assign_to_kept, (metric, index, drop.prefix, valid), name=name)
 

@@ -14,7 +14,7 @@ import torch.fx
 from repshift_fx.config import Config
 
 META_KEY = "repshift"
-ROLES = ("score", "index", "keep", "side", "metric", "match", "merge", "size", "bias", "restore")
+ROLES = ("score", "index", "keep", "side", "metric", "match", "merge", "size", "bias", "restore", "pinned", "origin", "protect")
 
 
 @dataclass(frozen=True)

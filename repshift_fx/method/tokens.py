@@ -5,6 +5,10 @@
     tokens = gather_tokens(x, index)                        # (B, prefix + keep, C)
     tokens = fuse_dropped(x, scores, index)                 # (B, prefix + keep + 1, C)  (fuse=True)
 
+Tokens kept in place among the others (ViM's class token in the middle, read by position after
+the last block): `pinned_tokens` marks them for `select_tokens`, `carry_origin` follows every
+token's original position through the drops, and `read_tokens` finds them again for the read.
+
 Baselines: `token_norm`, `random_scores`, and the EViT-style attention importance
 (repshift_fx/method/attention.py). Merging instead of dropping: repshift_fx/method/merge.py.
 
@@ -34,9 +38,12 @@ def random_scores(tokens: torch.Tensor) -> torch.Tensor:
     return torch.rand(tokens.shape[:2], device=tokens.device, dtype=tokens.dtype)
 
 
-def select_tokens(scores: torch.Tensor, prefix: int, keep: int) -> torch.Tensor:
+def select_tokens(scores: torch.Tensor, prefix: int, keep: int, pinned: torch.Tensor | None = None) -> torch.Tensor:
     """Indices of the tokens kept: the `prefix` first ones, then the `keep` best-scored others,
-    in their original order. (B, N) -> (B, prefix + keep), int64."""
+    in their original order; `pinned` (B, N) bool: tokens kept whatever their score (counted in
+    `keep`). (B, N) -> (B, prefix + keep), int64."""
+    if pinned is not None:
+        scores = scores.masked_fill(pinned, float("inf"))
     best = scores[:, prefix:].topk(keep, dim=1, sorted=False).indices
     best = best.sort(dim=1).values + prefix
     head = torch.arange(prefix, device=scores.device).expand(scores.shape[0], prefix)
@@ -63,3 +70,28 @@ def fuse_dropped(tokens: torch.Tensor, scores: torch.Tensor, index: torch.Tensor
     weights = scores.masked_fill(~dropped, float("-inf")).softmax(dim=1).to(tokens.dtype)
     fused = (weights.unsqueeze(-1) * tokens).sum(dim=1, keepdim=True)
     return torch.cat([kept, fused], dim=1)
+
+
+def pinned_tokens(scores: torch.Tensor, positions: tuple[int, ...], origin: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, N) bool: the tokens whose original position is one of `positions`; `origin` (B, N): each
+    token's original position (`carry_origin`), None before any drop (the position itself)."""
+    if origin is None:
+        origin = torch.arange(scores.shape[1], device=scores.device).expand(scores.shape)
+    pinned = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    for position in positions:
+        pinned = pinned | (origin == position)
+    return pinned
+
+
+def carry_origin(origin: torch.Tensor | None, index: torch.Tensor, fused: int = 0) -> torch.Tensor:
+    """The original position of each token a drop keeps: (B, N) or None (no drop yet), (B, K) ->
+    (B, K), and -1 for the token `fuse_dropped` appends."""
+    kept = index if origin is None else origin.gather(1, index)
+    return torch.cat([kept, kept.new_full((kept.shape[0], fused), -1)], dim=1) if fused else kept
+
+
+def read_tokens(tokens: torch.Tensor, origin: torch.Tensor, positions: tuple[int, ...]) -> torch.Tensor:
+    """The tokens that stood at `positions` before the drops, wherever each sample kept them:
+    (B, K, ...), (B, K) -> (B, len(positions), ...)."""
+    where = torch.stack([(origin == p).to(torch.int8).argmax(dim=1) for p in positions], dim=1)
+    return gather_tokens(tokens, where)

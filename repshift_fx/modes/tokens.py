@@ -10,7 +10,7 @@ from repshift_fx.passes import (attention_scores, attention_to_sdpa, find_sites,
                                 merge_tokens, padding_scores, proportional_attention, restore_tokens,
                                 token_shapes, verify)
 from repshift_fx.plan.budget import plan_tokens_for_budget
-from repshift_fx.plan.tokens import make_plan
+from repshift_fx.plan.tokens import make_plan, site_of
 from repshift_fx.report.tokens import token_report
 
 log = logging.getLogger("repshift_fx")
@@ -29,7 +29,8 @@ def log_token_plan(ctx) -> None:
         log.info(
             "%s: block %d (%s) scores by %s; keeps %d + %d of %d tokens",
             ctx.model_name, drop.block + ctx.block_offset, analysis.blocks[drop.block].module or "-",
-            plan.config.score if plan.config.score != "shift" else f"shift({plan.config.site}, {plan.config.distance})",
+            plan.config.score if plan.config.score != "shift" else
+            f"shift({site_of(analysis.blocks[drop.block], plan.config)}, {plan.config.distance})",
             drop.prefix, drop.keep, drop.prefix + drop.before,
         )
     rewritten = sum(rec.impl == "explicit -> sdpa" for rec in ctx.attention)

@@ -25,8 +25,11 @@ class Drop:
     score_inputs: tuple[str, ...]  # (changed, reference) for shift; (tokens,) for norm/random
     prefix: int
     before: int  # non-prefix tokens entering the drop
-    keep: int  # non-prefix tokens kept
+    keep: int  # non-prefix tokens kept, the protected ones included
     fused: int = 0  # 1 when fuse=True folds the dropped tokens into one more token after the kept ones
+    # original positions of tokens kept in place among the others (ViM's middle class token), in the
+    # numbering of the run's first block: the head reads them by position (Analysis.protected)
+    protected: tuple[int, ...] = ()
 
     @property
     def out(self) -> int:
@@ -58,12 +61,22 @@ def kept_count(keep: float, n: int) -> int:
     return max(1, min(n, math.ceil(round(keep * n, 9))))
 
 
+MIXER_ONLY_SITE = "block"  # where a block without an MLP (ViM's SSM blocks) is scored with site="mlp"
+
+
+def site_of(block, config: Config) -> str:
+    """The site a block is scored at: config.site, except that a block with no MLP sub-layer takes
+    `MIXER_ONLY_SITE` for site="mlp" (docs/vim.md says why "block")."""
+    return MIXER_ONLY_SITE if block.mlp is None and config.site == "mlp" else config.site
+
+
 def _score_inputs(block, config: Config) -> tuple[str, ...]:
     if config.score != "shift":
         return (block.output,)
-    if config.site == "block":
+    site_name = site_of(block, config)
+    if site_name == "block":
         return (block.output, block.input)
-    site = block.mlp if config.site == "mlp" else block.mixer
+    site = block.mlp if site_name == "mlp" else block.mixer
     if site is None:
         raise UnsupportedSiteError(
             f"site='attn' needs an attention sub-layer in block {block.index} ({block.module}), "
@@ -119,15 +132,20 @@ def _schedule(config: Config, at: tuple[int, ...]) -> dict[int, float | int]:
     return dict(zip(at, amounts))
 
 
-def _drop(block, amount, prefix: int, n: int, config: Config) -> Drop:
+def _drop(block, amount, prefix: int, n: int, config: Config, protected: tuple[int, ...] = ()) -> Drop:
     if config.score == "tome":  # between attention and MLP, as ToMe merges
         if amount > tome_pairs(prefix, n):
             raise ConfigError(f"ToMe's r={amount} at block {block.index} ({block.module or '-'}) is more than half of "
                               f"the {n} tokens entering it: at most {tome_pairs(prefix, n)} can merge there")
-        return Drop(block.index, block.mlp.stream, (), prefix, n, n - amount)
-    keep = kept_count(amount, n)
+        if protected:
+            raise UnsupportedSiteError(
+                f"score='tome' at block {block.index} ({block.module or '-'}): ToMe's matching may merge the "
+                f"token(s) the model reads by position {list(protected)}; use score='shift' (with reduce='merge' "
+                "to merge), which keeps them in place", module=block.module)
+        return Drop(block.index, block.mlp.stream if block.mlp else block.output, (), prefix, n, n - amount)
+    keep = kept_count(amount, n - len(protected)) + len(protected)
     fused = int(config.fuse and keep < n)  # fuse=True: the dropped tokens become one token
-    return Drop(block.index, block.output, _score_inputs(block, config), prefix, n, keep, fused)
+    return Drop(block.index, block.output, _score_inputs(block, config), prefix, n, keep, fused, protected)
 
 
 def _check_stage(run, drops: list[Drop], config: Config) -> None:
@@ -154,6 +172,8 @@ def make_plan(analysis, config: Config, restore_after=frozenset()) -> PrunePlan:
     check_at(at, depth, analysis.blocks[0].module or "the root")
     schedule = _schedule(config, at)
     prefix = analysis.prefix if config.protect == "auto" else int(config.protect)
+    # read by position after the last block: kept in place whatever `protect` says, or the read goes wrong
+    protected = tuple(p for p in getattr(analysis, "protected", {}) if p >= prefix)
     if prefix >= analysis.blocks[0].tokens:
         raise ConfigError(f"protect={prefix} leaves no token to prune of {analysis.blocks[0].tokens}")
 
@@ -166,7 +186,8 @@ def make_plan(analysis, config: Config, restore_after=frozenset()) -> PrunePlan:
         for block in run:
             tokens.append(prefix + n)
             if block.index in schedule:
-                drop = _drop(block, schedule[block.index], prefix, n, config)
+                held = protected if run is stages[-1] else ()  # read after the last block: its run's numbering
+                drop = _drop(block, schedule[block.index], prefix, n, config, held)
                 drops.append(drop)
                 pending.append(drop)
                 n = drop.keep + drop.fused

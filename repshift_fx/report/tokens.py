@@ -28,7 +28,8 @@ _IMPL_NAMES = {
     "multihead_attention": "MultiheadAttention (fused inside)",
     "explicit": "explicit (kept)",
 }
-_MIXERS = {"attention": "attention + MLP", "mixing": "token-mixing + MLP", "-": "MLP"}
+_MIXERS = {"attention": "attention + MLP", "ssm": "SSM + MLP", "mixing": "token-mixing + MLP", "-": "MLP"}
+_MIXERS_ALONE = {"attention": "attention", "ssm": "SSM", "mixing": "token-mixing"}  # no MLP after the mixer
 _BLOCK_KEYS = ("index", "module", "site", "mixer", "attention", "tokens_in", "tokens_out", "scored",
                "gflops_before", "gflops_after", "refused", "reduce", "restored")
 
@@ -37,12 +38,12 @@ _BLOCK_KEYS = ("index", "module", "site", "mixer", "attention", "tokens_in", "to
 class BlockRow:
     index: int
     module: str
-    mixer: str  # "attention" | "mixing" | "-"
+    mixer: str  # "attention" | "ssm" | "mixing" | "-"
     attention: str  # SDPA, explicit -> SDPA, MultiheadAttention, explicit (kept): why
     tokens_in: int
     tokens_out: int
     scored: bool  # a drop follows this block
-    site: str = ""  # "attention + MLP", "token-mixing + MLP (why)", "MLP"
+    site: str = ""  # "attention + MLP", "token-mixing + MLP (why)", "MLP", "SSM" (no MLP), "SSM + MLP"
     gflops_before: float | None = None  # GMACs per sample of the block's nodes
     gflops_after: float | None = None
     # why no drop may come before this block ("" when it may): the side tensors a block reads (rotary
@@ -168,6 +169,8 @@ def attention_label(records) -> str:
 
 
 def site_label(block) -> str:
+    if block.mlp is None:
+        return _MIXERS_ALONE[block.mixer.kind]
     label = _MIXERS[block.mixer.kind if block.mixer else "-"]
     if block.mixer is not None and block.mixer.kind == "mixing" and block.mixer.reason:
         label += f" ({block.mixer.reason})"
@@ -228,7 +231,7 @@ def build_report(ctx, gflops_before=None, gflops_after=None, *, gm=None, budget=
     dropped, restored = set(plan.at), {end for end, _ in plan.restore_at}
     rows = []
     for block in analysis.blocks:
-        members = set(block.mlp.nodes) | (set(block.mixer.nodes) if block.mixer else set())
+        members = set().union(*(site.nodes for site in (block.mlp, block.mixer) if site is not None))
         records = [rec for rec in ctx.attention if rec.node in members]
         tokens_in = plan.tokens[block.index]
         tokens_out = next((d.out for d in plan.drops if d.block == block.index), tokens_in)
