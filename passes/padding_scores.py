@@ -21,8 +21,13 @@ from repshift_fx.passes.gather_side_tensors import gather_side
 
 
 def padding_last(scores: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-    """Scores with every padded position (real == 0) the lowest: (B, N), (B, N) -> (B, N)."""
-    return scores.masked_fill(real == 0, torch.finfo(scores.dtype).min)
+    """Scores with every padded position (real == 0) the lowest: (B, N), (B, N) -> (B, N).
+    The padded scores differ, falling with the position, so that a drop keeping some padding keeps
+    the first padded positions: equal scores would leave the choice to top-k's tie-breaking, which
+    torch and onnxruntime do not share."""
+    position = torch.arange(scores.shape[1], device=scores.device, dtype=scores.dtype) / scores.shape[1]
+    lowest = torch.finfo(scores.dtype).min / 2 * (1 + position)
+    return torch.where(real == 0, lowest, scores)
 
 
 def padding_mask(gm: torch.fx.GraphModule, analysis, weights=frozenset(), args: tuple = ()) -> torch.fx.Node | None:

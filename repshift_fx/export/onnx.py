@@ -249,17 +249,6 @@ def check_against_eager(gm: torch.nn.Module, args: tuple, onnx_path: Path) -> fl
     error = max_relative_error(got, want)
     if error > CHECK_TOLERANCE:
         raise ExportError(f"the ONNX model differs from the compressed graph on the example input (relative error "
-                          f"{error:.3g} > {CHECK_TOLERANCE:g}){_padding_hint(gm)}; export with check=False to keep "
+                          f"{error:.3g} > {CHECK_TOLERANCE:g}); export with check=False to keep "
                           "it anyway, or report the model")
     return error
-
-
-def _padding_hint(gm: torch.nn.Module) -> str:
-    """Padded tokens all score lowest: where a drop keeps some of them, torch.topk and onnxruntime's
-    TopK may pick different ones (equal scores), which changes only the padded positions' outputs."""
-    graph = getattr(gm, "graph", None)
-    if graph is None or not any(getattr(n.target, "__name__", "") == "padding_last" for n in graph.nodes):
-        return ""
-    return (" (the example has more padding than the drops remove, so padded tokens are kept, chosen among equal "
-            "scores, which torch and onnxruntime break differently: export with an example padded less, or a "
-            "higher keep)")

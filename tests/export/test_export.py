@@ -64,13 +64,13 @@ def tiny_bert(layers: int = 3):
 
 
 def padded_text(batch: int, seed: int) -> dict:
-    """`batch` sequences of 12 tokens, every other one padded after 9 or 11. No more padding than the
-    drops remove: padded tokens all score lowest, so keeping some would pick among equals, which
-    torch.topk and onnxruntime's TopK break differently (docs/export.md)."""
+    """`batch` sequences of 12 tokens, every other one padded after 3 or 5: more padding than the
+    drops remove, so some padded tokens, which all score lowest, are kept, chosen among equal
+    scores; the selection breaks the ties the same way in torch and in onnxruntime."""
     generator = torch.Generator().manual_seed(seed)
     mask = torch.ones(batch, 12, dtype=torch.long)
     for row in range(1, batch, 2):
-        mask[row, 8 + row % 4:] = 0
+        mask[row, 2 + row % 4:] = 0
     return {"input_ids": torch.randint(1, 100, (batch, 12), generator=generator), "attention_mask": mask}
 
 
