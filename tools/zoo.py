@@ -15,26 +15,18 @@ import argparse
 import re
 import time
 
+import collections
+import sys
+from pathlib import Path
+
 import repshift_fx  # noqa: F401  (before timm: installs the torchvision guard)
-import timm
 import torch
 from tabulate import tabulate
 from tqdm import tqdm
 
-TIMM = {  # name -> create_model kwargs (small, fast on 2 cores)
-    "deit_tiny_patch16_224": dict(depth=4, img_size=64), "deit_tiny_distilled_patch16_224": dict(depth=4, img_size=64),
-    "vit_small_patch14_reg4_dinov2": dict(depth=4, img_size=56), "vit_tiny_r_s16_p8_224": dict(img_size=64),
-    "eva02_tiny_patch14_224": dict(depth=4, img_size=56), "beit_base_patch16_224": dict(depth=4, img_size=64),
-    "cait_xxs24_224": dict(depth=4, img_size=64), "pit_ti_224": dict(img_size=112), "levit_128s": dict(img_size=96),
-    "swin_tiny_patch4_window7_224": dict(depths=(2, 2), num_heads=(2, 4), img_size=112),
-    "twins_pcpvt_small": dict(depths=(1, 1, 2, 2)), "convnext_atto": {}, "coat_lite_tiny": {},
-    "mobilevit_xxs": dict(img_size=128), "volo_d1_224": {}, "xcit_nano_12_p16_224": dict(depth=4, img_size=64),
-    "crossvit_tiny_240": {}, "resnet18": {},
-}
-INPUT = {"pit_ti_224": 112, "levit_128s": 96, "swin_tiny_patch4_window7_224": 112, "mobilevit_xxs": 128,
-         "deit_tiny_patch16_224": 64, "deit_tiny_distilled_patch16_224": 64, "vit_small_patch14_reg4_dinov2": 56,
-         "vit_tiny_r_s16_p8_224": 64, "eva02_tiny_patch14_224": 56, "beit_base_patch16_224": 64,
-         "cait_xxs24_224": 64, "xcit_nano_12_p16_224": 64, "crossvit_tiny_240": 240}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from zoo_models import ENTRIES  # noqa: E402
+
 INSERTED = re.compile(r"repshift_(score|index|keep|merge|merged|assign|size|match|metric|restore|padding|real_score)_\d")
 
 
@@ -46,15 +38,20 @@ def _first(out):
     return out
 
 
+def _call(module, x):
+    return module(**x) if isinstance(x, dict) else module(x)
+
+
 def check(model, x) -> dict:
-    """One model's outcome, FLOP ratio and reason."""
+    """One model's outcome, FLOP ratio and reason; `x` a tensor or a dict of keyword tensors."""
     with torch.no_grad():
-        want = _first(model(x))
+        want = _first(_call(model, x))
     try:
         report = repshift_fx.inspect(model, x, keep=0.7)
         ratio = report.flop_ratio
-        full = _first(repshift_fx.compress(model, x, keep=1.0, compile=False)(x))
-        pruned = _first(repshift_fx.compress(model, x, keep=0.7, compile=False)(x))
+        with torch.no_grad():
+            full = _first(_call(repshift_fx.compress(model, x, keep=1.0, compile=False), x))
+            pruned = _first(_call(repshift_fx.compress(model, x, keep=0.7, compile=False), x))
     except repshift_fx.RepShiftError as err:
         bad = INSERTED.search(str(err))
         return {"outcome": "refused" if not bad else "refused (names an inserted node)", "ratio": None,
@@ -69,6 +66,34 @@ def check(model, x) -> dict:
     return {"outcome": "prunes" if ratio < 0.999 else "prunes nothing (warns)", "ratio": ratio, "reason": warning}
 
 
+def sweep(entries, progress: bool = True) -> list[tuple]:
+    """(model, kind, outcome, FLOP ratio, reason) for each entry."""
+    rows = []
+    for entry in tqdm(entries, desc="zoo", unit="model", disable=not progress):
+        try:
+            model, inputs = entry.build()
+        except Exception as err:  # noqa: BLE001 - a config this version does not take
+            rows.append((entry.name, entry.kind, "skipped", "-", f"building it failed: {str(err)[:160]}"))
+            continue
+        result = check(model, inputs)
+        rows.append((entry.name, entry.kind, result["outcome"], "-" if result["ratio"] is None else
+                     f"{result['ratio']:.3f}", result["reason"].replace("|", "/").replace("\n", " ")))
+    return rows
+
+
+def summary(rows) -> str:
+    """Per kind: how many prune, of how many built, and every outcome's count."""
+    kinds = collections.defaultdict(collections.Counter)
+    for _, kind, outcome, _, _ in rows:
+        kinds[kind][outcome] += 1
+    lines = []
+    for kind, counts in kinds.items():
+        built = sum(n for o, n in counts.items() if o != "skipped")
+        rest = ", ".join(f"{o} {n}" for o, n in counts.most_common() if o != "prunes")
+        lines.append(f"- {kind}: {counts['prunes']} of {built} prune ({rest})")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", help="comma-separated substrings of the model names to run")
@@ -76,25 +101,17 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    names = [n for n in TIMM if not args.only or any(s in n for s in args.only.split(","))]
-    rows, start = [], time.time()
-    for name in tqdm(names, desc="zoo", unit="model"):
-        torch.manual_seed(0)
-        try:
-            model = timm.create_model(name, **TIMM[name]).eval()
-        except Exception as err:  # noqa: BLE001 - a config this timm does not take
-            rows.append((f"timm:{name}", "skipped", "-", f"create_model: {str(err)[:120]}"))
-            continue
-        size = INPUT.get(name, 224)
-        result = check(model, torch.randn(2, 3, size, size))
-        rows.append((f"timm:{name}", result["outcome"], "-" if result["ratio"] is None else f"{result['ratio']:.3f}",
-                     result["reason"].replace("|", "/").replace("\n", " ")))
-    table = tabulate(rows, headers=("model", "outcome", "FLOP ratio at keep 0.7", "reason"), tablefmt="github")
-    text = (f"# Zoo sweep\n\n`python tools/zoo.py` (random weights, keep 0.7, default `at`, restore='auto', "
-            f"compile=False; {len(rows)} models in {time.time() - start:.0f} s on {args.threads} threads)\n\n{table}\n")
+    entries = [e for e in ENTRIES if not args.only or any(s in e.name for s in args.only.split(","))]
+    start = time.time()
+    rows = sweep(entries)
+    table = tabulate(rows, headers=("model", "kind", "outcome", "FLOP ratio at keep 0.7", "reason"), tablefmt="github")
+    text = (f"# Zoo sweep\n\n`python tools/zoo.py` (random weights, small configs and inputs "
+            f"(tools/zoo_models.py), keep 0.7, default `at`, restore='auto', compile=False; {len(rows)} models in "
+            f"{time.time() - start:.0f} s on {args.threads} threads, torch {torch.__version__})\n\n{summary(rows)}\n\n"
+            f"{table}\n")
     with open(args.out, "w") as f:
         f.write(text)
-    print(table)
+    print(summary(rows))
 
 
 if __name__ == "__main__":

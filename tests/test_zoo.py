@@ -1,0 +1,69 @@
+"""The zoo, fast subset (tools/zoo_models.py FAST; the full sweep is tools/zoo.py -> docs/zoo.md):
+each model prunes (FLOPs fall at keep 0.7, keep=1.0 equals the model to 1e-5, the output keeps
+its shape, the model is unchanged) or is refused with a RepShiftError in the user's terms."""
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import repshift_fx
+from conftest import assert_unchanged, snapshot
+
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
+sys.path.insert(0, str(TOOLS))
+zoo_models = pytest.importorskip("zoo_models")
+spec = importlib.util.spec_from_file_location("zoo_tool", TOOLS / "zoo.py")
+zoo = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(zoo)
+
+# what each model of the fast subset does today: a regression here is a change of behaviour
+EXPECTED = {"timm:swin_tiny_patch4_window7_224": "refused", "timm:levit_128s": "refused",
+            "timm:volo_d1_224": "prunes nothing (warns)", "timm:mixer_s16_224": "refused",
+            "hf:YolosModel": "refused"}  # its detection tokens come after the patches: not protected yet
+
+
+@pytest.mark.parametrize("name", zoo_models.FAST)
+def test_zoo_model_prunes_or_is_refused_in_the_users_terms(name):
+    model, inputs = zoo_models.BY_NAME[name].build()
+    before = snapshot(model)
+    result = zoo.check(model, inputs)
+    assert result["outcome"] == EXPECTED.get(name, "prunes"), result
+    if result["outcome"] == "prunes":
+        assert result["ratio"] < 0.95
+    if result["outcome"] == "refused":
+        assert not zoo.INSERTED.search(result["reason"]) and "repshift_" not in result["reason"]
+    assert_unchanged(model, before)
+
+
+def test_a_side_tensor_without_a_batch_axis_is_gathered_for_each_sample():
+    """HF BEiT adds a (heads, N, N) position bias built from the image size alone; with 2 heads
+    and 2 samples its first axis is no batch axis. Each sample of the batch equals that sample
+    compressed alone."""
+    model, inputs = zoo_models.BY_NAME["hf:BeitModel"].build()
+    x = inputs["pixel_values"]
+    batch = repshift_fx.compress(model, inputs, keep=0.5, at=(0, 1), compile=False)
+    with torch.no_grad():
+        together = batch(pixel_values=x)[0]
+        for i in range(x.shape[0]):
+            alone = repshift_fx.compress(model, {"pixel_values": x[i:i + 1].repeat(3, 1, 1, 1)}, keep=0.5, at=(0, 1),
+                                         compile=False)(pixel_values=x[i:i + 1].repeat(3, 1, 1, 1))[0]
+            assert (together[i] - alone[0]).abs().max() <= 1e-5 * alone.abs().max()
+
+
+def test_a_wrong_graph_is_reported_as_wrong():
+    """The sweep's own check can fail: a model whose compressed graph differs is WRONG."""
+    model, inputs = zoo_models.BY_NAME["timm:deit_tiny_patch16_224"].build()
+    original = repshift_fx.compress
+
+    def off_by_a_little(*args, **kwargs):
+        gm = original(*args, **kwargs)
+        return lambda x: gm(x) * 1.001
+    try:
+        repshift_fx.compress = off_by_a_little
+        assert zoo.check(model, inputs)["outcome"] == "WRONG"
+    finally:
+        repshift_fx.compress = original
+    with torch.no_grad():
+        assert zoo.check(model, inputs)["outcome"] == "prunes"
