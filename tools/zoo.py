@@ -16,6 +16,7 @@ import re
 import time
 
 import collections
+import signal
 import sys
 from pathlib import Path
 
@@ -66,16 +67,32 @@ def check(model, x) -> dict:
     return {"outcome": "prunes" if ratio < 0.999 else "prunes nothing (warns)", "ratio": ratio, "reason": warning}
 
 
-def sweep(entries, progress: bool = True) -> list[tuple]:
-    """(model, kind, outcome, FLOP ratio, reason) for each entry."""
+class _Timeout(BaseException):  # not an Exception: check() reports those as crashes
+    pass
+
+
+def _alarm(signum, frame):
+    raise _Timeout()
+
+
+def sweep(entries, progress: bool = True, timeout: int = 0) -> list[tuple]:
+    """(model, kind, outcome, FLOP ratio, reason) for each entry; a model still running after
+    `timeout` seconds (0: no limit) is "TIMEOUT"."""
     rows = []
+    signal.signal(signal.SIGALRM, _alarm)
     for entry in tqdm(entries, desc="zoo", unit="model", disable=not progress):
         try:
             model, inputs = entry.build()
         except Exception as err:  # noqa: BLE001 - a config this version does not take
             rows.append((entry.name, entry.kind, "skipped", "-", f"building it failed: {str(err)[:160]}"))
             continue
-        result = check(model, inputs)
+        signal.alarm(timeout)
+        try:
+            result = check(model, inputs)
+        except _Timeout:
+            result = {"outcome": "TIMEOUT", "ratio": None, "reason": f"still running after {timeout} s"}
+        finally:
+            signal.alarm(0)
         rows.append((entry.name, entry.kind, result["outcome"], "-" if result["ratio"] is None else
                      f"{result['ratio']:.3f}", result["reason"].replace("|", "/").replace("\n", " ")))
     return rows
@@ -99,11 +116,12 @@ def main(argv=None) -> None:
     parser.add_argument("--only", help="comma-separated substrings of the model names to run")
     parser.add_argument("-o", "--out", default="docs/zoo.md")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--timeout", type=int, default=300, help="seconds per model (default 300)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     entries = [e for e in ENTRIES if not args.only or any(s in e.name for s in args.only.split(","))]
     start = time.time()
-    rows = sweep(entries)
+    rows = sweep(entries, timeout=args.timeout)
     table = tabulate(rows, headers=("model", "kind", "outcome", "FLOP ratio at keep 0.7", "reason"), tablefmt="github")
     text = (f"# Zoo sweep\n\n`python tools/zoo.py` (random weights, small configs and inputs "
             f"(tools/zoo_models.py), keep 0.7, default `at`, restore='auto', compile=False; {len(rows)} models in "
