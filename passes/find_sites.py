@@ -273,10 +273,7 @@ def _find_prefix(gm, graph: nx.DiGraph, by_name, first_stream: str, weights, hin
         node = by_name[name]
         if name in hints and len(shape(node) or ()) > TOKEN_AXIS and shape(node)[TOKEN_AXIS] == tokens:
             return hints[name]
-        if op_name(node, gm) != "cat" or shape(node)[TOKEN_AXIS] != tokens:
-            continue
-        dim = literal_arg(node, 1, "dim", 0)
-        if dim not in (TOKEN_AXIS, TOKEN_AXIS - len(shape(node))):
+        if _token_cat(gm, graph, node, tokens, inputs) is None:
             continue
         count, names = 0, []
         for part in node.args[0]:
@@ -287,6 +284,31 @@ def _find_prefix(gm, graph: nx.DiGraph, by_name, first_stream: str, weights, hin
             names += [str(a.target) for a in sources if a.op in ("get_attr", "placeholder")] or [part.name]
         return count, f"cat at node '{name}' of " + (", ".join(names) or "no learned tokens")
     return 0, "no token concatenation found before the first block"
+
+
+def _token_cat(gm, graph: nx.DiGraph, node, tokens: int, inputs: set) -> list | None:
+    """The parts of `node` if it is the cat that makes the tokens: along the token axis, of
+    `tokens` tokens, one part at least computed from the model's inputs (the patches; a cat of
+    learned tables alone, such as YOLOS's position embeddings, is none). [(part, from inputs)]."""
+    if op_name(node, gm) != "cat" or shape(node)[TOKEN_AXIS] != tokens:
+        return None
+    if literal_arg(node, 1, "dim", 0) not in (TOKEN_AXIS, TOKEN_AXIS - len(shape(node))):
+        return None
+    parts = [(part, bool(inputs & (nx.ancestors(graph, part.name) | {part.name}))) for part in node.args[0]]
+    return parts if any(found for _, found in parts) else None
+
+
+def _learned_suffix(gm, graph: nx.DiGraph, by_name, first_stream: str, weights) -> int:
+    """Learned tokens concatenated after the patches (YOLOS's detection tokens): how many."""
+    inputs = {n.name for n in gm.graph.nodes if n.op == "placeholder" and n.name not in weights}
+    tokens = shape(by_name[first_stream])[TOKEN_AXIS]
+    order = _order(by_name)
+    for name in sorted(nx.ancestors(graph, first_stream) | {first_stream}, key=lambda n: -order[n]):
+        parts = _token_cat(gm, graph, by_name[name], tokens, inputs)
+        if parts is not None:
+            last = max(i for i, (_, found) in enumerate(parts) if found)
+            return sum(shape(part)[TOKEN_AXIS] for part, _ in parts[last + 1:])
+    return 0
 
 
 def prefix_of(gm: torch.fx.GraphModule, node: str, weights: frozenset[str] = frozenset(), hints=None) -> tuple[int, str]:
@@ -318,6 +340,12 @@ def analyze(gm: torch.fx.GraphModule, weights: frozenset[str] = frozenset(), hin
     protected = {p: reads[p] for p in sorted(reads) if p >= prefix}
     protected_source = ", ".join(f"position {p} (read by {describe_read(by_name, gm, names)})"
                                  for p, names in protected.items())
+    suffix = _learned_suffix(gm, graph, by_name, blocks[0].input, weights)
+    if suffix:
+        tokens = shape(by_name[blocks[0].input])[TOKEN_AXIS]
+        protected.update({p: protected.get(p, ()) for p in range(tokens - suffix, tokens)})
+        protected_source += ("; " if protected_source else "") + \
+            f"the last {suffix} token(s): learned tokens concatenated after the patches"
     for site in sites:
         tokens = shape(by_name[site.stream])[TOKEN_AXIS]
         site.side_inputs = side_inputs(site, gm, by_name, {tokens, tokens - prefix} - {0, 1})

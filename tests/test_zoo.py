@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import repshift_fx
-from conftest import assert_unchanged, snapshot
+from conftest import assert_unchanged, node_values, snapshot
 
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
 sys.path.insert(0, str(TOOLS))
@@ -20,8 +20,7 @@ spec.loader.exec_module(zoo)
 
 # what each model of the fast subset does today: a regression here is a change of behaviour
 EXPECTED = {"timm:swin_tiny_patch4_window7_224": "refused", "timm:levit_128s": "refused",
-            "timm:volo_d1_224": "prunes nothing (warns)", "timm:mixer_s16_224": "refused",
-            "hf:YolosModel": "refused"}  # its detection tokens come after the patches: not protected yet
+            "timm:volo_d1_224": "prunes nothing (warns)", "timm:mixer_s16_224": "refused"}
 
 
 @pytest.mark.parametrize("name", zoo_models.FAST)
@@ -50,6 +49,19 @@ def test_a_side_tensor_without_a_batch_axis_is_gathered_for_each_sample():
             alone = repshift_fx.compress(model, {"pixel_values": x[i:i + 1].repeat(3, 1, 1, 1)}, keep=0.5, at=(0, 1),
                                          compile=False)(pixel_values=x[i:i + 1].repeat(3, 1, 1, 1))[0]
             assert (together[i] - alone[0]).abs().max() <= 1e-5 * alone.abs().max()
+
+
+def test_yolos_detection_tokens_after_the_patches_are_kept_at_every_drop():
+    """YOLOS appends 5 learned detection tokens after the 16 patches (and builds its position
+    embeddings by a cat of learned tables alone, which is no token cat): CLS is the prefix, the
+    detection tokens are kept in place, the patches are pruned."""
+    model, inputs = zoo_models.BY_NAME["hf:YolosModel"].build()
+    gm = repshift_fx.compress(model, inputs, keep=0.5, at=(0, 1), compile=False)
+    assert gm.report.prefix == 1 and gm.report.tokens[:3] == [22, 14, 10]  # 1 + 5 + 8 of 16, then 1 + 5 + 4
+    assert any("the last 5 token(s)" in note for note in gm.report.notes)
+    values = node_values(gm, *inputs.values())
+    first = next(v for k, v in values.items() if k.startswith("repshift_index_"))
+    assert first.shape == (2, 14) and (first[:, -5:] == torch.arange(17, 22)).all() and (first[:, 0] == 0).all()
 
 
 def test_a_wrong_graph_is_reported_as_wrong():

@@ -244,6 +244,8 @@ def build_report(ctx, gflops_before=None, gflops_after=None, *, gm=None, budget=
             row.attention += " + log(size)"
         rows.append(row)
     notes = list(ctx.notes) + _nothing_pruned(ctx)
+    if analysis.protected and plan.drops:
+        notes.append(f"kept in place at every drop: {analysis.protected_source}")
     refused = []
     for site in analysis.stray:
         refused.append(f"residual site at '{site.module or site.add}' ({site.kind}) is not part of a block")
