@@ -43,7 +43,8 @@ class Hazard:
     reason: str
 
     def __str__(self) -> str:
-        return f"{self.op} at node '{self.node}' (module '{self.module or 'root'}') {self.reason}"
+        where = f"module '{self.module}'" if self.module else "the model's top-level forward"
+        return f"{self.op} in {where} {self.reason}"
 
 
 @dataclass

@@ -33,6 +33,7 @@ from repshift_fx.errors import NoSiteError
 from repshift_fx.fx.positions import describe_read, read_positions
 from repshift_fx.fx.nodes import (
     common_path,
+    in_module,
     data_graph,
     literal_arg,
     module_path,
@@ -167,7 +168,7 @@ def _classify(branch_nodes, gm, by_name, stream: str) -> tuple[str, str]:
         node = by_name[name]
         op = op_name(node, gm) if node.op.startswith("call") else ""
         if op in _SCANS and _scans_tokens(node, op):
-            return "ssm", f"{op} at node '{name}' ({module_path(node) or 'root'}) scans along the tokens"
+            return "ssm", f"{op} in {in_module(node)} scans along the tokens"
     for name in sorted(members, key=order.get):
         node = by_name[name]
         if node.op in ("placeholder", "get_attr", "output"):
@@ -175,9 +176,9 @@ def _classify(branch_nodes, gm, by_name, stream: str) -> tuple[str, str]:
         op = op_name(node, gm)
         inner = [a for a in tensor_args(node) if a.name in members or a.name == stream]
         if op in _ATTENTION or (op in _PRODUCTS and len(inner) >= 2):
-            return "attention", f"{op} at node '{name}'"
+            return "attention", f"{op} in {in_module(node)}"
         if not reason and not _is_token_local(node, gm, members | {stream}):
-            reason = f"{op} at node '{name}' ({module_path(node) or 'root'}) may mix tokens"
+            reason = f"{op} in {in_module(node)} may mix tokens"
     return ("mixing", reason) if reason else ("mlp", "")
 
 
@@ -400,8 +401,8 @@ def _grid_residuals(gm, graph: nx.DiGraph) -> str:
         if sa is None or sa != sb or len(sa) != 4:
             continue
         if nx.has_path(graph, a.name, b.name) or nx.has_path(graph, b.name, a.name):
-            return (f" It is a grid model: its residual adds run over {len(sa)}-D maps {sa}, first add at node "
-                    f"'{node.name}' (module '{module_path(node) or 'root'}'); its tokens cannot be dropped one by "
+            return (f" It is a grid model: its residual adds run over {len(sa)}-D maps {sa}, first add in "
+                    f"{in_module(node)}; its tokens cannot be dropped one by "
                     "one. Use mode='lines' (rows and columns, repshift_fx's CNN mode) or another model.")
     return ""
 

@@ -22,14 +22,14 @@ import torch.fx
 from repshift_fx.context import inserted, role_of
 from repshift_fx.capture import ShapeRecorder
 from repshift_fx.errors import UnsupportedSiteError, root_cause
-from repshift_fx.fx.nodes import located, module_path, shape
+from repshift_fx.fx.nodes import in_module, located, shape
 from repshift_fx.fx.grid_ops import grid_op, pad_end, spatial, window
 from repshift_fx.passes.verify import output_shapes
 from repshift_fx.plan.tokens import kept_count
 
 
 def _where(node: torch.fx.Node, gm) -> str:
-    return f"{grid_op(node, gm)} at node '{node.name}' (module '{module_path(node) or 'root'}')"
+    return f"{grid_op(node, gm)} in {in_module(node)}"
 
 
 class _LineShapeProp(ShapeRecorder):

@@ -23,6 +23,7 @@ from repshift_fx.context import role_of
 from repshift_fx.capture import ShapeRecorder
 from repshift_fx.errors import UnsupportedSiteError, root_cause
 from repshift_fx.fx.nodes import located, module_path, op_name, reachable, shape, where
+from repshift_fx.report.needs import changed_count, why_every_token
 
 _SIZED = ("view", "reshape", "expand")
 
@@ -136,12 +137,20 @@ def _follow_token_count(node: torch.fx.Node, old_in: tuple, new_in: tuple, env: 
     known = [s for s in sizes if isinstance(s, int) and s != -1]
     numel = math.prod(new_in)
     if op_name(node) != "expand" and -1 not in sizes and all(isinstance(s, int) for s in sizes) and math.prod(known) != numel:
-        raise UnsupportedSiteError(
-            f"{where(node)} reshapes {old_n} tokens to {tuple(sizes)}, which needs all of them "
-            "(e.g. back to an H x W grid); restore=True puts every token back before it, or prune after the last "
-            "block that needs the full grid.", node=node.name, module=module_path(node), needs_every_token=True,
-        )
+        raise needs_every_token(f"{op_name(node)} in module '{module_path(node) or 'root'}' "
+                                f"{why_every_token(node, old_n, new_n)}, and {new_n} reach it once tokens are dropped",
+                                node)
     _set_sizes(node, sizes, packed, real_env)
+
+
+def needs_every_token(what: str, node: torch.fx.Node) -> UnsupportedSiteError:
+    """The refusal of a node that needs every token; the run loop says where and what to do
+    (repshift_fx/report/needs.py: in_model_terms)."""
+    err = UnsupportedSiteError(f"{what}; restore='auto' (the default) or restore=True puts every token back before "
+                               "it, or drop only after it (at=...).", node=node.name, module=module_path(node),
+                               needs_every_token=True)
+    err.what = what
+    return err
 
 
 def _after_drops(gm: torch.fx.GraphModule) -> frozenset:
@@ -169,13 +178,13 @@ class FollowingShapeProp(ShapeRecorder):
         except UnsupportedSiteError:
             raise
         except Exception as wrapped:
-            err = root_cause(wrapped)
-            raise UnsupportedSiteError(
-                f"{where(n)} fails once tokens are dropped: {type(err).__name__}: {err}. It needs "
-                "the full token set (windowed attention, a reshape to a grid, a fixed-size table); "
-                "restore=True puts every token back before the block run ends, or prune after it with a later `at`.",
-                node=n.name, module=module_path(n), needs_every_token=True,
-            ) from wrapped
+            counts = changed_count(n, self.old_shapes, self.env)
+            op, module = op_name(n, self.module), module_path(n) or "root"
+            what = (f"{op} in module '{module}' fails on fewer tokens ({type(root_cause(wrapped)).__name__})"
+                    if counts is None else
+                    f"{op} in module '{module}' {why_every_token(n, *counts, gm=self.module)}, and {counts[1]} "
+                    "reach it once tokens are dropped")
+            raise needs_every_token(what, n) from wrapped
 
 
 def run(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch.fx
 
 from repshift_fx.errors import UnsupportedSiteError
-from repshift_fx.fx.nodes import module_path, shape
+from repshift_fx.fx.nodes import in_module, module_path, shape
 
 
 def output_shapes(gm: torch.fx.GraphModule) -> list:
@@ -23,7 +23,7 @@ def run(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
     for (name, old), (_, new) in zip(ctx.output_shapes, output_shapes(gm)):
         if old != new:
             node = next((n for n in gm.graph.nodes if n.name == name), None)
-            where = f"node '{name}' (module '{module_path(node) or 'root'}')" if node is not None else f"'{name}'"
+            where = f"of {in_module(node)}" if node is not None else "of the model"
             raise UnsupportedSiteError(
                 f"output {where} changes shape from {old} to {new} once tokens are dropped "
                 "(a dense-prediction head needs every token, and so does a model that returns every "

@@ -9,6 +9,7 @@ import inspect as pyinspect
 
 import torch
 
+from repshift_fx.capture import reuse_traces
 from repshift_fx.config import Config, check_names, option_names
 from repshift_fx.errors import UnsupportedSiteError
 from repshift_fx.pipeline import run
@@ -87,7 +88,8 @@ def compress(model: torch.nn.Module, example_input, *, keep=None, at=None, site=
     config = Config(keep=keep, at=at, site=site, distance=distance, residual=residual, score=score,
                     protect=protect, sdpa=sdpa, target_flops=target_flops, mode=mode, fuse=fuse, reduce=reduce,
                     restore=restore, r=r, merge_metric=merge_metric, size_attention=size_attention)
-    gm, report = run(model, example_input, config, flops=False)
+    with reuse_traces():  # one trace per call: the report and restore's retries read copies of it
+        gm, report = run(model, example_input, config, flops=False)
     gm.report = report
     if not compile:
         return gm
@@ -113,8 +115,9 @@ def inspect(model: torch.nn.Module, example_input, **config) -> Report:
     """
     config.pop("compile", None)
     config = Config.from_kwargs(**config)
-    try:
-        gm, report = run(model, example_input, config, flops=True)
-    except UnsupportedSiteError as error:
-        return refused_report(model, example_input, config, error)
+    with reuse_traces():
+        try:
+            gm, report = run(model, example_input, config, flops=True)
+        except UnsupportedSiteError as error:
+            return refused_report(model, example_input, config, error)
     return report

@@ -62,3 +62,4 @@ class PassContext:
     side_gathers: list = field(default_factory=list)  # passes.gather_side_tensors: what each drop gathered
     notes: list[str] = field(default_factory=list)
     restore_after: frozenset[int] = frozenset()  # restore="auto": blocks after which every token comes back
+    skipped_drops: frozenset[int] = frozenset()  # restore="auto": drops left out (what followed needed every token)

@@ -22,6 +22,7 @@ from repshift_fx.context import PassContext
 from repshift_fx.errors import UnsupportedSiteError
 from repshift_fx.fx.nodes import nodes_by_name, reachable
 from repshift_fx.modes import choose
+from repshift_fx.report.needs import in_model_terms
 
 
 def run_passes(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.GraphModule:
@@ -35,24 +36,62 @@ def rewrite(model: torch.nn.Module, example_input, config: Config) -> tuple[torc
     gm, args = capture(model, example_input)
     gm.eval()
 
-    def attempt(graph, restore_after=frozenset()):
-        ctx = PassContext(config=config, args=args, model_name=type(model).__name__, restore_after=restore_after)
+    def attempt(graph, restore_after=frozenset(), skipped=()):
+        ctx = PassContext(config=config, args=args, model_name=type(model).__name__, restore_after=restore_after,
+                          skipped_drops=frozenset(skipped))
         return run_passes(graph, ctx), ctx
 
     if config.restore != "auto":
-        return attempt(gm)
-    restore_after, first = frozenset(), None
+        try:
+            return attempt(copy_graph(gm))
+        except UnsupportedSiteError as refusal:
+            raise in_model_terms(refusal, gm, tried_restore=False) from None
+    restore_after, first, skipped = frozenset(), None, {}
     while True:
         try:
-            return attempt(copy_graph(gm), restore_after)
+            result = attempt(copy_graph(gm), restore_after, skipped)
         except UnsupportedSiteError as refusal:
             first = first or refusal
-            if not refusal.needs_every_token:
-                raise first from None
-            block = _last_block_before(gm, refusal)
-            if block is None or block in restore_after or _undone_at_once(refusal, block):
-                raise first from None  # nothing to restore before it, or a drop would be undone at once
+            block = _last_block_before(gm, refusal) if refusal.needs_every_token else None
+            if block is None or block in restore_after:  # nothing to restore before it, or it did not help
+                raise in_model_terms(first, gm, tried_restore=refusal.needs_every_token) from None
+            if _undone_at_once(refusal, block):  # restoring would undo that drop before any block ran
+                config = _without_drop(config, refusal.plan, block)
+                if config is None:
+                    raise in_model_terms(first, gm, tried_restore=True) from None
+                skipped[block] = refusal
+                continue
             restore_after |= {block}
+            continue
+        if skipped and not _prunes(result[1]):  # every drop left was undone at once: a refusal, not a no-op
+            raise in_model_terms(first, gm, tried_restore=True)
+        result[1].notes[:0] = [_skip_note(refusal, block) for block, refusal in skipped.items()]
+        return result
+
+
+def _prunes(ctx: PassContext) -> bool:
+    """Some block runs on fewer tokens (modes without a token plan: taken as yes)."""
+    tokens = getattr(ctx.plan, "tokens", None)
+    return tokens is None or any(tokens[b.index] < b.tokens for b in ctx.analysis.blocks)
+
+
+def _without_drop(config: Config, plan, block: int) -> Config | None:
+    """`config` with the drop after `block` left out of `at` (None if it was the only one)."""
+    at = tuple(d.block for d in plan.drops)
+    if len(at) < 2:
+        return None
+    i = at.index(block)
+    field = "r" if config.score == "tome" else "keep"
+    amount = getattr(config, field)
+    if isinstance(amount, tuple):
+        amount = amount[:i] + amount[i + 1:]
+    return dataclasses.replace(config, at=at[:i] + at[i + 1:], **{field: amount})
+
+
+def _skip_note(refusal: UnsupportedSiteError, block: int) -> str:
+    what = getattr(refusal, "what", None) or f"module '{refusal.module or 'root'}' needs every token"
+    return (f"the drop after block {block} is skipped: right after it, {what}; the tokens would be put back "
+            "before any block ran on fewer. Drop at an earlier block of its stage (at=...)")
 
 
 def _undone_at_once(refusal: UnsupportedSiteError, block: int) -> bool:

@@ -253,25 +253,25 @@ def _refused(model, match, **config):
 
 
 def test_concat_with_an_unpruned_skip_is_refused_by_name():
-    message = _refused(TinyUNet(), "cat at node 'cat'", at=(0,))
+    message = _refused(TinyUNet(), "cat in the model's top-level forward", at=(0,))
     assert "'stem'" in message and "blocks [2]" in message
     gm = repshift_fx.compress(TinyUNet().eval(), X16, compile=False)  # the default skips blocks 0 and 1
     assert gm.report.config["at"] == (2,)
-    assert any("cat at node 'cat'" in line for line in gm.report.refused)
+    assert any("cat in the model's top-level forward" in line for line in gm.report.refused)
 
 
 def test_upsampling_to_the_input_size_is_refused_by_name():
-    message = _refused(ToInputSize(), "interpolate at node 'interpolate'", at=(0,))
+    message = _refused(ToInputSize(), "interpolate in the model's top-level forward", at=(0,))
     assert "fixed size" in message
     _refused(ToInputSize(), "no block of the 2 found can be pruned")
 
 
 def test_fixed_size_pooling_is_refused_by_name():
-    _refused(FixedPool(), r"adaptive_avg_pool2d at node 'pool' \(module 'pool'\) pools to a fixed size", at=(1,))
+    _refused(FixedPool(), r"adaptive_avg_pool2d in module 'pool' pools to a fixed size", at=(1,))
 
 
 def test_stride_that_needs_an_even_count_is_refused_by_name():
-    _refused(Patchify(), "conv2d at node 'down'.*kernel 2, stride 2.*last rows of the 11", keep=0.65, at=(0,))
+    _refused(Patchify(), "conv2d in module 'down'.*kernel 2, stride 2.*last rows of the 11", keep=0.65, at=(0,))
     gm = repshift_fx.compress(Patchify().eval(), X16, keep=0.6, at=(0,), compile=False)  # 10 rows: even
     assert gm.report.blocks[1].grid_in == (5, 5)
 

@@ -23,14 +23,15 @@ def test_swin_windows_are_refused_and_inspect_marks_them():
     model = timm.create_model("swin_tiny_patch4_window7_224", img_size=112, depths=(2, 2), num_heads=(2, 4),
                               embed_dim=32).eval()
     x = torch.randn(1, 3, 112, 112)
-    assert_refused(model, x, UnsupportedSiteError, "node 'reshape", "module 'layers.0.blocks.0'", "windowed attention",
-                   "later `at`", at=(0,))
+    message = assert_refused(model, x, UnsupportedSiteError, "block 0 (layers.0.blocks.0)",
+                             "reshapes its 784 tokens into a 28 x 28 grid", "cannot help", "mode='lines'", at=(0,))
+    assert "node" not in message
     _marked(repshift_fx.inspect(model, x, at=(0,)), 0, "layers.0.blocks.0")
 
 
 def test_convnext_in_tokens_mode_is_refused_naming_its_grid():
     model = timm.create_model("convnext_atto", num_classes=10).eval()
-    assert_refused(model, torch.randn(1, 3, 64, 64), NoSiteError, "grid model", "node 'add'",
+    assert_refused(model, torch.randn(1, 3, 64, 64), NoSiteError, "grid model", "first add in",
                    "module 'stages.0.blocks.0'", "mode='lines'", mode="tokens")
 
 
@@ -63,11 +64,11 @@ class _Dense(nn.Module):
 @pytest.mark.parametrize("neck", (True, False))
 def test_a_dense_head_without_restore_is_refused(neck):
     model, x = _Dense(neck=neck).eval(), torch.randn(2, 3, 64, 64)
-    words = ("reshape at node", "module 'neck'", "reshape to a grid") if neck else \
-        ("output node 'head'", "module 'head'", "dense-prediction")
+    words = ("module 'neck'", "reshapes its 16 tokens into a 4 x 4 grid", "after block 3") if neck else \
+        ("output of module 'head'", "dense-prediction")
     assert_refused(model, x, UnsupportedSiteError, *words, "restore=True", at=(1,), restore=False)
     report = repshift_fx.inspect(model, x, at=(1,), restore=False)
-    assert report.refused[0].startswith("outside the blocks") and len(report.blocks) == 4 and report.tokens == [16] * 4
+    assert report.refused[0].startswith("module 'neck'" if neck else "outside the blocks") and len(report.blocks) == 4 and report.tokens == [16] * 4
 
 
 @pytest.mark.parametrize("neck", (True, False))
@@ -109,7 +110,7 @@ class _CausalNet(nn.Module):
 
 def test_causal_sdpa_is_refused_and_inspect_marks_it():
     model, x = _CausalNet().eval(), torch.randn(2, 10, 16)
-    assert_refused(model, x, UnsupportedSiteError, "scaled_dot_product_attention at node", "module 'blocks.1'",
+    assert_refused(model, x, UnsupportedSiteError, "scaled_dot_product_attention in module 'blocks.1", "module 'blocks.1'",
                    "is_causal=True", "causal decoders are not pruned", keep=0.5, at=(0,))
     _marked(repshift_fx.inspect(model, x, keep=0.5, at=(0,)), 1, "is_causal=True")
 
@@ -136,5 +137,5 @@ def test_a_drop_that_prunes_nothing_warns_and_says_so(caplog):
     with caplog.at_level(logging.WARNING, logger="repshift_fx"):
         report = repshift_fx.inspect(model, x, keep=0.5, at=(3,))
     assert report.flop_ratio > 0.99 and "nothing is pruned" in caplog.text
-    assert any("nothing is pruned" in note and "at=(1, 2)" in note for note in report.notes)
+    assert any("nothing is pruned" in note and "at=(0, 1, 2)" in note for note in report.notes)
     assert not [n for n in repshift_fx.inspect(model, x, keep=0.5, at=(1,)).notes if "nothing is pruned" in n]

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import repshift_fx  # noqa: F401  (before timm: installs the torchvision guard)
 import torch
+from repshift_fx.capture import reuse_traces
 from tabulate import tabulate
 from tqdm import tqdm
 
@@ -29,6 +30,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from zoo_models import ENTRIES  # noqa: E402
 
 INSERTED = re.compile(r"repshift_(score|index|keep|merge|merged|assign|size|match|metric|restore|padding|real_score)_\d")
+WHERE = re.compile(r"\bblock \d|\bblocks?\b|module '|\bstage|\bin [A-Z]\w+|the model")
+TODO = re.compile(r"at=|mode='lines'|restore|\buse\b|\bprune\b|\bdrop (only )?(after|at|earlier)|choose|\bpass\b",
+                  re.IGNORECASE)
+
+
+def message_problems(message: str) -> list[str]:
+    """How a refusal breaks the rules: it must say where (a block, stage or module), what to do (an
+    `at`, lines mode, restore, ...), and name no node of the traced graph, inserted or not."""
+    problems = []
+    if INSERTED.search(message) or "repshift_" in message:
+        problems.append("names an inserted node")
+    if re.search(r"\bnode '", message):
+        problems.append("names a graph node")
+    if not WHERE.search(message):
+        problems.append("says not where")
+    if not TODO.search(message):
+        problems.append("says not what to do")
+    return problems
 
 
 def _first(out):
@@ -48,15 +67,16 @@ def check(model, x) -> dict:
     with torch.no_grad():
         want = _first(_call(model, x))
     try:
-        report = repshift_fx.inspect(model, x, keep=0.7)
-        ratio = report.flop_ratio
-        with torch.no_grad():
-            full = _first(_call(repshift_fx.compress(model, x, keep=1.0, compile=False), x))
-            pruned = _first(_call(repshift_fx.compress(model, x, keep=0.7, compile=False), x))
+        with reuse_traces():  # the three calls trace the model once
+            report = repshift_fx.inspect(model, x, keep=0.7)
+            ratio = report.flop_ratio
+            with torch.no_grad():
+                full = _first(_call(repshift_fx.compress(model, x, keep=1.0, compile=False), x))
+                pruned = _first(_call(repshift_fx.compress(model, x, keep=0.7, compile=False), x))
     except repshift_fx.RepShiftError as err:
-        bad = INSERTED.search(str(err))
-        return {"outcome": "refused" if not bad else "refused (names an inserted node)", "ratio": None,
-                "reason": f"{type(err).__name__}: {str(err)[:240]}"}
+        problems = message_problems(str(err))
+        return {"outcome": "refused" if not problems else f"refused ({', '.join(problems)})", "ratio": None,
+                "reason": f"{type(err).__name__}: {err}"}
     except Exception as err:  # noqa: BLE001 - a crash is what the sweep is here to find
         return {"outcome": "CRASH", "ratio": None, "reason": f"{type(err).__name__}: {str(err)[:240]}"}
     error = ((full - want).abs().max() / want.abs().max().clamp_min(1e-12)).item()

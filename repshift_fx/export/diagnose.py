@@ -61,7 +61,7 @@ def _located(what: str, node, gm, text: str, advice: str) -> ExportError:
         return ExportError(f"{what} {where}: {reason}; {advice}", module=block)
     module = module_path(node) or "the model's top level"
     op = op_name(node, gm)
-    return ExportError(f"{what} op '{op}' at node '{node.name}' in module '{module}': {reason}; {advice}",
+    return ExportError(f"{what} op '{op}' in module '{module}': {reason}; {advice}",
                        node=node.name, module=module_path(node))
 
 

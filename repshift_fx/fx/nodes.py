@@ -199,9 +199,16 @@ def name_modules_as_user(gm: torch.fx.GraphModule, root: nn.Module | None) -> No
             stack[key] = (known[path, cls], cls)
 
 
+def in_module(node: torch.fx.Node) -> str:
+    """"module 'blocks.0.attn'", or "the model's top-level forward": where a node lies, in the model's
+    terms (a message names modules, never the traced graph's node names)."""
+    path = module_path(node)
+    return f"module '{path}'" if path else "the model's top-level forward"
+
+
 def where(node: torch.fx.Node, gm: torch.fx.GraphModule | None = None) -> str:
-    """'softmax at node 'x' (module 'blocks.0.attn')', for messages that name a node."""
-    return f"{op_name(node, gm)} at node '{node.name}' (module '{module_path(node) or 'root'}')"
+    """"softmax in module 'blocks.0.attn'", for messages about a node."""
+    return f"{op_name(node, gm)} in {in_module(node)}"
 
 
 def located(node: torch.fx.Node) -> dict:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import networkx as nx
 import torch.fx
 
-from repshift_fx.fx.nodes import literal_arg, module_path, op_name, shape
+from repshift_fx.fx.nodes import literal_arg, op_name, shape, where
 
 TOKEN_AXIS = 1
 POSITION_READS = {"getitem", "select", "narrow"}
@@ -39,8 +39,7 @@ def positions_read(node: torch.fx.Node, op: str, tokens: int) -> range:
 
 
 def describe_read(by_name, gm, names) -> str:
-    node = by_name[names[0]]
-    return f"{op_name(node, gm)} at node '{node.name}' (module '{module_path(node) or 'root'}')"
+    return where(by_name[names[0]], gm)
 
 
 def read_positions(gm, graph: nx.DiGraph, by_name, last_output: str) -> dict[int, tuple[str, ...]]:

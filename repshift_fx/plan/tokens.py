@@ -168,7 +168,9 @@ def make_plan(analysis, config: Config, restore_after=frozenset()) -> PrunePlan:
     at = config.at if config.at is not None else \
         tuple(range(depth)) if config.score == "tome" else default_at(depth)
     if not at:
-        raise ConfigError(f"the model has {depth} blocks: too few for the default schedule; pass at=, e.g. at=(0,)")
+        found = ", ".join(f"'{b.module or '-'}'" for b in analysis.blocks)
+        raise ConfigError(f"the model has {depth} token block(s) (attention or MLP over (B, N, C) tokens: {found}), too "
+                          "few for the default schedule (drops after blocks d/4, d/2, 3d/4); pass at=, e.g. at=(0,)")
     check_at(at, depth, analysis.blocks[0].module or "the root")
     schedule = _schedule(config, at)
     prefix = analysis.prefix if config.protect == "auto" else int(config.protect)
@@ -191,7 +193,7 @@ def make_plan(analysis, config: Config, restore_after=frozenset()) -> PrunePlan:
                 drops.append(drop)
                 pending.append(drop)
                 n = drop.keep + drop.fused
-            run_ends = block is run[-1] and (config.restore is True or k < len(stages) - 1)
+            run_ends = block is run[-1] and (config.restore is True or (config.restore == "auto" and k < len(stages) - 1))
             if pending and (run_ends or block.index in restore_after):
                 restore_at.append((block.index, pending))
                 pending, n = [], run[0].tokens - prefix

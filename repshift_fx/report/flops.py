@@ -40,8 +40,24 @@ if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
     _EXTRA[aten._scaled_dot_product_flash_attention_for_cpu] = _cpu_flash_sdpa
 
 
+class _TotalsOnly:
+    """Stands in for FlopCounterMode's module tracker: only the total is read here, and the
+    tracker's grad hooks fail ("Expected gradient function to be set") on a view of a parameter
+    made under no_grad that enters a module, as timm's attention pooling does with its latent."""
+
+    parents = frozenset({"Global"})
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+
 def _counter() -> FlopCounterMode:
-    return FlopCounterMode(display=False, custom_mapping=_EXTRA)
+    counter = FlopCounterMode(display=False, custom_mapping=_EXTRA)
+    counter.mod_tracker = _TotalsOnly()
+    return counter
 
 
 def count_macs(fn, args: tuple) -> int:

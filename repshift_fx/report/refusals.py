@@ -52,7 +52,8 @@ def refused_report(model, example_input, config: Config, error: UnsupportedSiteE
     where = f"block {block.index} ({block.module or 'root'})" if block is not None else "outside the blocks"
     if block is not None:
         report.blocks[block.index].refused = error.message
-    report.refused.insert(0, f"{where}, node '{node or '-'}' (module '{module or '-'}'): {error.message}")
+    said = error.message if getattr(error, "what", None) else f"{where} (module '{module or '-'}'): {error.message}"
+    report.refused.insert(0, said)  # a refusal in model terms says where already
     report.config["at"] = config.at if config.at is not None else default_at(len(analysis.blocks))
     report.config["keep"] = config.keep
     report.notes.append("nothing is pruned: compress() refuses this model with this config (see 'refused')")

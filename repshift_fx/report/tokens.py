@@ -17,6 +17,7 @@ from tabulate import tabulate
 from repshift_fx.context import inserted, role_of
 from repshift_fx.report.flops import FlopBreakdown, before_and_after, block_of_nodes
 from repshift_fx.fx.nodes import carries_tensor, op_name, shape
+from repshift_fx.plan.tokens import runs
 
 log = logging.getLogger("repshift_fx")
 
@@ -195,11 +196,23 @@ def _nothing_pruned(ctx) -> list[str]:
         why = (f"the {len(blocks)} block(s) found run on {max(b.tokens for b in blocks)} token(s) each, nothing to "
                "drop; the model's other blocks are no (B, N, C) token blocks (they work on a grid, for instance)")
     else:
-        hint = tuple(i for i in (len(blocks) // 4, len(blocks) // 2) if i < len(blocks) - 1) or (0,)
         why = (f"the drops after block(s) {list(plan.at)} leave no later block running on fewer tokens (the model "
-               f"has {len(blocks)} blocks, 0..{len(blocks) - 1}); drop earlier, e.g. at={hint}")
+               f"has {len(blocks)} blocks, 0..{len(blocks) - 1}); {_untried_at(ctx)}")
     log.warning("%s: nothing is pruned: %s", ctx.model_name, why)
     return [f"nothing is pruned: {why}"]
+
+
+def _untried_at(ctx) -> str:
+    """Blocks not tried yet that a later block of the same stage follows (where a drop can save)."""
+    tried = set(ctx.plan.at) | set(ctx.skipped_drops) | set(ctx.restore_after)
+    stages = runs(ctx.analysis)
+    untried = tuple(b.index for run in stages for b in run[:-1] if b.index not in tried)
+    if untried:
+        return f"drop where a later block of the stage follows, e.g. at={untried[:3]}"
+    if len(stages) > 1:
+        return ("no stage has a block left whose drop a later block of the stage would run on: the stages are too "
+                "short here; prune in lines mode (mode='lines'), or a deeper variant of the model")
+    return "drop earlier, e.g. at=(0,)"
 
 
 def reduce_label(plan, block: int) -> str:
