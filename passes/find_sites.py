@@ -136,8 +136,10 @@ def _is_token_local(node: torch.fx.Node, gm, branch: set[str]) -> bool:
         dims = tuple(dim) if isinstance(dim, (tuple, list)) else (dim,)
         rank = len(shape(node.args[0]) or ())
         return rank > 0 and all(isinstance(d, int) and d % rank == rank - 1 for d in dims)
-    if name in ("view", "reshape", "flatten"):
+    if name in ("view", "reshape", "flatten", "reshape_as", "view_as"):
         return _keeps_rows(shape(node.args[0]), shape(node))
+    if name == "batch_norm":  # in eval, an affine map per channel: LeViT's (B * N, C) after a flatten
+        return len(shape(node.args[0]) or ()) == 2
     if name in ("addmm", "mm", "matmul"):  # GPT-2's Conv1D: addmm(bias, x.view(-1, C), W)
         data = node.args[1] if name == "addmm" else node.args[0]
         others = [a for a in tensor_args(node) if a is not data]

@@ -44,7 +44,7 @@ TIMM_TRANSFORMERS = {  # name -> (create_model kwargs, input size)
     "vit_srelpos_small_patch16_224": (VIT, 64), "vit_small_patch16_rope_224": (VIT, 64),
     "naflexvit_base_patch16_gap": (dict(depth=2), 64), "flexivit_small": (VIT, 64),
     "eva02_tiny_patch14_224": (dict(depth=2, img_size=56), 56), "beit_base_patch16_224": (VIT, 64),
-    "beitv2_base_patch16_224": (VIT, 64), "cait_xxs24_224": (dict(depth=2, img_size=64), 64),
+    "beitv2_base_patch16_224": (VIT, 64), "cait_xxs24_224": (dict(img_size=64), 64),
     "xcit_nano_12_p16_224": (dict(depth=2, img_size=64), 64), "convit_tiny": (dict(depth=2, img_size=64), 64),
     "samvit_base_patch16": (dict(depth=2, img_size=64, global_attn_indexes=(1,)), 64),
     "crossvit_tiny_240": ({}, 240), "pit_ti_224": (dict(img_size=112), 112), "levit_128s": (dict(img_size=96), 96),

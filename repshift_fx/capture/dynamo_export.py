@@ -21,16 +21,29 @@ from ..fx.nodes import is_impure, name_modules_as_user
 from .inputs import Inputs, expected_input, is_transformers_model
 
 
+_CONTAINERS = (dict, list, set)
+
+
 @contextlib.contextmanager
-def _leaving_no_attributes(model: nn.Module):
-    """Attributes dynamo sets on the modules it traces (`_is_torch_compile`) are removed again."""
-    own = {m: set(vars(m)) for m in model.modules()}
+def leaving_no_trace(model: nn.Module):
+    """The modules keep no trace of a trace: attributes it sets (dynamo's `_is_torch_compile`,
+    torch.fx's `_tensor_constantN`) are removed, and dicts, lists and sets it fills are put back
+    as they were. A forward that caches into a dict (timm's LeViT and EfficientFormerV2 cache
+    their attention biases under `str(x.device)`) would otherwise keep a traced Proxy there,
+    and the next trace would read it."""
+    saved = {m: (set(vars(m)), {k: (v, type(v)(v)) for k, v in vars(m).items() if type(v) in _CONTAINERS})
+             for m in model.modules()}
     try:
         yield
     finally:
-        for module, names in own.items():
-            for name in set(vars(module)) - names:
+        for module, (names, containers) in saved.items():
+            state = vars(module)
+            for name in set(state) - names:
                 delattr(module, name)
+            for name, (original, content) in containers.items():
+                original.clear()
+                original.extend(content) if isinstance(original, list) else original.update(content)
+                state[name] = original
 
 
 @contextlib.contextmanager
@@ -74,7 +87,7 @@ def dynamo_trace(model: nn.Module, args: tuple) -> torch.fx.GraphModule:
     kwargs = args.as_kwargs() if isinstance(args, Inputs) else {}
     positional = () if isinstance(args, Inputs) else tuple(args)
     try:
-        with torch.no_grad(), _without_cache(model), _leaving_no_attributes(model):
+        with torch.no_grad(), _without_cache(model), leaving_no_trace(model):
             gm = torch._dynamo.export(model, _log_export_usage=False)(*positional, **kwargs).graph_module
     except Exception as err:
         _runs_eagerly(model, args, positional, kwargs)  # a bad example input fails eagerly too

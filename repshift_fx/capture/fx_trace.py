@@ -9,7 +9,7 @@ import torch.fx
 from torch import nn
 
 from ..errors import TraceError
-from .dynamo_export import dynamo_trace
+from .dynamo_export import dynamo_trace, leaving_no_trace
 from .inputs import defaults_not_given, is_transformers_model
 
 
@@ -45,12 +45,12 @@ def trace(model: nn.Module, inputs=1) -> torch.fx.GraphModule:
     if args is not None and is_transformers_model(model):
         return dynamo_trace(model, args)
     tracer = _PathTracer()
-    own_attributes = set(vars(model))
     try:
-        graph = tracer.trace(model, concrete_args=defaults_not_given(model, given) or None)
-        if not isinstance(given, int):
-            _drop_fixed_placeholders(graph, given)
-        return torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
+        with leaving_no_trace(model):
+            graph = tracer.trace(model, concrete_args=defaults_not_given(model, given) or None)
+            if not isinstance(given, int):
+                _drop_fixed_placeholders(graph, given)
+            return torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
     except Exception as err:
         where = (
             f"module '{tracer.failed_path}' ({tracer.failed_type})"
@@ -62,9 +62,6 @@ def trace(model: nn.Module, inputs=1) -> torch.fx.GraphModule:
             "data-dependent Python control flow, or wrap that module with torch.fx.wrap / a leaf "
             "module, or use torch.compile(model, backend='repshift'), which allows graph breaks."
         ), err
-    finally:
-        for name in set(vars(model)) - own_attributes:
-            delattr(model, name)
     if args is None:
         raise fx_error from cause
     try:

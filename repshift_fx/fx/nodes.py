@@ -17,6 +17,7 @@ from torch import nn
 _MODULE_OPS = {
     nn.Linear: "linear",
     nn.LayerNorm: "layer_norm",
+    nn.BatchNorm1d: "batch_norm",
     nn.GELU: "gelu",
     nn.ReLU: "relu",
     nn.SiLU: "silu",

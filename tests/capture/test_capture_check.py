@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import repshift_fx
+import timm
 from conftest import assert_close, tiny_timm
 from repshift_fx import CaptureError
 from repshift_fx.capture import capture, check_capture
@@ -87,3 +88,39 @@ def test_a_wrong_graph_is_a_capture_error_naming_the_first_module():
 def test_check_capture_passes_on_a_faithful_graph(deit, image):
     gm, args = capture(deit, image)
     check_capture(gm, deit, args, rtol=0.0)  # the same ops in the same order: equal to float32 rounding
+
+
+class _CachesItsBias(nn.Module):
+    """Caches a table in a dict under str(x.device), as timm's LeViT and EfficientFormerV2 do with
+    their attention biases: tracing must not leave its Proxy in the cache."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 8)
+        self.bias = nn.Parameter(torch.randn(5, 8))
+        self.cache = {}
+
+    def forward(self, x):
+        key = str(x.device)
+        if key not in self.cache:
+            self.cache[key] = self.bias * 2
+        x = x + self.cache[key]
+        return x + self.fc2(torch.relu(self.fc1(x)))
+
+
+def test_a_trace_leaves_no_proxy_in_the_models_own_caches():
+    model, x = _CachesItsBias().eval(), torch.randn(2, 5, 8)
+    for _ in range(2):  # the second trace would read the first's Proxy from the cache
+        gm = repshift_fx.compress(model, x, keep=1.0, at=(0,), compile=False)
+        torch.testing.assert_close(gm(x), model(x))
+    assert list(model.cache) == ["cpu"] and isinstance(model.cache["cpu"], torch.Tensor)
+
+
+def test_levit_prunes_after_its_bias_cache_is_filled():
+    model = timm.create_model("levit_128s", img_size=96).eval()
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        want = model(x)
+        repshift_fx.inspect(model, x, keep=0.7)
+        assert repshift_fx.inspect(model, x, keep=0.7).flop_ratio < 0.95
+        torch.testing.assert_close(repshift_fx.compress(model, x, keep=1.0, compile=False)(x), want)
