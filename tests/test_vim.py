@@ -101,12 +101,14 @@ def test_class_token_is_protected_by_its_read_and_followed():
     assert (last.diff(dim=1) > 0).all()  # the order of the tokens is kept
 
 
-def test_site_mlp_scores_an_ssm_block_at_the_block():
+def test_site_mlp_scores_an_ssm_block_at_its_mixer():
     model, img = tiny_vim(), images()
     default = repshift_fx.compress(model, img, keep=0.7, at=(1,), compile=False)
+    mixer = repshift_fx.compress(model, img, keep=0.7, at=(1,), site="attn", compile=False)
     block = repshift_fx.compress(model, img, keep=0.7, at=(1,), site="block", compile=False)
     with torch.no_grad():
-        assert_close(default(img), block(img), tol=0)
+        assert_close(default(img), mixer(img), tol=0)
+        assert (default(img) - block(img)).abs().max() > 1e-4  # the two sites choose other tokens here
 
 
 def test_report_says_ssm():

@@ -61,12 +61,12 @@ def kept_count(keep: float, n: int) -> int:
     return max(1, min(n, math.ceil(round(keep * n, 9))))
 
 
-MIXER_ONLY_SITE = "block"  # where a block without an MLP (ViM's SSM blocks) is scored with site="mlp"
+MIXER_ONLY_SITE = "attn"  # where a block without an MLP (ViM's SSM blocks) is scored with site="mlp"
 
 
 def site_of(block, config: Config) -> str:
     """The site a block is scored at: config.site, except that a block with no MLP sub-layer takes
-    `MIXER_ONLY_SITE` for site="mlp" (docs/vim.md says why "block")."""
+    `MIXER_ONLY_SITE` for site="mlp" (docs/vim.md says why the mixer)."""
     return MIXER_ONLY_SITE if block.mlp is None and config.site == "mlp" else config.site
 
 

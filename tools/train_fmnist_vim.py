@@ -1,0 +1,164 @@
+"""A small Vision Mamba (examples/vim.py) trained from scratch on Fashion-MNIST: real weights for ViM pruning checks.
+
+    .venv/bin/python tools/train_fmnist_vim.py                   # train if results/fmnist_vim.pt is missing, then test
+    .venv/bin/python tools/train_fmnist_vim.py --retrain --epochs 2
+    .venv/bin/python tools/train_fmnist_vim.py --limit 2000      # smoke run -> results/fmnist_vim_smoke.pt
+    .venv/bin/python tools/evaluate.py tools.train_fmnist_vim:load_trained --head model --limit 2000 \\
+        --scores shift,random --keeps 1.0,0.9,0.7 --threads 1    # from the repository root
+
+The model: examples/vim.py's VisionMamba on 28x28 grey input, 4x4 patches -> 49 patch tokens with the
+class token in the middle (position 24 of 50), 6 blocks of dim 64, d_state 8. Data and the training
+recipe are tools/train_fmnist_vit.py's (its IDX reader, augmentation and schedule).
+
+Training runs the scan as its recurrence (`recurrent_scan`, a Python loop over the 50 tokens): on CPU
+it is ~8x faster than examples/vim.py's log-space `selective_scan` and its gradients are finite (the
+log-space form's backward gives NaN: log(0) of the clamped parts feeds -inf into logcumsumexp).
+Both compute the same function, so `load_trained` returns the model with `selective_scan`, the form
+the pass recognises as an SSM (a prefix scan along the tokens).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+_ROOT = Path(__file__).resolve().parents[1]
+for _path in (_ROOT / "tools", _ROOT / "examples", _ROOT):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+from train_fmnist_vit import MEAN, STD, _augment, accuracy, fmnist_tensors  # noqa: E402  (installs the guard)
+from vim import VisionMamba, selective_scan  # noqa: E402
+
+DEFAULT_CKPT = _ROOT / "results" / "fmnist_vim.pt"
+MODEL_KWARGS = dict(size=28, patch=4, dim=64, depth=6, d_state=8, classes=10)
+
+
+def recurrent_scan(u, dt, A, B, C, D):
+    """examples/vim.py's `selective_scan` as its recurrence h_t = exp(dt_t A) h_{t-1} + dt_t B_t u_t,
+    with everything but the two-op update computed for all tokens at once (training only)."""
+    decay = torch.exp(dt.unsqueeze(-1) * A)  # (batch, L, d, n)
+    v = (dt * u).unsqueeze(-1) * B.unsqueeze(2)
+    h, states = torch.zeros_like(v[:, 0]), []
+    for a, b in zip(decay.unbind(1), v.unbind(1)):  # unbind: its backward is one stack, not L full-size zeros
+        h = a * h + b
+        states.append(h)
+    return (torch.stack(states, 1) * C.unsqueeze(2)).sum(-1) + D * u
+
+
+class FmnistVim(VisionMamba):
+    """VisionMamba with a one-channel patch embedding (grey images)."""
+
+    def __init__(self, size=28, patch=4, dim=64, depth=6, d_state=8, classes=10, scan=selective_scan):
+        super().__init__(size, patch, dim, depth, d_state, classes, scan)
+        self.patch_embed = nn.Conv2d(1, dim, patch, stride=patch)
+
+
+def build_model(scan=selective_scan, **overrides) -> FmnistVim:
+    """The untrained ViM (MODEL_KWARGS, any of them overridden)."""
+    return FmnistVim(**{**MODEL_KWARGS, **overrides}, scan=scan)
+
+
+def set_scan(model: VisionMamba, scan) -> VisionMamba:
+    for layer in model.layers:
+        layer.mixer.forward_scan.scan = layer.mixer.backward_scan.scan = scan
+    return model
+
+
+def train(out: Path = DEFAULT_CKPT, epochs: float = 1.0, limit: int | None = None, lr: float = 2e-3,
+          batch: int = 64, augment: str = "after-first", seed: int = 0) -> dict:
+    """AdamW (weight decay 0.05 on matrices and convolutions; none on A_log, D, norms, biases, the class
+    token and position embeddings) + 5% linear warmup + cosine decay, label smoothing 0.1, gradient
+    clipping 1.0: tools/train_fmnist_vit.py's recipe. Saves and returns the checkpoint dict."""
+    torch.manual_seed(seed)
+    x, y = fmnist_tensors("train", limit)
+    xt, yt = fmnist_tensors("test", limit)
+    model = build_model(scan=recurrent_scan)
+    no_decay = ("A_log", "D", "pos_embed", "cls_token")
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1 and not n.endswith(no_decay)]
+    other = [p for n, p in model.named_parameters() if not (p.ndim > 1 and not n.endswith(no_decay))]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": other, "weight_decay": 0.0}], lr=lr)
+    per_epoch = math.ceil(len(x) / batch)
+    total, warmup = max(1, round(epochs * per_epoch)), max(1, round(0.05 * epochs * per_epoch))
+
+    def factor(s: int) -> float:  # linear warmup, then cosine to 0
+        return (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    start, step, bar = time.time(), 0, tqdm(total=total, desc="train", mininterval=10, unit="step")
+    for epoch in range(math.ceil(epochs)):
+        model.train()
+        aug = augment == "always" or (augment == "after-first" and epoch > 0)
+        for idx in torch.randperm(len(x)).split(batch):
+            loss = F.cross_entropy(model(_augment(x[idx]) if aug else x[idx]), y[idx], label_smoothing=0.1)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            bar.update()
+            step += 1
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{sched.get_last_lr()[0]:.1e}", refresh=False)
+            if step >= total:
+                break
+    bar.close()
+    seconds = time.time() - start
+    acc = accuracy(model, xt, yt)  # still the recurrent scan: fast
+    ckpt = dict(state_dict=model.state_dict(), model_kwargs=MODEL_KWARGS, mean=MEAN, std=STD, test_acc=acc,
+                test_size=len(xt), train_seconds=seconds, epochs=epochs, steps=total, lr=lr, batch=batch,
+                augment=augment, train_size=len(x), threads=torch.get_num_threads(), torch=str(torch.__version__))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(ckpt, out)
+    print(f"trained {total} steps ({epochs} epochs) in {seconds:.0f} s; test accuracy {acc:.4f} -> {out}")
+    return ckpt
+
+
+def load_trained(path: str | Path = DEFAULT_CKPT, train_if_missing: bool = False, scan=selective_scan) -> nn.Module:
+    """The trained ViM in eval mode, with examples/vim.py's `selective_scan` (what the pass reads) unless
+    `scan` says otherwise. A missing checkpoint raises FileNotFoundError naming the command that makes
+    it, unless train_if_missing=True, which trains it here (with the caller's torch thread count)."""
+    path = Path(path)
+    if not path.exists():
+        if not train_if_missing:
+            raise FileNotFoundError(f"{path} is missing: run `.venv/bin/python tools/train_fmnist_vim.py`")
+        train(path)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    model = build_model(scan=scan, **ckpt["model_kwargs"])
+    model.load_state_dict(ckpt["state_dict"])
+    # what `repshift-fx` and tools/evaluate.py read to feed it: its input size and normalisation
+    model.pretrained_cfg = {"input_size": (1, 28, 28), "mean": (float(ckpt["mean"]),), "std": (float(ckpt["std"]),),
+                            "num_classes": 10}
+    return model.eval()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--epochs", type=float, default=1.0, help="may be fractional (default 1)")
+    parser.add_argument("--out", type=Path, help=f"checkpoint (default {DEFAULT_CKPT}; *_smoke.pt with --limit)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--limit", type=int, help="first N train and test images only (a smoke run)")
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--augment", choices=("never", "after-first", "always"), default="after-first")
+    parser.add_argument("--retrain", action="store_true", help="train even if the checkpoint exists")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    out = args.out or (DEFAULT_CKPT.with_name("fmnist_vim_smoke.pt") if args.limit else DEFAULT_CKPT)
+    if args.retrain or not out.exists():
+        train(out, args.epochs, args.limit, args.lr, args.batch, args.augment)
+    ckpt = torch.load(out, map_location="cpu", weights_only=True)
+    x, y = fmnist_tensors("test", args.limit, ckpt["mean"], ckpt["std"])
+    acc = accuracy(load_trained(out, scan=recurrent_scan), x, y)
+    print(f"{out}: {ckpt['model_kwargs']}\ntrained {ckpt['train_seconds']:.0f} s ({ckpt['epochs']} epochs, "
+          f"{ckpt['threads']} thread(s)); test accuracy {acc:.4f} on {len(y)} images (recurrent scan)")
+
+
+if __name__ == "__main__":
+    main()
