@@ -30,18 +30,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from zoo_models import ENTRIES  # noqa: E402
 
 INSERTED = re.compile(r"repshift_(score|index|keep|merge|merged|assign|size|match|metric|restore|padding|real_score)_\d")
-WHERE = re.compile(r"\bblock \d|\bblocks?\b|module '|\bstage|\bin [A-Z]\w+|the model")
-TODO = re.compile(r"at=|mode='lines'|restore|\buse\b|\bprune\b|\bdrop (only )?(after|at|earlier)|choose|\bpass\b",
-                  re.IGNORECASE)
+WHERE = re.compile(r"\bblock \d|\bblocks?\b|module '|\bstage|\bin [A-Z]\w+|the model|\bforward\b")
+TODO = re.compile(r"at=|mode='lines'|restore|\buse\b|\bprune\b|\bdrop (only )?(after|at|earlier)|choose|\bpass\b|"
+                  r"\bmake\b|leaf module|report it", re.IGNORECASE)
 
 
 def message_problems(message: str) -> list[str]:
     """How a refusal breaks the rules: it must say where (a block, stage or module), what to do (an
-    `at`, lines mode, restore, ...), and name no node of the traced graph, inserted or not."""
+    `at`, lines mode, restore, ...), and name no node of the traced graph, inserted or not (but for
+    a CaptureError's "graph node '...'", the first value that diverges, which is what it reports)."""
     problems = []
     if INSERTED.search(message) or "repshift_" in message:
         problems.append("names an inserted node")
-    if re.search(r"\bnode '", message):
+    if re.search(r"(?<!graph )\bnode '", message):
         problems.append("names a graph node")
     if not WHERE.search(message):
         problems.append("says not where")
@@ -137,19 +138,33 @@ def main(argv=None) -> None:
     parser.add_argument("-o", "--out", default="docs/zoo.md")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--timeout", type=int, default=300, help="seconds per model (default 300)")
+    parser.add_argument("--update", action="store_true", help="replace only the rows of the models run in --out")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     entries = [e for e in ENTRIES if not args.only or any(s in e.name for s in args.only.split(","))]
     start = time.time()
     rows = sweep(entries, timeout=args.timeout)
+    how = f"{len(rows)} models in {time.time() - start:.0f} s on {args.threads} threads"
+    if args.update:
+        rows, how = _updated(args.out, rows, how)
     table = tabulate(rows, headers=("model", "kind", "outcome", "FLOP ratio at keep 0.7", "reason"), tablefmt="github")
     text = (f"# Zoo sweep\n\n`python tools/zoo.py` (random weights, small configs and inputs "
-            f"(tools/zoo_models.py), keep 0.7, default `at`, restore='auto', compile=False; {len(rows)} models in "
-            f"{time.time() - start:.0f} s on {args.threads} threads, torch {torch.__version__})\n\n{summary(rows)}\n\n"
-            f"{table}\n")
+            f"(tools/zoo_models.py), keep 0.7, default `at`, restore='auto', compile=False; {how}, torch "
+            f"{torch.__version__})\n\n{summary(rows)}\n\n{table}\n")
     with open(args.out, "w") as f:
         f.write(text)
     print(summary(rows))
+
+
+def _updated(path: str, new: list[tuple], how: str) -> tuple[list[tuple], str]:
+    """The table in `path` with the rows of `new` put in place of those of the same model."""
+    text = Path(path).read_text()
+    old = [tuple(cell.strip() for cell in line.split("|")[1:-1]) for line in text.splitlines()
+           if line.startswith("| ") and not line.startswith("| model ")]
+    fresh = {row[0]: row for row in new}
+    merged = [fresh.pop(row[0], row) for row in old] + list(fresh.values())
+    first = re.search(r"compile=False; (.*?), torch", text)
+    return merged, f"{first.group(1) if first else 'an earlier sweep'}; rerun since: {', '.join(r[0] for r in new)}"
 
 
 if __name__ == "__main__":

@@ -116,6 +116,19 @@ def _rounding(t: torch.Tensor) -> float:
     return 8 * eps
 
 
+def _check_deterministic(model: nn.Module, args: tuple, want: list[torch.Tensor], rtol: float) -> None:
+    """A model whose own output changes from call to call (random masking, sampling) cannot be
+    proven equal to any graph: say so, rather than blame the capture."""
+    again = _tensors(_call(model, args))
+    if len(again) == len(want) and all(relative_error(a, w) <= rtol for a, w in zip(again, want)):
+        return
+    raise CaptureError(
+        f"{type(model).__name__} gives another output each time it is called on the same example input (random "
+        "masking, noise or sampling inside its forward), so no graph can be checked against it. Make its forward "
+        "deterministic first (e.g. ViTMAE: config.mask_ratio=0.0), then compress it."
+    )
+
+
 def check_capture(gm: torch.fx.GraphModule, model: nn.Module, args: tuple, rtol: float = CAPTURE_RTOL) -> None:
     """Run the graph once on `args` and compare each output tensor with the model's own (eager,
     no_grad); a relative error over `rtol` is a `CaptureError` naming the first module whose
@@ -132,6 +145,7 @@ def check_capture(gm: torch.fx.GraphModule, model: nn.Module, args: tuple, rtol:
         if worst is None or errors[worst] <= rtol:
             return
         problem = f"output {worst} differs by a relative error of {errors[worst]:.3g} (> {rtol:g})"
+    _check_deterministic(model, args, want, rtol)
     where = first_divergence(gm, model, args, rtol)
     tracer = "torch._dynamo.export" if gm.meta.get("repshift_tracer") == "dynamo" else "torch.fx"
     raise CaptureError(

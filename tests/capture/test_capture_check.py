@@ -124,3 +124,22 @@ def test_levit_prunes_after_its_bias_cache_is_filled():
         repshift_fx.inspect(model, x, keep=0.7)
         assert repshift_fx.inspect(model, x, keep=0.7).flop_ratio < 0.95
         torch.testing.assert_close(repshift_fx.compress(model, x, keep=1.0, compile=False)(x), want)
+
+
+class _RandomMask(nn.Module):
+    """Drops a random half of its tokens on every call, as ViTMAE's random masking does."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 8)
+
+    def forward(self, x):
+        x = x + self.fc2(torch.relu(self.fc1(x)))
+        keep = torch.rand(x.shape[0], x.shape[1]).argsort(dim=1)[:, : x.shape[1] // 2]
+        return torch.gather(x, 1, keep.unsqueeze(-1).expand(-1, -1, x.shape[2]))
+
+
+def test_a_model_that_is_random_on_each_call_is_told_so():
+    model = _RandomMask().eval()
+    with pytest.raises(CaptureError, match="another output each time .* deterministic"):
+        repshift_fx.compress(model, torch.randn(2, 6, 8), keep=1.0, at=(0,), compile=False)
