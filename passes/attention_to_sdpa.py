@@ -54,8 +54,8 @@ class _Keep(Exception):
 
 def _only_user(node: torch.fx.Node, what: str) -> torch.fx.Node:
     if len(node.users) != 1:
-        users = ", ".join(u.name for u in node.users)
-        raise _Keep(f"the {what} '{node.name}' is also read by {users or 'nothing'}")
+        users = ", ".join(op_name(u) for u in node.users)
+        raise _Keep(f"the {what} is also read by {users or 'nothing'}")
     return next(iter(node.users))
 
 
@@ -107,7 +107,7 @@ def _untransposed(kt: torch.fx.Node) -> torch.fx.Node:
         expected = list(range(rank - 2)) + [rank - 1, rank - 2]
         if [d % rank for d in dims] == expected:
             return kt.args[0]
-    raise _Keep(f"the key operand '{kt.name}' is not a transpose of the last two axes")
+    raise _Keep("the key operand is not a transpose of the last two axes")
 
 
 def _match(softmax: torch.fx.Node, gm) -> dict:
@@ -123,7 +123,7 @@ def _match(softmax: torch.fx.Node, gm) -> dict:
         chain.append(user)
         user = _only_user(user, "attention weights")
     if op_name(user, gm) not in _PRODUCT or user.args[0] is not chain[-1]:
-        raise _Keep(f"the attention weights go to {op_name(user, gm)} '{user.name}', not to a product with values")
+        raise _Keep(f"the attention weights go to {op_name(user, gm)}, not to a product with values")
     found = {"out": user, "v": user.args[1], "chain": chain, "mask": None, "scale": None}
 
     scores = softmax.args[0]
@@ -136,7 +136,7 @@ def _match(softmax: torch.fx.Node, gm) -> dict:
         elif op_name(scores) == "add" and found["mask"] is None and found["scale"] is None:
             scores, found["mask"] = _split_mask(scores)
         else:
-            raise _Keep(f"{op_name(scores)} '{scores.name}' between the scores and the softmax is not understood")
+            raise _Keep(f"{op_name(scores)} between the scores and the softmax is not understood")
     _only_user(scores, "scores")
     chain.append(scores)
     q, kt = scores.args[:2]
@@ -164,7 +164,7 @@ def _split_mask(add: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node]:
         if isinstance(scores, torch.fx.Node) and (op_name(scores) in _PRODUCT or _constant(scores)):
             if isinstance(mask, torch.fx.Node):
                 return scores, mask
-    raise _Keep(f"the add '{add.name}' before the softmax is not a mask added to the scores")
+    raise _Keep("the add before the softmax is not a mask added to the scores")
 
 
 def _rewrite(gm: torch.fx.GraphModule, found: dict) -> None:

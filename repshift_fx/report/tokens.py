@@ -261,10 +261,11 @@ def build_report(ctx, gflops_before=None, gflops_after=None, *, gm=None, budget=
         notes.append(f"kept in place at every drop: {analysis.protected_source}")
     refused = []
     for site in analysis.stray:
-        refused.append(f"residual site at '{site.module or site.add}' ({site.kind}) is not part of a block")
+        where = f"module '{site.module}'" if site.module else "the model's top-level forward"
+        refused.append(f"a residual {site.kind} branch in {where} is not part of a block")
     for rec in ctx.attention:
         if rec.impl == "explicit":
-            refused.append(f"attention at '{rec.node}' ({rec.module or 'root'}) kept explicit: {rec.reason}")
+            refused.append(f"attention in module '{rec.module or 'root'}' kept explicit (not SDPA): {rec.reason}")
     config = {k: v for k, v in vars(plan.config).items()}
     config["at"] = plan.at
     if budget is not None:
