@@ -18,7 +18,6 @@ the pass recognises as an SSM (a prefix scan along the tokens).
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -30,7 +29,7 @@ for _path in (_ROOT / "tools", _ROOT / "examples", _ROOT):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
-from train_fmnist_vit import accuracy, fit, fmnist_tensors  # noqa: E402  (installs the guard)
+from train_fmnist_vit import fit, load_checkpoint, run_cli  # noqa: E402  (installs the guard)
 from vim import VisionMamba, selective_scan  # noqa: E402
 
 DEFAULT_CKPT = _ROOT / "results" / "fmnist_vim.pt"
@@ -84,40 +83,12 @@ def load_trained(path: str | Path = DEFAULT_CKPT, train_if_missing: bool = False
     """The trained ViM in eval mode, with examples/vim.py's `selective_scan` (what the pass reads) unless
     `scan` says otherwise. A missing checkpoint raises FileNotFoundError naming the command that makes
     it, unless train_if_missing=True, which trains it here (with the caller's torch thread count)."""
-    path = Path(path)
-    if not path.exists():
-        if not train_if_missing:
-            raise FileNotFoundError(f"{path} is missing: run `.venv/bin/python tools/train_fmnist_vim.py`")
-        train(path)
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    model = build_model(scan=scan, **ckpt["model_kwargs"])
-    model.load_state_dict(ckpt["state_dict"])
-    # what `repshift-fx` and tools/evaluate.py read to feed it: its input size and normalisation
-    model.pretrained_cfg = {"input_size": (1, 28, 28), "mean": (float(ckpt["mean"]),), "std": (float(ckpt["std"]),),
-                            "num_classes": 10}
-    return model.eval()
+    return load_checkpoint(path, lambda **kwargs: build_model(scan=scan, **kwargs), train, "tools/train_fmnist_vim.py",
+                           train_if_missing)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--epochs", type=float, default=1.0, help="may be fractional (default 1)")
-    parser.add_argument("--out", type=Path, help=f"checkpoint (default {DEFAULT_CKPT}; *_smoke.pt with --limit)")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--limit", type=int, help="first N train and test images only (a smoke run)")
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--augment", choices=("never", "after-first", "always"), default="after-first")
-    parser.add_argument("--retrain", action="store_true", help="train even if the checkpoint exists")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    out = args.out or (DEFAULT_CKPT.with_name("fmnist_vim_smoke.pt") if args.limit else DEFAULT_CKPT)
-    if args.retrain or not out.exists():
-        train(out, args.epochs, args.limit, args.lr, args.batch, args.augment)
-    ckpt = torch.load(out, map_location="cpu", weights_only=True)
-    x, y = fmnist_tensors("test", args.limit, ckpt["mean"], ckpt["std"])
-    acc = accuracy(load_trained(out, scan=recurrent_scan), x, y)
-    print(f"{out}: {ckpt['model_kwargs']}\ntrained {ckpt['train_seconds']:.0f} s ({ckpt['epochs']} epochs, "
-          f"{ckpt['threads']} thread(s)); test accuracy {acc:.4f} on {len(y)} images (recurrent scan)")
+    run_cli(__doc__, DEFAULT_CKPT, train, lambda path: load_trained(path, scan=recurrent_scan), " (recurrent scan)")
 
 
 if __name__ == "__main__":

@@ -161,24 +161,36 @@ def load_trained(path: str | Path = DEFAULT_CKPT, train_if_missing: bool = False
     """The trained ViT in eval mode. A missing checkpoint raises FileNotFoundError naming the command
     that makes it (7-8 min on one CPU thread), unless train_if_missing=True, which trains it here (with
     the caller's torch thread count)."""
+    return load_checkpoint(path, build_model, train, "tools/train_fmnist_vit.py", train_if_missing)
+
+
+def load_checkpoint(path: str | Path, build, train_fn, tool: str, train_if_missing: bool = False) -> torch.nn.Module:
+    """`build(**model_kwargs)` with the checkpoint's weights, in eval mode, with the `pretrained_cfg`
+    that `repshift-fx` and tools/evaluate.py read (input size, normalisation); a missing checkpoint is
+    trained by `train_fn(path)` with `train_if_missing`, else a FileNotFoundError naming `tool`."""
     path = Path(path)
     if not path.exists():
         if not train_if_missing:
-            raise FileNotFoundError(f"{path} is missing: run `.venv/bin/python tools/train_fmnist_vit.py`")
-        train(path)
+            raise FileNotFoundError(f"{path} is missing: run `.venv/bin/python {tool}`")
+        train_fn(path)
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    model = build_model(**ckpt["model_kwargs"])
+    model = build(**ckpt["model_kwargs"])
     model.load_state_dict(ckpt["state_dict"])
-    # what `repshift-fx` and tools/evaluate.py read to feed it: its input size and normalisation
     model.pretrained_cfg = {"input_size": (1, 28, 28), "mean": (float(ckpt["mean"]),), "std": (float(ckpt["std"]),),
                             "num_classes": 10}
     return model.eval()
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    run_cli(__doc__, DEFAULT_CKPT, train, load_trained)
+
+
+def run_cli(doc: str, default_ckpt: Path, train_fn, load, note: str = "") -> None:
+    """The command line of a Fashion-MNIST trainer: train unless the checkpoint exists (or --retrain),
+    then print its test accuracy with `load(path)`."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
     parser.add_argument("--epochs", type=float, default=1.0, help="may be fractional (default 1)")
-    parser.add_argument("--out", type=Path, help=f"checkpoint (default {DEFAULT_CKPT}; *_smoke.pt with --limit)")
+    parser.add_argument("--out", type=Path, help=f"checkpoint (default {default_ckpt}; *_smoke.pt with --limit)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--limit", type=int, help="first N train and test images only (a smoke run)")
     parser.add_argument("--lr", type=float, default=2e-3)
@@ -187,14 +199,14 @@ def main() -> None:
     parser.add_argument("--retrain", action="store_true", help="train even if the checkpoint exists")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    out = args.out or (DEFAULT_CKPT.with_name("fmnist_vit_smoke.pt") if args.limit else DEFAULT_CKPT)
+    out = args.out or (default_ckpt.with_name(default_ckpt.stem + "_smoke.pt") if args.limit else default_ckpt)
     if args.retrain or not out.exists():
-        train(out, args.epochs, args.limit, args.lr, args.batch, args.augment)
+        train_fn(out, args.epochs, args.limit, args.lr, args.batch, args.augment)
     ckpt = torch.load(out, map_location="cpu", weights_only=True)
     x, y = fmnist_tensors("test", args.limit, ckpt["mean"], ckpt["std"])
-    acc = accuracy(load_trained(out), x, y)
+    acc = accuracy(load(out), x, y)
     print(f"{out}: {ckpt['model_kwargs']}\ntrained {ckpt['train_seconds']:.0f} s ({ckpt['epochs']} epochs, "
-          f"{ckpt['threads']} thread(s)); test accuracy {acc:.4f} on {len(y)} images")
+          f"{ckpt['threads']} thread(s)); test accuracy {acc:.4f} on {len(y)} images{note}")
 
 
 if __name__ == "__main__":
