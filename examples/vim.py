@@ -197,7 +197,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--dim", type=int, default=192)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--keep", type=float, default=0.7)
-    parser.add_argument("--site", default="mlp", help="mlp (the default: block for mixer-only blocks), attn, block")
+    parser.add_argument("--site", default="mlp", help="mlp (the default: the mixer, attn, for mixer-only blocks), attn, block")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--compare-sites", action="store_true", help="site=block against site=attn (docs/vim.md)")
     args = parser.parse_args(argv)
