@@ -29,7 +29,8 @@ import networkx as nx
 import torch.fx
 
 from repshift_fx.errors import NoSiteError
-from repshift_fx.fx.nodes import common_path, data_graph, literal_arg, module_path, nodes_by_name, shape, tensor_args
+from repshift_fx.fx.nodes import (common_path, data_graph, literal_arg, module_path, module_phrase, nodes_by_name,
+                                  shape, tensor_args)
 from repshift_fx.fx.grid_ops import ELEMENTWISE, POINTWISE, grid_op, is_grid, spatial
 
 
@@ -43,8 +44,7 @@ class Hazard:
     reason: str
 
     def __str__(self) -> str:
-        where = f"module '{self.module}'" if self.module else "the model's top-level forward"
-        return f"{self.op} in {where} {self.reason}"
+        return f"{self.op} in {module_phrase(self.module)} {self.reason}"
 
 
 @dataclass

@@ -137,9 +137,8 @@ def _follow_token_count(node: torch.fx.Node, old_in: tuple, new_in: tuple, env: 
     known = [s for s in sizes if isinstance(s, int) and s != -1]
     numel = math.prod(new_in)
     if op_name(node) != "expand" and -1 not in sizes and all(isinstance(s, int) for s in sizes) and math.prod(known) != numel:
-        raise needs_every_token(f"{op_name(node)} in module '{module_path(node) or 'root'}' "
-                                f"{why_every_token(node, old_n, new_n)}, and {new_n} reach it once tokens are dropped",
-                                node)
+        raise needs_every_token(f"{where(node)} {why_every_token(node, old_n, new_n)}, and {new_n} reach it once "
+                                "tokens are dropped", node)
     _set_sizes(node, sizes, packed, real_env)
 
 
@@ -179,10 +178,9 @@ class FollowingShapeProp(ShapeRecorder):
             raise
         except Exception as wrapped:
             counts = changed_count(n, self.old_shapes, self.env)
-            op, module = op_name(n, self.module), module_path(n) or "root"
-            what = (f"{op} in module '{module}' fails on fewer tokens ({type(root_cause(wrapped)).__name__})"
+            what = (f"{where(n, self.module)} fails on fewer tokens ({type(root_cause(wrapped)).__name__})"
                     if counts is None else
-                    f"{op} in module '{module}' {why_every_token(n, *counts, gm=self.module)}, and {counts[1]} "
+                    f"{where(n, self.module)} {why_every_token(n, *counts, gm=self.module)}, and {counts[1]} "
                     "reach it once tokens are dropped")
             raise needs_every_token(what, n) from wrapped
 

@@ -71,13 +71,12 @@ def rewrite(model: torch.nn.Module, example_input, config: Config) -> tuple[torc
 
 def _prunes(ctx: PassContext) -> bool:
     """Some block runs on fewer tokens (modes without a token plan: taken as yes)."""
-    tokens = getattr(ctx.plan, "tokens", None)
-    return tokens is None or any(tokens[b.index] < b.tokens for b in ctx.analysis.blocks)
+    return not hasattr(ctx.plan, "prunes") or ctx.plan.prunes(ctx.analysis.blocks)
 
 
 def _without_drop(config: Config, plan, block: int) -> Config | None:
     """`config` with the drop after `block` left out of `at` (None if it was the only one)."""
-    at = tuple(d.block for d in plan.drops)
+    at = plan.at
     if len(at) < 2:
         return None
     i = at.index(block)

@@ -200,11 +200,15 @@ def name_modules_as_user(gm: torch.fx.GraphModule, root: nn.Module | None) -> No
             stack[key] = (known[path, cls], cls)
 
 
-def in_module(node: torch.fx.Node) -> str:
-    """"module 'blocks.0.attn'", or "the model's top-level forward": where a node lies, in the model's
-    terms (a message names modules, never the traced graph's node names)."""
-    path = module_path(node)
+def module_phrase(path: str | None) -> str:
+    """"module 'blocks.0.attn'", or "the model's top-level forward" for the root: where something lies,
+    in the model's terms (a message names modules, never the traced graph's node names)."""
     return f"module '{path}'" if path else "the model's top-level forward"
+
+
+def in_module(node: torch.fx.Node) -> str:
+    """`module_phrase` of the module a node lies in."""
+    return module_phrase(module_path(node))
 
 
 def where(node: torch.fx.Node, gm: torch.fx.GraphModule | None = None) -> str:

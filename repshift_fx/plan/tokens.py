@@ -50,6 +50,10 @@ class PrunePlan:
     def at(self) -> tuple[int, ...]:
         return tuple(d.block for d in self.drops)
 
+    def prunes(self, blocks) -> bool:
+        """Some block runs on fewer tokens than it was traced with."""
+        return any(self.tokens[b.index] < b.tokens for b in blocks)
+
 
 def default_at(depth: int) -> tuple[int, ...]:
     """DeiT-S's 3.0 GFLOPs schedule, generalised: drop after blocks d/4, d/2 and 3d/4."""

@@ -16,7 +16,7 @@ import math
 import torch.fx
 
 from repshift_fx.errors import UnsupportedSiteError
-from repshift_fx.fx.nodes import nodes_by_name, op_name, reachable, shape
+from repshift_fx.fx.nodes import module_phrase, nodes_by_name, op_name, reachable, shape
 
 _RESHAPES = {"view", "reshape", "unflatten", "view_as", "reshape_as", "permute", "transpose", "flatten"}
 _GRID_OPS = {"layer_norm", "conv1d", "conv2d", "conv3d", "batch_norm", "max_pool2d", "avg_pool2d", "unfold",
@@ -75,7 +75,7 @@ def place(analysis, module: str | None, upstream: set[str]) -> tuple[str, int | 
         if block.module and module and (module == block.module or module.startswith(block.module + ".")):
             return f"block {block.index} ({block.module})", block.index
     before = [b for b in blocks if b.output in upstream]
-    name = f"module '{module}'" if module else "the model's own forward"
+    name = module_phrase(module)
     if not before:
         return f"{name}, before the first block", 0
     last = before[-1]

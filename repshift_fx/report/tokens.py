@@ -16,7 +16,7 @@ from tabulate import tabulate
 
 from repshift_fx.context import inserted, role_of
 from repshift_fx.report.flops import FlopBreakdown, before_and_after, block_of_nodes
-from repshift_fx.fx.nodes import carries_tensor, op_name, shape
+from repshift_fx.fx.nodes import carries_tensor, module_phrase, op_name, shape
 from repshift_fx.plan.tokens import runs
 
 log = logging.getLogger("repshift_fx")
@@ -190,7 +190,7 @@ def _nothing_pruned(ctx) -> list[str]:
     plan, blocks, config = ctx.plan, ctx.analysis.blocks, ctx.plan.config
     rates = config.keep if isinstance(config.keep, tuple) else (config.keep,)
     asked = any(isinstance(k, float) and k < 1 for k in rates) or bool(config.r)
-    if not asked or any(plan.tokens[b.index] < b.tokens for b in blocks):
+    if not asked or plan.prunes(blocks):
         return []
     if all(b.tokens <= plan.prefix + 1 for b in blocks):  # a drop keeps at least one token
         why = (f"the {len(blocks)} block(s) found run on {max(b.tokens for b in blocks)} token(s) each, nothing to "
@@ -261,11 +261,10 @@ def build_report(ctx, gflops_before=None, gflops_after=None, *, gm=None, budget=
         notes.append(f"kept in place at every drop: {analysis.protected_source}")
     refused = []
     for site in analysis.stray:
-        where = f"module '{site.module}'" if site.module else "the model's top-level forward"
-        refused.append(f"a residual {site.kind} branch in {where} is not part of a block")
+        refused.append(f"a residual {site.kind} branch in {module_phrase(site.module)} is not part of a block")
     for rec in ctx.attention:
         if rec.impl == "explicit":
-            refused.append(f"attention in module '{rec.module or 'root'}' kept explicit (not SDPA): {rec.reason}")
+            refused.append(f"attention in {module_phrase(rec.module)} kept explicit (not SDPA): {rec.reason}")
     config = {k: v for k, v in vars(plan.config).items()}
     config["at"] = plan.at
     if budget is not None:

@@ -298,7 +298,7 @@ def test_literal_that_needs_every_token_is_refused_by_module():
     torch.manual_seed(0)
     compiled, _ = _compiled(IntViT(flatten_head=True).eval(), keep=0.5, at=(1,))
     err = _refusal(compiled, torch.randn(2, 3, 64, 64))
-    assert isinstance(err, UnsupportedSiteError) and "module 'root'" in str(err) and "544" in str(err)
+    assert isinstance(err, UnsupportedSiteError) and "in the model's top-level forward" in str(err) and "544" in str(err)
 
 
 def test_logger_reports_drops_token_counts_and_graphs_left_alone(deit, caplog):

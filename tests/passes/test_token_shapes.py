@@ -83,7 +83,7 @@ def test_literal_token_counts_follow_the_drop():
 
 def test_head_that_flattens_every_token_is_refused_by_name_without_restore():
     model = LiteralViT(flatten_head=True).eval()
-    with pytest.raises(UnsupportedSiteError, match="module 'root'.*reshapes its 17 tokens.*restore=True"):
+    with pytest.raises(UnsupportedSiteError, match="in the model's top-level forward reshapes its 17 tokens.*restore=True"):
         repshift_fx.compress(model, torch.randn(2, 3, 64, 64), keep=0.5, at=(1,), restore=False, compile=False)
 
 
