@@ -163,8 +163,10 @@ def _updated(path: str, new: list[tuple], how: str) -> tuple[list[tuple], str]:
            if line.startswith("| ") and not line.startswith("| model ")]
     fresh = {row[0]: row for row in new}
     merged = [fresh.pop(row[0], row) for row in old] + list(fresh.values())
-    first = re.search(r"compile=False; (.*?), torch", text)
-    return merged, f"{first.group(1) if first else 'an earlier sweep'}; rerun since: {', '.join(r[0] for r in new)}"
+    first = re.search(r"compile=False; (.*?)(?:; rerun since: (.*?))?, torch", text)
+    sweep, earlier = (first.group(1), first.group(2)) if first else ("an earlier sweep", None)
+    rerun = (earlier.split(', ') if earlier else []) + [row[0] for row in new]
+    return merged, f"{sweep}; rerun since: {', '.join(dict.fromkeys(rerun))}"
 
 
 if __name__ == "__main__":
