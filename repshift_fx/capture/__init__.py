@@ -10,7 +10,8 @@ Two tracers: `torch.fx.symbolic_trace` (module paths in errors, optional forward
 their defaults), and, for Hugging Face transformers models or where symbolic tracing fails,
 `torch._dynamo.export` (the same torch-level ops a dynamo backend sees: `F.linear`,
 `layer_norm`, SDPA; parameters stay attributes; Python control flow that does not depend on
-tensor values is evaluated away; see repshift_fx/capture/dynamo_export.py). The graph shares the model's parameters (nothing is copied, nothing is changed); shapes
+tensor values is evaluated away; every size is fixed to the example input's but the
+batch axis; see repshift_fx/capture/dynamo_export.py). The graph shares the model's parameters (nothing is copied, nothing is changed); shapes
 are recorded in ``node.meta["tensor_meta"]``.
 """
 from __future__ import annotations

@@ -82,13 +82,32 @@ def _runs_eagerly(model: nn.Module, args: tuple, positional: tuple, kwargs: dict
         ) from err
 
 
+def _batch_dynamic(args: tuple) -> tuple:
+    """Aliases of `args` (the caller's tensors stay unmarked) whose batch axis, dim 0 of every
+    input with the first input's batch size (over 1), is marked dynamic, where the model allows.
+    Every other size stays static: the passes read them from the example input, and symbolic
+    spatial sizes can cost dynamo minutes of sympy (MobileViTv2's nested floor divisions)."""
+    tensors = [a for a in args if isinstance(a, torch.Tensor) and a.dim() > 0]
+    batch = tensors[0].shape[0] if tensors else 1
+    aliased = []
+    for a in args:
+        if isinstance(a, torch.Tensor) and a.dim() > 0 and batch > 1 and a.shape[0] == batch:
+            a = a.detach()
+            torch._dynamo.maybe_mark_dynamic(a, 0)
+        aliased.append(a)
+    return args.like(aliased) if isinstance(args, Inputs) else tuple(aliased)
+
+
 def dynamo_trace(model: nn.Module, args: tuple) -> torch.fx.GraphModule:
-    """`torch._dynamo.export` of one call on `args` (keywords where `args` is `Inputs`)."""
-    kwargs = args.as_kwargs() if isinstance(args, Inputs) else {}
-    positional = () if isinstance(args, Inputs) else tuple(args)
+    """`torch._dynamo.export` of one call on `args` (keywords where `args` is `Inputs`), with
+    static sizes but for the batch axis (`_batch_dynamic`)."""
+    marked = _batch_dynamic(args)
+    kwargs = marked.as_kwargs() if isinstance(marked, Inputs) else {}
+    positional = () if isinstance(marked, Inputs) else tuple(marked)
     try:
         with torch.no_grad(), _without_cache(model), leaving_no_trace(model):
-            gm = torch._dynamo.export(model, _log_export_usage=False)(*positional, **kwargs).graph_module
+            export = torch._dynamo.export(model, assume_static_by_default=True, _log_export_usage=False)
+            gm = export(*positional, **kwargs).graph_module
     except Exception as err:
         _runs_eagerly(model, args, positional, kwargs)  # a bad example input fails eagerly too
         cause = root_cause(err)
