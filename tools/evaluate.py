@@ -44,6 +44,7 @@ import torch
 from repshift_fx.apps.evaluation import images as evaluation
 from repshift_fx.apps.evaluation import text as evaluation_text
 from repshift_fx.apps.evaluation import calibrated as evaluation_calibrated
+from repshift_fx.apps.evaluation.weights import describe_weights
 from repshift_fx.capture import reuse_traces
 from repshift_fx.apps import hf_specs, specs
 from repshift_fx.apps.data.datasets import DataError, TextDataset, load_dataset
@@ -54,7 +55,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("spec", metavar="SPEC", help="timm:NAME, torchvision:NAME, module.path:factory; text: "
                         "hf:minilm or hf:DIR")
-    parser.add_argument("--checkpoint", metavar="FILE", help="state dict to load (default: random weights)")
+    parser.add_argument("--checkpoint", metavar="FILE", help="state dict to load (default: the weights the spec "
+                        "builds: random for timm: and torchvision:, the factory's for module.path:factory)")
     parser.add_argument("--input", metavar="SHAPE", help="input shape, e.g. 1x3x224x224 (default: the model's)")
     parser.add_argument("--kwargs", metavar="JSON", help="keyword arguments for the model factory")
     parser.add_argument("--data", default="fashion-mnist",
@@ -103,15 +105,16 @@ def run(args) -> Path:
     setup = evaluation.prepare(loaded, train, test, head=args.head, features=args.features, probe=args.probe,
                                batch=args.batch, cache=None if args.no_cache else args.cache, cache_id=cache_id,
                                progress=not args.no_progress, seed=args.seed)
+    weights = describe_weights(args.spec, args.checkpoint, args.kwargs, loaded.model, args.seed)
     if args.calibrate:
         batches = evaluation_calibrated.image_batches(setup, load_dataset(args.data, "train", args.calibrate),
                                                       args.calibrate)
-        return calibrated(args, setup, batches, evaluation.evaluate_options)
+        return calibrated(args, setup, batches, evaluation.evaluate_options, weights)
     mode = repshift_fx.inspect(setup.model, setup.example, keep=1.0).mode
     variants = evaluation.parse_variants(args.scores, mode)
     keeps, at = _keeps_and_at(args)
     rows = evaluation.sweep(setup, variants, keeps, at, args.fuse)
-    return write(args, setup, rows)
+    return write(args, setup, rows, weights)
 
 
 def run_text(args) -> Path:
@@ -134,20 +137,20 @@ def run_text(args) -> Path:
     if args.calibrate:
         batches = evaluation_calibrated.text_batches(loaded, load_dataset(args.data, "train", args.calibrate),
                                                      args.calibrate, args.batch)
-        return calibrated(args, setup, batches, evaluation_text.evaluate_options)
+        return calibrated(args, setup, batches, evaluation_text.evaluate_options, describe_weights(args.spec))
     rows = evaluation_text.sweep(setup, variants, keeps, at, args.fuse)
-    return write(args, setup, rows)
+    return write(args, setup, rows, describe_weights(args.spec))
 
 
-def calibrated(args, setup, batches, evaluate_options) -> Path:
+def calibrated(args, setup, batches, evaluate_options, weights: str) -> Path:
     """--calibrate: calibrate on the training batches, then measure its candidates on the test split."""
     with reuse_traces():
         space = json.loads(args.space) if args.space else None
         cal = repshift_fx.calibrate(setup.model, batches, target_flops=args.target_flops, space=space,
                                     max_candidates=args.max_candidates, progress=not args.no_progress)
         rows, rho = evaluation_calibrated.evaluate_calibration(setup, cal, evaluate_options, not args.no_progress)
-    title = (f"{args.spec}, {setup.test.name} ({len(setup.test)} {setup.unit}); calibrated on {cal.samples} training "
-             f"{setup.unit} at target_flops={args.target_flops}{', space ' + args.space if args.space else ''}")
+    title = (f"{args.spec} ({weights}), {setup.test.name} ({len(setup.test)} {setup.unit}); calibrated on "
+             f"{cal.samples} training {setup.unit} at target_flops={args.target_flops}{', space ' + args.space if args.space else ''}")
     out = Path(args.out or f"results/evaluate/{_slug(Path(args.spec.split(':')[-1]).name)}-{_slug(args.data)}-calibrated")
     out.mkdir(parents=True, exist_ok=True)
     table = evaluation_calibrated.format_calibrated(rows, cal.objective, "github")
@@ -181,11 +184,10 @@ def _file_id(path) -> str | None:
     return f"{Path(path).resolve()}:{stat.st_size}:{int(stat.st_mtime)}"
 
 
-def write(args, setup, rows) -> Path:
+def write(args, setup, rows, weights: str) -> Path:
+    """evaluate.md, .json and .png under --out; `weights`: what the model's weights are (`describe_weights`)."""
     head = f"linear probe ({setup.probe.kind})" if setup.probe else "the model's classifier"
-    weights = "" if hf_specs.is_text_spec(args.spec) else (
-        f" + {Path(args.checkpoint).name}" if args.checkpoint else " (random weights)")
-    title = (f"{args.spec}{weights}, {setup.test.name} ({len(setup.test)} {setup.unit}), {head}, "
+    title = (f"{args.spec} ({weights}), {setup.test.name} ({len(setup.test)} {setup.unit}), {head}, "
              f"at={args.at or 'default'}{', fuse' if args.fuse else ''}")
     name = Path(args.spec.split(":")[-1]).name or args.spec
     out = Path(args.out or f"results/evaluate/{_slug(name)}-{_slug(args.data)}")

@@ -1,5 +1,6 @@
 """FLOP budgets: the keep rate whose FLOPs are the largest within `target_flops`, searched by
-rewriting and counting the model (tokens mode here; lines mode: plan/budget_lines.py).
+rewriting and counting the model (tokens mode here; lines mode: plan/budget_lines.py), and ToMe's
+r at a budget (`TomeCurve`, which the applications share).
 
     config, result = plan_tokens_for_budget(model, x, config, unpruned, rewrite)
 
@@ -224,52 +225,102 @@ class TokenSearch(Search):
         return CostModel(runs[self.before][0], points)
 
 
+class TomeCurve:
+    """ToMe's FLOPs against r, the tokens merged away in every block: the one search for ToMe's r at
+    a FLOP budget, for the planner (MACs) and the applications (FLOP ratios from inspect()).
+
+        curve = TomeCurve(cost)               # cost(r): MACs or a FLOP ratio; None where r is refused
+        curve.smallest_r_within(limit)        # the smallest r at most `limit`, None if out of reach
+        curve.nearest_r(target)               # the r whose cost comes nearest `target`
+
+    `cost(r)` is None where ToMe's bipartite matching cannot merge r away (some block holds too few
+    tokens); refusals, once reached, hold for every larger r, and the cost falls as r grows, so both
+    searches bisect. Each r is costed once. `refused`: an r known to be refused (the tokens before
+    the first merge); without it, one is found by doubling r from 1."""
+
+    def __init__(self, cost: Callable[[int], float | None], refused: int | None = None):
+        self._cost, self._refused = cost, refused
+        self.costs: dict[int, float | None] = {}
+
+    def __call__(self, r: int) -> float | None:
+        if r not in self.costs:
+            self.costs[r] = self._cost(r)
+        return self.costs[r]
+
+    def _bracket(self) -> tuple[int, int]:
+        """(an allowed r, a refused r): r=0 is taken to be allowed."""
+        if self._refused is not None:
+            return 0, self._refused
+        high = 1
+        while self(high) is not None:
+            high *= 2
+        return high // 2, high
+
+    def largest_r(self) -> int:
+        """The largest r ToMe allows."""
+        low, high = self._bracket()
+        while high - low > 1:
+            middle = (low + high) // 2
+            low, high = (middle, high) if self(middle) is not None else (low, middle)
+        return low
+
+    def smallest_r_within(self, limit) -> int | None:
+        """The smallest r whose cost is at most `limit`; None where even the largest r's is above it."""
+        most = self.largest_r()
+        if self(most) > limit:
+            return None
+        low, high = -1, most  # cost(high) <= limit < cost(low)
+        while high - low > 1:
+            middle = (low + high) // 2
+            low, high = (middle, high) if self(middle) > limit else (low, middle)
+        return high
+
+    def nearest_r(self, target: float) -> int:
+        """The r whose cost comes nearest `target` (the smaller r on a tie; the largest r where
+        every cost is above it)."""
+        within = self.smallest_r_within(target)
+        if within is None:
+            return self.largest_r()
+        if within > 0 and abs(self(within - 1) - target) <= abs(self(within) - target):
+            return within - 1
+        return within
+
+
 class TomeSearch(Search):
-    """ToMe at a FLOP budget: the smallest r (the same in every block of `at`) within it."""
+    """ToMe at a FLOP budget: the smallest r (the same in every block of `at`) within it (`TomeCurve`
+    of the MACs measured on the rewritten graph)."""
 
     least = "the largest r ToMe's bipartite matching allows"
 
     def __init__(self, model, example_input, config: Config, unpruned, rewrite: Callable):
         super().__init__(model, example_input, config, unpruned, rewrite)
-        self.measured: dict[int, int | None] = {}
+        self.curve = TomeCurve(self.macs, refused=self.unpruned[1].plan.drops[0].before)
 
     def config_for(self, r) -> Config:
         return dataclasses.replace(self.config, r=r, at=self.at, target_flops=None)
 
     def macs(self, r: int) -> int | None:
-        """Measured MACs at `r` (one rewrite and count per r); None where some block holds too few
-        tokens to merge r away."""
-        if r not in self.measured:
-            try:
-                gm, ctx = self.rewrite(r)
-                self.measured[r] = sum(node_macs(gm, ctx.args).values())
-            except ConfigError:
-                self.measured[r] = None
-        return self.measured[r]
-
-    def largest_r(self) -> int:
-        low, high = 0, self.unpruned[1].plan.drops[0].before  # macs(low) is not None; macs(high) is
-        while high - low > 1:
-            middle = (low + high) // 2
-            low, high = (middle, high) if self.macs(middle) is not None else (low, middle)
-        return low
+        """Measured MACs at `r` (one rewrite and count); None where some block holds too few tokens
+        to merge r away."""
+        try:
+            gm, ctx = self.rewrite(r)
+        except ConfigError:
+            return None
+        return sum(node_macs(gm, ctx.args).values())
 
     def plan(self) -> tuple[Config, BudgetResult]:
-        most = self.largest_r()
-        if self.macs(most) > self.limit:
-            self.below_reach(self.macs(most), f"ToMe with r={most}")
-        low, high = -1, most  # macs(high) <= limit; MACs fall as r grows
-        while high - low > 1:
-            middle = (low + high) // 2
-            low, high = (middle, high) if self.macs(middle) > self.limit else (low, middle)
-        reached = self.macs(high)
+        r = self.curve.smallest_r_within(self.limit)
+        if r is None:
+            most = self.curve.largest_r()
+            self.below_reach(self.curve(most), f"ToMe with r={most}")
+        reached = self.curve(r)
         kept = tuple(d.keep for d in self.unpruned[1].mode.make_plan(self.unpruned[1].analysis,
-                                                                      self.config_for(high)).drops)
+                                                                      self.config_for(r)).drops)
         result = BudgetResult(self.config.target_flops, reached / self.original, None, self.at, kept,
-                              self.original / 1e9, reached / 1e9, high)
-        log.info("target_flops=%s: ToMe r=%d in blocks %s; FLOP ratio %.4f", result.target, high, self.at,
+                              self.original / 1e9, reached / 1e9, r)
+        log.info("target_flops=%s: ToMe r=%d in blocks %s; FLOP ratio %.4f", result.target, r, self.at,
                  result.reached)
-        return self.config_for(high), result
+        return self.config_for(r), result
 
 
 def plan_tokens_for_budget(model, example_input, config: Config, unpruned, rewrite: Callable

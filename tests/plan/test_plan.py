@@ -10,7 +10,7 @@ from repshift_fx import ConfigError
 from repshift_fx.config import Config
 from repshift_fx.report.flops import count_macs
 from repshift_fx.pipeline import plan_for_budget, rewrite, rewrite_unpruned
-from repshift_fx.plan.budget import CostModel, TokenSearch, kept_chain, largest_rate
+from repshift_fx.plan.budget import CostModel, TokenSearch, TomeCurve, kept_chain, largest_rate
 from repshift_fx.plan.tokens import kept_count
 
 X = torch.randn(1, 3, 64, 64)
@@ -128,3 +128,41 @@ def test_bad_targets(model, options, match):
 
 def test_keep_default_unchanged_without_target():
     assert Config().keep == 0.7 and Config(keep=0.5).target_flops is None
+
+
+def _linear_nearest(cost, target):
+    """The scan the ToMe baseline of the harness made before `TomeCurve`: from r=0 up."""
+    best, r = None, 0
+    while (ratio := cost(r)) is not None:
+        if best is None or abs(ratio - target) < best[0]:
+            best = (abs(ratio - target), r)
+        if ratio < target:
+            break
+        r += 1
+    return best[1]
+
+
+def _linear_within(cost, target):
+    """The scan of the per-batch ToMe baseline before `TomeCurve`: the smallest r >= 1 within, else the largest."""
+    r = 0
+    while cost(r + 1) is not None:
+        if cost(r + 1) <= target:
+            return r + 1
+        r += 1
+    return r
+
+
+@pytest.mark.parametrize("tokens", [1, 2, 3, 7, 16, 50])
+def test_tome_curve_finds_what_a_linear_scan_finds(tokens):
+    def cost(r):  # falling in r; refused past half of the tokens
+        return None if 2 * r > tokens else 1.0 - r * (r + 3) / (tokens * (tokens + 3))
+
+    for refused in (None, tokens + 1):
+        for target in [i / 40 for i in range(41)] + [cost(r) for r in range(tokens // 2 + 1)]:
+            curve = TomeCurve(cost, refused)
+            assert curve.largest_r() == tokens // 2
+            assert curve.nearest_r(target) == _linear_nearest(cost, target)
+            if target < 1.0:  # r=0 is within only at target 1, where the old scan never started
+                within = curve.smallest_r_within(target)
+                assert (curve.largest_r() if within is None else within) == _linear_within(cost, target)
+                assert within is None or cost(within) <= target < cost(within - 1)

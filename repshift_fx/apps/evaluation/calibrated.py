@@ -20,9 +20,9 @@ from tqdm.auto import tqdm
 
 from repshift_fx.apps import hf
 from repshift_fx.apps.data import datasets
-from repshift_fx.apps.evaluation.images import EvalRow
-from repshift_fx.api import inspect
-from repshift_fx.errors import ConfigError, RepShiftError
+from repshift_fx.apps.evaluation.images import EvalRow, Setup, tome_curve
+from repshift_fx.apps.evaluation.text import TextSetup
+from repshift_fx.errors import RepShiftError
 
 
 @dataclass
@@ -73,13 +73,14 @@ def evaluate_calibration(setup, cal, evaluate_options, progress: bool = True
     return rows, float(rho)
 
 
-def _baseline(setup, evaluate_options, score: str, target: float):
-    """The baseline `score` at `target` on the test split; for ToMe on texts of several lengths,
-    where no r reaches the target on the shortest, r is chosen per batch (`tome_r_within`)."""
+def _baseline(setup: Setup | TextSetup, evaluate_options, score: str, target: float):
+    """The baseline `score` at `target` on the test split; for ToMe on texts of several lengths
+    (a setup whose options may be chosen per batch), where no r reaches the target on the shortest,
+    r is chosen per batch (`tome_r_within`)."""
     try:
         return evaluate_options(setup, f"score={score}", target, {"score": score, "target_flops": target})
     except RepShiftError as error:
-        if score != "tome" or not hasattr(setup, "batches"):
+        if score != "tome" or not setup.options_per_batch:
             setup.notes.append(f"score={score} left out on the test split: {error}")
             return None
     setup.notes.append(f"score=tome: r chosen per test batch, the smallest within {target} of the FLOPs, or the "
@@ -91,14 +92,9 @@ def _baseline(setup, evaluate_options, score: str, target: float):
 def tome_r_within(model, example, target: float) -> int:
     """ToMe's r (the same in every block) for `example`: the smallest whose FLOP ratio is at most
     `target`, or the largest the token count allows (at most half the tokens) where none is."""
-    r = 0
-    while True:
-        try:
-            if inspect(model, example, score="tome", r=r + 1).flop_ratio <= target:
-                return r + 1
-        except ConfigError:  # r + 1 is past half of the tokens somewhere
-            return r
-        r += 1
+    curve = tome_curve(model, example)
+    r = curve.smallest_r_within(target)
+    return curve.largest_r() if r is None else r
 
 
 def format_calibrated(rows: list[CalibratedRow], objective: str, fmt: str = "simple") -> str:

@@ -35,6 +35,7 @@ from repshift_fx import compress, inspect
 from repshift_fx.config import DISTANCES, SITES
 from repshift_fx.apps.data.datasets import Dataset, to_model_input
 from repshift_fx.errors import ConfigError, RepShiftError
+from repshift_fx.plan.budget import TomeCurve
 from repshift_fx.report.flops import per_sample_gmacs
 
 log = logging.getLogger("repshift_fx")
@@ -222,6 +223,7 @@ class Setup(Scoring):
     seed: int = 0
     notes: list[str] = field(default_factory=list)
     unit: ClassVar[str] = "images"
+    options_per_batch: ClassVar[bool] = False  # one example shape: evaluate_options takes one dict of options
 
 
 def cache_key(**parts) -> str:
@@ -299,21 +301,23 @@ class EvalRow:
     agreement: float
 
 
+def tome_curve(model, example) -> TomeCurve:
+    """ToMe's FLOP ratio on `example` against r (`repshift_fx.plan.budget.TomeCurve`), counted by
+    inspect(); None where r is past half of the tokens somewhere."""
+    def ratio(r: int) -> float | None:
+        try:
+            return inspect(model, example, score="tome", r=r).flop_ratio
+        except ConfigError:
+            return None
+
+    return TomeCurve(ratio)
+
+
 def tome_r(model, example, keep: float, at=None) -> int:
     """ToMe's r (the same in every block) whose FLOPs come nearest those of the shift's drops at
     `keep` and `at`: the ToMe baseline at equal FLOPs."""
     target = inspect(model, example, keep=keep, at=at).flop_ratio
-    best, r = None, 0
-    while True:
-        try:
-            ratio = inspect(model, example, score="tome", r=r).flop_ratio
-        except ConfigError:  # r is past half of the tokens somewhere
-            return best[1]
-        if best is None or abs(ratio - target) < best[0]:
-            best = (abs(ratio - target), r)
-        if ratio < target:
-            return best[1]
-        r += 1
+    return tome_curve(model, example).nearest_r(target)
 
 
 def options(setup_model, example, variant: Variant, keep: float, at=None, fuse: bool = False) -> dict:

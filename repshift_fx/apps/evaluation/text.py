@@ -52,6 +52,7 @@ class TextSetup(Scoring):
     notes: list[str] = field(default_factory=list)
     head: ClassVar[str] = "probe"
     unit: ClassVar[str] = "texts"
+    options_per_batch: ClassVar[bool] = True  # batches of several lengths: options may be chosen per batch
 
 
 def _check_text(data, role: str) -> TextDataset:
