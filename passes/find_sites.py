@@ -30,6 +30,7 @@ import networkx as nx
 import torch.fx
 
 from repshift_fx.errors import NoSiteError
+from repshift_fx.fx.grid_ops import grid_residuals, token_grid
 from repshift_fx.fx.positions import describe_read, read_positions
 from repshift_fx.fx.nodes import (
     common_path,
@@ -239,7 +240,9 @@ def side_inputs(site: Site, gm, by_name, counts: set[int]) -> tuple[str, ...]:
     return tuple(sorted(sides))
 
 
-def _pair_blocks(sites: list[Site], by_name) -> tuple[list[Block], list[Site]]:
+def _pair_blocks(sites: list[Site], by_name, graph: nx.DiGraph) -> tuple[list[Block], list[Site]]:
+    """Each MLP site with the mixer before it on its own stream (a multi-scale block, CoaT's parallel
+    blocks, may put another scale's mixer just before it: that one stays apart)."""
     blocks, stray, mixer = [], [], None
 
     def lone(site: Site) -> None:  # a mixer no MLP follows: an SSM block of its own, else stray
@@ -254,12 +257,21 @@ def _pair_blocks(sites: list[Site], by_name) -> tuple[list[Block], list[Site]]:
                 lone(mixer)
             mixer = site
             continue
+        if mixer is not None and not _same_stream(mixer, site, by_name, graph):
+            lone(mixer)
+            mixer = None
         stream = mixer.stream if mixer else site.stream
         blocks.append(Block(len(blocks), site, mixer, shape(by_name[stream])[TOKEN_AXIS]))
         mixer = None
     if mixer is not None:
         lone(mixer)
     return blocks, stray
+
+
+def _same_stream(mixer: Site, mlp: Site, by_name, graph: nx.DiGraph) -> bool:
+    """The MLP reads the stream the mixer wrote, over the same tokens."""
+    tokens = shape(by_name[mixer.stream])[TOKEN_AXIS], shape(by_name[mlp.stream])[TOKEN_AXIS]
+    return tokens[0] == tokens[1] and (mixer.add == mlp.stream or nx.has_path(graph, mixer.add, mlp.stream))
 
 
 def _find_prefix(gm, graph: nx.DiGraph, by_name, first_stream: str, weights, hints=None) -> tuple[int, str]:
@@ -326,13 +338,13 @@ def analyze(gm: torch.fx.GraphModule, weights: frozenset[str] = frozenset(), hin
     by_name = nodes_by_name(gm)
     graph = data_graph(gm)
     sites = _residual_sites(gm, graph, by_name)
-    blocks, stray = _pair_blocks(sites, by_name)
+    blocks, stray = _pair_blocks(sites, by_name, graph)
     if not blocks:
         found = ", ".join(f"{s.kind} at '{s.module or s.add}'" for s in sites) or "no residual adds"
         raise NoSiteError(
             "no residual MLP (an add of x and a token-local branch of x over (B, N, C) tokens) was "
             f"found in {type(gm).__name__}; found: {found}. Representation Shift scores tokens at "
-            f"such sites; for CNNs use the line-wise mode.{_grid_residuals(gm, graph)}"
+            f"such sites; for CNNs use the line-wise mode.{grid_residuals(gm, graph)}"
         )
     prefix, source = _find_prefix(gm, graph, by_name, blocks[0].input, weights, hints)
     reads = read_positions(gm, graph, by_name, blocks[-1].output)
@@ -363,50 +375,6 @@ def _leading(prefix: int, reads: dict) -> int:
     while prefix in reads:
         prefix += 1
     return prefix
-
-
-_CONVS = {"conv1d", "conv2d", "conv3d", "module:Conv1d", "module:Conv2d", "module:Conv3d"}
-_AXES = {1: ("length",), 2: ("height", "width"), 3: ("time", "height", "width")}
-
-
-def token_grid(gm, graph: nx.DiGraph, by_name, first_stream: str, prefix: int) -> str:
-    """How the patch tokens lie before they are flattened, from the nearest convolution whose output
-    (B, C, *grid) holds one token per position: '4 x 7 x 7 (time x height x width) from conv3d at ...'."""
-    tokens = shape(by_name[first_stream])[TOKEN_AXIS] - prefix
-    order = _order(by_name)
-    for name in sorted(nx.ancestors(graph, first_stream), key=lambda n: -order[n]):
-        node = by_name[name]
-        out = shape(node) or ()
-        if op_name(node, gm) in _CONVS and len(out) >= 3 and math.prod(out[2:]) == tokens:
-            grid = out[2:]
-            axes = _AXES.get(len(grid), ("axis",) * len(grid))
-            return (f"{' x '.join(map(str, grid))} ({' x '.join(axes)}) from {op_name(node, gm).replace('module:', '')} "
-                    f"at '{module_path(node) or name}'")
-    return ""
-
-
-def _unwrapped(node, gm):
-    """The input of an identity shortcut (nn.Identity, dropout, drop-path), else the node itself."""
-    while isinstance(node, torch.fx.Node) and node.op.startswith("call") and node.args \
-            and op_name(node, gm) in ("identity", "dropout", "module:DropPath"):
-        node = node.args[0]
-    return node
-
-
-def _grid_residuals(gm, graph: nx.DiGraph) -> str:
-    """' It adds residuals over (B, C, H, W) maps: ...' for a grid model (ConvNeXt), else ''."""
-    for node in gm.graph.nodes:
-        if op_name(node, gm) != "add" or len(node.args) != 2:
-            continue
-        a, b = (_unwrapped(arg, gm) for arg in node.args)
-        sa, sb = shape(a), shape(b)
-        if sa is None or sa != sb or len(sa) != 4:
-            continue
-        if nx.has_path(graph, a.name, b.name) or nx.has_path(graph, b.name, a.name):
-            return (f" It is a grid model: its residual adds run over {len(sa)}-D maps {sa}, first add in "
-                    f"{in_module(node)}; its tokens cannot be dropped one by "
-                    "one. Use mode='lines' (rows and columns, repshift_fx's CNN mode) or another model.")
-    return ""
 
 
 def run(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:

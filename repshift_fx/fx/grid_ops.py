@@ -2,17 +2,22 @@
 
 `symbolic_trace` writes `self.conv(x)` (call_module), dynamo and hand-written models write
 `F.conv2d(x, w, ...)` (call_function). `grid_op` maps both to one name; `window` reads the
-kernel, stride, padding and dilation of a convolution or pooling along H and W.
+kernel, stride, padding and dilation of a convolution or pooling along H and W. For token models:
+`token_grid` says how the patch tokens lay before they were flattened, `grid_residuals` whether
+the residual stream is a grid (a CNN, for which tokens mode has no sites).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+import networkx as nx
 import torch
 import torch.fx
 from torch import nn
 
-from repshift_fx.fx.nodes import literal_arg, op_name, shape
+from repshift_fx.fx.nodes import in_module, literal_arg, module_path, op_name, shape
+from repshift_fx.fx.positions import TOKEN_AXIS
 
 _MODULES = (
     (nn.Conv2d, "conv2d"),
@@ -133,3 +138,50 @@ def pad_end(node: torch.fx.Node, gm: torch.fx.GraphModule) -> tuple[int, int]:
         pads = literal_arg(node, 1, "pad", ())
     pads = tuple(pads) + (0,) * (4 - len(pads))  # (left, right, top, bottom)
     return (pads[3], pads[1])
+
+
+# --- token models laid out on a grid (passes/find_sites.py) ---
+
+_CONVS = {"conv1d", "conv2d", "conv3d", "module:Conv1d", "module:Conv2d", "module:Conv3d"}
+_AXES = {1: ("length",), 2: ("height", "width"), 3: ("time", "height", "width")}
+
+
+def token_grid(gm, graph: nx.DiGraph, by_name, first_stream: str, prefix: int) -> str:
+    """How the patch tokens lie before they are flattened, from the nearest convolution whose output
+    (B, C, *grid) holds one token per position: '4 x 7 x 7 (time x height x width) from conv3d at ...'."""
+    tokens = shape(by_name[first_stream])[TOKEN_AXIS] - prefix
+    order = {name: i for i, name in enumerate(by_name)}
+    for name in sorted(nx.ancestors(graph, first_stream), key=lambda n: -order[n]):
+        node = by_name[name]
+        out = shape(node) or ()
+        if op_name(node, gm) in _CONVS and len(out) >= 3 and math.prod(out[2:]) == tokens:
+            grid = out[2:]
+            axes = _AXES.get(len(grid), ("axis",) * len(grid))
+            return (f"{' x '.join(map(str, grid))} ({' x '.join(axes)}) from {op_name(node, gm).replace('module:', '')} "
+                    f"at '{module_path(node) or name}'")
+    return ""
+
+
+def _unwrapped(node, gm):
+    """The input of an identity shortcut (nn.Identity, dropout, drop-path), else the node itself."""
+    while isinstance(node, torch.fx.Node) and node.op.startswith("call") and node.args \
+            and op_name(node, gm) in ("identity", "dropout", "module:DropPath"):
+        node = node.args[0]
+    return node
+
+
+def grid_residuals(gm, graph: nx.DiGraph) -> str:
+    """' It adds residuals over (B, C, H, W) maps: ...' for a grid model (ConvNeXt), else ''."""
+    for node in gm.graph.nodes:
+        if op_name(node, gm) != "add" or len(node.args) != 2:
+            continue
+        a, b = (_unwrapped(arg, gm) for arg in node.args)
+        sa, sb = shape(a), shape(b)
+        if sa is None or sa != sb or len(sa) != 4:
+            continue
+        if nx.has_path(graph, a.name, b.name) or nx.has_path(graph, b.name, a.name):
+            return (f" It is a grid model: its residual adds run over {len(sa)}-D maps {sa}, first add in "
+                    f"{in_module(node)}; its tokens cannot be dropped one by "
+                    "one. Use mode='lines' (rows and columns, repshift_fx's CNN mode) or another model.")
+    return ""
+
