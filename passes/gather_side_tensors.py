@@ -68,21 +68,22 @@ class _Drops:
     def __init__(self, gm: torch.fx.GraphModule, plan):
         by_name = nodes_by_name(gm)
         self.plan = plan
+        self.drops = [d for d in plan.drops if not d.mlp_only]  # an MLP-only drop's MLPs take no side tensor
         roles = {(role_of(n), inserted(n).block): n for n in gm.graph.nodes if role_of(n) in ("index", "keep")}
-        self.index = [roles["index", d.block] for d in plan.drops]
-        self.keep = [roles["keep", d.block] for d in plan.drops]
-        self.after = [by_name[d.after] for d in plan.drops]
+        self.index = [roles["index", d.block] for d in self.drops]
+        self.keep = [roles["keep", d.block] for d in self.drops]
+        self.after = [by_name[d.after] for d in self.drops]
         self.region = regions(self.keep, stop=lambda node: role_of(node) == "restore")
 
     def tokens(self, k: int) -> int:
         """Tokens entering drop k, prefix included."""
-        return self.plan.drops[k].prefix + self.plan.drops[k].before
+        return self.drops[k].prefix + self.drops[k].before
 
     def level(self, size: int, k: int) -> tuple[int, int] | None:
         """(first drop to go through, offset) for a side axis of `size` entries met after drop k:
         the latest drop j <= k entered by `size` tokens (offset 0) or `size` + p (offset p)."""
         for j in range(k, -1, -1):
-            prefix = self.plan.drops[j].prefix
+            prefix = self.drops[j].prefix
             if size == self.tokens(j):
                 return j, 0
             if prefix and size == self.tokens(j) - prefix:
@@ -192,7 +193,7 @@ class _SideGatherer(FollowingShapeProp):
             if part in inner or not isinstance(value, torch.Tensor) or value.dim() != len(new or ()):
                 continue
             if any(value.shape[i] == old[i] for i in axes):
-                drop = self.drops.plan.drops[k]
+                drop = self.drops.drops[k]
                 raise UnsupportedSiteError(
                     f"{where(n)} joins '{part.name}' {tuple(value.shape)}, computed over all {old[axes[0]]} tokens "
                     f"before the drop after block {drop.block}, to the {new[axes[0]]} tokens kept: it still holds "
@@ -207,13 +208,13 @@ class _SideGatherer(FollowingShapeProp):
             raise UnsupportedSiteError(
                 f"{where(n)} reads '{side.name}' {tuple(value.shape)}, whose axes {axes} meet the pruned tokens "
                 f"but hold {[sizes[i] for i in axes]} entries, not the {self.drops.tokens(k)} tokens entering the "
-                f"drop after block {self.drops.plan.drops[k].block} (nor those less the prefix): the pass cannot "
+                f"drop after block {self.drops.drops[k].block} (nor those less the prefix): the pass cannot "
                 "tell which entries to keep. Prune after this block (a later `at`), or choose another model.", **located(n)
             )
         first, offset = levels.pop()
         node = side
         for j in range(first, k + 1):
-            if self.drops.plan.drops[j].fused:
+            if self.drops.drops[j].fused:
                 raise UnsupportedSiteError(
                     f"{where(n)} reads '{side.name}', a tensor that carries the token axis, after a drop with "
                     "fuse=True: the fused token has no entry in it. Use fuse=False with this model.", **located(n)
@@ -227,9 +228,9 @@ class _SideGatherer(FollowingShapeProp):
             graph, index = self.module.graph, self.drops.index[j]
             with graph.inserting_before(before):
                 node = graph.create_node("call_function", gather_side, (source, index, axes, rank, offset),
-                                         name=f"repshift_side_{self.drops.plan.drops[j].block}")
+                                         name=f"repshift_side_{self.drops.drops[j].block}")
             root = (inserted(source).source if inserted(source) else source.name)
-            mark(node, "side", self.drops.plan.drops[j].block, source=root)
+            mark(node, "side", self.drops.drops[j].block, source=root)
             value = gather_side(self.env[source], self.env[index], axes, rank, offset)
             self.env[node] = value
             self.old_shapes[node] = tuple(value.shape)

@@ -33,15 +33,36 @@ from repshift_fx.method import merge
 _SCORERS = {"shift": shift.representation_shift, "norm": shift.token_norm, "random": shift.random_scores}
 
 
+def add_node(graph: torch.fx.Graph, drop, after: torch.fx.Node, stem: str, target, args, kwargs=None) -> torch.fx.Node:
+    """`repshift_{stem}_{block}` = target(*args, **kwargs), inserted after `after`, marked with role `stem`."""
+    with graph.inserting_after(after):
+        node = graph.create_node("call_function", target, args, kwargs, name=f"repshift_{stem}_{drop.block}")
+    mark(node, stem, drop.block)
+    return node
+
+
+def insert_selection(graph: torch.fx.Graph, by_name, drop, config, importance: dict, origin=None):
+    """The drop's score and index nodes, after its block's output: (score, index)."""
+    output = by_name[drop.after]
+    if config.score == "attention":  # the importance lies inside the block, before its output
+        score, anchor = by_name[importance[drop.block]], output
+    else:
+        inputs = tuple(by_name[name] for name in drop.score_inputs)
+        kwargs = {"distance": config.distance} if config.score == "shift" else {}
+        score = anchor = add_node(graph, drop, output, "score", _SCORERS[config.score], inputs, kwargs)
+    pinned = None
+    if drop.protected:
+        pinned = anchor = add_node(graph, drop, anchor, "pinned", shift.pinned_tokens, (score, drop.protected, origin))
+    index = add_node(graph, drop, anchor, "index", shift.select_tokens, (score, drop.prefix, drop.keep, pinned))
+    return score, index
+
+
 def _insert_drop(graph: torch.fx.Graph, by_name, drop, config, importance: dict, origin=None):
     """The drop's nodes; returns its kept tokens and the origin after it (None without protected tokens)."""
     output = by_name[drop.after]  # never an earlier drop's output: a block's output is its MLP add
 
     def add(after, stem, target, args, kwargs=None):
-        with graph.inserting_after(after):
-            node = graph.create_node("call_function", target, args, kwargs, name=f"repshift_{stem}_{drop.block}")
-        mark(node, stem, drop.block)
-        return node
+        return add_node(graph, drop, after, stem, target, args, kwargs)
 
     if config.score == "tome":  # ToMe: the matching chooses both who leaves and where it goes
         keys = keys_before(output)
@@ -51,16 +72,7 @@ def _insert_drop(graph: torch.fx.Graph, by_name, drop, config, importance: dict,
         kept = add(index, "keep", shift.gather_tokens, (output, index))  # passes/merge_tokens makes it a merge
         output.replace_all_uses_with(kept, delete_user_cb=lambda user: user not in (metric, match, kept))
         return kept, None
-    if config.score == "attention":  # the importance lies inside the block, before its output
-        score, anchor = by_name[importance[drop.block]], output
-    else:
-        inputs = tuple(by_name[name] for name in drop.score_inputs)
-        kwargs = {"distance": config.distance} if config.score == "shift" else {}
-        score = anchor = add(output, "score", _SCORERS[config.score], inputs, kwargs)
-    pinned = None
-    if drop.protected:
-        pinned = anchor = add(anchor, "pinned", shift.pinned_tokens, (score, drop.protected, origin))
-    index = add(anchor, "index", shift.select_tokens, (score, drop.prefix, drop.keep, pinned))
+    score, index = insert_selection(graph, by_name, drop, config, importance, origin)
     if drop.fused:
         kept = add(index, "keep", shift.fuse_dropped, (output, score, index))
     else:
@@ -106,7 +118,7 @@ def run(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
     importance = getattr(ctx, "importance", {})
     restored = {d.block: end for end, drops in ctx.plan.restore_at for d in drops}
     origin, previous = None, None
-    for drop in ctx.plan.drops:
+    for drop in (d for d in ctx.plan.drops if not d.mlp_only):  # MLP-only drops: passes/mlp_only_drops.py
         if previous is not None and restored.get(previous.block, drop.block) < drop.block:
             origin = None  # every token was put back: positions are the original ones again
         kept, origin = _insert_drop(gm.graph, by_name, drop, ctx.plan.config, importance, origin)

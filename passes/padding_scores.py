@@ -69,6 +69,15 @@ def real_tokens(index: torch.fx.Node) -> torch.fx.Node | None:
     return None
 
 
+def _score_padding_last(graph: torch.fx.Graph, index: torch.fx.Node, real: torch.fx.Node, block: int) -> None:
+    """The drop's index reads `padding_last(score, real)` instead of its score."""
+    with graph.inserting_before(index):
+        score = graph.create_node("call_function", padding_last, (index.args[0], real),
+                                  name=f"repshift_real_score_{block}")
+    mark(score, "score", block)
+    index.args = (score, *index.args[1:])
+
+
 def run(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
     if not ctx.plan.drops:
         return gm
@@ -76,8 +85,12 @@ def run(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
     if mask is None:
         return gm
     graph, real, previous = gm.graph, mask, None
+    mlp_only = {d.block for d in ctx.plan.drops if d.mlp_only}  # their stream keeps every token
     for index in [n for n in graph.nodes if role_of(n) == "index"]:
         block = inserted(index).block
+        if block in mlp_only:
+            _score_padding_last(graph, index, mask, block)
+            continue
         match = index.args[0] if index.target is operator.getitem else None  # ToMe's matching
         with graph.inserting_before(match if match is not None else index):
             if previous is not None:
@@ -87,10 +100,7 @@ def run(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
             if match is not None:  # padding pairs only with padding
                 match.args = (*match.args[:3], graph.call_function(operator.ne, (real, 0)))
             else:
-                score = graph.create_node("call_function", padding_last, (index.args[0], real),
-                                          name=f"repshift_real_score_{block}")
-                mark(score, "score", block)
-                index.args = (score, *index.args[1:])
+                _score_padding_last(graph, index, real, block)
         previous = index
     ctx.notes.append(f"padding: input '{input_name(gm, mask, ctx.args)}' marks padded positions; they score "
                      "lowest at every drop, and the attention mask is gathered with the kept tokens")

@@ -14,7 +14,8 @@ import torch.fx
 from repshift_fx.config import Config
 
 META_KEY = "repshift"
-ROLES = ("score", "index", "keep", "side", "metric", "match", "merge", "size", "bias", "restore", "pinned", "origin", "protect")
+ROLES = ("score", "index", "keep", "side", "metric", "match", "merge", "size", "bias", "restore", "pinned", "origin", "protect",
+         "mlp_keep", "mlp_restore")
 
 
 @dataclass(frozen=True)
@@ -63,3 +64,4 @@ class PassContext:
     notes: list[str] = field(default_factory=list)
     restore_after: frozenset[int] = frozenset()  # restore="auto": blocks after which every token comes back
     skipped_drops: frozenset[int] = frozenset()  # restore="auto": drops left out (what followed needed every token)
+    mlp_only: frozenset[int] = frozenset()  # restore="auto": blocks whose run drops tokens from its MLPs only

@@ -36,9 +36,9 @@ def rewrite(model: torch.nn.Module, example_input, config: Config) -> tuple[torc
     gm, args = capture(model, example_input)
     gm.eval()
 
-    def attempt(graph, restore_after=frozenset(), skipped=()):
+    def attempt(graph, restore_after=frozenset(), skipped=(), mlp_only=frozenset()):
         ctx = PassContext(config=config, args=args, model_name=type(model).__name__, restore_after=restore_after,
-                          skipped_drops=frozenset(skipped))
+                          skipped_drops=frozenset(skipped), mlp_only=mlp_only)
         return run_passes(graph, ctx), ctx
 
     if config.restore != "auto":
@@ -46,25 +46,29 @@ def rewrite(model: torch.nn.Module, example_input, config: Config) -> tuple[torc
             return attempt(copy_graph(gm))
         except UnsupportedSiteError as refusal:
             raise in_model_terms(refusal, gm, tried_restore=False) from None
-    restore_after, first, skipped = frozenset(), None, {}
+    restore_after, first, skipped, mlp_only, hint = frozenset(), None, {}, frozenset(), ""
     while True:
         try:
-            result = attempt(copy_graph(gm), restore_after, skipped)
+            result = attempt(copy_graph(gm), restore_after, skipped, mlp_only)
         except UnsupportedSiteError as refusal:
             first = first or refusal
             block = _last_block_before(gm, refusal) if refusal.needs_every_token else None
             if block is None or block in restore_after:  # nothing to restore before it, or it did not help
                 raise in_model_terms(first, gm, tried_restore=refusal.needs_every_token) from None
             if _undone_at_once(refusal, block):  # restoring would undo that drop before any block ran
+                if _mlp_only_may_help(config, refusal, block):  # the stage's MLPs can still run on fewer
+                    mlp_only |= {block}
+                    continue
+                hint = hint or _mlp_only_hint(config)
                 config = _without_drop(config, refusal.plan, block)
                 if config is None:
-                    raise in_model_terms(first, gm, tried_restore=True) from None
+                    raise in_model_terms(first, gm, tried_restore=True, hint=hint) from None
                 skipped[block] = refusal
                 continue
             restore_after |= {block}
             continue
         if skipped and not _prunes(result[1]):  # every drop left was undone at once: a refusal, not a no-op
-            raise in_model_terms(first, gm, tried_restore=True)
+            raise in_model_terms(first, gm, tried_restore=True, hint=hint)
         result[1].notes[:0] = [_skip_note(refusal, block) for block, refusal in skipped.items()]
         return result
 
@@ -91,6 +95,22 @@ def _skip_note(refusal: UnsupportedSiteError, block: int) -> str:
     what = getattr(refusal, "what", None) or f"module '{refusal.module or 'root'}' needs every token"
     return (f"the drop after block {block} is skipped: right after it, {what}; the tokens would be put back "
             "before any block ran on fewer. Drop at an earlier block of its stage (at=...)")
+
+
+def _mlp_only_may_help(config: Config, refusal: UnsupportedSiteError, block: int) -> bool:
+    """An MLP-only drop (plan.tokens.Drop.mlp_only) is worth trying for the drop after `block`:
+    it drops (no merge, no fused token) and is not MLP-only already."""
+    drop = next(d for d in refusal.plan.drops if d.block == block)
+    return config.reduce == "drop" and config.score != "tome" and not config.fuse and not drop.mlp_only
+
+
+def _mlp_only_hint(config: Config) -> str:
+    """What would let a drop undone at once still prune: an MLP-only drop, which only drops."""
+    if config.score == "tome" or config.reduce == "merge" or config.fuse:
+        chosen = "score='tome'" if config.score == "tome" else "reduce='merge'" if config.reduce == "merge" else "fuse=True"
+        return (f"With {chosen} the drop cannot skip only the MLPs of the stage's later blocks; with reduce='drop' "
+                "(the default) it can.")
+    return ""
 
 
 def _undone_at_once(refusal: UnsupportedSiteError, block: int) -> bool:

@@ -105,8 +105,10 @@ def test_untraceable_model_names_the_module():
 # EVA02's rotary tables are gathered with the kept tokens now, not refused: tests/test_side_tensors.py
 
 
-def test_windowed_attention_is_refused_naming_the_block_and_module():
+def test_windowed_attention_refuses_a_merge_naming_the_block_and_module():
+    """(A drop there becomes an MLP-only drop: tests/passes/test_mlp_only_drops.py.)"""
     model = timm.create_model("swin_tiny_patch4_window7_224", img_size=112, depths=(2, 2), num_heads=(2, 4),
                               embed_dim=32).eval()
-    message = assert_refused(model, torch.randn(1, 3, 112, 112), UnsupportedSiteError, "block 0", at=(0,))
+    message = assert_refused(model, torch.randn(1, 3, 112, 112), UnsupportedSiteError, "block 0", at=(0,),
+                             reduce="merge")
     assert "module 'layers." in message and "node" not in message

@@ -19,14 +19,17 @@ def _marked(report, block: int, *patterns):
     assert report.tokens == [row.tokens_out for row in report.blocks]
 
 
-def test_swin_windows_are_refused_and_inspect_marks_them():
+def test_swin_windows_refuse_a_merge_and_inspect_marks_them():
+    """A drop right before Swin's windows becomes an MLP-only drop (tests/passes/test_mlp_only_drops.py);
+    a merge cannot, so it is refused, saying what would work."""
     model = timm.create_model("swin_tiny_patch4_window7_224", img_size=112, depths=(2, 2), num_heads=(2, 4),
                               embed_dim=32).eval()
     x = torch.randn(1, 3, 112, 112)
     message = assert_refused(model, x, UnsupportedSiteError, "block 0 (layers.0.blocks.0)",
-                             "reshapes its 784 tokens into a 28 x 28 grid", "cannot help", "mode='lines'", at=(0,))
+                             "reshapes its 784 tokens into a 28 x 28 grid", "cannot help", "mode='lines'",
+                             "reduce='drop'", at=(0,), reduce="merge")
     assert "node" not in message
-    _marked(repshift_fx.inspect(model, x, at=(0,)), 0, "layers.0.blocks.0")
+    _marked(repshift_fx.inspect(model, x, at=(0,), reduce="merge"), 0, "layers.0.blocks.0")
 
 
 def test_convnext_in_tokens_mode_is_refused_naming_its_grid():

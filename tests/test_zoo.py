@@ -19,8 +19,9 @@ zoo = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(zoo)
 
 # what each model of the fast subset does today: a regression here is a change of behaviour
-EXPECTED = {"timm:swin_tiny_patch4_window7_224": "refused",
-            "timm:volo_d1_224": "prunes nothing (warns)", "timm:mixer_s16_224": "refused"}
+EXPECTED = {"timm:volo_d1_224": "prunes nothing (warns)"}
+# Swin at this size drops for the MLPs of one later block alone (MLP-only drops: its windows need every token)
+MOST_FLOPS = {"timm:swin_tiny_patch4_window7_224": 0.97}
 
 
 @pytest.mark.parametrize("name", zoo_models.FAST)
@@ -30,7 +31,7 @@ def test_zoo_model_prunes_or_is_refused_in_the_users_terms(name):
     result = zoo.check(model, inputs)
     assert result["outcome"] == EXPECTED.get(name, "prunes"), result
     if result["outcome"] == "prunes":
-        assert result["ratio"] < 0.95
+        assert result["ratio"] < MOST_FLOPS.get(name, 0.95)
     if result["outcome"] == "refused":
         assert zoo.message_problems(result["reason"]) == []
     assert_unchanged(model, before)
@@ -49,6 +50,28 @@ def test_the_message_rules_catch_a_bad_message():
     assert zoo.message_problems("select_tokens at node 'repshift_index_3' failed: RuntimeError") == [
         "names an inserted node", "names a graph node", "says not where", "says not what to do"]
     assert zoo.message_problems("block 2 (layers.1): reshapes its tokens into a 7 x 7 grid; use mode='lines'") == []
+
+
+@pytest.mark.parametrize("name", ["restore_dropped", "unmerge", "gather_tokens", "select_tokens", "merge_tokens",
+                                  "representation_shift", "assign_to_kept", "read_tokens", "carry_origin"])
+def test_the_message_rules_catch_a_function_the_pass_inserted(name):
+    """A refusal blaming an op the pass inserted is the pass's failure said as the model's (coat_tiny's
+    "restore_dropped in the model's top-level forward fails on fewer tokens"): flagged, by whole name."""
+    assert name in zoo.INSERTED_FUNCTIONS
+    message = f"the model's top-level forward, before the first block: {name} in the model's top-level forward " \
+              "fails on fewer tokens (RuntimeError); drop only after it (at=...)"
+    assert zoo.message_problems(message) == ["names an inserted node"]
+    assert zoo.message_problems(message.replace(name, "interpolate")) == []
+
+
+def test_the_inserted_functions_are_the_public_functions_of_the_method_modules():
+    """Computed from repshift_fx/method/*.py, so a function added there is covered; helpers
+    (`_positions_in_kept`) and imports (F, torch) are not, and words merely containing a name are
+    not flagged ("unmerged", "the tokens merge")."""
+    assert {"restore_dropped", "unmerge", "bipartite_soft_matching", "fuse_dropped", "pinned_tokens",
+            "gather_tokens", "carry_origin"} <= set(zoo.INSERTED_FUNCTIONS)
+    assert "_positions_in_kept" not in zoo.INSERTED_FUNCTIONS and "F" not in zoo.INSERTED_FUNCTIONS
+    assert zoo.message_problems("block 3 (blocks.3): the tokens merge, unmerged ones stay; use at=(1,)") == []
 
 
 def test_a_side_tensor_without_a_batch_axis_is_gathered_for_each_sample():

@@ -12,6 +12,9 @@ shape kept), "refused" (a RepShiftError; its message must name no node the pass 
 from __future__ import annotations
 
 import argparse
+import importlib
+import inspect
+import pkgutil
 import re
 import time
 
@@ -21,6 +24,7 @@ import sys
 from pathlib import Path
 
 import repshift_fx  # noqa: F401  (before timm: installs the torchvision guard)
+import repshift_fx.method
 import torch
 from repshift_fx.capture import reuse_traces
 from tabulate import tabulate
@@ -30,6 +34,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from zoo_models import ENTRIES  # noqa: E402
 
 INSERTED = re.compile(r"repshift_(score|index|keep|merge|merged|assign|size|match|metric|restore|padding|real_score)_\d")
+
+
+def _inserted_functions() -> tuple[str, ...]:
+    """The public functions of repshift_fx/method/*.py: what the pass inserts into the graph
+    (restore_dropped, select_tokens, ...), which a refusal in the user's terms never names."""
+    names = set()
+    for info in pkgutil.iter_modules(repshift_fx.method.__path__):
+        module = importlib.import_module(f"repshift_fx.method.{info.name}")
+        names.update(name for name, value in vars(module).items() if not name.startswith("_")
+                     and inspect.isfunction(value) and value.__module__ == module.__name__)
+    return tuple(sorted(names))
+
+
+INSERTED_FUNCTIONS = _inserted_functions()
+INSERTED_FUNCTION = re.compile(r"\b(" + "|".join(INSERTED_FUNCTIONS) + r")\b")
 WHERE = re.compile(r"\bblock \d|\bblocks?\b|module '|\bstage|\bin [A-Z]\w+|the model|\bforward\b")
 TODO = re.compile(r"at=|mode='lines'|restore|\buse\b|\bprune\b|\bdrop (only )?(after|at|earlier)|choose|\bpass\b|"
                   r"\bmake\b|leaf module|report it", re.IGNORECASE)
@@ -37,10 +56,11 @@ TODO = re.compile(r"at=|mode='lines'|restore|\buse\b|\bprune\b|\bdrop (only )?(a
 
 def message_problems(message: str) -> list[str]:
     """How a refusal breaks the rules: it must say where (a block, stage or module), what to do (an
-    `at`, lines mode, restore, ...), and name no node of the traced graph, inserted or not (but for
-    a CaptureError's "graph node '...'", the first value that diverges, which is what it reports)."""
+    `at`, lines mode, restore, ...), and name no node of the traced graph, inserted or not, nor a
+    function the pass inserts (`INSERTED_FUNCTIONS`: its own op failing is never the model's fault;
+    but for a CaptureError's "graph node '...'", the first value that diverges, which it reports)."""
     problems = []
-    if INSERTED.search(message) or "repshift_" in message:
+    if INSERTED.search(message) or "repshift_" in message or INSERTED_FUNCTION.search(message):
         problems.append("names an inserted node")
     if re.search(r"(?<!graph )\bnode '", message):
         problems.append("names a graph node")

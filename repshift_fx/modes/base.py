@@ -30,7 +30,7 @@ class Mode:
 
     name: str
     analysis_passes: tuple  # fill ctx.analysis; the graph is not changed
-    make_plan: Callable  # (analysis, config) -> plan
+    make_plan: Callable  # (analysis, config, restore_after=, mlp_only=) -> plan
     rewrite_passes: tuple  # in order
     report: Callable  # (model | None, gm, ctx, flops: bool, budget | None) -> Report
     search_budget: Callable  # (model, example_input, config, unpruned, rewrite) -> (Config, BudgetResult)
@@ -48,7 +48,7 @@ class Mode:
         """Plan from `ctx.analysis` and `ctx.config`, then the rewrites. A refusal carries the plan
         (the counts fixed before it: the FLOP-budget search learns from them)."""
         self.check_config(ctx.config)
-        ctx.plan = self.make_plan(ctx.analysis, ctx.config, restore_after=ctx.restore_after)
+        ctx.plan = self.make_plan(ctx.analysis, ctx.config, restore_after=ctx.restore_after, mlp_only=ctx.mlp_only)
         try:
             for p in self.rewrite_passes:
                 log.debug("running pass %s", p.__name__)

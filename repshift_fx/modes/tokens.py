@@ -7,7 +7,7 @@ from repshift_fx.config import Config
 from repshift_fx.errors import ConfigError
 from repshift_fx.modes.base import Mode
 from repshift_fx.passes import (attention_scores, attention_to_sdpa, find_sites, gather_side_tensors, insert_pruning,
-                                merge_tokens, padding_scores, proportional_attention, restore_tokens,
+                                merge_tokens, mlp_only_drops, padding_scores, proportional_attention, restore_tokens,
                                 token_shapes, verify)
 from repshift_fx.plan.budget import plan_tokens_for_budget
 from repshift_fx.plan.tokens import make_plan, site_of
@@ -42,7 +42,7 @@ TOKENS = Mode(
     name="tokens",
     analysis_passes=(find_sites,),
     make_plan=make_plan,
-    rewrite_passes=(attention_to_sdpa, attention_scores, insert_pruning, padding_scores, merge_tokens, restore_tokens,
+    rewrite_passes=(attention_to_sdpa, attention_scores, insert_pruning, mlp_only_drops, padding_scores, merge_tokens, restore_tokens,
                     gather_side_tensors, proportional_attention, token_shapes, verify),
     report=token_report,
     search_budget=plan_tokens_for_budget,

@@ -121,7 +121,9 @@ def _score_inputs(site, config: Config) -> tuple[str, ...]:
     return (site.output, site.shortcut) if config.score == "shift" else (site.output,)
 
 
-def make_line_plan(analysis, config: Config, restore_after=frozenset()) -> LinePlan:
+def make_line_plan(analysis, config: Config, restore_after=frozenset(), mlp_only=frozenset()) -> LinePlan:
+    """The line drops of `at` (restore_after and mlp_only are tokens-mode options: the run loop
+    sets them after a tokens-mode refusal only)."""
     check_line_config(config)
     depth = len(analysis.sites)
     at = config.at if config.at is not None else default_line_at(analysis)

@@ -30,6 +30,10 @@ class Drop:
     # original positions of tokens kept in place among the others (ViM's middle class token), in the
     # numbering of the run's first block: the head reads them by position (Analysis.protected)
     protected: tuple[int, ...] = ()
+    # an MLP-only drop (its stage needs every token between blocks: windowed attention, a grid conv):
+    # the stream keeps every token, and the left-out ones skip only the MLPs of the stage's later
+    # blocks (passes/mlp_only_drops.py); `before` and `keep` count the tokens those MLPs run on
+    mlp_only: bool = False
 
     @property
     def out(self) -> int:
@@ -45,14 +49,16 @@ class PrunePlan:
     prefix: int
     # (block, drops): after `block` every token is put back, undoing `drops` (passes/restore_tokens.py)
     restore_at: list[tuple[int, list[Drop]]] = field(default_factory=list)
+    mlp_tokens: list[int] = field(default_factory=list)  # tokens each block's MLP runs on, prefix included
 
     @property
     def at(self) -> tuple[int, ...]:
         return tuple(d.block for d in self.drops)
 
     def prunes(self, blocks) -> bool:
-        """Some block runs on fewer tokens than it was traced with."""
-        return any(self.tokens[b.index] < b.tokens for b in blocks)
+        """Some block, or its MLP, runs on fewer tokens than it was traced with."""
+        counts = self.mlp_tokens or self.tokens
+        return any(counts[b.index] < b.tokens for b in blocks)
 
 
 def default_at(depth: int) -> tuple[int, ...]:
@@ -152,7 +158,7 @@ def _drop(block, amount, prefix: int, n: int, config: Config, protected: tuple[i
     return Drop(block.index, block.output, _score_inputs(block, config), prefix, n, keep, fused, protected)
 
 
-def _check_stage(run, drops: list[Drop], config: Config) -> None:
+def _check_stage(run, drops: list[Drop]) -> None:
     first = run[0]
     raise UnsupportedSiteError(
         f"block {first.index} ({first.module or '-'}) starts a stage of {first.tokens} tokens: the stage before it "
@@ -162,10 +168,12 @@ def _check_stage(run, drops: list[Drop], config: Config) -> None:
     )
 
 
-def make_plan(analysis, config: Config, restore_after=frozenset()) -> PrunePlan:
+def make_plan(analysis, config: Config, restore_after=frozenset(), mlp_only=frozenset()) -> PrunePlan:
     """The drops of `at`, and where every token is restored: after the last block of a run (of
     blocks over one token count) that holds a drop, when another run follows or restore=True,
-    and after each block of `restore_after` (restore="auto": before what needs every token)."""
+    and after each block of `restore_after` (restore="auto": before what needs every token).
+    The drops of a run that holds a block of `mlp_only` are MLP-only (`Drop.mlp_only`): the
+    stream keeps every token there, so nothing is restored."""
     if config.score != "tome":
         check_keep_chosen(config)
     depth = len(analysis.blocks)
@@ -183,22 +191,54 @@ def make_plan(analysis, config: Config, restore_after=frozenset()) -> PrunePlan:
     if prefix >= analysis.blocks[0].tokens:
         raise ConfigError(f"protect={prefix} leaves no token to prune of {analysis.blocks[0].tokens}")
 
-    drops, tokens, restore_at, pending = [], [], [], []
+    plan = PrunePlan(config, [], [], prefix)
     stages = runs(analysis)
     for k, run in enumerate(stages):
-        if pending and config.restore is False:
-            _check_stage(run, pending, config)
-        pending, n = [], run[0].tokens - prefix
-        for block in run:
-            tokens.append(prefix + n)
-            if block.index in schedule:
-                held = protected if run is stages[-1] else ()  # read after the last block: its run's numbering
-                drop = _drop(block, schedule[block.index], prefix, n, config, held)
-                drops.append(drop)
-                pending.append(drop)
-                n = drop.keep + drop.fused
-            run_ends = block is run[-1] and (config.restore is True or (config.restore == "auto" and k < len(stages) - 1))
-            if pending and (run_ends or block.index in restore_after):
-                restore_at.append((block.index, pending))
-                pending, n = [], run[0].tokens - prefix
-    return PrunePlan(config, drops, tokens, prefix, restore_at)
+        if any(b.index in mlp_only for b in run):
+            _plan_mlp_only_run(plan, run, schedule)
+            continue
+        _plan_run(plan, run, schedule, config, protected if run is stages[-1] else (), restore_after,
+                  last=k == len(stages) - 1)
+    return plan
+
+
+def _plan_run(plan: PrunePlan, run, schedule, config: Config, held, restore_after, last: bool) -> None:
+    """The drops of one run of blocks over one token count; every token restored after the run
+    (when another follows, or restore=True) and after each block of `restore_after`."""
+    prefix, pending = plan.prefix, []
+    if config.restore is False and _pending_before(plan):
+        _check_stage(run, _pending_before(plan))
+    n = run[0].tokens - prefix
+    for block in run:
+        plan.tokens.append(prefix + n)
+        plan.mlp_tokens.append(prefix + n)
+        if block.index in schedule:
+            drop = _drop(block, schedule[block.index], prefix, n, config, held)
+            plan.drops.append(drop)
+            pending.append(drop)
+            n = drop.keep + drop.fused
+        run_ends = block is run[-1] and (config.restore is True or (config.restore == "auto" and not last))
+        if pending and (run_ends or block.index in restore_after):
+            plan.restore_at.append((block.index, pending))
+            pending, n = [], run[0].tokens - prefix
+
+
+def _pending_before(plan: PrunePlan) -> list[Drop]:
+    """The drops of earlier runs that no restore undid (restore=False: the next run cannot start)."""
+    undone = {d.block for _, drops in plan.restore_at for d in drops}
+    return [d for d in plan.drops if d.block not in undone and not d.mlp_only]
+
+
+def _plan_mlp_only_run(plan: PrunePlan, run, schedule) -> None:
+    """A run whose blocks need every token between their MLPs: each drop chooses the tokens the MLPs
+    of the later blocks run on; the stream, and every other part of the blocks, keeps them all."""
+    prefix, config = plan.prefix, plan.config
+    n = run[0].tokens - prefix
+    for block in run:
+        plan.tokens.append(block.tokens)
+        plan.mlp_tokens.append(prefix + n)
+        if block.index in schedule:
+            keep = kept_count(schedule[block.index], n)
+            plan.drops.append(Drop(block.index, block.output, _score_inputs(block, config), prefix, n, keep,
+                                   mlp_only=True))
+            n = keep

@@ -93,8 +93,10 @@ def _advice(first_ok: int | None, tried_restore: bool) -> str:
             f"block that needs them); {later} if those blocks keep the tokens as tokens, {lines}")
 
 
-def in_model_terms(refusal: UnsupportedSiteError, gm: torch.fx.GraphModule, tried_restore: bool) -> UnsupportedSiteError:
-    """The refusal with its message said as the user sees the model: where, why, what to do."""
+def in_model_terms(refusal: UnsupportedSiteError, gm: torch.fx.GraphModule, tried_restore: bool,
+                   hint: str = "") -> UnsupportedSiteError:
+    """The refusal with its message said as the user sees the model: where, why, what to do
+    (`hint`: one more thing to try, a sentence)."""
     what = getattr(refusal, "what", None)
     if what is None:
         return refusal
@@ -103,7 +105,7 @@ def in_model_terms(refusal: UnsupportedSiteError, gm: torch.fx.GraphModule, trie
     if refusal.node in by_name:
         upstream = {n.name for n in reachable([by_name[refusal.node]], lambda n: n.all_input_nodes)}
     where, first_ok = place(refusal.analysis, refusal.module, upstream)
-    message = f"{where}: {what}. {_advice(first_ok, tried_restore)}."
+    message = f"{where}: {what}. {_advice(first_ok, tried_restore)}." + (f" {hint}" if hint else "")
     better = UnsupportedSiteError(message, node=refusal.node, module=refusal.module, plan=refusal.plan,
                                   needs_every_token=refusal.needs_every_token)
     better.analysis, better.what = refusal.analysis, what

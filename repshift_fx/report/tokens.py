@@ -32,7 +32,7 @@ _IMPL_NAMES = {
 _MIXERS = {"attention": "attention + MLP", "ssm": "SSM + MLP", "mixing": "token-mixing + MLP", "-": "MLP"}
 _MIXERS_ALONE = {"attention": "attention", "ssm": "SSM", "mixing": "token-mixing"}  # no MLP after the mixer
 _BLOCK_KEYS = ("index", "module", "site", "mixer", "attention", "tokens_in", "tokens_out", "scored",
-               "gflops_before", "gflops_after", "refused", "reduce", "restored")
+               "gflops_before", "gflops_after", "refused", "reduce", "restored", "mlp_tokens")
 
 
 @dataclass
@@ -53,6 +53,7 @@ class BlockRow:
     refused: str = ""
     reduce: str = ""  # what its drop does: "drop", "merge", "ToMe r=8" ("" without one)
     restored: bool = False  # every token is put back after this block
+    mlp_tokens: int | None = None  # the tokens its MLP runs on, where fewer than the block's (MLP-only drops)
 
 
 @dataclass
@@ -113,7 +114,7 @@ class Report:
     def table(self, fmt: str = "simple") -> str:
         rows = [
             (r.index, r.module or "-", r.site + (" [refused]" if r.refused else ""), r.attention,
-             r.tokens_in, r.tokens_out, gflops_text(r.gflops_before), gflops_text(r.gflops_after),
+             r.tokens_in if r.mlp_tokens is None else f"{r.tokens_in} (MLP {r.mlp_tokens})", r.tokens_out, gflops_text(r.gflops_before), gflops_text(r.gflops_after),
              " + ".join(x for x in (r.reduce, "restore" if r.restored else "") if x))
             for r in self.blocks
         ]
@@ -221,6 +222,8 @@ def reduce_label(plan, block: int) -> str:
         return ""
     if plan.config.score == "tome":
         return f"ToMe r={drop.before - drop.keep}"
+    if drop.mlp_only:
+        return f"drop for the MLPs after ({drop.prefix + drop.keep} of {drop.prefix + drop.before})"
     return plan.config.reduce
 
 
@@ -247,12 +250,14 @@ def build_report(ctx, gflops_before=None, gflops_after=None, *, gm=None, budget=
         members = set().union(*(site.nodes for site in (block.mlp, block.mixer) if site is not None))
         records = [rec for rec in ctx.attention if rec.node in members]
         tokens_in = plan.tokens[block.index]
-        tokens_out = next((d.out for d in plan.drops if d.block == block.index), tokens_in)
+        tokens_out = next((d.out for d in plan.drops if d.block == block.index and not d.mlp_only), tokens_in)
         row = BlockRow(block.index, block.module, block.mixer.kind if block.mixer else "-", attention_label(records),
                        tokens_in, tokens_out, block.index in dropped, site_label(block),
                        blocks_before[block.index] if blocks_before else None,
                        blocks_after[block.index] if blocks_after else None)
         row.reduce, row.restored = reduce_label(plan, block.index), block.index in restored
+        if plan.mlp_tokens and plan.mlp_tokens[block.index] < tokens_in:
+            row.mlp_tokens = plan.mlp_tokens[block.index]
         if sized(plan, block.index) and "SDPA" in row.attention:
             row.attention += " + log(size)"
         rows.append(row)
@@ -290,7 +295,7 @@ def side_tensors(gm, plan) -> list[str]:
     for node in gm.graph.nodes:
         role = role_of(node)
         source = node.args[0] if node.args else None
-        if role is not None and op_name(node) == "gather_tokens" and getattr(source, "name", None) not in streams:
+        if role not in (None, "mlp_keep") and op_name(node) == "gather_tokens" and getattr(source, "name", None) not in streams:
             found.append(source.name)
         elif role == "side" and inserted(node).source not in found:
             found.append(inserted(node).source)  # passes/gather_side_tensors.py
