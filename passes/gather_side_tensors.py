@@ -116,6 +116,8 @@ class _SideGatherer(FollowingShapeProp):
                 self._frontier(n, k)
             elif self.current >= 0:
                 self._late_side(n, self.current)
+                if op_name(n) in _BROADCAST:
+                    self._align_operands(n, self.current)
         return super().run_node(n)
 
     # --- where a side tensor meets the pruned stream ---
@@ -176,6 +178,23 @@ class _SideGatherer(FollowingShapeProp):
             axes = tuple(i for i in range(1, len(sizes)) if self.drops.level(sizes[i], k) is not None)
             if axes:
                 self._replace(n, side, self._chain(n, side, value, axes, len(sizes), sizes, k))
+
+
+    def _align_operands(self, n: torch.fx.Node, k: int) -> None:
+        """A broadcasting op after drop k between side tensors, one already cut to the kept tokens and
+        one not (T5: `where(mask, position_bias, min)`, the (B, 1, K, K) mask cut as an input-side
+        tensor, the (1, H, N, N) bias built from the sizes alone): the uncut one is gathered too."""
+        operands = [(a, self.env.get(a)) for a in n.all_input_nodes]
+        operands = [(a, v) for a, v in operands if isinstance(v, torch.Tensor) and a not in self.drops.region]
+        rank = max((v.dim() for _, v in operands), default=0)
+        padded = {a: (1,) * (rank - v.dim()) + tuple(v.shape) for a, v in operands}
+        for side, value in operands:
+            if inserted(side) is not None:  # cut already
+                continue
+            axes = tuple(i for i in range(1, rank) if self.drops.level(padded[side][i], k) is not None
+                         and any(p[i] not in (1, padded[side][i]) for p in padded.values()))
+            if axes:
+                self._replace(n, side, self._chain(n, side, value, axes, rank, padded[side], k))
 
     def _refuse_joined(self, n: torch.fx.Node, k: int) -> None:
         """A tensor computed over every token before drop k, joined to the kept tokens (cat/stack

@@ -120,10 +120,16 @@ def _undone_at_once(refusal: UnsupportedSiteError, block: int) -> bool:
 
 
 def _last_block_before(gm: torch.fx.GraphModule, refusal: UnsupportedSiteError) -> int | None:
-    """The last block whose output reaches the node that needs every token (on the captured graph)."""
+    """The last block whose output reaches the node that needs every token (on the captured graph;
+    a node a rewrite made, such as the mask of an attention rewritten to SDPA: the block before the
+    one whose module holds it)."""
     by_name = nodes_by_name(gm)
-    if refusal.node not in by_name or not hasattr(refusal.analysis, "blocks"):  # tokens mode only
+    if not hasattr(refusal.analysis, "blocks"):  # tokens mode only
         return None
+    if refusal.node not in by_name:
+        holder = [b.index for b in refusal.analysis.blocks if refusal.module and b.module and
+                  (refusal.module == b.module or refusal.module.startswith(b.module + "."))]
+        return holder[0] - 1 if holder and holder[0] > 0 else None
     upstream = {n.name for n in reachable([by_name[refusal.node]], lambda n: n.all_input_nodes)}
     found = [b.index for b in refusal.analysis.blocks if b.output in upstream]
     return max(found, default=None)
