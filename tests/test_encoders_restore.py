@@ -59,3 +59,17 @@ def test_a_hierarchical_vit_prunes_inside_its_stages():
     assert report.flop_ratio < 0.9 and [row.index for row in report.blocks if row.restored] == [7, 11]
     assert_close(repshift_fx.compress(model, x, keep=1.0, compile=False)(x), original)
     assert repshift_fx.compress(model, x, keep=0.7, reduce="merge", compile=False)(x).shape == original.shape
+
+
+def test_twins_prunes_the_mlps_of_its_stages():
+    """Twins-PCPVT needs every token between its MLPs (spatial-reduction attention over the grid, a
+    positional convolution after each stage's first block): its drops are MLP-only."""
+    torch.manual_seed(0)
+    model = timm.create_model("twins_pcpvt_small", depths=(1, 2, 3, 1), img_size=128).eval()
+    x = torch.randn(2, 3, 128, 128)
+    with torch.no_grad():
+        original = model(x)
+    report = repshift_fx.inspect(model, x, keep=0.7)
+    assert report.flop_ratio < 0.99 and any(row.mlp_tokens for row in report.blocks)
+    assert_close(repshift_fx.compress(model, x, keep=1.0, compile=False)(x), original)
+    assert repshift_fx.compress(model, x, keep=0.7, compile=False)(x).shape == original.shape
