@@ -151,6 +151,10 @@ def test_resnet34_default_schedule_and_report():
 def test_bad_line_options(resnet18, img):
     with pytest.raises(ConfigError, match="score='attention' works on tokens"):
         repshift_fx.compress(resnet18, img, score="attention", compile=False)
+    with pytest.raises(ConfigError, match="score='tome' works on tokens"):  # was a target_flops message
+        repshift_fx.compress(resnet18, img, score="tome", target_flops=0.7, compile=False)
+    with pytest.raises(ConfigError, match="reduce='merge' works on tokens"):
+        repshift_fx.compress(resnet18, img, reduce="merge", compile=False)
     with pytest.raises(ConfigError, match="site='attn'"):
         repshift_fx.compress(resnet18, img, site="attn", compile=False)
     with pytest.raises(ConfigError, match="8 residual blocks"):

@@ -82,10 +82,11 @@ def check_line_config(config: Config) -> None:
     if config.residual:
         raise ConfigError("residual=True has no other form in lines mode: the score is already across the "
                           "whole block, D(block(x), shortcut(x)); drop residual=True")
-    if config.score == "attention" or config.fuse:  # token-mode baselines (passes/attention_scores.py)
-        raise ConfigError(f"{'score=' + repr(config.score) if config.score == 'attention' else 'fuse=True'} works "
-                          "on tokens (ViTs), not on the rows and columns of a CNN; use score='shift', 'norm' or "
-                          "'random' without fuse")
+    token_only = f"score={config.score!r}" if config.score in ("attention", "tome") else "fuse=True" if config.fuse \
+        else "reduce='merge'" if config.reduce == "merge" else None  # token-mode options (merging, attention maps)
+    if token_only:
+        raise ConfigError(f"{token_only} works on tokens (ViTs), not on the rows and columns of a CNN; use "
+                          "score='shift', 'norm' or 'random', dropping lines, without fuse")
     if config.protect not in ("auto", 0):
         raise ConfigError(f"protect={config.protect!r}: a (B, C, H, W) grid has no prefix tokens to protect")
     check_keep_chosen(config)
