@@ -112,3 +112,12 @@ def test_windowed_attention_refuses_a_merge_naming_the_block_and_module():
     message = assert_refused(model, torch.randn(1, 3, 112, 112), UnsupportedSiteError, "block 0", at=(0,),
                              reduce="merge")
     assert "module 'layers." in message and "node" not in message
+
+
+def test_a_model_with_one_token_block_is_refused_saying_why():
+    """A drop after the only block leaves nothing running on fewer tokens (EfficientFormer-L1's
+    last stage): the message says so and proposes lines mode, not an `at` that prunes nothing."""
+    model = timm.create_model("deit_tiny_patch16_224", depth=1, img_size=32, patch_size=8).eval()
+    message = assert_refused(model, torch.randn(1, 3, 32, 32), ConfigError, "1 token block", "'blocks.0'",
+                             "no block running on fewer tokens", "mode='lines'")
+    assert "at=(0,)" not in message

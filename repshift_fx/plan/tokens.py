@@ -179,10 +179,11 @@ def make_plan(analysis, config: Config, restore_after=frozenset(), mlp_only=froz
     depth = len(analysis.blocks)
     at = config.at if config.at is not None else \
         tuple(range(depth)) if config.score == "tome" else default_at(depth)
-    if not at:
-        found = ", ".join(f"'{b.module or '-'}'" for b in analysis.blocks)
-        raise ConfigError(f"the model has {depth} token block(s) (attention or MLP over (B, N, C) tokens: {found}), too "
-                          "few for the default schedule (drops after blocks d/4, d/2, 3d/4); pass at=, e.g. at=(0,)")
+    if not at:  # one block: a drop after it leaves no block to run on fewer tokens
+        raise ConfigError(f"the model has 1 token block (attention or MLP over (B, N, C) tokens: "
+                          f"'{analysis.blocks[0].module or '-'}'), and a drop after it would leave no block running "
+                          "on fewer tokens; the rest of the model works on other shapes (a grid): prune those rows "
+                          "and columns with mode='lines', or choose a model with more token blocks")
     check_at(at, depth, analysis.blocks[0].module or "the root")
     schedule = _schedule(config, at)
     prefix = analysis.prefix if config.protect == "auto" else int(config.protect)
