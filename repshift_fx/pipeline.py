@@ -31,8 +31,9 @@ def run_passes(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.GraphModu
 
 
 def rewrite(model: torch.nn.Module, example_input, config: Config) -> tuple[torch.fx.GraphModule, PassContext]:
-    """Capture and rewrite. With restore="auto", a refusal that putting the tokens back would
-    avoid (a per-token output, a dense head) is answered by a second rewrite with restore=True."""
+    """Capture and rewrite. Unless restore=False, a refusal that putting the tokens back would
+    avoid (a per-token output, a dense head) is answered by another rewrite that restores before
+    it; a drop that restore would undo at once becomes MLP-only, or is skipped."""
     gm, args = capture(model, example_input)
     gm.eval()
 
@@ -41,7 +42,7 @@ def rewrite(model: torch.nn.Module, example_input, config: Config) -> tuple[torc
                           skipped_drops=frozenset(skipped), mlp_only=mlp_only)
         return run_passes(graph, ctx), ctx
 
-    if config.restore != "auto":
+    if config.restore is False:
         try:
             return attempt(copy_graph(gm))
         except UnsupportedSiteError as refusal:

@@ -218,6 +218,8 @@ def _plan_run(plan: PrunePlan, run, schedule, config: Config, held, restore_afte
             plan.drops.append(drop)
             pending.append(drop)
             n = drop.keep + drop.fused
+            if config.score == "tome":  # ToMe merges between the attention and the MLP of its block
+                plan.mlp_tokens[-1] = prefix + n
         run_ends = block is run[-1] and (config.restore is True or (config.restore == "auto" and not last))
         if pending and (run_ends or block.index in restore_after):
             plan.restore_at.append((block.index, pending))

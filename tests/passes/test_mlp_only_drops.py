@@ -127,3 +127,20 @@ def test_timm_swin_prunes_its_mlps():
     report = repshift_fx.inspect(model, x, keep=0.7)
     assert report.flop_ratio < 0.99
     assert any(row.mlp_tokens for row in report.blocks)
+
+
+def test_restore_true_also_drops_for_the_mlps(model_and_input):
+    model, x = model_and_input
+    compressed = repshift_fx.compress(model, x, keep=0.7, at=(0, 1), restore=True, compile=False)
+    with torch.no_grad():
+        torch.testing.assert_close(compressed(x), reference(model, x, (0, 1), 0.7), rtol=1e-5, atol=1e-5)
+
+
+def test_tome_between_attention_and_mlp_counts_as_pruning(model_and_input):
+    """ToMe merges before the MLP of its own block and restores right after it here (the next block's
+    windows need every token): that block's MLP runs on fewer tokens, which the report shows, and
+    no 'nothing is pruned' warning is given."""
+    model, x = model_and_input
+    report = repshift_fx.inspect(model, x, at=(0, 1), score="tome", r=2)
+    assert report.flop_ratio < 1 and [row.mlp_tokens for row in report.blocks[:2]] == [14, 14]
+    assert not any("nothing is pruned" in note for note in report.notes)
