@@ -98,6 +98,15 @@ def _skip_note(refusal: UnsupportedSiteError, block: int) -> str:
             "before any block ran on fewer. Drop at an earlier block of its stage (at=...)")
 
 
+def mlp_only_block(gm: torch.fx.GraphModule, refusal: UnsupportedSiteError, config: Config) -> int | None:
+    """The block whose drop `refusal` shows restore would undo at once, where an MLP-only drop can
+    still prune (the stage's later MLPs); None where it cannot. `gm`: the graph before the rewrite."""
+    block = _last_block_before(gm, refusal) if refusal.needs_every_token else None
+    if block is None or not _undone_at_once(refusal, block) or not _mlp_only_may_help(config, refusal, block):
+        return None
+    return block
+
+
 def _mlp_only_may_help(config: Config, refusal: UnsupportedSiteError, block: int) -> bool:
     """An MLP-only drop (plan.tokens.Drop.mlp_only) is worth trying for the drop after `block`:
     it drops (no merge, no fused token) and is not MLP-only already."""

@@ -37,6 +37,7 @@ import torch.fx
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
+from repshift_fx.capture import copy_graph
 from repshift_fx.config import Config
 from repshift_fx.context import PassContext
 from repshift_fx.compile.dynamo_graph import (
@@ -54,6 +55,7 @@ from repshift_fx.fx.nodes import data_graph, name_modules_as_user, nodes_by_name
 from repshift_fx.fx.grid_ops import is_grid
 from repshift_fx.modes import LINES, TOKENS, choose
 from repshift_fx.passes import find_sites
+from repshift_fx.pipeline import mlp_only_block
 from repshift_fx.plan.tokens import default_at
 from repshift_fx.report.tokens import Report, build_report
 
@@ -142,9 +144,24 @@ def prune_graph(gm: torch.fx.GraphModule, example_inputs: list, config: Config):
             _refuse_pruned_outputs(ctx, local.at[0], leaving[0])
         local = dataclasses.replace(local, restore=True)  # every token back before they leave the graph
     ctx.config = local
-    gm = TOKENS.plan_and_rewrite(gm, ctx)
+    gm, ctx = _rewrite_tokens(gm, ctx)
     refresh_example_values(gm)
     return gm, _report(ctx), prefix_outputs
+
+
+def _rewrite_tokens(gm: torch.fx.GraphModule, ctx: PassContext) -> tuple[torch.fx.GraphModule, PassContext]:
+    """The tokens-mode rewrite of a copy of `gm`; as in compress(), a drop that a stage's windows or
+    grid ops would undo at once becomes MLP-only, and the rewrite is tried again."""
+    mlp_only = frozenset()
+    while True:
+        attempt = dataclasses.replace(ctx, mlp_only=mlp_only, notes=list(ctx.notes), attention=list(ctx.attention))
+        try:
+            return TOKENS.plan_and_rewrite(copy_graph(gm), attempt), attempt
+        except UnsupportedSiteError as refusal:
+            block = mlp_only_block(gm, refusal, attempt.config)
+            if block is None or block in mlp_only:
+                raise
+            mlp_only |= {block}
 
 
 def _prune_lines(gm: torch.fx.GraphModule, ctx: PassContext):

@@ -441,3 +441,19 @@ def test_a_per_token_output_gets_its_tokens_back_in_the_backend(deit, reduce):
     assert backend.reports[-1].tokens == [17, 17, 9, 9] and backend.reports[-1].blocks[-1].restored
     compiled, _ = _compiled(model, keep=0.5, at=(1,), restore=False)
     assert "restore=True" in str(_refusal(compiled, x))
+
+
+def test_windowed_stages_get_mlp_only_drops_in_the_backend():
+    """Swin's windows need every token between its MLPs: as in compress(), the drop becomes
+    MLP-only (passes/mlp_only_drops.py) and the backend's output equals compress()'s."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("swin_tiny_patch4_window7_224", img_size=112, depths=(2, 2), num_heads=(2, 4),
+                              embed_dim=32, num_classes=10).eval()
+    x = torch.randn(2, 3, 112, 112)
+    reference = repshift_fx.compress(model, x, keep=0.5, at=(0,), compile=False)
+    compiled, backend = _compiled(model, keep=0.5, at=(0,))
+    with torch.no_grad():
+        assert_close(compiled(x), reference(x))
+    assert [row.mlp_tokens for row in backend.reports[-1].blocks][:2] == [None, 392]
