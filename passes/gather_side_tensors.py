@@ -67,7 +67,6 @@ class _Drops:
 
     def __init__(self, gm: torch.fx.GraphModule, plan):
         by_name = nodes_by_name(gm)
-        self.plan = plan
         self.drops = [d for d in plan.drops if not d.mlp_only]  # an MLP-only drop's MLPs take no side tensor
         roles = {(role_of(n), inserted(n).block): n for n in gm.graph.nodes if role_of(n) in ("index", "keep")}
         self.index = [roles["index", d.block] for d in self.drops]
@@ -178,7 +177,6 @@ class _SideGatherer(FollowingShapeProp):
             axes = tuple(i for i in range(1, len(sizes)) if self.drops.level(sizes[i], k) is not None)
             if axes:
                 self._replace(n, side, self._chain(n, side, value, axes, len(sizes), sizes, k))
-
 
     def _align_operands(self, n: torch.fx.Node, k: int) -> None:
         """A broadcasting op after drop k between side tensors, one already cut to the kept tokens and

@@ -158,8 +158,8 @@ def _rewrite_tokens(gm: torch.fx.GraphModule, ctx: PassContext) -> tuple[torch.f
         try:
             return TOKENS.plan_and_rewrite(copy_graph(gm), attempt), attempt
         except UnsupportedSiteError as refusal:
-            block = mlp_only_block(gm, refusal, attempt.config)
-            if block is None or block in mlp_only:
+            block = mlp_only_block(gm, refusal, attempt.config)  # None for a drop already MLP-only
+            if block is None:
                 raise
             mlp_only |= {block}
 

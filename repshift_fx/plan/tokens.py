@@ -207,8 +207,9 @@ def _plan_run(plan: PrunePlan, run, schedule, config: Config, held, restore_afte
     """The drops of one run of blocks over one token count; every token restored after the run
     (when another follows, or restore=True) and after each block of `restore_after`."""
     prefix, pending = plan.prefix, []
-    if config.restore is False and _pending_before(plan):
-        _check_stage(run, _pending_before(plan))
+    unrestored = _pending_before(plan) if config.restore is False else []
+    if unrestored:
+        _check_stage(run, unrestored)
     n = run[0].tokens - prefix
     for block in run:
         plan.tokens.append(prefix + n)

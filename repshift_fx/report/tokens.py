@@ -114,7 +114,8 @@ class Report:
     def table(self, fmt: str = "simple") -> str:
         rows = [
             (r.index, r.module or "-", r.site + (" [refused]" if r.refused else ""), r.attention,
-             r.tokens_in if r.mlp_tokens is None else f"{r.tokens_in} (MLP {r.mlp_tokens})", r.tokens_out, gflops_text(r.gflops_before), gflops_text(r.gflops_after),
+             r.tokens_in if r.mlp_tokens is None else f"{r.tokens_in} (MLP {r.mlp_tokens})", r.tokens_out,
+             gflops_text(r.gflops_before), gflops_text(r.gflops_after),
              " + ".join(x for x in (r.reduce, "restore" if r.restored else "") if x))
             for r in self.blocks
         ]
