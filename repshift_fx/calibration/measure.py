@@ -41,6 +41,13 @@ class Candidate:
     samples: int = 0  # how many samples value and cosine are over (the screening ones, or all)
 
     @property
+    def budget_options(self) -> dict:
+        """compress() options with `at` made explicit and the amount left to the planner (target_flops),
+        to be resolved again on each input."""
+        at = (self.config or {}).get("at")
+        return {**self.options, **({"at": at} if at is not None else {})}
+
+    @property
     def label(self) -> str:
         shown = {k: v for k, v in self.options.items() if k != "target_flops"}
         return ", ".join(f"{k}={_short(v)}" for k, v in shown.items()) or "the paper's rule"

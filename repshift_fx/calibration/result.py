@@ -1,6 +1,7 @@
 """What calibration returns: the configuration chosen, every candidate measured, the frontier plot.
 
     cal.config                       # compress(model, x, **cal.config), backend(**cal.config), the CLI
+    cal.budget_config                # compress(model, x, **cal.budget_config): the amount resolved per input
     print(cal)                       # the table
     cal.plot("frontier.png"); cal.save("tuned.json"); Calibration.load("tuned.json")
 """
@@ -34,6 +35,14 @@ class Calibration:
     @property
     def chosen(self) -> Candidate:
         return next(c for c in self.table if "chosen" in c.role)
+
+    @property
+    def budget_config(self) -> dict:
+        """compress() options that resolve the amount again on each example input, within the FLOP
+        target: for inputs whose size varies (texts of other lengths), where the fixed amount of
+        `config` can land above the target. `at` and the rest as chosen; the dynamo backend, which
+        counts no FLOPs, takes `config`."""
+        return self.chosen.budget_options
 
     @property
     def paper(self) -> Candidate | None:

@@ -312,6 +312,22 @@ def test_tome_per_batch_only_where_the_setup_takes_options_per_batch():
         assert ("chosen per test batch" in setup.notes[0]) == per_batch
 
 
+def test_candidates_resolve_their_flop_target_per_batch_only_where_the_setup_takes_options_per_batch():
+    from repshift_fx.apps.evaluation import calibrated
+    from repshift_fx.calibration.measure import Candidate
+
+    candidate = Candidate(options={"target_flops": 0.7}, config={"keep": 0.6, "at": (1,)})
+    calls = []
+
+    def evaluate_options(setup, label, target, config, fallback=None):
+        calls.append((config, fallback))
+
+    for per_batch in (False, True):
+        setup = type("Stand", (), {"options_per_batch": per_batch})()
+        calibrated._evaluate_candidate(setup, candidate, 0.7, evaluate_options)
+    assert calls == [(candidate.config, None), ({"target_flops": 0.7, "at": (1,)}, candidate.config)]
+
+
 @needs_fashion
 def test_calibrated_evaluation_measures_every_candidate_and_the_baselines_on_the_test_split(tmp_path):
     from repshift_fx.apps.evaluation import calibrated

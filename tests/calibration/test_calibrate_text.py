@@ -43,6 +43,12 @@ def test_minilm_calibrates_by_cosine_over_batches_of_several_lengths(minilm_batc
     assert chosen.value >= cal.paper.value and 0.5 < chosen.value < 1
     # the budget holds over every batch length, counted by stock torch (not only at the first length)
     assert after / before <= 0.8 and chosen.flops == pytest.approx(after / before, rel=1e-3)
+    # budget_config resolves the amount on each input: within the target on every batch alone, at or above
+    # the fixed amount's FLOPs where that one undershoots
+    assert cal.budget_config["target_flops"] == 0.8 and cal.budget_config.get("at") == cal.config.get("at")
+    for inputs in batches:
+        gm = repshift_fx.compress(model, inputs, compile=False, **cal.budget_config)
+        assert flops(gm, inputs) <= 0.8 * flops(model, inputs)
 
 
 def flops(module, inputs) -> int:

@@ -54,7 +54,7 @@ def evaluate_calibration(setup, cal, evaluate_options, progress: bool = True
     for c in tqdm([c for c in cal.table if c.error is None], desc="candidates on the test split",
                   disable=not progress, unit="candidate"):
         try:
-            row = evaluate_options(setup, c.label, target, c.config)
+            row = _evaluate_candidate(setup, c, target, evaluate_options)
         except RepShiftError as error:  # another shape of the test split (text lengths) may refuse it
             setup.notes.append(f"{c.label} left out on the test split: {error}")
             continue
@@ -71,6 +71,16 @@ def evaluate_calibration(setup, cal, evaluate_options, progress: bool = True
     order = {"unpruned": 0, "chosen": 1, "paper": 2, "tome": 3, "random": 4, "": 5}
     rows.sort(key=lambda r: (order[r.role.split(",")[0]], -(r.objective or 0)))
     return rows, float(rho)
+
+
+def _evaluate_candidate(setup, c, target: float, evaluate_options) -> EvalRow:
+    """One candidate on the test split. Texts of other lengths than the calibration's: its options
+    with the FLOP target resolved on each test batch (`Calibration.budget_config`, as the ToMe and
+    random baselines get it), its calibrated amount where the target is out of reach on a batch.
+    A single input shape: its calibrated config."""
+    if setup.options_per_batch and "target_flops" in c.options:
+        return evaluate_options(setup, c.label, target, c.budget_options, fallback=c.config)
+    return evaluate_options(setup, c.label, target, c.config)
 
 
 def _baseline(setup: Setup | TextSetup, evaluate_options, score: str, target: float):

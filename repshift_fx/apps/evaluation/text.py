@@ -31,6 +31,7 @@ from repshift_fx.apps.evaluation.images import sweep as _sweep
 from repshift_fx.report.flops import per_sample_gmacs
 from repshift_fx.apps.hf_specs import TEXT_SPECS, TextModel
 from repshift_fx.api import compress
+from repshift_fx.errors import ConfigError
 
 # --- the unpruned model, once ---
 
@@ -139,16 +140,28 @@ def evaluate(setup: TextSetup, variant: Variant, keep: float, at=None, fuse: boo
                             lambda inputs: options(setup.model, inputs, variant, keep, at, fuse))
 
 
-def evaluate_options(setup: TextSetup, label: str, keep: float, config) -> EvalRow:
+def evaluate_options(setup: TextSetup, label: str, keep: float, config, fallback: dict | None = None) -> EvalRow:
     """Compress the model for each test batch with the compress() options `config` (or
-    `config(inputs)`, the options for one batch), run it, score it."""
+    `config(inputs)`, the options for one batch), run it, score it. `fallback`: the options for a
+    batch that `config` is refused on (a FLOP target out of reach on its length); a note counts them."""
+    refused = []
+
     def make(inputs):
-        return compress(setup.model, inputs, compile=False, **(config(inputs) if callable(config) else config))
+        try:
+            return compress(setup.model, inputs, compile=False, **(config(inputs) if callable(config) else config))
+        except ConfigError:
+            if fallback is None:
+                raise
+            refused.append(inputs["input_ids"].shape)
+            return compress(setup.model, inputs, compile=False, **fallback)
 
     torch.manual_seed(setup.seed)  # random scores: the same draws on every run
     outputs, gflops = run_batches(make, setup.batches, len(setup.test), f"{label} keep={keep}",
                                   setup.progress, leave=False, count=True)
     accuracy, agreement = setup.scores(outputs)
+    if refused:
+        setup.notes.append(f"{label}: {len(refused)} of {len(setup.batches)} test batches (shapes "
+                           f"{', '.join(f'{b}x{n}' for b, n in refused)}) refused {config}; they ran {fallback}")
     return EvalRow(label, keep, gflops, gflops / setup.gflops, accuracy, agreement)
 
 
