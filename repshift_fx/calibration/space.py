@@ -84,7 +84,8 @@ def _check_value(name: str, value) -> None:
 def at_moves(at: tuple[int, ...], depth: int) -> list[tuple[int, ...]]:
     """Schedules next to `at` among blocks 0..depth-2 (a drop after the last block saves nothing):
     all drops one block earlier or later, each drop alone one block earlier or later, one drop
-    fewer, one drop more (in the middle of the widest gap)."""
+    fewer, one drop more (in the middle of the widest gap), and a drop after every block from the
+    first on (gradual reduction, as ToMe merges a few tokens in every block)."""
     last = depth - 2
     moves = [tuple(a + s for a in at) for s in (-1, 1)]
     for i in range(len(at)):
@@ -95,6 +96,7 @@ def at_moves(at: tuple[int, ...], depth: int) -> list[tuple[int, ...]]:
     bounds = (-1,) + tuple(at) + (last + 1,)
     gap = max(range(len(bounds) - 1), key=lambda i: bounds[i + 1] - bounds[i])
     moves.append(tuple(sorted(set(at) | {(bounds[gap] + bounds[gap + 1] + 1) // 2})))
+    moves.append(tuple(range(at[0], last + 1)))  # gradual: a small drop after every block from the first on
     valid = []
     for move in moves:
         if move and list(move) == sorted(set(move)) and 0 <= move[0] and move[-1] <= last and move != tuple(at) \

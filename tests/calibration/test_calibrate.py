@@ -117,6 +117,7 @@ def test_a_speed_target_out_of_reach_names_the_fastest(vit, batches):
 def test_at_moves_stay_in_range_and_increasing():
     moves = at_moves((3, 6, 9), 12)
     assert (2, 5, 8) in moves and (4, 7, 10) in moves and (3, 9) in moves and (3, 6, 8, 9) not in moves
+    assert tuple(range(3, 11)) in moves  # gradual: after every block from the first drop on
     assert all(list(m) == sorted(set(m)) and 0 <= m[0] and m[-1] <= 10 for m in moves)
     assert (0,) not in at_moves((0,), 2) and at_moves((0,), 2) == []
 
