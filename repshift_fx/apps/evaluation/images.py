@@ -313,11 +313,17 @@ def tome_curve(model, example) -> TomeCurve:
     return TomeCurve(ratio)
 
 
-def tome_r(model, example, keep: float, at=None) -> int:
-    """ToMe's r (the same in every block) whose FLOPs come nearest those of the shift's drops at
-    `keep` and `at`: the ToMe baseline at equal FLOPs."""
+def tome_r(model, example, keep: float, at=None) -> int | tuple[int, ...]:
+    """ToMe's r at the FLOPs of the shift's drops at `keep` and `at`, the ToMe baseline at equal
+    FLOPs: the planner's fewest merges within them (r + 1 in the first blocks, r after), so ToMe
+    never runs on more FLOPs than the shift; the largest r where none is within."""
+    if keep >= 1:
+        return 0
     target = inspect(model, example, keep=keep, at=at).flop_ratio
-    return tome_curve(model, example).nearest_r(target)
+    try:
+        return inspect(model, example, score="tome", target_flops=target).budget["r"]
+    except ConfigError:
+        return tome_curve(model, example).largest_r()
 
 
 def options(setup_model, example, variant: Variant, keep: float, at=None, fuse: bool = False) -> dict:
