@@ -296,13 +296,15 @@ def test_titles_say_what_the_weights_are():
 
 
 def test_the_tome_baseline_runs_on_at_most_the_shifts_flops_and_as_near_them_as_its_r_allows():
+    from repshift_fx.apps.evaluation.tome import tome_r
+
     model, x = tiny_timm("deit_tiny_patch16_224", depth=6, img_size=64), torch.randn(2, 3, 64, 64)
     shift = repshift_fx.inspect(model, x, keep=0.7).flop_ratio
-    r = evaluation.tome_r(model, x, 0.7)
+    r = tome_r(model, x, 0.7)
     assert repshift_fx.inspect(model, x, score="tome", r=r).flop_ratio <= shift
     lower = min(r) if isinstance(r, tuple) else r - 1  # a token fewer in the blocks that merge r + 1
     assert repshift_fx.inspect(model, x, score="tome", r=lower).flop_ratio > shift
-    assert evaluation.tome_r(model, x, 1.0) == 0
+    assert tome_r(model, x, 1.0) == 0
 
 
 def test_tome_per_batch_only_where_the_setup_takes_options_per_batch():

@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 
 from repshift_fx.apps import hf
 from repshift_fx.apps.data import datasets
-from repshift_fx.apps.evaluation.images import EvalRow, Setup, tome_curve
+from repshift_fx.apps.evaluation.images import EvalRow, Setup
+from repshift_fx.apps.evaluation.tome import tome_r_within
 from repshift_fx.apps.evaluation.text import TextSetup
 from repshift_fx.errors import RepShiftError
 
@@ -97,14 +98,6 @@ def _baseline(setup: Setup | TextSetup, evaluate_options, score: str, target: fl
                        "largest ToMe allows where none is (the shortest texts)")
     return evaluate_options(setup, "score=tome", target,
                             lambda inputs: {"score": "tome", "r": tome_r_within(setup.model, inputs, target)})
-
-
-def tome_r_within(model, example, target: float) -> int:
-    """ToMe's r (the same in every block) for `example`: the smallest whose FLOP ratio is at most
-    `target`, or the largest the token count allows (at most half the tokens) where none is."""
-    curve = tome_curve(model, example)
-    r = curve.smallest_r_within(target)
-    return curve.largest_r() if r is None else r
 
 
 def format_calibrated(rows: list[CalibratedRow], objective: str, fmt: str = "simple") -> str:

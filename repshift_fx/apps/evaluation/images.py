@@ -31,11 +31,11 @@ from tabulate import tabulate
 from torch import nn
 from tqdm.auto import tqdm
 
-from repshift_fx import compress, inspect
+from repshift_fx import compress
 from repshift_fx.config import DISTANCES, SITES
 from repshift_fx.apps.data.datasets import Dataset, to_model_input
 from repshift_fx.errors import ConfigError, RepShiftError
-from repshift_fx.plan.budget import TomeCurve
+from repshift_fx.apps.evaluation.tome import tome_r
 from repshift_fx.report.flops import per_sample_gmacs
 
 log = logging.getLogger("repshift_fx")
@@ -299,31 +299,6 @@ class EvalRow:
     flop_ratio: float
     accuracy: float | None
     agreement: float
-
-
-def tome_curve(model, example) -> TomeCurve:
-    """ToMe's FLOP ratio on `example` against r (`repshift_fx.plan.budget.TomeCurve`), counted by
-    inspect(); None where r is past half of the tokens somewhere."""
-    def ratio(r: int) -> float | None:
-        try:
-            return inspect(model, example, score="tome", r=r).flop_ratio
-        except ConfigError:
-            return None
-
-    return TomeCurve(ratio)
-
-
-def tome_r(model, example, keep: float, at=None) -> int | tuple[int, ...]:
-    """ToMe's r at the FLOPs of the shift's drops at `keep` and `at`, the ToMe baseline at equal
-    FLOPs: the planner's fewest merges within them (r + 1 in the first blocks, r after), so ToMe
-    never runs on more FLOPs than the shift; the largest r where none is within."""
-    if keep >= 1:
-        return 0
-    target = inspect(model, example, keep=keep, at=at).flop_ratio
-    try:
-        return inspect(model, example, score="tome", target_flops=target).budget["r"]
-    except ConfigError:
-        return tome_curve(model, example).largest_r()
 
 
 def options(setup_model, example, variant: Variant, keep: float, at=None, fuse: bool = False) -> dict:

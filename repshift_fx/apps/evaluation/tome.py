@@ -1,0 +1,44 @@
+"""The ToMe baseline's r: at the FLOPs of the shift's drops (a sweep), or within a FLOP target on one
+batch where the planner cannot reach it (the shortest texts).
+
+    r = tome_r(model, example, keep=0.7)         # within the shift's FLOPs at keep 0.7
+    r = tome_r_within(model, example, 0.73)      # one r for every block, the largest where none is within
+"""
+from __future__ import annotations
+
+from repshift_fx import inspect
+from repshift_fx.errors import ConfigError
+from repshift_fx.plan.budget import TomeCurve
+
+
+def tome_curve(model, example) -> TomeCurve:
+    """ToMe's FLOP ratio on `example` against r (`repshift_fx.plan.budget.TomeCurve`), counted by
+    inspect(); None where r is past half of the tokens somewhere."""
+    def ratio(r: int) -> float | None:
+        try:
+            return inspect(model, example, score="tome", r=r).flop_ratio
+        except ConfigError:
+            return None
+
+    return TomeCurve(ratio)
+
+
+def tome_r(model, example, keep: float, at=None) -> int | tuple[int, ...]:
+    """ToMe's r at the FLOPs of the shift's drops at `keep` and `at`, the ToMe baseline at equal
+    FLOPs: the planner's fewest merges within them (r + 1 in the first blocks, r after), so ToMe
+    never runs on more FLOPs than the shift; the largest r where none is within."""
+    if keep >= 1:
+        return 0
+    target = inspect(model, example, keep=keep, at=at).flop_ratio
+    try:
+        return inspect(model, example, score="tome", target_flops=target).budget["r"]
+    except ConfigError:
+        return tome_curve(model, example).largest_r()
+
+
+def tome_r_within(model, example, target: float) -> int:
+    """ToMe's r (the same in every block) for `example`: the smallest whose FLOP ratio is at most
+    `target`, or the largest the token count allows (at most half the tokens) where none is."""
+    curve = tome_curve(model, example)
+    r = curve.smallest_r_within(target)
+    return curve.largest_r() if r is None else r
