@@ -80,8 +80,6 @@ def parse_args(argv=None):
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--calibrate", type=int, metavar="N", help="calibrate on N training samples at "
                         "--target-flops, then measure every candidate, the paper's rule and ToMe on the test split")
-    parser.add_argument("--calibration", metavar="FILE", help="with --calibrate: measure this saved calibration "
-                        "(calibration.json of an earlier run, or repshift-fx tune -o) instead of calibrating again")
     parser.add_argument("--target-flops", type=float, default=0.7, help="the FLOP target of --calibrate")
     parser.add_argument("--max-candidates", type=int, default=40, help="the most candidates --calibrate measures")
     parser.add_argument("--space", metavar="JSON", help="--calibrate's search space, e.g. "
@@ -148,12 +146,8 @@ def calibrated(args, setup, batches, evaluate_options, weights: str) -> Path:
     """--calibrate: calibrate on the training batches, then measure its candidates on the test split."""
     with reuse_traces():
         space = json.loads(args.space) if args.space else None
-        if args.calibration:
-            cal = repshift_fx.Calibration.load(args.calibration)
-            args.target_flops = cal.target_flops
-        else:
-            cal = repshift_fx.calibrate(setup.model, batches, target_flops=args.target_flops, space=space,
-                                        max_candidates=args.max_candidates, progress=not args.no_progress)
+        cal = repshift_fx.calibrate(setup.model, batches, target_flops=args.target_flops, space=space,
+                                    max_candidates=args.max_candidates, progress=not args.no_progress)
         rows, rho = evaluation_calibrated.evaluate_calibration(setup, cal, evaluate_options, not args.no_progress)
     title = (f"{args.spec} ({weights}), {setup.test.name} ({len(setup.test)} {setup.unit}); calibrated on "
              f"{cal.samples} training {setup.unit} at target_flops={args.target_flops}{', space ' + args.space if args.space else ''}")
