@@ -84,7 +84,8 @@ def _schedule_options(parser: argparse.ArgumentParser) -> None:
                         "or merge them into their most similar kept token")
     parser.add_argument("--restore", choices=("auto", "on", "off"), default="auto", help="put every token back "
                         "where the model needs them all: auto (default, where needed), on, off (refuse instead)")
-    parser.add_argument("--r", type=int, metavar="R", help="--score tome: tokens merged away per block")
+    parser.add_argument("--r", metavar="R[,R..]", help="--score tome: tokens merged away per block, or one per "
+                        "block of --at (e.g. 8,8,7,7: the schedule --target-flops reports)")
     parser.add_argument("--mode", choices=MODES, default="auto", help="tokens (ViTs), lines (rows and columns "
                         "of CNN maps) or auto (from the graph, default)")
     parser.add_argument("--config", metavar="JSON", help="the options `repshift-fx tune` saved (they replace the "
@@ -166,7 +167,8 @@ def _schedule(args) -> dict:
               "sdpa": not args.no_sdpa, "fuse": args.fuse, "reduce": args.reduce,
               "restore": {"auto": "auto", "on": True, "off": False}[args.restore]}
     if args.r is not None:
-        config["r"] = args.r
+        rs = specs.parse_ints(args.r, "--r")
+        config["r"] = rs[0] if len(rs) == 1 else rs
     if args.keep is not None:
         config["keep"] = specs.parse_floats(args.keep, "--keep")
     if args.target_flops is not None:

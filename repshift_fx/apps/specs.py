@@ -49,7 +49,7 @@ def parse_ints(text: str, option: str) -> tuple[int, ...]:
     try:
         return tuple(int(p) for p in text.split(",") if p.strip())
     except ValueError:
-        raise SpecError(f"{option} {text!r} must be block indices separated by commas, e.g. 3,6,9") from None
+        raise SpecError(f"{option} {text!r} must be whole numbers separated by commas, e.g. 3,6,9") from None
 
 
 def parse_floats(text: str, option: str) -> float | tuple[float, ...]:

@@ -137,6 +137,8 @@ def test_inspect_merge_tome_and_restore_options(capsys):
     assert "SDPA + log(size)" in merged["blocks"][1]["attention"]
     tome = run_json(capsys, "inspect", *TINY, "--score", "tome", "--r", "2")
     assert [b["tokens_in"] for b in tome["blocks"]] == [17, 15, 13, 11] and tome["config"]["r"] == 2
+    schedule = run_json(capsys, "inspect", *TINY, "--score", "tome", "--r", "3,2,2,1")
+    assert [b["tokens_in"] for b in schedule["blocks"]] == [17, 14, 12, 10] and schedule["config"]["r"] == [3, 2, 2, 1]
     code, _, err = run(capsys, "inspect", *TINY, "--score", "tome")
     assert code == 2 and "pass r=" in err
     off = run_json(capsys, "inspect", *TINY, "--restore", "off")
