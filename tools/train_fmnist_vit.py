@@ -187,15 +187,17 @@ def load_checkpoint(path: str | Path, build, train_fn, tool: str, train_if_missi
 def main() -> None:
     run_cli(__doc__, DEFAULT_CKPT, train, load_trained,
             options={"--patch-size": dict(type=int, default=4, help="4 (49 tokens, default) or 2 (196 tokens, "
-                                                                    "checkpoint fmnist_vit_p2.pt by default)")})
+                                                                    "checkpoint fmnist_vit_p2.pt by default)")},
+            suffix=lambda chosen: "" if chosen["patch_size"] == 4 else f"_p{chosen['patch_size']}")
 
 
-def run_cli(doc: str, default_ckpt: Path, train_fn, load, note: str = "", options: dict | None = None) -> None:
+def run_cli(doc: str, default_ckpt: Path, train_fn, load, note: str = "", options: dict | None = None,
+            suffix=lambda chosen: "") -> None:
     """The command line of a Fashion-MNIST trainer: train unless the checkpoint exists (or --retrain),
-    then print its test accuracy with `load(path)`. `options` adds arguments that go to `train_fn` by name."""
+    then print its test accuracy with `load(path)`. `options` adds arguments that go to `train_fn` by
+    name; `suffix(their values)` is added to the default checkpoint's name."""
     parser = argparse.ArgumentParser(description=doc.split("\n")[0])
-    for flag, spec in (options or {}).items():
-        parser.add_argument(flag, **spec)
+    names = [parser.add_argument(flag, **spec).dest for flag, spec in (options or {}).items()]
     parser.add_argument("--epochs", type=float, default=1.0, help="may be fractional (default 1)")
     parser.add_argument("--out", type=Path, help=f"checkpoint (default {default_ckpt}; *_smoke.pt with --limit)")
     parser.add_argument("--threads", type=int, default=1)
@@ -205,10 +207,9 @@ def run_cli(doc: str, default_ckpt: Path, train_fn, load, note: str = "", option
     parser.add_argument("--augment", choices=("never", "after-first", "always"), default="after-first")
     parser.add_argument("--retrain", action="store_true", help="train even if the checkpoint exists")
     args = parser.parse_args()
-    extra = {flag.lstrip("-").replace("-", "_"): None for flag in options or {}}
-    extra = {name: getattr(args, name) for name in extra}
+    extra = {name: getattr(args, name) for name in names}
     torch.set_num_threads(args.threads)
-    stem = default_ckpt.stem + "".join(f"_p{v}" for k, v in extra.items() if k == "patch_size" and v != 4)
+    stem = default_ckpt.stem + suffix(extra)
     out = args.out or default_ckpt.with_name(stem + ("_smoke.pt" if args.limit else ".pt"))
     if args.retrain or not out.exists():
         train_fn(out, args.epochs, args.limit, args.lr, args.batch, args.augment, **extra)

@@ -323,7 +323,6 @@ class TomeSearch(Search):
                  result.reached)
         return self.config_for(r), result
 
-
     def front_loaded(self, r: int) -> tuple[int | tuple[int, ...], int]:
         """The r schedule nearest the budget from below, and its MACs: r in the first k blocks of at and
         r - 1 in the rest, with the fewest k within the budget (k = len(at) is r everywhere). An integer
