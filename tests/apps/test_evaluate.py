@@ -6,6 +6,7 @@ import importlib.util
 import json
 import logging
 import re
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -307,21 +308,48 @@ def test_the_tome_baseline_runs_on_at_most_the_shifts_flops_and_as_near_them_as_
     assert tome_r(model, x, 1.0) == 0
 
 
-def test_tome_per_batch_only_where_the_setup_takes_options_per_batch():
+def test_tome_falls_back_per_batch_only_where_the_setup_takes_options_per_batch():
     from repshift_fx.apps.evaluation import calibrated
     from repshift_fx.apps.evaluation.text import TextSetup
 
     assert TextSetup.options_per_batch and not evaluation.Setup.options_per_batch
+    target = {"score": "tome", "target_flops": 0.5}
 
-    def evaluate_options(setup, label, target, config):
-        if not callable(config):
+    def evaluate_options(setup, label, keep, config, fallback=None):
+        assert config == target  # every batch that reaches the target runs ToMe's own schedule for it
+        if fallback is None:
             raise ConfigError("ToMe cannot reach it on the shortest batch")
-        return "per batch"
+        return "with a fallback"
 
-    for per_batch, want in ((False, None), (True, "per batch")):
+    for per_batch, want in ((False, None), (True, "with a fallback")):
         setup = type("Stand", (), {"options_per_batch": per_batch, "notes": [], "model": None})()
         assert calibrated._baseline(setup, evaluate_options, "tome", 0.5) == want
-        assert ("chosen per test batch" in setup.notes[0]) == per_batch
+        assert bool(setup.notes) == (not per_batch)
+
+
+def test_a_per_batch_fallback_runs_only_on_the_batches_the_options_are_refused_on():
+    from repshift_fx.apps.evaluation import text
+
+    batches = [{"input_ids": torch.zeros(2, n, dtype=torch.long)} for n in (3, 9)]
+    compressed = []
+    setup = type("Stand", (), {"model": None, "seed": 0, "batches": batches, "test": [0] * 4, "progress": False,
+                               "gflops": 1.0, "notes": [], "scores": lambda self, outputs: (1.0, 1.0)})()
+
+    def fake_compress(model, inputs, compile, **options):
+        if options.get("target_flops") and inputs["input_ids"].shape[1] < 5:
+            raise ConfigError("out of reach")
+        compressed.append((inputs["input_ids"].shape[1], options))
+
+    def fake_run(make, batches, n, desc, progress, leave, count):
+        for b in batches:
+            make(b)
+        return None, 1.0
+
+    with mock.patch.object(text, "compress", fake_compress), mock.patch.object(text, "run_batches", fake_run):
+        text.evaluate_options(setup, "tome", 0.5, {"target_flops": 0.5},
+                              fallback=lambda inputs: {"r": inputs["input_ids"].shape[1] // 2})
+    assert compressed == [(3, {"r": 1}), (9, {"target_flops": 0.5})]
+    assert "1 of 2 test batches" in setup.notes[0] and "options chosen per batch" in setup.notes[0]
 
 
 def test_candidates_resolve_their_flop_target_per_batch_only_where_the_setup_takes_options_per_batch():

@@ -85,19 +85,18 @@ def _evaluate_candidate(setup, c, target: float, evaluate_options) -> EvalRow:
 
 
 def _baseline(setup: Setup | TextSetup, evaluate_options, score: str, target: float):
-    """The baseline `score` at `target` on the test split; for ToMe on texts of several lengths
-    (a setup whose options may be chosen per batch), where no r reaches the target on the shortest,
-    r is chosen per batch (`tome_r_within`)."""
+    """The baseline `score` at `target` on the test split. For ToMe on texts of several lengths (a
+    setup whose options may be chosen per batch), the FLOP target is resolved on each batch, and a
+    batch too short to reach it runs the largest r ToMe allows there (`tome_r_within`)."""
+    options = {"score": score, "target_flops": target}
+    if score == "tome" and setup.options_per_batch:
+        return evaluate_options(setup, f"score={score}", target, options,
+                                fallback=lambda inputs: {"score": "tome", "r": tome_r_within(setup.model, inputs, target)})
     try:
-        return evaluate_options(setup, f"score={score}", target, {"score": score, "target_flops": target})
+        return evaluate_options(setup, f"score={score}", target, options)
     except RepShiftError as error:
-        if score != "tome" or not setup.options_per_batch:
-            setup.notes.append(f"score={score} left out on the test split: {error}")
-            return None
-    setup.notes.append(f"score=tome: r chosen per test batch, the smallest within {target} of the FLOPs, or the "
-                       "largest ToMe allows where none is (the shortest texts)")
-    return evaluate_options(setup, "score=tome", target,
-                            lambda inputs: {"score": "tome", "r": tome_r_within(setup.model, inputs, target)})
+        setup.notes.append(f"score={score} left out on the test split: {error}")
+        return None
 
 
 def format_calibrated(rows: list[CalibratedRow], objective: str, fmt: str = "simple") -> str:

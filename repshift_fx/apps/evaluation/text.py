@@ -140,29 +140,35 @@ def evaluate(setup: TextSetup, variant: Variant, keep: float, at=None, fuse: boo
                             lambda inputs: options(setup.model, inputs, variant, keep, at, fuse))
 
 
-def evaluate_options(setup: TextSetup, label: str, keep: float, config, fallback: dict | None = None) -> EvalRow:
+def evaluate_options(setup: TextSetup, label: str, keep: float, config, fallback=None) -> EvalRow:
     """Compress the model for each test batch with the compress() options `config` (or
-    `config(inputs)`, the options for one batch), run it, score it. `fallback`: the options for a
-    batch that `config` is refused on (a FLOP target out of reach on its length); a note counts them."""
+    `config(inputs)`, the options for one batch), run it, score it. `fallback`: the options (or
+    `fallback(inputs)`) for a batch that `config` is refused on (a FLOP target out of reach on its
+    length); a note counts those batches."""
     refused = []
 
     def make(inputs):
         try:
-            return compress(setup.model, inputs, compile=False, **(config(inputs) if callable(config) else config))
+            return compress(setup.model, inputs, compile=False, **_for_batch(config, inputs))
         except ConfigError:
             if fallback is None:
                 raise
             refused.append(inputs["input_ids"].shape)
-            return compress(setup.model, inputs, compile=False, **fallback)
+            return compress(setup.model, inputs, compile=False, **_for_batch(fallback, inputs))
 
     torch.manual_seed(setup.seed)  # random scores: the same draws on every run
     outputs, gflops = run_batches(make, setup.batches, len(setup.test), f"{label} keep={keep}",
                                   setup.progress, leave=False, count=True)
     accuracy, agreement = setup.scores(outputs)
     if refused:
+        ran = "options chosen per batch" if callable(fallback) else fallback
         setup.notes.append(f"{label}: {len(refused)} of {len(setup.batches)} test batches (shapes "
-                           f"{', '.join(f'{b}x{n}' for b, n in refused)}) refused {config}; they ran {fallback}")
+                           f"{', '.join(f'{b}x{n}' for b, n in refused)}) refused {config}; they ran {ran}")
     return EvalRow(label, keep, gflops, gflops / setup.gflops, accuracy, agreement)
+
+
+def _for_batch(options, inputs) -> dict:
+    return options(inputs) if callable(options) else options
 
 
 def sweep(setup: TextSetup, variants: list[Variant], keeps=KEEPS, at=None, fuse: bool = False) -> list[EvalRow]:
