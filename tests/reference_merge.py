@@ -106,7 +106,8 @@ def shift_mlp(mlp_out, mid):
 @torch.no_grad()
 def merge_forward(model, img, at=(), keep=0.7, metric="keys", tome_r=None, reduce="merge", per_token=False):
     """The model's logits (or, with `per_token`, its normed tokens, every one restored) with the
-    shift's drops merged (reduce="merge"), dropped (reduce="drop"), or ToMe (tome_r tokens per block)."""
+    shift's drops merged (reduce="merge"), dropped (reduce="drop"), or ToMe (tome_r tokens per block,
+    or one r per block)."""
     x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(img))))
     prefix, size = model.num_prefix_tokens, torch.ones(x.shape[:2])
     tracker = Tracker(*x.shape[:2])
@@ -114,7 +115,7 @@ def merge_forward(model, img, at=(), keep=0.7, metric="keys", tome_r=None, reduc
         attn_out, keys = attention(blk.attn, blk.norm1(x), size)
         mid = x + blk.ls1(attn_out)
         if tome_r is not None:
-            mid, size = tome_step(mid, size, keys, prefix, tome_r, tracker)
+            mid, size = tome_step(mid, size, keys, prefix, tome_r[i] if isinstance(tome_r, tuple) else tome_r, tracker)
         mlp_out = blk.ls2(blk.mlp(blk.norm2(mid)))
         x = mid + mlp_out
         if i in at and reduce == "merge":

@@ -49,6 +49,21 @@ def test_tome_at_a_flop_budget_takes_the_fewest_merges_within_it(deit, image, ta
     assert f"ToMe r={r}" in str(report)
 
 
+def test_tome_past_its_largest_r_merges_one_more_in_the_first_blocks(deit, image):
+    # 16 patch tokens in 4 blocks: r=3 in every block is the most bipartite matching allows, and (4, 4, 3, 3)
+    # leaves the last block 5 tokens for 3 merges
+    assert_refused(deit, image, ConfigError, score="tome", r=4)
+    assert_refused(deit, image, ConfigError, score="tome", r=(4, 4, 3, 3))
+    largest = repshift_fx.inspect(deit, image, score="tome", r=3).flop_ratio
+    past = repshift_fx.inspect(deit, image, score="tome", r=(4, 3, 3, 3)).flop_ratio
+    report = repshift_fx.inspect(deit, image, score="tome", target_flops=(largest + past) / 2)
+    assert report.budget["r"] == (4, 3, 3, 3) and report.flop_ratio == pytest.approx(past)
+    gm = repshift_fx.compress(deit, image, score="tome", target_flops=(largest + past) / 2, compile=False)
+    assert_close(gm(image), merge_forward(deit, image, tome_r=(4, 3, 3, 3)))
+    with pytest.raises(ConfigError, match=rf"ToMe with r=\(4, 3, 3, 3\) gives a FLOP ratio of {past:.3f}"):
+        repshift_fx.inspect(deit, image, score="tome", target_flops=past - 0.01)
+
+
 def test_attention_score_merges_by_the_keys_of_its_explicit_attention(deit, image):
     gm = repshift_fx.compress(deit, image, keep=0.6, at=(1, 2), score="attention", reduce="merge", compile=False)
     assert gm(image).shape == (2, 1000) and gm.report.tokens == [17, 17, 11, 7]

@@ -289,7 +289,9 @@ class TomeCurve:
 class TomeSearch(Search):
     """ToMe at a FLOP budget: the smallest r (the same in every block of `at`) within it (`TomeCurve`
     of the MACs measured on the rewritten graph), then one more token merged in as few of the first
-    blocks as keep it within (`front_loaded`): a decreasing schedule, as in ToMe's paper."""
+    blocks as keep it within (`front_loaded`): a decreasing schedule, as in ToMe's paper. Where even
+    the largest r is above the budget (few tokens), one more than it in the first blocks
+    (`past_largest`)."""
 
     least = "the largest r ToMe's bipartite matching allows"
 
@@ -311,10 +313,7 @@ class TomeSearch(Search):
 
     def plan(self) -> tuple[Config, BudgetResult]:
         r = self.curve.smallest_r_within(self.limit)
-        if r is None:
-            most = self.curve.largest_r()
-            self.below_reach(self.curve(most), f"ToMe with r={most}")
-        r, reached = self.front_loaded(r)
+        r, reached = self.front_loaded(r) if r is not None else self.past_largest(self.curve.largest_r())
         kept = tuple(d.keep for d in self.unpruned[1].mode.make_plan(self.unpruned[1].analysis,
                                                                       self.config_for(r)).drops)
         result = BudgetResult(self.config.target_flops, reached / self.original, None, self.at, kept,
@@ -330,13 +329,31 @@ class TomeSearch(Search):
         n = len(self.at)
         if r == 0 or n == 1:
             return r, self.curve(r)
-        macs = {n: self.curve(r)}
-        low, high = 0, n  # schedule(low) is above the budget (it is r - 1 everywhere), schedule(high) within
+        return self.fewest_within(r, n, {n: self.curve(r)})
+
+    def past_largest(self, most: int) -> tuple[tuple[int, ...], int]:
+        """Where no r in every block is within the budget: most + 1 in the first k blocks and `most`
+        in the rest, with the fewest k within it, among the k ToMe's matching allows (the tokens
+        left for the last blocks bound it). ConfigError where even the largest such k is above."""
+        r, macs = most + 1, {0: self.curve(most), len(self.at): None}
+        allowed, refused = 0, len(self.at)  # most + 1 everywhere is refused: `most` is the largest r
+        while refused - allowed > 1:
+            k = (allowed + refused) // 2
+            macs[k] = self.macs(self.schedule(r, k))
+            allowed, refused = (k, refused) if macs[k] is not None else (allowed, k)
+        if macs[allowed] > self.limit:
+            self.below_reach(macs[allowed], f"ToMe with r={self.schedule(r, allowed) if allowed else most}")
+        return self.fewest_within(r, allowed, macs)
+
+    def fewest_within(self, r: int, high: int, macs: dict) -> tuple[int | tuple[int, ...], int]:
+        """The fewest k <= `high` whose schedule(r, k) is within the budget, and its MACs; `macs` holds
+        those measured already, schedule(r, high) within the budget, schedule(r, 0) above it."""
+        low = 0
         while high - low > 1:
             k = (low + high) // 2
-            macs[k] = self.macs(self.schedule(r, k))
+            macs[k] = macs[k] if k in macs else self.macs(self.schedule(r, k))
             low, high = (k, high) if macs[k] is None or macs[k] > self.limit else (low, k)
-        return (r if high == n else self.schedule(r, high)), macs[high]
+        return (r if high == len(self.at) else self.schedule(r, high)), macs[high]
 
     def schedule(self, r: int, k: int) -> tuple[int, ...]:
         return (r,) * k + (r - 1,) * (len(self.at) - k)
