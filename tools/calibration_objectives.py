@@ -1,11 +1,13 @@
 """Would another label-free objective have ranked MiniLM's calibration candidates by their test
 accuracy? For every candidate of a saved calibrated evaluation (tools/evaluate.py --calibrate), its
-sentence embeddings on the calibration texts are compared with the unpruned ones four ways, and
+sentence embeddings on the calibration texts are compared with the unpruned ones five ways, and
 each measure's rank correlation (Spearman) with the test accuracy is printed:
 
 - cosine: what calibration maximises;
 - centred cosine: the cosine after subtracting the unpruned embeddings' mean (sentence embeddings
   share one large direction);
+- whitened cosine: the cosine after whitening with the unpruned embeddings' covariance (Ledoit-Wolf
+  shrinkage: 256 texts, 384 dimensions), so that every direction counts alike, as a probe may;
 - retrieval: the share of texts whose nearest unpruned embedding is their own;
 - neighbours: the share of texts whose nearest other text is the same as in the unpruned model.
 
@@ -18,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from scipy.stats import spearmanr
+from sklearn.covariance import LedoitWolf
 from tabulate import tabulate
 
 import repshift_fx
@@ -37,7 +40,13 @@ def test_accuracies(evaluate_md: Path) -> dict[str, float]:
     return found
 
 
-def measures(out: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
+def whitening(ref: torch.Tensor) -> torch.Tensor:
+    """The inverse square root of the shrunk covariance of `ref` (samples x features)."""
+    values, vectors = torch.linalg.eigh(torch.from_numpy(LedoitWolf().fit(ref.numpy()).covariance_))
+    return vectors @ torch.diag(values.rsqrt()) @ vectors.T
+
+
+def measures(out: torch.Tensor, ref: torch.Tensor, whiten: torch.Tensor) -> dict[str, float]:
     mean = ref.mean(0)
     centred_out, centred_ref = F.normalize(out - mean, dim=1), F.normalize(ref - mean, dim=1)
     similar = centred_out @ centred_ref.T
@@ -46,6 +55,7 @@ def measures(out: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
     others[own, own] = ref_others[own, own] = -2
     return {"cosine": F.cosine_similarity(out, ref).mean().item(),
             "centred cosine": F.cosine_similarity(out - mean, ref - mean).mean().item(),
+            "whitened cosine": F.cosine_similarity((out - mean) @ whiten, (ref - mean) @ whiten).mean().item(),
             "retrieval": (similar.argmax(1) == own).double().mean().item(),
             "neighbours": (others.argmax(1) == ref_others.argmax(1)).double().mean().item()}
 
@@ -62,11 +72,11 @@ def main() -> None:
     batches = text_batches(loaded, load_dataset("wordnet", "train", cal.samples), cal.samples, 64)
     with torch.inference_mode():
         ref = torch.cat([loaded.model(**b) for b in batches]).double()
-    rows = []
+    whiten, rows = whitening(ref), []
     with reuse_traces(), torch.inference_mode():
         for c in (c for c in cal.table if c.error is None and c.label in accuracy):
             out = torch.cat([repshift_fx.compress(loaded.model, b, compile=False, **c.config)(**b) for b in batches])
-            rows.append((c.label, accuracy[c.label], measures(out.double(), ref)))
+            rows.append((c.label, accuracy[c.label], measures(out.double(), ref, whiten)))
     names = list(rows[0][2])
     print(tabulate([(label, acc, *(m[n] for n in names)) for label, acc, m in rows],
                    headers=("candidate", "test accuracy %", *names), floatfmt=".4f", tablefmt="github"))
