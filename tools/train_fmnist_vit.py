@@ -4,6 +4,7 @@
     .venv/bin/python tools/train_fmnist_vit.py --retrain --epochs 2
     .venv/bin/python tools/train_fmnist_vit.py --limit 2000      # smoke run -> results/fmnist_vit_smoke.pt
     .venv/bin/python tools/train_fmnist_vit.py --patch-size 2 --threads 2   # 196 tokens -> results/fmnist_vit_p2.pt
+    .venv/bin/python tools/train_fmnist_vit.py --patch-size 7    # 16 tokens of 7x7 pixels -> results/fmnist_vit_p7.pt
 
 From another tool (run from the repository root):
 
@@ -186,8 +187,8 @@ def load_checkpoint(path: str | Path, build, train_fn, tool: str, train_if_missi
 
 def main() -> None:
     run_cli(__doc__, DEFAULT_CKPT, train, load_trained,
-            options={"--patch-size": dict(type=int, default=4, help="4 (49 tokens, default) or 2 (196 tokens, "
-                                                                    "checkpoint fmnist_vit_p2.pt by default)")},
+            options={"--patch-size": dict(type=int, default=4, help="4 (49 tokens, default), 2 (196 tokens, "
+                                                                    "checkpoint fmnist_vit_p2.pt by default) or 7 (16 tokens)")},
             suffix=lambda chosen: "" if chosen["patch_size"] == 4 else f"_p{chosen['patch_size']}")
 
 

@@ -293,8 +293,6 @@ class TomeSearch(Search):
     the largest r is above the budget (few tokens), one more than it in the first blocks
     (`past_largest`)."""
 
-    least = "the largest r ToMe's bipartite matching allows"
-
     def __init__(self, model, example_input, config: Config, unpruned, rewrite: Callable):
         super().__init__(model, example_input, config, unpruned, rewrite)
         self.curve = TomeCurve(self.macs, refused=self.unpruned[1].plan.drops[0].before)
