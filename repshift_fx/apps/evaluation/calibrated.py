@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from repshift_fx.apps import hf
 from repshift_fx.apps.data import datasets
 from repshift_fx.apps.evaluation.images import EvalRow, Setup
-from repshift_fx.apps.evaluation.tome import tome_r_within
+from repshift_fx.apps.evaluation.tome import largest_tome_r
 from repshift_fx.apps.evaluation.text import TextSetup
 from repshift_fx.errors import RepShiftError
 
@@ -87,11 +87,11 @@ def _evaluate_candidate(setup, c, target: float, evaluate_options) -> EvalRow:
 def _baseline(setup: Setup | TextSetup, evaluate_options, score: str, target: float):
     """The baseline `score` at `target` on the test split. For ToMe on texts of several lengths (a
     setup whose options may be chosen per batch), the FLOP target is resolved on each batch, and a
-    batch too short to reach it runs the largest r ToMe allows there (`tome_r_within`)."""
+    batch too short to reach it runs the largest r ToMe allows there (`largest_tome_r`)."""
     options = {"score": score, "target_flops": target}
     if score == "tome" and setup.options_per_batch:
         return evaluate_options(setup, f"score={score}", target, options,
-                                fallback=lambda inputs: {"score": "tome", "r": tome_r_within(setup.model, inputs, target)})
+                                fallback=lambda inputs: {"score": "tome", "r": largest_tome_r(setup.model, inputs)})
     try:
         return evaluate_options(setup, f"score={score}", target, options)
     except RepShiftError as error:

@@ -1,8 +1,8 @@
-"""The ToMe baseline's r: at the FLOPs of the shift's drops (a sweep), or within a FLOP target on one
-batch where the planner cannot reach it (the shortest texts).
+"""The ToMe baseline's r: at the FLOPs of the shift's drops (a sweep), or the most ToMe merges on a
+batch where the planner cannot reach a FLOP target (the shortest texts).
 
     r = tome_r(model, example, keep=0.7)         # within the shift's FLOPs at keep 0.7
-    r = tome_r_within(model, example, 0.73)      # one r for every block, the largest where none is within
+    r = largest_tome_r(model, example)           # the largest r for every block that ToMe's matching allows
 """
 from __future__ import annotations
 
@@ -33,12 +33,10 @@ def tome_r(model, example, keep: float, at=None) -> int | tuple[int, ...]:
     try:
         return inspect(model, example, score="tome", target_flops=target).budget["r"]
     except ConfigError:
-        return tome_curve(model, example).largest_r()
+        return largest_tome_r(model, example)
 
 
-def tome_r_within(model, example, target: float) -> int:
-    """ToMe's r (the same in every block) for `example`: the smallest whose FLOP ratio is at most
-    `target`, or the largest the token count allows (at most half the tokens) where none is."""
-    curve = tome_curve(model, example)
-    r = curve.smallest_r_within(target)
-    return curve.largest_r() if r is None else r
+def largest_tome_r(model, example) -> int:
+    """The largest r, the same in every block, that ToMe's matching allows on `example` (at most half
+    the tokens in each block): its fewest FLOPs where the planner cannot reach a target."""
+    return tome_curve(model, example).largest_r()
