@@ -141,18 +141,22 @@ def skimage_photos(limit: int | None = None) -> Dataset:
 
 
 def load_dataset(spec: str, split: str = "test", limit: int | None = None) -> Dataset | TextDataset:
-    """'fashion-mnist', 'skimage' or 'folder:PATH' (a split sub-folder PATH/<split> is used when
+    """'fashion-mnist', 'fashion-scenes' (its garments small on photos), 'skimage' or 'folder:PATH' (a split sub-folder PATH/<split> is used when
     present): images; 'wordnet': text (a `TextDataset`)."""
     if spec == "fashion-mnist":
         return fashion_mnist(split, limit)
     if spec == "skimage":
         return skimage_photos(limit)
+    if spec == "fashion-scenes":
+        from repshift_fx.apps.data.scenes import fashion_scenes
+
+        return fashion_scenes(split, limit)
     if spec.startswith("folder:"):
         root = Path(spec[len("folder:"):])
         return image_folder(root / split if (root / split).is_dir() else root, limit)
     if spec == "wordnet":
         return wordnet_definitions(split, limit)
-    raise DataError(f"unknown data set {spec!r}: give fashion-mnist, skimage, folder:PATH or wordnet (text)")
+    raise DataError(f"unknown data set {spec!r}: give fashion-mnist, fashion-scenes, skimage, folder:PATH or wordnet (text)")
 
 
 def to_model_input(images: list[np.ndarray], shape: tuple[int, int, int], mean, std) -> torch.Tensor:
