@@ -4,7 +4,8 @@
     compressed = repshift_fx.compress(model, x, **cal.config)
 
 The objective is how closely the reduced model's outputs follow the original's on `batches`
-(objective.py); the search walks from the paper's rule one dimension at a time (search.py, over
+(objective.py), or, given `labels`, how often it is right (labels.py: the model's head, or a probe
+fitted on the unpruned outputs), the most faithful winning among candidates the labels cannot tell apart; the search walks from the paper's rule one dimension at a time (search.py, over
 space.py's dimensions); each candidate runs eagerly, with FLOPs counted on its rewritten graphs
 (measure.py); with `target_speedup` the finalists alone are compiled and timed (search.py).
 """
@@ -15,6 +16,7 @@ import numbers
 
 from torch import nn
 
+from repshift_fx.calibration.labels import within_noise
 from repshift_fx.calibration.measure import Candidate, Measure
 from repshift_fx.calibration.result import Calibration
 from repshift_fx.calibration.search import descend, time_finalists
@@ -30,7 +32,7 @@ __all__ = ["calibrate", "Calibration", "Candidate"]
 
 
 def calibrate(model: nn.Module, batches, *, target_flops: float | None = None, target_speedup: float | None = None,
-              space: dict | None = None, objective=None, max_candidates: int = 40, screen: int | None = 64,
+              labels=None, space: dict | None = None, objective=None, max_candidates: int = 40, screen: int | None = 64,
               refine: int = 4, finalists: int = 3, progress: bool = True, **fixed) -> Calibration:
     """Choose compress() options for `model` under a FLOP or speed target, on unlabelled `batches`.
 
@@ -41,6 +43,12 @@ def calibrate(model: nn.Module, batches, *, target_flops: float | None = None, t
         target_flops: the FLOP budget, compressed / original, in (0, 1]; every candidate meets it
             (the planner sets its keep rate, or ToMe's r, on the first batch; the finalists' amounts
             are then lowered until they meet it over every batch, whatever its length).
+        labels: the task's class indices for `batches` (one int tensor per batch, or one over every
+            sample): the search then maximises accuracy, by the model's classifier head when it has
+            one, else by a linear probe fitted on the unpruned model's outputs of these samples
+            (cross-fitted, in torch). A few hundred labels resolve a few points: of the candidates
+            whose paired 95% interval to the most accurate one reaches 0, the most faithful is
+            chosen, and `.notes` says so. Without labels the objective is fidelity.
         target_speedup: a speed target (> 1, compiled to compiled on the first batch): the
             finalists are compiled and timed; the best that reaches it is chosen, else the fastest,
             with a note. Without target_flops the search starts at 1/target_speedup of the FLOPs.
@@ -64,7 +72,7 @@ def calibrate(model: nn.Module, batches, *, target_flops: float | None = None, t
     target_flops, target_speedup = _check_targets(target_flops, target_speedup)
     Config.from_kwargs(**dict(fixed, target_flops=target_flops or 1.0))  # unknown or bad fixed options
     with reuse_traces():
-        measure = Measure(model, batches, objective, screen)
+        measure = Measure(model, batches, objective, screen, labels)
         unpruned = rewrite_unpruned(model, measure.batches[0], Config(**fixed, keep=1.0))[1]
         mode = unpruned.mode.name
         depth = len(unpruned.analysis.blocks if mode == "tokens" else unpruned.analysis.sites)
@@ -87,11 +95,14 @@ def calibrate(model: nn.Module, batches, *, target_flops: float | None = None, t
     if target_speedup is not None:
         chosen = next((c for c in ranked if c.speedup is not None and c.speedup >= target_speedup), None) or \
             max((c for c in ranked if c.speedup is not None), key=lambda c: c.speedup)
+    elif labels is not None:
+        chosen, noted = within_noise(ranked)
+        notes += noted
     else:
         chosen = ranked[0]
     chosen.role.append("chosen")
     calibration = Calibration(dict(chosen.config), table, measure.objective_name, measure.samples, target_flops,
-                              target_speedup, notes)
+                              target_speedup, notes, labelled=labels is not None)
     log.info("%s", calibration.summary())
     return calibration
 

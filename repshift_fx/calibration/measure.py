@@ -19,6 +19,7 @@ from torch import nn
 
 from repshift_fx.api import compress
 from repshift_fx.calibration.objective import call, choose_objective, cosine, main_output, output_kind
+from repshift_fx.calibration.labels import Task, label_list
 from repshift_fx.errors import ExampleInputError, RepShiftError
 from repshift_fx.report.flops import count_macs
 
@@ -39,6 +40,9 @@ class Candidate:
     error: str | None = None  # why the pass refused it
     at: tuple[int, ...] | None = None  # the blocks the drops (or merges) followed
     samples: int = 0  # how many samples value and cosine are over (the screening ones, or all)
+    accuracy: float | None = None  # with labels: the share of those samples it gets right
+    correct: list[bool] | None = field(default=None, repr=False)  # with labels: per sample, for paired intervals
+    refusal: RepShiftError | None = field(default=None, repr=False, compare=False)  # the error behind `error`
 
     @property
     def budget_options(self) -> dict:
@@ -53,10 +57,12 @@ class Candidate:
         return ", ".join(f"{k}={_short(v)}" for k, v in shown.items()) or "the paper's rule"
 
     def rank(self) -> tuple:
-        """Higher is better: measured on more samples, then the objective, the cosine, fewer FLOPs."""
+        """Higher is better: measured on more samples, then the accuracy (with labels), the objective,
+        the cosine, fewer FLOPs."""
         if self.error is not None:
             return (float("-inf"),)
-        return (self.samples, self.value, self.cosine, -self.flops)
+        accuracy = () if self.accuracy is None else (self.accuracy,)
+        return (self.samples, *accuracy, self.value, self.cosine, -self.flops)
 
 
 def _short(value) -> str:
@@ -125,14 +131,16 @@ def sample_macs(module, batch) -> int:
 class Measure:
     """The unpruned outputs and FLOPs, once; then each candidate's FLOP ratio and objective."""
 
-    def __init__(self, model: nn.Module, batches, objective=None, screen: int | None = None):
+    def __init__(self, model: nn.Module, batches, objective=None, screen: int | None = None, labels=None):
         self.model, self.batches = model, batch_list(batches)
         self.sizes = [sample_count(b) for b in self.batches]
-        with torch.inference_mode():
-            outputs = [call(model, b) for b in self.batches]
-        self.kind = "custom" if objective is not None else output_kind(model, self.batches[0], outputs[0])
+        labels = None if labels is None else label_list(labels, self.sizes)
+        outputs = unpruned_outputs(model, self.batches)
+        kind = output_kind(model, self.batches[0], outputs[0])
+        self.kind = "custom" if objective is not None else kind
         self.objective, self.objective_name = choose_objective(objective, self.kind if objective is None else "")
         self.reference = [main_output(o).float() for o in outputs]
+        self.task = None if labels is None else Task.fit(kind, self.reference, labels)
         self.screening = spread(self.sizes, screen)
         self.everything = tuple(range(len(self.batches)))
 
@@ -171,7 +179,7 @@ class Measure:
                                                                                     candidate.options)
                 candidate.at = candidate.config.get("at")
             candidate.flops = self._macs(module_for, which) / self._macs_before(which)
-            values, cosines = [], []
+            values, cosines, correct = [], [], []
             torch.manual_seed(0)  # score="random": the same draws for every candidate
             for i in which:
                 module = module_for(self.batches[i])
@@ -179,13 +187,17 @@ class Measure:
                     out = main_output(call(module, self.batches[i])).float()
                     values.append(self.objective(out, self.reference[i]))
                     cosines.append(cosine(out, self.reference[i]))
+                    if self.task is not None:
+                        correct += self.task.correct(out, i).tolist()
         except RepShiftError as error:
-            candidate.error = str(error).split("\n")[0]
+            candidate.error, candidate.refusal = str(error).split("\n")[0], error
             log.info("calibrate: %s refused: %s", candidate.label, candidate.error)
             return candidate
         sizes = [self.sizes[i] for i in which]
         candidate.value, candidate.cosine = _weighted(values, sizes), _weighted(cosines, sizes)
         candidate.samples = sum(sizes)
+        if self.task is not None:
+            candidate.correct, candidate.accuracy = correct, sum(correct) / len(correct)
         return candidate
 
 
@@ -213,6 +225,21 @@ def _tighter(config: dict) -> dict | None:
     if isinstance(keep, float) and keep > 0.02:
         return dict(config, keep=round(keep - 0.01, 4))
     return None
+
+
+def unpruned_outputs(model: nn.Module, batches: list) -> list:
+    """The model's own outputs on every batch; a batch the model cannot take is an ExampleInputError,
+    as compress() gives for such an example input."""
+    outputs = []
+    with torch.inference_mode():
+        for i, batch in enumerate(batches):
+            try:
+                outputs.append(call(model, batch))
+            except Exception as err:  # the model's own error, whatever it raises
+                shapes = ", ".join(f"{tuple(t.shape)} {t.dtype}" for _, t in _tensors(batch, i))
+                raise ExampleInputError(f"batch {i} ({shapes}) does not fit {type(model).__name__}: "
+                                        f"{type(err).__name__}: {str(err).splitlines()[0]}") from err
+    return outputs
 
 
 def spread(sizes: list[int], screen: int | None) -> tuple[int, ...]:

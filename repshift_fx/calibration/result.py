@@ -31,6 +31,7 @@ class Calibration:
     target_flops: float | None = None
     target_speedup: float | None = None
     notes: list[str] = field(default_factory=list)
+    labelled: bool = False  # chosen by accuracy on labels (else by fidelity alone)
 
     @property
     def chosen(self) -> Candidate:
@@ -52,14 +53,17 @@ class Calibration:
         """One line: what was chosen, with what agreement, at what FLOPs (and speed)."""
         c = self.chosen
         speed = f", {c.speedup:.2f}x compiled" if c.speedup is not None else ""
-        return (f"calibrated on {self.samples} samples: {c.label}; {self.objective} {c.value:.4f} at FLOP ratio "
-                f"{c.flops:.3f}{speed} ({len(self.table)} candidates)")
+        accuracy = f"accuracy {100 * c.accuracy:.1f}%, " if c.accuracy is not None else ""
+        return (f"calibrated on {self.samples} {'labelled ' if self.labelled else ''}samples: {c.label}; {accuracy}"
+                f"{self.objective} {c.value:.4f} at FLOP ratio {c.flops:.3f}{speed} ({len(self.table)} candidates)")
 
     def format_table(self, fmt: str = "simple") -> str:
-        rows = [(", ".join(c.role), c.label, _num(c.flops), _num(c.value), _num(c.cosine), c.samples or "-",
-                 "-" if c.speedup is None else f"{c.speedup:.2f}x", c.error or "")
+        rows = [(", ".join(c.role), c.label, _num(c.flops), *([_num(c.accuracy)] if self.labelled else []),
+                 _num(c.value), _num(c.cosine), c.samples or "-", "-" if c.speedup is None else f"{c.speedup:.2f}x",
+                 c.error or "")
                 for c in sorted(self.table, key=Candidate.rank, reverse=True)]
-        headers = ("", "candidate", "FLOP ratio", self.objective, "cosine", "samples", "speedup", "refused")
+        headers = ("", "candidate", "FLOP ratio", *(["accuracy"] if self.labelled else []), self.objective, "cosine",
+                   "samples", "speedup", "refused")
         return tabulate(rows, headers=headers, tablefmt=fmt)
 
     def __str__(self) -> str:
@@ -93,6 +97,9 @@ class Calibration:
     def to_dict(self) -> dict:
         record = dataclasses.asdict(self)
         record["format"] = FORMAT
+        for row in record["table"]:
+            row.pop("correct")  # per sample: for the choice, not for the record
+            row.pop("refusal")
         return record
 
     def save(self, path: str | Path) -> None:

@@ -27,6 +27,7 @@ from repshift_fx.calibration.objective import call
 from repshift_fx.calibration.space import NOT_FOR_TOME, SHIFT_ONLY, Space
 from repshift_fx.compile.timing import time_variants
 from repshift_fx.config import Config
+from repshift_fx.errors import ConfigError
 
 log = logging.getLogger("repshift_fx")
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(Config)}  # an option at its default is left out
@@ -119,6 +120,8 @@ def descend(measure: Measure, space: Space, base: dict, depth: int, max_candidat
     seed = descent.try_options(dict(base))
     descent.default_at = seed.at
     seed.role.append("paper")
+    if isinstance(seed.refusal, ConfigError):  # the target itself: no other candidate fares better
+        raise ConfigError(f"calibrate(): {seed.error}") from None
     if seed.error is not None:
         log.warning("calibrate: the paper's rule is refused for this model: %s", seed.error)
     descent.run(seed)

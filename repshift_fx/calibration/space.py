@@ -63,8 +63,11 @@ class Space:
             return []
         if dimension == "merge_metric" and current.get("reduce") != "merge":
             return []
-        if dimension == "at":
-            found = at_moves(current.get("at"), depth) if self.values["at"] == "auto" else self.values["at"]
+        if dimension == "at" and self.values["at"] == "auto":
+            # no schedule resolved (the candidate was refused): nowhere to move from
+            found = [] if current.get("at") is None else at_moves(current["at"], depth)
+        elif dimension == "at":
+            found = self.values["at"]
         else:
             found = self.values[dimension]
         return [v for v in found if v != current.get(dimension, PAPER.get(dimension))]

@@ -1,0 +1,136 @@
+"""Task-aware calibration: the objective is accuracy on a few hundred labelled samples.
+
+    task = Task.fit(kind, reference, labels)     # the model's head, or probes fitted in torch
+    correct = task.correct(outputs, i)           # (B,) bool for batch i
+    chosen = within_noise(ranked)                # the most faithful of those the labels cannot tell apart
+
+With a classifier head ("logits") the prediction is the head's argmax. Without one, a linear
+softmax probe (standardised features, L2, L-BFGS) is fitted on the unpruned model's outputs and
+applied to the reduced model's: cross-fitted over FOLDS folds, so that no sample is scored by a
+probe that saw it. Per-token outputs (B, N, C) are mean-pooled over the tokens first.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from repshift_fx.errors import ConfigError
+
+FOLDS = 5
+Z95 = 1.96
+
+
+def label_list(labels, sizes: list[int]) -> list[torch.Tensor]:
+    """The labels as one int64 tensor per batch: a list aligned with the batches, or one tensor
+    over every sample in order. Anything else is a ConfigError that says what was expected."""
+    total = sum(sizes)
+    if isinstance(labels, torch.Tensor):
+        labels = [labels] if len(sizes) == 1 else list(labels.split(sizes)) if labels.dim() == 1 and \
+            labels.shape[0] == total else None
+    elif isinstance(labels, (list, tuple)) and all(isinstance(t, torch.Tensor) for t in labels):
+        labels = list(labels)
+    else:
+        labels = None
+    if labels is None or len(labels) != len(sizes):
+        raise ConfigError(f"labels must be one tensor of class indices per batch ({len(sizes)} batches), or one "
+                          f"tensor of {total} class indices over every sample in order")
+    for i, (batch_labels, size) in enumerate(zip(labels, sizes)):
+        if batch_labels.dtype.is_floating_point or batch_labels.dtype == torch.bool or batch_labels.is_complex():
+            raise ConfigError(f"labels of batch {i} are {batch_labels.dtype}; give integer class indices")
+        if tuple(batch_labels.shape) != (size,):
+            raise ConfigError(f"labels of batch {i} have shape {tuple(batch_labels.shape)}, but the batch holds "
+                              f"{size} samples: give one class index per sample, shape ({size},)")
+        if (batch_labels < 0).any():
+            raise ConfigError(f"labels of batch {i} hold negative values; give class indices 0, 1, ...")
+    return [t.long() for t in labels]
+
+
+def pooled(outputs: torch.Tensor) -> torch.Tensor:
+    """(B, C) features as they are; (B, N, C) tokens mean-pooled; other ranks flattened."""
+    return outputs.mean(1) if outputs.dim() == 3 else outputs.flatten(1)
+
+
+class LinearProbe:
+    """Softmax regression on standardised features, fitted with L-BFGS (L2 `decay`)."""
+
+    def __init__(self, features: torch.Tensor, labels: torch.Tensor, classes: int, decay: float = 1e-3):
+        features = features.double()
+        self.mean, self.std = features.mean(0), features.std(0).clamp_min(1e-6)
+        x = (features - self.mean) / self.std
+        self.weight = torch.zeros(x.shape[1], classes, dtype=torch.float64, requires_grad=True)
+        self.bias = torch.zeros(classes, dtype=torch.float64, requires_grad=True)
+        optimizer = torch.optim.LBFGS([self.weight, self.bias], max_iter=300, line_search_fn="strong_wolfe")
+
+        def loss():
+            optimizer.zero_grad()
+            value = F.cross_entropy(x @ self.weight + self.bias, labels) + decay * self.weight.square().sum()
+            value.backward()
+            return value
+
+        with torch.enable_grad():
+            optimizer.step(loss)
+
+    def predict(self, features: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return (((features.double() - self.mean) / self.std) @ self.weight + self.bias).argmax(-1)
+
+
+class Task:
+    """Predictions of a reduced model's outputs, to compare with the labels."""
+
+    def __init__(self, labels: list[torch.Tensor], probes: list[LinearProbe] | None = None):
+        self.labels, self.probes = labels, probes
+        self.fold = [torch.arange(n) + sum(len(t) for t in labels[:i]) for i, n in enumerate(map(len, labels))]
+
+    @classmethod
+    def fit(cls, kind: str, reference: list[torch.Tensor], labels: list[torch.Tensor]) -> "Task":
+        classes = int(torch.cat(labels).max()) + 1
+        if kind == "logits":
+            logits = reference[0].shape[-1]
+            if classes > logits:
+                raise ConfigError(f"labels go up to class {classes - 1}, but the model's head has {logits} classes: "
+                                  "give the head's class indices")
+            return cls(labels)
+        features, targets = torch.cat([pooled(r) for r in reference]), torch.cat(labels)
+        if len(targets) < 2 * FOLDS:
+            raise ConfigError(f"labels for {len(targets)} samples are too few to fit a probe; give a few hundred")
+        folds = torch.arange(len(targets)) % FOLDS
+        probes = [LinearProbe(features[folds != k], targets[folds != k], classes) for k in range(FOLDS)]
+        return cls(labels, probes)
+
+    def correct(self, outputs: torch.Tensor, batch: int) -> torch.Tensor:
+        """(B,) bool: which samples of batch `batch` the reduced model's `outputs` get right."""
+        if self.probes is None:
+            return outputs.argmax(-1) == self.labels[batch]
+        features, folds = pooled(outputs), self.fold[batch] % FOLDS
+        predicted = torch.empty(len(folds), dtype=torch.long)
+        for k, probe in enumerate(self.probes):
+            if (folds == k).any():
+                predicted[folds == k] = probe.predict(features[folds == k])
+        return predicted == self.labels[batch]
+
+
+def paired_interval(correct: list[bool], reference: list[bool]) -> tuple[float, float, float]:
+    """(mean, low, high) of the per-sample difference correct - reference, a 95% normal interval."""
+    diff = torch.tensor(correct, dtype=torch.float64) - torch.tensor(reference, dtype=torch.float64)
+    half = Z95 * diff.std().item() / math.sqrt(len(diff)) if len(diff) > 1 else float("inf")
+    mean = diff.mean().item()
+    return mean, mean - half, mean + half
+
+
+def within_noise(ranked: list) -> tuple[object, list[str]]:
+    """Among candidates ranked by accuracy (each with `.correct`, `.value`), the most faithful whose
+    accuracy the labels cannot tell from the most accurate one's (the paired 95% interval of the
+    difference reaches 0); and a note saying so."""
+    best = ranked[0]
+    tied = [c for c in ranked if c.samples == best.samples and paired_interval(c.correct, best.correct)[2] >= 0]
+    chosen = max(tied, key=lambda c: (c.value, c.cosine, -c.flops))
+    if chosen is best:
+        return best, []
+    mean, low, high = paired_interval(chosen.correct, best.correct)
+    return chosen, [f"{chosen.label} is chosen over the most accurate, {best.label}: accuracy {100 * mean:+.1f} points "
+                    f"(95% interval {100 * low:+.1f} to {100 * high:+.1f}) on {best.samples} labelled samples cannot "
+                    f"tell them apart, and it follows the unpruned model more closely ({chosen.value:.4f} against "
+                    f"{best.value:.4f})"]

@@ -1,0 +1,93 @@
+"""calibrate(..., labels=...): the objective is the task's accuracy, measured as an independent eager
+run measures it; the labels cannot pick noise over fidelity; bad labels and targets are refused."""
+import pytest
+import torch
+
+import repshift_fx
+from repshift_fx import ConfigError, ExampleInputError
+from repshift_fx.calibration.labels import paired_interval
+from conftest import assert_unchanged, snapshot, tiny_timm
+
+SPACE = {"reduce": ["drop", "merge"], "score": ["shift", "tome"], "at": "auto"}
+PAPER = {"target_flops": 0.7}  # the paper's rule (shift, drop, default schedule) at the target
+
+
+@pytest.fixture(scope="module")
+def vit():
+    return tiny_timm("deit_tiny_patch16_224", depth=4, img_size=64, num_classes=10)
+
+
+@pytest.fixture(scope="module")
+def batches():
+    generator = torch.Generator().manual_seed(2)
+    return [torch.randn(16, 3, 64, 64, generator=generator) for _ in range(3)]
+
+
+def predictions(module, batches) -> list[torch.Tensor]:
+    with torch.inference_mode():
+        return [module(b).argmax(-1) for b in batches]
+
+
+@pytest.fixture(scope="module")
+def drop_labels(vit, batches):
+    """Labels the paper's drop gets all right: the task rewards exactly what that reduction sees."""
+    return predictions(repshift_fx.compress(vit, batches[0], compile=False, **PAPER), batches)
+
+
+def calibrate(vit, batches, **kwargs):
+    return repshift_fx.calibrate(vit, batches, target_flops=0.7, space=SPACE, max_candidates=8, screen=16,
+                                 refine=3, progress=False, **kwargs)
+
+
+def test_labels_aim_the_search_at_the_task(vit, batches, drop_labels):
+    before = snapshot(vit)
+    cal = calibrate(vit, batches, labels=drop_labels)
+    assert_unchanged(vit, before)
+    full = [c for c in cal.table if c.error is None and c.samples == 48]
+    best = max(full, key=lambda c: c.accuracy)
+    assert cal.paper.accuracy == 1.0 and best.accuracy == 1.0
+    # the choice is as accurate as the labels can tell, and the most faithful of those
+    assert paired_interval(cal.chosen.correct, best.correct)[2] >= 0
+    tied = [c for c in full if paired_interval(c.correct, best.correct)[2] >= 0]
+    assert cal.chosen.value == max(c.value for c in tied)
+    assert "accuracy" in cal.format_table() and "labelled" in cal.summary()
+
+
+def test_the_head_accuracy_is_what_an_eager_run_measures(vit, batches, drop_labels):
+    cal = calibrate(vit, batches, labels=torch.cat(drop_labels))  # one tensor over every sample
+    gm = repshift_fx.compress(vit, batches[0], compile=False, **cal.config)
+    got = torch.cat(predictions(gm, batches)) == torch.cat(drop_labels)
+    assert cal.chosen.accuracy == pytest.approx(got.double().mean().item())
+
+
+def test_without_a_head_a_probe_fitted_on_the_unpruned_outputs_scores_accuracy(batches):
+    features = tiny_timm("deit_tiny_patch16_224", depth=4, img_size=64, num_classes=0)
+    labels = [(b.mean((1, 2, 3)) > 0).long() for b in batches]  # a task the features can learn
+    cal = calibrate(features, batches, labels=labels)
+    unpruned = [c for c in cal.table if c.error is None and c.flops == 1.0]
+    assert cal.objective == "cosine similarity" and cal.chosen.accuracy is not None
+    assert all(0 <= c.accuracy <= 1 for c in cal.table if c.error is None and c.accuracy is not None)
+    assert not unpruned  # every candidate is reduced
+
+
+@pytest.mark.parametrize("labels, words", [
+    (lambda b: [torch.zeros(16, dtype=torch.long)] * 2, "one tensor of class indices per batch"),
+    (lambda b: [torch.zeros(15, dtype=torch.long)] * 3, "holds 16 samples"),
+    (lambda b: [torch.zeros(16)] * 3, "integer class indices"),
+    (lambda b: [torch.full((16,), -1)] * 3, "negative"),
+    (lambda b: [torch.full((16,), 12)] * 3, "head has 10 classes"),
+    (lambda b: "cats", "one tensor of class indices per batch"),
+])
+def test_labels_that_do_not_match_the_batches_are_refused(vit, batches, labels, words):
+    with pytest.raises(ConfigError, match=words):
+        calibrate(vit, batches, labels=labels(batches))
+
+
+def test_an_unreachable_target_names_the_lowest_reachable_one(vit, batches):
+    with pytest.raises(ConfigError, match=r"calibrate\(\): target_flops=0.01 is below .* at least 0\.\d+"):
+        repshift_fx.calibrate(vit, batches, target_flops=0.01, progress=False, max_candidates=4)
+
+
+def test_batches_the_model_cannot_take_are_an_example_input_error(vit):
+    with pytest.raises(ExampleInputError, match=r"batch 0 \(\(2, 3, 64, 64\) torch.int64\) does not fit"):
+        repshift_fx.calibrate(vit, [torch.ones(2, 3, 64, 64, dtype=torch.long)], target_flops=0.7, progress=False)
