@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import numbers
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from repshift_fx.errors import ConfigError
@@ -15,6 +16,9 @@ REDUCES = ("drop", "merge")  # merge: the leaving tokens fold into their most si
 MERGE_METRICS = ("keys", "stream")  # what "most similar" compares: the attention keys, or the stream
 SIZE_ATTENTIONS = ("mask", "qk")  # proportional attention as an SDPA attn_mask, or an extra q/k column
 MODES = ("auto", "tokens", "lines")  # lines: rows and columns of CNN maps (repshift_fx/plan/lines.py)
+CHOICES = {"site": SITES, "distance": DISTANCES, "score": SCORES, "mode": MODES, "reduce": REDUCES,
+           "merge_metric": MERGE_METRICS, "size_attention": SIZE_ATTENTIONS}  # the options that name a choice
+SWITCHES = ("residual", "sdpa", "fuse")  # the options that are booleans (restore: True, False or "auto")
 
 
 @dataclass(frozen=True)
@@ -39,23 +43,35 @@ class Config:
     size_attention: str = "mask"  # proportional attention: SDPA attn_mask, or "qk" (no mask: flash on GPU)
 
     def __post_init__(self):
+        for name in SWITCHES:
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} is a boolean: pass True or False, got {getattr(self, name)!r}")
+        for name, allowed in CHOICES.items():
+            if not _is_text(getattr(self, name), *allowed):
+                raise ConfigError(f"{name} must be one of {', '.join(map(repr, allowed))}, "
+                                  f"got {getattr(self, name)!r}")
         _check_merging(self)
         if self.target_flops is not None:
             _check_target_flops(self.target_flops, self.keep)
         elif self.keep is None and self.score != "tome":
             object.__setattr__(self, "keep", 0.7)
         if self.at is not None:
-            if isinstance(self.at, numbers.Integral):
-                object.__setattr__(self, "at", (int(self.at),))
-            if not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in self.at):
+            at = (self.at,) if isinstance(self.at, numbers.Integral) else self.at
+            at = tuple(at) if isinstance(at, Iterable) and not isinstance(at, (str, bytes)) else None
+            if at is None or not all(_is_int(i) for i in at):
                 raise ConfigError(f"at must be a sequence of block indices (ints), got {self.at!r}")
-            at = tuple(int(i) for i in self.at)
+            at = tuple(int(i) for i in at)
+            if not at:
+                raise ConfigError("at=() names no block: give the indices of the blocks to drop after, e.g. at=(3, 6), "
+                                  "or at=None for the default schedule")
             if list(at) != sorted(set(at)):
                 raise ConfigError(
                     f"at={at} must be strictly increasing with no repeats, e.g. {tuple(sorted(set(at)))}"
                 )
             object.__setattr__(self, "at", at)
         keeps = self.keep if isinstance(self.keep, (tuple, list)) else (self.keep,) if self.keep is not None else ()
+        if isinstance(self.keep, (tuple, list)) and not self.keep:
+            raise ConfigError("keep=() holds no rate: give a float in (0, 1], or one rate per entry of at")
         for k in _line_rates(keeps, self.mode):
             if not isinstance(k, numbers.Real) or isinstance(k, bool) or not 0 < k <= 1:
                 raise ConfigError(f"keep must be a float in (0, 1] (the fraction of tokens kept), got {k!r}")
@@ -68,21 +84,12 @@ class Config:
                 f"keep has {len(self.keep)} rates but at has {len(self.at)} blocks; give one rate per "
                 "entry of at, or a single float"
             )
-        _choose("site", self.site, SITES)
-        _choose("distance", self.distance, DISTANCES)
-        _choose("score", self.score, SCORES)
-        _choose("mode", self.mode, MODES)
-        _choose("reduce", self.reduce, REDUCES)
-        _choose("merge_metric", self.merge_metric, MERGE_METRICS)
-        _choose("size_attention", self.size_attention, SIZE_ATTENTIONS)
-        if not (isinstance(self.restore, bool) or self.restore == "auto"):
+        if not (isinstance(self.restore, bool) or _is_text(self.restore, "auto")):
             raise ConfigError(f"restore must be 'auto', True or False, got {self.restore!r}")
         if self.restore is True and self.fuse:
             raise ConfigError("restore=True cannot put back tokens that fuse=True folded into one; use "
                               "reduce='merge' (restore then unmerges), or fuse=False")
-        if self.protect != "auto" and (
-            not isinstance(self.protect, numbers.Integral) or isinstance(self.protect, bool) or self.protect < 0
-        ):
+        if not _is_text(self.protect, "auto") and not (_is_int(self.protect) and self.protect >= 0):
             raise ConfigError(f"protect must be 'auto' or a number of prefix tokens >= 0, got {self.protect!r}")
 
     @classmethod
@@ -121,7 +128,7 @@ def _check_merging(config: Config) -> None:
         if config.r is None:
             return
         rs = config.r if isinstance(config.r, (tuple, list)) else (config.r,)
-        if not all(isinstance(r, numbers.Integral) and not isinstance(r, bool) and r >= 0 for r in rs):
+        if not rs or not all(_is_int(r) and r >= 0 for r in rs):
             raise ConfigError(f"r must be a number of tokens >= 0, or one per entry of at, got {config.r!r}")
         object.__setattr__(config, "r", tuple(int(r) for r in config.r) if isinstance(config.r, (tuple, list))
                            else int(config.r))
@@ -160,6 +167,10 @@ def _nested_tuples(keep):
     return tuple(_nested_tuples(k) for k in keep) if isinstance(keep, (tuple, list)) else keep
 
 
-def _choose(name: str, value, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_text(value, *allowed: str) -> bool:
+    """`value` is one of the strings `allowed` (never compared otherwise: a tensor's == is elementwise)."""
+    return isinstance(value, str) and value in allowed
