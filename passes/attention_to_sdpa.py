@@ -234,7 +234,7 @@ def refuse_causal(gm: torch.fx.GraphModule, ctx) -> None:
     for node, mask in masks.items():
         flag = literal_arg(node, 5, "is_causal", False) is True if op_name(node, gm) != "softmax" else False
         if flag or (mask is not None and isinstance(values.get(mask), torch.Tensor) and is_causal_mask(values[mask])):
-            how = "is_causal=True" if flag else f"its mask '{mask.name}' lets each token see only the tokens before it"
+            how = "is_causal=True" if flag else "its attention mask lets each token see only the tokens before it"
             block = later[node.name]
             raise UnsupportedSiteError(
                 f"{where(node, gm)} is causal "

@@ -30,7 +30,7 @@ import torch.fx
 
 from repshift_fx.errors import NoSiteError
 from repshift_fx.fx.nodes import (common_path, data_graph, literal_arg, module_path, module_phrase, nodes_by_name,
-                                  shape, tensor_args)
+                                  shape, tensor_args, value_phrase)
 from repshift_fx.fx.grid_ops import ELEMENTWISE, POINTWISE, grid_op, is_grid, spatial
 
 
@@ -179,7 +179,7 @@ def _literal_grid(node, op: str) -> str:
     return ""
 
 
-def _mixes_full_grid(node, op: str, below: set[str]) -> str:
+def _mixes_full_grid(node, op: str, below: set[str], gm, sites) -> str:
     if op == "cat" or op == "stack":
         inputs = [a for a in node.args[0] if isinstance(a, torch.fx.Node)] if node.args else []
     elif op in ELEMENTWISE:
@@ -190,19 +190,21 @@ def _mixes_full_grid(node, op: str, below: set[str]) -> str:
     full = [a for a in inputs if a.name not in below and is_grid(a)]
     if pruned and full:
         verb = "concatenates" if op in ("cat", "stack") else "combines"
-        return f"{verb} the pruned map with '{full[0].name}', which keeps the full grid (a skip taken before the drop)"
+        return (f"{verb} the pruned map with {value_phrase(full[0], gm, sites)}, which keeps the full grid (a skip "
+                "taken before the drop)")
     return ""
 
 
-def hazards_after(output: str, gm, graph: nx.DiGraph) -> list[Hazard]:
-    """The nodes downstream of `output` that need the full grid, in graph order."""
+def hazards_after(output: str, gm, graph: nx.DiGraph, sites=()) -> list[Hazard]:
+    """The nodes downstream of `output` that need the full grid, in graph order (`sites`: the
+    blocks, to name a value that is one's input or output)."""
     below = nx.descendants(graph, output) | {output}
     found = []
     for node in gm.graph.nodes:
         if node.name not in below or node.name == output:
             continue
         op = grid_op(node, gm)
-        reason = _mixes_full_grid(node, op, below) or _fixed_size(node, gm, op) or _literal_grid(node, op)
+        reason = _mixes_full_grid(node, op, below, gm, sites) or _fixed_size(node, gm, op) or _literal_grid(node, op)
         if reason:
             found.append(Hazard(node.name, module_path(node), op, reason))
     return found
@@ -221,7 +223,8 @@ def analyze(gm: torch.fx.GraphModule, weights: frozenset[str] = frozenset()) -> 
         )
     for i, site in enumerate(sites):
         site.index = i
-        site.hazards = hazards_after(site.output, gm, graph)
+    for site in sites:
+        site.hazards = hazards_after(site.output, gm, graph, sites)
     return LineAnalysis(sites, _stages(sites), [s.add for s in outer])
 
 

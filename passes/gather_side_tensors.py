@@ -28,7 +28,8 @@ import torch.fx
 
 from repshift_fx.context import inserted, mark, role_of
 from repshift_fx.errors import UnsupportedSiteError
-from repshift_fx.fx.nodes import literal_arg, located, nodes_by_name, op_name, reachable, regions, tensor_args, where
+from repshift_fx.fx.nodes import (literal_arg, located, nodes_by_name, op_name, reachable, regions, tensor_args,
+                                  value_phrase, where)
 from repshift_fx.passes.token_shapes import FollowingShapeProp
 
 # attention calls whose mask (argument 3 or attn_mask) is cut to the kept tokens: SDPA, and the
@@ -93,8 +94,9 @@ class _Drops:
 class _SideGatherer(FollowingShapeProp):
     """Shape following (token_shapes) that also gathers the side tensors each node reads."""
 
-    def __init__(self, gm: torch.fx.GraphModule, drops: _Drops, from_inputs: set):
+    def __init__(self, gm: torch.fx.GraphModule, drops: _Drops, from_inputs: set, blocks=()):
         super().__init__(gm)
+        self.blocks = blocks  # the analysis's, to name a side tensor that is a block's input or output
         self.drops, self.from_inputs = drops, from_inputs  # from_inputs: the nodes downstream of a user input
         for keep, after in zip(drops.keep, drops.after):
             self.old_shapes[keep] = self.old_shapes.get(after)
@@ -157,7 +159,7 @@ class _SideGatherer(FollowingShapeProp):
             return
         if 0 in axes or padded[0] not in (1, new[0]) or new[0] != self._batch():
             raise UnsupportedSiteError(
-                f"{where(n)} reads '{side.name}' {tuple(value.shape)} with tokens {tuple(new)} that are not "
+                f"{where(n)} reads {self._value(side)} {tuple(value.shape)} with tokens {tuple(new)} that are not "
                 "batch-first (heads folded into the batch?): the pass cannot tell which entries to keep. "
                 "Prune after this block (a later `at`), or choose another model.", **located(n)
             )
@@ -212,10 +214,14 @@ class _SideGatherer(FollowingShapeProp):
             if any(value.shape[i] == old[i] for i in axes):
                 drop = self.drops.drops[k]
                 raise UnsupportedSiteError(
-                    f"{where(n)} joins '{part.name}' {tuple(value.shape)}, computed over all {old[axes[0]]} tokens "
+                    f"{where(n)} joins {self._value(part)} {tuple(value.shape)}, computed over all {old[axes[0]]} tokens "
                     f"before the drop after block {drop.block}, to the {new[axes[0]]} tokens kept: it still holds "
                     "the dropped tokens. Compute it inside the block from the tokens it receives, or drop only "
                     f"after the last block that reads it (a later `at`).", **located(n))
+
+    def _value(self, node: torch.fx.Node) -> str:
+        """A side tensor in the model's terms (a refusal names no node of the captured graph)."""
+        return value_phrase(node, self.module, self.blocks)
 
     # --- building the gathers ---
 
@@ -223,7 +229,7 @@ class _SideGatherer(FollowingShapeProp):
         levels = {self.drops.level(sizes[i], k) for i in axes}
         if None in levels or len(levels) != 1:
             raise UnsupportedSiteError(
-                f"{where(n)} reads '{side.name}' {tuple(value.shape)}, whose axes {axes} meet the pruned tokens "
+                f"{where(n)} reads {self._value(side)} {tuple(value.shape)}, whose axes {axes} meet the pruned tokens "
                 f"but hold {[sizes[i] for i in axes]} entries, not the {self.drops.tokens(k)} tokens entering the "
                 f"drop after block {self.drops.drops[k].block} (nor those less the prefix): the pass cannot "
                 "tell which entries to keep. Prune after this block (a later `at`), or choose another model.", **located(n)
@@ -233,7 +239,7 @@ class _SideGatherer(FollowingShapeProp):
         for j in range(first, k + 1):
             if self.drops.drops[j].fused:
                 raise UnsupportedSiteError(
-                    f"{where(n)} reads '{side.name}', a tensor that carries the token axis, after a drop with "
+                    f"{where(n)} reads {self._value(side)}, a tensor that carries the token axis, after a drop with "
                     "fuse=True: the fused token has no entry in it. Use fuse=False with this model.", **located(n)
                 )
             node = self._gather_node(node, j, axes, rank, offset, n)
@@ -313,7 +319,7 @@ def run(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
     drops = _Drops(gm, ctx.plan)
     weights = ctx.weight_placeholders
     user_inputs = [n for n in gm.graph.nodes if n.op == "placeholder" and n.name not in weights]
-    gatherer = _SideGatherer(gm, drops, reachable(user_inputs, _value_users))
+    gatherer = _SideGatherer(gm, drops, reachable(user_inputs, _value_users), getattr(ctx.analysis, "blocks", ()))
     gatherer.propagate(*ctx.args)
     ctx.side_gathers = gatherer.gathered
     gm.graph.lint()

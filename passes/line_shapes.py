@@ -21,8 +21,8 @@ import torch.fx
 
 from repshift_fx.context import inserted, role_of
 from repshift_fx.capture import ShapeRecorder
-from repshift_fx.errors import UnsupportedSiteError, root_cause
-from repshift_fx.fx.nodes import in_module, located, shape
+from repshift_fx.errors import UnsupportedSiteError, described, root_cause
+from repshift_fx.fx.nodes import in_module, located, nodes_by_name, shape, value_phrase
 from repshift_fx.fx.grid_ops import grid_op, pad_end, spatial, window
 from repshift_fx.passes.verify import output_shapes
 from repshift_fx.plan.tokens import kept_count
@@ -40,6 +40,7 @@ class _LineShapeProp(ShapeRecorder):
         self.plan = plan
         self.drops = {d.block: d for d in plan.drops}
         self.old = {n: shape(n) for n in gm.graph.nodes}  # shapes before the drops
+        self.sizes: dict[str, int] = {}  # the sizes computed so far, by node name
         for n in gm.graph.nodes:  # a gather stands where its (full) input stood
             if role_of(n) == "keep":
                 self.old[n] = shape(n.args[0])
@@ -53,11 +54,13 @@ class _LineShapeProp(ShapeRecorder):
         except UnsupportedSiteError:
             raise
         except Exception as wrapped:
-            err = root_cause(wrapped)
             raise UnsupportedSiteError(
-                f"{_where(n, self.module)} fails once rows and columns are dropped: {type(err).__name__}: {err}. "
+                f"{_where(n, self.module)} fails once rows and columns are dropped: "
+                f"{described(root_cause(wrapped), self.sizes)}. "
                 "It needs the full grid; prune a block after it with a later `at`, or only the backbone.", **located(n)
             ) from wrapped
+        if isinstance(result, int):  # a size: a model's message formatted at trace time may show it
+            self.sizes[n.name] = result
         self._check_fixed_size(n, result)
         return result
 
@@ -121,10 +124,11 @@ def _record_grids(gm: torch.fx.GraphModule, ctx) -> None:
 
 
 def _check_outputs(gm: torch.fx.GraphModule, ctx) -> None:
+    by_name = nodes_by_name(gm)
     for (name, old), (_, new) in zip(ctx.output_shapes, output_shapes(gm)):
         if old != new:
             raise UnsupportedSiteError(
-                f"output '{name}' changes shape from {old} to {new} once rows and columns are dropped: a "
+                f"an output of the model ({value_phrase(by_name[name], gm)}) changes shape from {old} to {new} once rows and columns are dropped: a "
                 "dense-prediction head needs the full grid, and under torch.compile(backend='repshift') a graph "
                 "break after the drop (a print, .item(), data-dependent control flow) hands the map to Python "
                 "code. Compress only the backbone, prune with a classification head, or remove the graph break "

@@ -1,4 +1,5 @@
 """Every error repshift_fx raises on bad input is a `RepShiftError`, one subclass per cause."""
+import re
 
 
 class RepShiftError(Exception):
@@ -50,6 +51,22 @@ class UnsupportedSiteError(RepShiftError):
 class ExportError(RepShiftError):
     """The compressed graph could not be written as ONNX (an op torch.export or ONNX cannot take,
     an unwritable path, the export extra missing); the message names the node and module."""
+
+
+_PROXY = re.compile(r"Proxy\((\w+)\)")
+
+
+def described(err: BaseException, values: dict | None = None) -> str:
+    """'AssertionError: height (12) must be divisible by window (8)': the model's own message, where
+    a message formatted while torch.fx traced holds `Proxy(getitem_30)` for a value the graph
+    computes, that value on the example input (`values`: by node name) where it is a number, else
+    'a traced size': a message names no node of the captured graph."""
+    def value(match) -> str:
+        found = (values or {}).get(match.group(1))
+        found = found.item() if getattr(found, "numel", lambda: 0)() == 1 else found
+        return str(found) if isinstance(found, (int, float)) else "a traced size"
+
+    return f"{type(err).__name__}: {_PROXY.sub(value, str(err))}"
 
 
 def root_cause(err: BaseException) -> BaseException:

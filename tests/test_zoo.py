@@ -6,10 +6,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 
 import repshift_fx
-from conftest import assert_unchanged, node_values, snapshot
+from conftest import assert_refused, assert_unchanged, node_values, snapshot
 
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
 sys.path.insert(0, str(TOOLS))
@@ -62,6 +63,50 @@ def test_the_message_rules_catch_a_function_the_pass_inserted(name):
               "fails on fewer tokens (RuntimeError); drop only after it (at=...)"
     assert zoo.message_problems(message) == ["names an inserted node"]
     assert zoo.message_problems(message.replace(name, "interpolate")) == []
+
+
+# refusals a sweep found naming values as the capture names them (issue #31), each with what to do
+CAPTURED_NAMES = [
+    "cat in module 'features.2' concatenates the pruned map with 'getitem_1', which keeps the full grid; use at=(3,)",
+    "add in module 'stages.0.blocks.0' combines the pruned map with 'stages_0_blocks_0_shortcut'; prune after it",
+    "mul in module 'neck.reassemble' reads 'hidden_states_7' (2, 65, 64) after the drop; use a later at=",
+    "scaled_dot_product_attention in module 'h.2.attn' (its mask 'attention_mask_2' hides later tokens); use at=(3,)",
+    "assert in module 'stages.1.blocks.0' fails: height (Proxy(getitem_30)) must be divisible by window (8); use at=",
+]
+
+
+@pytest.mark.parametrize("message", CAPTURED_NAMES)
+def test_the_message_rules_catch_a_value_named_as_the_capture_names_it(message):
+    assert zoo.message_problems(message) == ["names a captured value"]
+
+
+def test_a_capture_error_may_name_the_graph_node_that_diverges():
+    assert zoo.message_problems("module 'blocks.0' (Block), graph node 'add_3' differs from the model: report it") == []
+
+
+# small models whose refusals once named captured values: (builder, example, words the refusal holds now)
+REFUSED = {
+    "convnextv2_atto": (lambda: timm.create_model("convnextv2_atto"), (2, 3, 64, 64),
+                        "the output of module 'stages.0.blocks.0.shortcut', which keeps the full grid"),
+    "rexnet_100": (lambda: timm.create_model("rexnet_100"), (2, 3, 64, 64),
+                   "concatenates the pruned map with a slice of the output of module 'features.2.conv_pwl"),
+    "maxvit_nano_rw_256": (lambda: timm.create_model("maxvit_nano_rw_256"), (1, 3, 256, 256),
+                           "height (23) must be divisible by window (8)"),
+}
+
+
+@pytest.mark.parametrize("name", list(REFUSED))
+def test_refusals_name_values_by_module_and_role(name):
+    build, size, words = REFUSED[name]
+    torch.manual_seed(0)
+    message = assert_refused(build().eval(), torch.randn(size), repshift_fx.UnsupportedSiteError, words)
+    assert zoo.message_problems(message) == [], message
+
+
+def test_a_causal_mask_is_called_the_attention_mask():
+    model, inputs = zoo_models.BY_NAME["hf:GPT2Model"].build()
+    message = assert_refused(model, inputs, repshift_fx.UnsupportedSiteError, "its attention mask lets each token")
+    assert zoo.message_problems(message) == [], message
 
 
 def test_the_inserted_functions_are_the_public_functions_of_the_method_modules():

@@ -49,6 +49,11 @@ def _inserted_functions() -> tuple[str, ...]:
 
 INSERTED_FUNCTIONS = _inserted_functions()
 INSERTED_FUNCTION = re.compile(r"\b(" + "|".join(INSERTED_FUNCTIONS) + r")\b")
+# a value named as the capture names it: fx's node names (`getitem_1`, `attention_mask_2`, a call_module's
+# path with underscores, `stages_0_blocks_0_shortcut`), or a Proxy a model's message was formatted with;
+# a CaptureError's "graph node '...'" (the first value that diverges) is the exception
+CAPTURED = re.compile(r"(?<!graph node )'(?:(?:getitem|add|iadd|sub|mul|truediv|cat|stack|hidden_states|attention_mask|view|reshape|"
+                      r"permute|transpose|linear|softmax|matmul|layer_norm|x|arg|l_\w*)_?\d+|[a-z]\w*_\d+_\w+)'|Proxy\(")
 WHERE = re.compile(r"\bblock \d|\bblocks?\b|module '|\bstage|\bin [A-Z]\w+|the model|\bforward\b")
 TODO = re.compile(r"at=|mode='lines'|restore|\buse\b|\bprune\b|\bdrop (only )?(after|at|earlier)|choose|\bpass\b|"
                   r"\bmake\b|leaf module|report it", re.IGNORECASE)
@@ -56,14 +61,17 @@ TODO = re.compile(r"at=|mode='lines'|restore|\buse\b|\bprune\b|\bdrop (only )?(a
 
 def message_problems(message: str) -> list[str]:
     """How a refusal breaks the rules: it must say where (a block, stage or module), what to do (an
-    `at`, lines mode, restore, ...), and name no node of the traced graph, inserted or not, nor a
-    function the pass inserts (`INSERTED_FUNCTIONS`: its own op failing is never the model's fault;
-    but for a CaptureError's "graph node '...'", the first value that diverges, which it reports)."""
+    `at`, lines mode, restore, ...), and name no node of the traced graph, inserted or not, nor a value
+    by its capture name (`CAPTURED`: a module path and a role instead), nor a function the pass inserts
+    (`INSERTED_FUNCTIONS`: its own op failing is never the model's fault; but for a CaptureError's
+    "graph node '...'", the first value that diverges, which it reports)."""
     problems = []
     if INSERTED.search(message) or "repshift_" in message or INSERTED_FUNCTION.search(message):
         problems.append("names an inserted node")
     if re.search(r"(?<!graph )\bnode '", message):
         problems.append("names a graph node")
+    if CAPTURED.search(message):
+        problems.append("names a captured value")
     if not WHERE.search(message):
         problems.append("says not where")
     if not TODO.search(message):

@@ -8,7 +8,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from ..errors import TraceError
+from ..errors import TraceError, described
 from .dynamo_export import dynamo_trace, leaving_no_trace
 from .inputs import defaults_not_given, is_transformers_model
 
@@ -58,7 +58,7 @@ def trace(model: nn.Module, inputs=1) -> torch.fx.GraphModule:
             else type(model).__name__
         )
         fx_error, cause = TraceError(
-            f"torch.fx cannot trace {where}: {type(err).__name__}: {err}. Make its forward free of "
+            f"torch.fx cannot trace {where}: {described(err)}. Make its forward free of "
             "data-dependent Python control flow, or wrap that module with torch.fx.wrap / a leaf "
             "module, or use torch.compile(model, backend='repshift'), which allows graph breaks."
         ), err

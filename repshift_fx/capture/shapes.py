@@ -11,7 +11,7 @@ from torch import nn
 from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
-from ..errors import ExampleInputError, root_cause
+from ..errors import ExampleInputError, described, root_cause
 from ..fx.nodes import mutates
 from .inputs import expected_input
 
@@ -97,5 +97,5 @@ def propagate_shapes(gm: torch.fx.GraphModule, args: tuple, model: nn.Module | N
         expects = f"; the model expects {hint}" if hint else ""
         raise ExampleInputError(
             f"the example input {shapes} does not fit {type(model or gm).__name__}{expects}: "
-            f"{type(err).__name__}: {err}"
+            f"{described(err)}"
         ) from wrapped

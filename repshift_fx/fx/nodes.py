@@ -216,6 +216,34 @@ def where(node: torch.fx.Node, gm: torch.fx.GraphModule | None = None) -> str:
     return f"{op_name(node, gm)} in {in_module(node)}"
 
 
+_VALUE_WORDS = {"getitem": "a slice", "add": "a sum", "sub": "a difference", "mul": "a product",
+                "truediv": "a quotient", "cat": "a concatenation", "stack": "a stack", "matmul": "a matrix product"}
+
+
+def value_phrase(node: torch.fx.Node, gm: torch.fx.GraphModule | None = None, blocks=()) -> str:
+    """A value of the graph as the model's reader knows it, by module path and role, never by the
+    capture's node name: "the output of block 2 (blocks.2)" (`blocks`: the analysis's, with `.index`,
+    `.input`, `.output` and `.module`), "the output of module 'stem', the input of block 0 (block0)",
+    "a slice of the output of module 'features.2.conv'", "the model's tensor 'pos_embed'", "an input of the model"."""
+    role = next((f"the {role} of block {block.index}" + (f" ({block.module})" if block.module else "")
+                 for block in blocks for role in ("input", "output") if getattr(block, role) == node.name), None)
+    if node.op == "call_module":
+        return f"the output of module '{node.target}'" + (f", {role}" if role else "")
+    if role:
+        return role
+    if node.op == "placeholder":
+        return "an input of the model"
+    if node.op == "get_attr":
+        target = str(node.target)
+        return f"the model's tensor '{target}'" if not re.match(r"[lL]__|_tensor_constant", target) else \
+            f"a parameter or buffer read in {in_module(node)}"
+    op = op_name(node, gm)
+    source = node.args[0] if node.args else None
+    if op == "getitem" and isinstance(source, torch.fx.Node) and source.op != "placeholder":
+        return f"a slice of {value_phrase(source, gm, blocks)}"
+    return f"{_VALUE_WORDS.get(op, f'the result of {op}')} in {in_module(node)}"
+
+
 def located(node: torch.fx.Node) -> dict:
     """The `node=` and `module=` fields of an error about `node` (RepShiftError)."""
     return {"node": node.name, "module": module_path(node)}

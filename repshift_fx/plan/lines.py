@@ -113,7 +113,7 @@ def _check_hazards(analysis, at: tuple[int, ...]) -> None:
         if site.hazards:
             allowed = f"blocks {safe} have nothing of the kind after them" if safe else "no block can be pruned"
             raise UnsupportedSiteError(
-                f"a drop after block {i} ({site.module or site.add}) is refused: {site.hazards[0]}; it needs "
+                f"a drop after block {i} ({site.module or 'the top level'}) is refused: {site.hazards[0]}; it needs "
                 f"the full grid. Prune a block after it ({allowed}), or only the backbone."
             )
 
@@ -130,8 +130,10 @@ def make_line_plan(analysis, config: Config, restore_after=frozenset(), mlp_only
     at = config.at if config.at is not None else default_line_at(analysis)
     if not at:
         first = next((h for s in analysis.sites for h in s.hazards), None)
-        raise UnsupportedSiteError(f"no block of the {depth} found can be pruned: after each, {first}")
-    check_at(at, depth, analysis.sites[0].module or analysis.sites[0].add, "residual blocks")
+        raise UnsupportedSiteError(f"no block of the {depth} found can be pruned: after each, {first}. Line-wise "
+                                   "pruning needs the full grid nowhere after a drop: compress a part of the model "
+                                   "that holds no such op (its backbone alone), or use the model as it is")
+    check_at(at, depth, analysis.sites[0].module or "the top level", "residual blocks")
     _check_hazards(analysis, at)
     rates = line_rates(config.keep, len(at))
     sites = analysis.sites

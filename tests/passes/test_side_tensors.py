@@ -93,7 +93,8 @@ class _SequenceFirst(nn.Module):
 
 def test_side_tensor_on_a_sequence_first_axis_is_refused_by_name():
     model = _SequenceFirst().eval()
-    with pytest.raises(UnsupportedSiteError, match=r"add in the model's top-level forward reads 'table'") as caught:
+    words = r"add in the model's top-level forward reads the model's tensor 'table'"
+    with pytest.raises(UnsupportedSiteError, match=words) as caught:
         repshift_fx.compress(model, torch.randn(2, 8, 16), keep=0.5, at=(0,), compile=False)
     assert "batch-first" in str(caught.value) and "later `at`" in str(caught.value)
 
