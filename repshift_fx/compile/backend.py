@@ -38,7 +38,7 @@ from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from repshift_fx.capture import copy_graph
-from repshift_fx.config import Config
+from repshift_fx.config import Config, check_names, option_names
 from repshift_fx.context import PassContext
 from repshift_fx.compile.dynamo_graph import (
     check_inference,
@@ -51,7 +51,7 @@ from repshift_fx.compile.dynamo_graph import (
     refresh_example_values,
 )
 from repshift_fx.errors import ConfigError, NoSiteError, UnsupportedSiteError
-from repshift_fx.fx.nodes import data_graph, name_modules_as_user, nodes_by_name, shape
+from repshift_fx.fx.nodes import data_graph, name_modules_as_user, nodes_by_name, shape, value_phrase
 from repshift_fx.fx.grid_ops import is_grid
 from repshift_fx.modes import LINES, TOKENS, choose
 from repshift_fx.passes import find_sites
@@ -87,27 +87,28 @@ class RepShiftBackend:
         return _noting_prefix(compiled, prefix_outputs)
 
 
-def backend(*, keep=None, at=None, site="mlp", distance="l2", residual=False, score="shift", protect="auto",
-            sdpa=True, mode="auto", fuse=False, reduce="drop", restore="auto", r=None, merge_metric="keys",
-            size_attention="mask", inner="inductor") -> RepShiftBackend:
+def backend(*, inner="inductor", **options) -> RepShiftBackend:
     """A torch.compile backend that prunes tokens by Representation Shift.
 
         torch.compile(model, backend=repshift_fx.backend(keep=0.5, at=(3, 6, 9)))
 
-    The options are those of `repshift_fx.compress` (same defaults, same meaning; `mode`
-    "auto" prunes a CNN's graph by rows and columns, as compress() does); in tokens mode `at`
-    counts the model's blocks even where dynamo splits the model into several graphs, in lines
-    mode the residual blocks of the one graph that holds them all. `inner` is the backend the
-    rewritten graph is handed to: "inductor" (default), "eager" (debugging), any name
-    `torch._dynamo.list_backends()` shows, or a backend callable.
+    The options are those of `repshift_fx.compress` (same defaults, same meaning, checked by the
+    same `Config`; `mode` "auto" prunes a CNN's graph by rows and columns, as compress() does) but
+    target_flops, which needs the whole model; in tokens mode `at` counts the model's blocks even
+    where dynamo splits the model into several graphs, in lines mode the residual blocks of the one
+    graph that holds them all. `inner` is the backend the rewritten graph is handed to: "inductor"
+    (default), "eager" (debugging), any name `torch._dynamo.list_backends()` shows, or a backend callable.
 
     Raises:
-        ConfigError: a bad option or an unknown `inner`, at once. What the passes refuse is
-        raised at the first call (dynamo wraps it in BackendCompilerFailed).
+        ConfigError: a bad or unknown option or an unknown `inner`, at once. What the passes refuse
+        is raised at the first call (dynamo wraps it in BackendCompilerFailed).
     """
-    config = Config(keep=keep, at=at, site=site, distance=distance, residual=residual, score=score,
-                    protect=protect, sdpa=sdpa, mode=mode, fuse=fuse, reduce=reduce, restore=restore, r=r,
-                    merge_metric=merge_metric, size_attention=size_attention)
+    check_names(options, option_names() + ["inner"])
+    if options.get("target_flops") is not None:
+        raise ConfigError("target_flops is compress()'s: the backend sees one graph at a time, not the whole "
+                          "model's FLOPs; pass keep= (repshift_fx.inspect(model, x, target_flops=...).budget "
+                          "says the keep compress() would choose)")
+    config = Config(**options)
     _inner_backend(inner)  # an unknown name fails here, not at the first call
     return RepShiftBackend(config, inner)
 
@@ -179,8 +180,8 @@ def _refuse_map_outputs(gm: torch.fx.GraphModule, ctx: PassContext, last) -> Non
     for node in _outputs_after(gm, last.output):
         if is_grid(node):
             raise UnsupportedSiteError(
-                f"output '{node.name}' of {ctx.model_name} {tuple(shape(node))} is the feature map after residual "
-                f"block {last.index} ({last.module or '-'}): either dynamo breaks the graph there (a print, .item(), "
+                f"an output of {ctx.model_name} ({value_phrase(node, gm)}) {tuple(shape(node))} is the feature map "
+                f"after residual block {last.index} ({last.module or '-'}): either dynamo breaks the graph there (a print, .item(), "
                 "data-dependent control flow) and the blocks lie in more than one graph, which lines mode cannot "
                 "number, or the model returns its map, which a drop would shrink. Remove the graph break "
                 "(torch._dynamo.explain(model)(x) lists them), or use repshift_fx.compress() on a model that pools."
@@ -340,7 +341,7 @@ def _pruned_outputs(gm: torch.fx.GraphModule, ctx: PassContext, first: int) -> l
 def _refuse_pruned_outputs(ctx: PassContext, first: int, node: torch.fx.Node) -> None:
     block = ctx.analysis.blocks[first]
     raise UnsupportedSiteError(
-        f"output '{node.name}' of {ctx.model_name} {tuple(shape(node))} carries the tokens of block "
+        f"an output of {ctx.model_name} ({value_phrase(node)}) {tuple(shape(node))} carries the tokens of block "
         f"{first + ctx.block_offset} ({block.module or '-'}) on, which a drop there would cut: either "
         "dynamo breaks the graph after that block (a print, .item(), data-dependent control flow), "
         "handing the tokens to Python code and to the next graph, or the model returns every token "

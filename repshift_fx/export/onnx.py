@@ -21,6 +21,7 @@ import torch.utils._pytree as pytree
 
 from repshift_fx.api import compress
 from repshift_fx.capture.inputs import Inputs, as_args
+from repshift_fx.config import check_names, option_names
 from repshift_fx.errors import ExportError
 from repshift_fx.export.diagnose import conversion_error, export_error
 from repshift_fx.export.runtime import max_relative_error, require, run_eager, run_session, session
@@ -71,8 +72,9 @@ def export(model: torch.nn.Module, example_input, path, *, dynamic_batch: bool =
         exported (naming the node and the model's module), the path cannot be written, or the
         `export` extra is missing. The user's model is never changed.
     """
-    require("onnx", "onnxscript", *(("onnxruntime",) if check else ()))
     config.pop("compile", None)  # the eager graph is what is exported
+    check_names(config, option_names() + ["dynamic_batch", "check", "onnx_options"])  # compile options: none here
+    require("onnx", "onnxscript", *(("onnxruntime",) if check else ()))
     target = Path(path).expanduser()
     with _atomic_file(target) as temporary:
         args = _example(example_input, model, dynamic_batch)
