@@ -173,10 +173,17 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             raise SpecError(f"checkpoint {str(file)!r} holds Python objects besides tensors; repshift-fx loads "
                             "with weights_only=True and never unpickles arbitrary objects. Save "
                             "model.state_dict() (or a .safetensors file) instead") from None
-        raise SpecError(f"checkpoint {str(file)!r} is not a file torch.load or safetensors can read") from None
-    except (OSError, RuntimeError, EOFError) as err:
+        raise SpecError(_not_a_checkpoint(file)) from None
+    except OSError as err:
         raise SpecError(f"cannot read checkpoint {str(file)!r}: {' '.join(str(err).split())[:200]}") from None
+    except Exception:  # torch.load's unpickler on a file of another kind: IndexError, KeyError, RuntimeError, ...
+        raise SpecError(_not_a_checkpoint(file)) from None
     return _unwrap(state, file)
+
+
+def _not_a_checkpoint(file: Path) -> str:
+    return (f"{str(file)!r} is not a checkpoint (safetensors or a torch.save file): save one with "
+            "torch.save(model.state_dict(), path) or safetensors.torch.save_file")
 
 
 def _unwrap(state, file: Path) -> dict[str, torch.Tensor]:

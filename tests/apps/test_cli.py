@@ -203,6 +203,7 @@ def test_bench_tiny(capsys):
 def bad_files(tmp_path_factory):
     root = tmp_path_factory.mktemp("bad")
     (root / "garbage.pt").write_bytes(b"not a checkpoint")
+    (root / "passwd").write_text("root:x:0:0:root:/root:/bin/bash\ndaemon:x:1:1:daemon:/usr/sbin:/usr/sbin/nologin\n")
     torch.save({"weight": torch.zeros(2), "payload": object()}, root / "objects.pt")
     torch.save(tiny_vit(num_classes=3).state_dict(), root / "other_head.pt")
     return root
@@ -214,7 +215,9 @@ BAD = {
     "unknown module": (["inspect", "no_such_module:make"], "cannot import"),
     "malformed spec": (["inspect", "deit_small"], "timm:NAME"),
     "missing checkpoint": (["inspect", "test_cli:tiny_vit", "--checkpoint", "{bad}/missing.pt"], "does not exist"),
-    "unreadable checkpoint": (["inspect", "test_cli:tiny_vit", "--checkpoint", "{bad}/garbage.pt"], "can read"),
+    "unreadable checkpoint": (["inspect", "test_cli:tiny_vit", "--checkpoint", "{bad}/garbage.pt"], "is not a checkpoint"),
+    "text file as checkpoint": (["inspect", "test_cli:tiny_vit", "--checkpoint", "{bad}/passwd"],
+                                "is not a checkpoint (safetensors or a torch.save file)"),
     "pickled objects": (["inspect", "test_cli:tiny_vit", "--checkpoint", "{bad}/objects.pt"], "weights_only"),
     "checkpoint misfit": (["inspect", "test_cli:tiny_vit", "--checkpoint", "{bad}/other_head.pt"], "does not fit"),
     "malformed input": (["inspect", "test_cli:tiny_vit", "--input", "1x3xbig"], "--input"),
