@@ -9,7 +9,8 @@ import inspect as pyinspect
 
 import torch
 
-from repshift_fx.capture import reuse_traces
+from repshift_fx.capture import as_args, reuse_traces
+from repshift_fx.capture.guard import InputGuard
 from repshift_fx.config import Config, check_names, option_names
 from repshift_fx.errors import UnsupportedSiteError
 from repshift_fx.pipeline import run
@@ -31,7 +32,8 @@ def compress(model: torch.nn.Module, example_input, *, keep=None, at=None, site=
         model: an nn.Module in eval mode (a ViT-like model: residual attention and MLP blocks
             over (B, N, C) tokens). It is not changed; the result shares its parameters.
         example_input: a tensor (or tuple of tensors) the model accepts; it fixes the token
-            counts (another resolution needs another compress()).
+            counts (another resolution needs another compress(): the result called at another
+            size than the example's, the batch aside, raises an ExampleInputError).
         keep: fraction of the non-prefix tokens kept at each drop, in (0, 1], or one per `at`.
             A drop keeps ceil(keep * n) of n tokens, the best-scored, in their original order.
             Default 0.7 (unless target_flops is given; the two exclude each other).
@@ -91,11 +93,15 @@ def compress(model: torch.nn.Module, example_input, *, keep=None, at=None, site=
     with reuse_traces():  # one trace per call: the report and restore's retries read copies of it
         gm, report = run(model, example_input, config, flops=False)
     gm.report = report
+    guard = InputGuard(gm.forward, as_args(example_input, model))  # another input size: an ExampleInputError
     if not compile:
+        gm.register_forward_pre_hook(guard, with_kwargs=True)
         return gm
     if "compile_mode" in compile_options:
         compile_options["mode"] = compile_options.pop("compile_mode")
-    return torch.compile(gm, **compile_options)
+    compiled = torch.compile(gm, **compile_options)
+    compiled.register_forward_pre_hook(guard, with_kwargs=True)  # on the wrapper: checked before dynamo runs
+    return compiled
 
 
 def check_compile_options(options: dict) -> None:

@@ -65,21 +65,43 @@ def _keyword_inputs(example_input: dict, model: nn.Module | None) -> Inputs:
 
 def as_args(example_input, model: nn.Module | None = None) -> tuple:
     """The example input as positional args: a tensor, a tuple/list of tensors, or `Inputs`
-    for a dict of keyword tensors (ordered as `model.forward` lists them)."""
+    for a dict of keyword tensors (ordered as `model.forward` lists them). Every tensor must hold
+    at least one sample (an ExampleInputError otherwise)."""
     if isinstance(example_input, Inputs):
         return example_input
     if isinstance(example_input, dict):
-        return _keyword_inputs(example_input, model)
-    if isinstance(example_input, torch.Tensor):
-        return (example_input,)
-    if isinstance(example_input, (tuple, list)) and all(
+        args = _keyword_inputs(example_input, model)
+    elif isinstance(example_input, torch.Tensor):
+        args = (example_input,)
+    elif isinstance(example_input, (tuple, list)) and example_input and all(
         isinstance(t, torch.Tensor) for t in example_input
     ):
-        return tuple(example_input)
-    raise ExampleInputError(
-        "example_input must be a tensor, a tuple of tensors or a dict of keyword tensors, got "
-        f"{type(example_input).__name__}"
-    )
+        args = tuple(example_input)
+    else:
+        raise ExampleInputError(
+            "example_input must be a tensor, a tuple of tensors or a dict of keyword tensors, got "
+            + (f"an empty {type(example_input).__name__}" if isinstance(example_input, (tuple, list))
+               else type(example_input).__name__)
+        )
+    _check_not_empty(args)
+    return args
+
+
+def input_label(args: tuple, i: int) -> str:
+    """How the user names input `i`: by its keyword ("input 'input_ids'"), or by its place ('input 0')."""
+    names = getattr(args, "names", ())
+    return f"input '{names[i]}'" if i < len(names) else f"input {i}"
+
+
+def _check_not_empty(args: tuple) -> None:
+    for i, tensor in enumerate(args):
+        if 0 in tensor.shape:
+            what = "no sample (batch size 0)" if tensor.shape[0] == 0 else "an axis of size 0"
+            raise ExampleInputError(
+                f"the example's {input_label(args, i)} has shape {tuple(tensor.shape)}, with {what}: the example "
+                "must hold at least one sample, every axis at least one entry; pass a real batch (one image, "
+                "one sentence, ...), which fixes the sizes the compressed model runs at"
+            )
 
 
 def defaults_not_given(model: nn.Module, given) -> dict:
