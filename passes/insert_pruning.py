@@ -14,7 +14,9 @@ gets `repshift_pinned_i = pinned_tokens(score, positions, origin)` as select_tok
 `repshift_origin_i = carry_origin(origin, index)` (each kept token's original position); unless
 the tokens are restored after the last drop, each read `x[:, p]` then reads
 `read_tokens(x, origin, (p,))[:, 0]` (role "protect"), the token wherever each sample kept it.
-With score="attention"
+With score="tome" the matching
+`repshift_match_i = bipartite_soft_matching(metric, r, prefix)` chooses the kept tokens; with
+`shift_guidance` it also reads `repshift_guide_i`, the shift of the block before. With score="attention"
 the score node is the importance `attention_scores` put inside the block (`ctx.importance`), and
 only the index and keep nodes are inserted. Nothing else changes; sizes written as literals
 downstream are the job of `token_shapes`.
@@ -66,8 +68,15 @@ def _insert_drop(graph: torch.fx.Graph, by_name, drop, config, importance: dict,
 
     if config.score == "tome":  # ToMe: the matching chooses both who leaves and where it goes
         keys = keys_before(output)
-        metric = add(output, "metric", merge.key_metric, (keys,)) if keys is not None else output
-        match = add(metric, "match", merge.bipartite_soft_matching, (metric, drop.before - drop.keep, drop.prefix))
+        anchor, guidance = output, {}
+        if drop.guide:  # the block before's shift holds back the tokens the layers still change
+            changed, reference = (by_name[name] for name in drop.guide)
+            anchor = add(output, "guide", shift.representation_shift, (changed, reference),
+                         {"distance": config.distance})
+            guidance = {"shift": anchor, "weight": config.shift_guidance}
+        metric = add(anchor, "metric", merge.key_metric, (keys,)) if keys is not None else output
+        match = add(metric if keys is not None else anchor, "match", merge.bipartite_soft_matching,
+                    (metric, drop.before - drop.keep, drop.prefix), guidance)
         index = add(match, "index", operator.getitem, (match, 0))
         kept = add(index, "keep", shift.gather_tokens, (output, index))  # passes/merge_tokens makes it a merge
         output.replace_all_uses_with(kept, delete_user_cb=lambda user: user not in (metric, match, kept))

@@ -76,8 +76,9 @@ def drop_step(x, scores, prefix, keep, tracker):
     return torch.stack(rows)
 
 
-def tome_step(x, size, metric, prefix, r, tracker=None):
-    """ToMe's bipartite soft matching, kept tokens in their original order."""
+def tome_step(x, size, metric, prefix, r, tracker=None, shift=None, guidance=0.0):
+    """ToMe's bipartite soft matching, kept tokens in their original order; with `shift` (B, N), an
+    A token's similarity is lowered by `guidance` times its shift over the mean shift of A."""
     rows, sizes = [], []
     tokens = x.shape[1]
     a_side = list(range(prefix + prefix % 2, tokens, 2))
@@ -85,6 +86,9 @@ def tome_step(x, size, metric, prefix, r, tracker=None):
     for b in range(x.shape[0]):
         best = {a: max(b_side, key=lambda j: cosine(metric[b, a], metric[b, j])) for a in a_side}
         similarity = {a: cosine(metric[b, a], metric[b, best[a]]) for a in a_side}
+        if shift is not None:
+            mean = sum(shift[b, a] for a in a_side) / len(a_side)
+            similarity = {a: similarity[a] - guidance * shift[b, a] / mean for a in a_side}
         leaving = sorted(a_side, key=lambda a: -similarity[a])[:r]
         kept = [i for i in range(tokens) if i not in leaving]
         total = {j: size[b, j] * x[b, j] for j in kept}
@@ -104,19 +108,23 @@ def shift_mlp(mlp_out, mid):
 
 
 @torch.no_grad()
-def merge_forward(model, img, at=(), keep=0.7, metric="keys", tome_r=None, reduce="merge", per_token=False):
+def merge_forward(model, img, at=(), keep=0.7, metric="keys", tome_r=None, reduce="merge", per_token=False,
+                  guidance=0.0):
     """The model's logits (or, with `per_token`, its normed tokens, every one restored) with the
     shift's drops merged (reduce="merge"), dropped (reduce="drop"), or ToMe (tome_r tokens per block,
-    or one r per block)."""
+    or one r per block; `guidance`: shift-guided, by the shift of the block before)."""
     x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(img))))
     prefix, size = model.num_prefix_tokens, torch.ones(x.shape[:2])
     tracker = Tracker(*x.shape[:2])
+    shift = None
     for i, blk in enumerate(model.blocks):
         attn_out, keys = attention(blk.attn, blk.norm1(x), size)
         mid = x + blk.ls1(attn_out)
         if tome_r is not None:
-            mid, size = tome_step(mid, size, keys, prefix, tome_r[i] if isinstance(tome_r, tuple) else tome_r, tracker)
+            mid, size = tome_step(mid, size, keys, prefix, tome_r[i] if isinstance(tome_r, tuple) else tome_r, tracker,
+                                  shift if guidance else None, guidance)
         mlp_out = blk.ls2(blk.mlp(blk.norm2(mid)))
+        shift = shift_mlp(mlp_out, mid)
         x = mid + mlp_out
         if i in at and reduce == "merge":
             x, size = merge_step(x, size, shift_mlp(mlp_out, mid), keys if metric == "keys" else x, prefix, keep, tracker)

@@ -32,6 +32,18 @@ def test_tome_matches_the_reference(name, deit, distilled, image):
     assert gm.report.tokens == [prefix + 16 - 2 * i for i in range(4)]
 
 
+@pytest.mark.parametrize("name", ("deit", "distilled"))
+def test_shift_guided_tome_matches_the_reference(name, deit, distilled, image):
+    model = {"deit": deit, "distilled": distilled}[name]
+    before = snapshot(model)
+    gm = repshift_fx.compress(model, image, score="tome", r=2, shift_guidance=0.5, compile=False)
+    guided = gm(image)
+    assert_close(guided, merge_forward(model, image, tome_r=2, guidance=0.5))
+    assert not torch.allclose(guided, merge_forward(model, image, tome_r=2), atol=1e-4)  # the shift changed merges
+    assert_compiled_matches_eager(model, image.shape[1:], (2, 3), score="tome", r=2, shift_guidance=0.5)
+    assert_unchanged(model, before)
+
+
 @pytest.mark.parametrize("target", (0.8, 0.75))
 def test_tome_at_a_flop_budget_takes_the_fewest_merges_within_it(deit, image, target):
     report = repshift_fx.inspect(deit, image, score="tome", target_flops=target)

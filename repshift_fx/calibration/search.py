@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from repshift_fx.api import compress
 from repshift_fx.calibration.measure import Candidate, Measure
 from repshift_fx.calibration.objective import call
-from repshift_fx.calibration.space import NOT_FOR_TOME, SHIFT_ONLY, Space
+from repshift_fx.calibration.space import NOT_FOR_TOME, SHIFT_ONLY, TOME_ONLY, Space
 from repshift_fx.compile.timing import time_variants
 from repshift_fx.config import Config
 from repshift_fx.errors import ConfigError
@@ -41,6 +41,9 @@ def options_for(current: dict, dimension: str, value) -> dict:
             options.pop(name, None)
     if options.get("score") == "tome":
         for name in NOT_FOR_TOME:
+            options.pop(name, None)
+    else:
+        for name in TOME_ONLY:
             options.pop(name, None)
     if options.get("reduce") != "merge":
         options.pop("merge_metric", None)

@@ -3,8 +3,9 @@
     space = Space.for_mode("tokens", user_space)     # dimension -> values to try
     space.alternatives("score", current)             # the values of one dimension to try next
 
-Dimensions: where the drops go (`at`), the score (shift, attention, norm, ToMe), the shift's
-distance and site, and drop or merge (`reduce`). The amount (keep, or ToMe's r) is never a
+Dimensions: where the drops go (`at`), the score (shift, attention, norm, ToMe), the weight of
+the shift inside ToMe's matching (`shift_guidance`), the shift's distance and site, and drop or
+merge (`reduce`). The amount (keep, or ToMe's r) is never a
 dimension: the FLOP target sets it, through the planner (`target_flops`).
 """
 from __future__ import annotations
@@ -14,13 +15,14 @@ from dataclasses import dataclass
 from repshift_fx.config import Config, check_names
 from repshift_fx.errors import ConfigError
 
-TOKEN_SPACE = {"reduce": ("drop", "merge"), "score": ("shift", "attention", "tome"), "distance": ("l2", "cosine"),
-               "site": ("mlp", "attn"), "at": "auto"}
+TOKEN_SPACE = {"reduce": ("drop", "merge"), "score": ("shift", "attention", "tome"), "shift_guidance": (0.01, 0.02, 0.05),
+               "distance": ("l2", "cosine"), "site": ("mlp", "attn"), "at": "auto"}
 LINE_SPACE = {"score": ("shift", "norm"), "distance": ("l2", "l1", "cosine"), "at": "auto"}
-DIMENSIONS = ("reduce", "score", "distance", "site", "merge_metric", "residual", "size_attention", "at")
+DIMENSIONS = ("reduce", "score", "shift_guidance", "distance", "site", "merge_metric", "residual", "size_attention", "at")
 PAPER = {"score": "shift", "site": "mlp", "distance": "l2", "reduce": "drop", "at": None}  # None: the default at
 SHIFT_ONLY = ("distance", "site", "residual")  # meaningless for other scores
 NOT_FOR_TOME = ("reduce", "merge_metric", "at")  # ToMe merges by its own matching, in every block
+TOME_ONLY = ("shift_guidance",)  # the shift inside ToMe's matching
 
 
 @dataclass
@@ -61,6 +63,8 @@ class Space:
             return []
         if dimension in NOT_FOR_TOME and current.get("score") == "tome":
             return []
+        if dimension in TOME_ONLY and current.get("score") != "tome":
+            return []
         if dimension == "merge_metric" and current.get("reduce") != "merge":
             return []
         if dimension == "at" and self.values["at"] == "auto":
@@ -78,6 +82,8 @@ def _check_value(name: str, value) -> None:
     base.update({name: value})
     if name == "reduce" and value == "merge":
         base["score"] = "shift"
+    if name in TOME_ONLY:
+        base["score"] = "tome"
     try:
         Config(**base)
     except ConfigError as error:

@@ -83,8 +83,8 @@ def restore_dropped(y: torch.Tensor, kept_index: torch.Tensor, before: torch.Ten
     return before.scatter(1, kept_index.unsqueeze(-1).expand_as(y), y)
 
 
-def bipartite_soft_matching(metric: torch.Tensor, r: int, prefix: int,
-                            valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def bipartite_soft_matching(metric: torch.Tensor, r: int, prefix: int, valid: torch.Tensor | None = None,
+                            shift: torch.Tensor | None = None, weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """ToMe: merge the r tokens of set A most similar to a token of set B into it.
 
     metric (B, N, C). A holds the non-prefix tokens at even positions, B those at odd positions
@@ -92,6 +92,9 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, prefix: int,
     0 <= r <= min(len(A), len(B)). Returns kept_index (B, N - r) sorted, so the kept tokens keep their order
     (ToMe concatenates unmerged A then B), and the assignment (B, N) of `assign_to_kept`.
     valid (B, N) bool, False = padding: padding pairs only with padding, and merges first.
+    shift (B, N): each token's representation shift (`shift_guidance`); an A token then leaves by
+    its similarity less `weight` times its shift over the mean shift of A, so that of two equally
+    redundant tokens the one the layers still change stays.
     """
     b, n, _ = metric.shape
     unit = F.normalize(metric, dim=-1)
@@ -106,6 +109,9 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, prefix: int,
     similarity = F.pad(similarity, (0, 1), value=float("-inf"))  # a maximum even where B is empty (then r == 0)
     best, partner = similarity.max(dim=-1)
     partner = partner.clamp(max=b_pos.shape[0] - 1)
+    if shift is not None:
+        a_shift = shift[:, a_pos]
+        best = best - weight * a_shift / a_shift.mean(dim=1, keepdim=True).clamp_min(1e-12)
     chosen = best.argsort(dim=-1, descending=True)[:, :r]
     leaving = a_pos[chosen]
     positions = torch.arange(n, device=metric.device).expand(b, n)

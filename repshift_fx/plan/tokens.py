@@ -34,6 +34,9 @@ class Drop:
     # the stream keeps every token, and the left-out ones skip only the MLPs of the stage's later
     # blocks (passes/mlp_only_drops.py); `before` and `keep` count the tokens those MLPs run on
     mlp_only: bool = False
+    # score="tome" with shift_guidance: the (changed, reference) nodes of the shift of the block before,
+    # over the tokens this block's matching sees; () where there is none (the first block of a run)
+    guide: tuple[str, ...] = ()
 
     @property
     def out(self) -> int:
@@ -81,8 +84,11 @@ def site_of(block, config: Config) -> str:
 
 
 def _score_inputs(block, config: Config) -> tuple[str, ...]:
-    if config.score != "shift":
-        return (block.output,)
+    return shift_inputs(block, config) if config.score == "shift" else (block.output,)
+
+
+def shift_inputs(block, config: Config) -> tuple[str, ...]:
+    """(changed, reference): the nodes whose distance is the block's shift at config.site."""
     site_name = site_of(block, config)
     if site_name == "block":
         return (block.output, block.input)
@@ -142,7 +148,7 @@ def _schedule(config: Config, at: tuple[int, ...]) -> dict[int, float | int]:
     return dict(zip(at, amounts))
 
 
-def _drop(block, amount, prefix: int, n: int, config: Config, protected: tuple[int, ...] = ()) -> Drop:
+def _drop(block, amount, prefix: int, n: int, config: Config, protected: tuple[int, ...] = (), guide=()) -> Drop:
     if config.score == "tome":  # between attention and MLP, as ToMe merges
         if amount > tome_pairs(prefix, n):
             raise ConfigError(f"ToMe's r={amount} at block {block.index} ({block.module or '-'}) is more than half of "
@@ -152,7 +158,7 @@ def _drop(block, amount, prefix: int, n: int, config: Config, protected: tuple[i
                 f"score='tome' at block {block.index} ({block.module or '-'}): ToMe's matching may merge the "
                 f"token(s) the model reads by position {list(protected)}; use score='shift' (with reduce='merge' "
                 "to merge), which keeps them in place", module=block.module)
-        return Drop(block.index, block.mlp.stream if block.mlp else block.output, (), prefix, n, n - amount)
+        return Drop(block.index, block.mlp.stream if block.mlp else block.output, (), prefix, n, n - amount, guide=guide)
     keep = kept_count(amount, n - len(protected)) + len(protected)
     fused = int(config.fuse and keep < n)  # fuse=True: the dropped tokens become one token
     return Drop(block.index, block.output, _score_inputs(block, config), prefix, n, keep, fused, protected)
@@ -210,21 +216,31 @@ def _plan_run(plan: PrunePlan, run, schedule, config: Config, held, restore_afte
     unrestored = _pending_before(plan) if config.restore is False else []
     if unrestored:
         _check_stage(run, unrestored)
-    n = run[0].tokens - prefix
+    n, previous = run[0].tokens - prefix, None
     for block in run:
         plan.tokens.append(prefix + n)
         plan.mlp_tokens.append(prefix + n)
         if block.index in schedule:
-            drop = _drop(block, schedule[block.index], prefix, n, config, held)
+            guide = _guide(previous, config, plan.mlp_tokens[-2] == prefix + n if previous else False)
+            drop = _drop(block, schedule[block.index], prefix, n, config, held, guide)
             plan.drops.append(drop)
             pending.append(drop)
             n = drop.keep + drop.fused
             if config.score == "tome":  # ToMe merges between the attention and the MLP of its block
                 plan.mlp_tokens[-1] = prefix + n
         run_ends = block is run[-1] and (config.restore is True or (config.restore == "auto" and not last))
+        previous = block
         if pending and (run_ends or block.index in restore_after):
             plan.restore_at.append((block.index, pending))
-            pending, n = [], run[0].tokens - prefix
+            pending, n, previous = [], run[0].tokens - prefix, None
+
+
+def _guide(previous, config: Config, same_tokens: bool) -> tuple[str, ...]:
+    """ToMe's shift guidance: the shift of the block before, whose MLP ran on the tokens this
+    block's matching sees; none for the first block of a run or after a restore."""
+    if config.score != "tome" or not config.shift_guidance or previous is None or not same_tokens:
+        return ()
+    return shift_inputs(previous, config)
 
 
 def _pending_before(plan: PrunePlan) -> list[Drop]:
