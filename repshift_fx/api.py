@@ -24,7 +24,8 @@ COMPILE_KEYWORDS = tuple(p for p in pyinspect.signature(torch.compile).parameter
 
 def compress(model: torch.nn.Module, example_input, *, keep=None, at=None, site="mlp", distance="l2",
              residual=False, score="shift", protect="auto", sdpa=True, target_flops=None, mode="auto", fuse=False,
-             reduce="drop", restore="auto", r=None, merge_metric="keys", size_attention="mask", compile=True,
+             reduce="drop", restore="auto", r=None, merge_metric="keys", size_attention="mask", shift_guidance=0.0,
+             compile=True,
              **compile_options):
     """Prune `model`'s tokens by Representation Shift and compile it.
 
@@ -73,6 +74,10 @@ def compress(model: torch.nn.Module, example_input, *, keep=None, at=None, site=
             run of blocks; False refuses such models.
         r: score="tome" (ToMe, the baseline, on any graph): tokens merged away in each block of
             `at` (all blocks by default) by bipartite soft matching between attention and MLP.
+        shift_guidance: score="tome": a weight >= 0 on the representation shift inside ToMe's matching.
+            ToMe merges the tokens of set A most similar to set B; with a weight w each A token's
+            similarity is lowered by w times its shift in the block before (over the mean of A),
+            so that of equally redundant tokens those the layers still change stay. 0: ToMe.
         compile: False returns the rewritten torch.fx.GraphModule (eager) for reading and tests.
         **compile_options: passed to torch.compile (backend=, dynamic=, options=, ...);
             torch.compile's own `mode` ("max-autotune", ...) is `compile_mode=` here, since
@@ -89,7 +94,8 @@ def compress(model: torch.nn.Module, example_input, *, keep=None, at=None, site=
     check_compile_options(compile_options)
     config = Config(keep=keep, at=at, site=site, distance=distance, residual=residual, score=score,
                     protect=protect, sdpa=sdpa, target_flops=target_flops, mode=mode, fuse=fuse, reduce=reduce,
-                    restore=restore, r=r, merge_metric=merge_metric, size_attention=size_attention)
+                    restore=restore, r=r, merge_metric=merge_metric, size_attention=size_attention,
+                    shift_guidance=shift_guidance)
     with reuse_traces():  # one trace per call: the report and restore's retries read copies of it
         gm, report = run(model, example_input, config, flops=False)
     gm.report = report

@@ -41,6 +41,7 @@ class Config:
     r: int | tuple[int, ...] | None = None  # score="tome": tokens merged away in each block of `at`
     merge_metric: str = "keys"  # reduce="merge": similarity of the attention keys, or of the stream
     size_attention: str = "mask"  # proportional attention: SDPA attn_mask, or "qk" (no mask: flash on GPU)
+    shift_guidance: float = 0.0  # score="tome": how much the block before's shift keeps a token from merging
 
     def __post_init__(self):
         for name in SWITCHES:
@@ -51,6 +52,7 @@ class Config:
                 raise ConfigError(f"{name} must be one of {', '.join(map(repr, allowed))}, "
                                   f"got {getattr(self, name)!r}")
         _check_merging(self)
+        _check_guidance(self)
         if self.target_flops is not None:
             _check_target_flops(self.target_flops, self.keep)
         elif self.keep is None and self.score != "tome":
@@ -137,6 +139,15 @@ def _check_merging(config: Config) -> None:
     if config.fuse and (config.reduce == "merge" or config.score == "tome"):
         raise ConfigError("fuse=True folds the dropped tokens into one extra token; with reduce='merge' each leaving "
                           "token folds into its most similar kept token already: use one of them")
+
+
+def _check_guidance(config: Config) -> None:
+    weight = config.shift_guidance
+    if not isinstance(weight, numbers.Real) or isinstance(weight, bool) or not 0 <= weight < float("inf"):
+        raise ConfigError(f"shift_guidance must be a number >= 0 (0: ToMe's own matching; e.g. 0.02), got {weight!r}")
+    if weight and config.score != "tome":
+        raise ConfigError(f"shift_guidance={weight!r} weighs the shift inside ToMe's matching: it needs score='tome'")
+    object.__setattr__(config, "shift_guidance", float(weight))
 
 
 def _check_target_flops(target, keep) -> None:
