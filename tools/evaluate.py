@@ -81,6 +81,8 @@ def parse_args(argv=None):
     parser.add_argument("--calibrate", type=int, metavar="N", help="calibrate on N training samples at "
                         "--target-flops, then measure every candidate, the paper's rule and ToMe on the test split")
     parser.add_argument("--target-flops", type=float, default=0.7, help="the FLOP target of --calibrate")
+    parser.add_argument("--labels", action="store_true", help="--calibrate with the training samples' labels: "
+                        "task-aware, by accuracy (without: label-free, by fidelity)")
     parser.add_argument("--max-candidates", type=int, default=40, help="the most candidates --calibrate measures")
     parser.add_argument("--space", metavar="JSON", help="--calibrate's search space, e.g. "
                         "'{\"reduce\": [\"drop\", \"merge\"], \"score\": [\"shift\", \"attention\"], \"at\": \"auto\"}'")
@@ -107,9 +109,9 @@ def run(args) -> Path:
                                progress=not args.no_progress, seed=args.seed)
     weights = describe_weights(args.spec, args.checkpoint, args.kwargs, loaded.model, args.seed)
     if args.calibrate:
-        batches = evaluation_calibrated.image_batches(setup, load_dataset(args.data, "train", args.calibrate),
-                                                      args.calibrate)
-        return calibrated(args, setup, batches, evaluation.evaluate_options, weights)
+        train = load_dataset(args.data, "train", args.calibrate)
+        batches = evaluation_calibrated.image_batches(setup, train, args.calibrate)
+        return calibrated(args, setup, batches, evaluation.evaluate_options, weights, train.labels)  # every sample
     mode = repshift_fx.inspect(setup.model, setup.example, keep=1.0).mode
     variants = evaluation.parse_variants(args.scores, mode)
     keeps, at = _keeps_and_at(args)
@@ -135,22 +137,25 @@ def run_text(args) -> Path:
                                     cache=None if args.no_cache else args.cache, progress=not args.no_progress,
                                     seed=args.seed)
     if args.calibrate:
-        batches = evaluation_calibrated.text_batches(loaded, load_dataset(args.data, "train", args.calibrate),
-                                                     args.calibrate, args.batch)
-        return calibrated(args, setup, batches, evaluation_text.evaluate_options, describe_weights(args.spec))
+        train = load_dataset(args.data, "train", args.calibrate)
+        batches = evaluation_calibrated.text_batches(loaded, train, args.calibrate, args.batch)
+        return calibrated(args, setup, batches, evaluation_text.evaluate_options, describe_weights(args.spec),
+                          evaluation_calibrated.text_labels(loaded, train, args.calibrate, args.batch))
     rows = evaluation_text.sweep(setup, variants, keeps, at, args.fuse)
     return write(args, setup, rows, describe_weights(args.spec))
 
 
-def calibrated(args, setup, batches, evaluate_options, weights: str) -> Path:
-    """--calibrate: calibrate on the training batches, then measure its candidates on the test split."""
+def calibrated(args, setup, batches, evaluate_options, weights: str, labels) -> Path:
+    """--calibrate: calibrate on the training batches (with their labels under --labels), then
+    measure its candidates on the test split."""
     with reuse_traces():
         space = json.loads(args.space) if args.space else None
         cal = repshift_fx.calibrate(setup.model, batches, target_flops=args.target_flops, space=space,
+                                    labels=labels if args.labels else None,
                                     max_candidates=args.max_candidates, progress=not args.no_progress)
         rows, rho = evaluation_calibrated.evaluate_calibration(setup, cal, evaluate_options, not args.no_progress)
     title = (f"{args.spec} ({weights}), {setup.test.name} ({len(setup.test)} {setup.unit}); calibrated on "
-             f"{cal.samples} training {setup.unit} at target_flops={args.target_flops}{', space ' + args.space if args.space else ''}")
+             f"{cal.samples} training {setup.unit}{' with their labels' if args.labels else ''} at target_flops={args.target_flops}{', space ' + args.space if args.space else ''}")
     out = Path(args.out or f"results/evaluate/{_slug(Path(args.spec.split(':')[-1]).name)}-{_slug(args.data)}-calibrated")
     out.mkdir(parents=True, exist_ok=True)
     table = evaluation_calibrated.format_calibrated(rows, cal.objective, "github")

@@ -45,6 +45,12 @@ def text_batches(loaded, train, samples: int, batch: int) -> list:
     return hf.text_inputs(loaded.tokenizer, train.texts[:samples], batch, loaded.max_length)
 
 
+def text_labels(loaded, train, samples: int, batch: int) -> list:
+    """The labels of `text_batches`' texts, one tensor per batch, in the batches' order."""
+    return [train.labels[rows] for rows, _ in hf.text_batches(loaded.tokenizer, train.texts[:samples], batch,
+                                                              loaded.max_length)]
+
+
 def evaluate_calibration(setup, cal, evaluate_options, progress: bool = True
                          ) -> tuple[list[CalibratedRow], float]:
     """The rows above, and Spearman's rho between objective and test accuracy (or agreement where
