@@ -8,6 +8,15 @@ import pytest
 import timm
 import torch
 import torch.fx
+from hypothesis import HealthCheck, settings
+
+# property-based tests (tests/test_properties.py): "ci", the default, draws few examples, the same on
+# every run; `pytest --hypothesis-profile=long` draws many, anew each run
+_PROFILE = dict(deadline=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+settings.register_profile("ci", max_examples=30, derandomize=True, **_PROFILE)
+settings.register_profile("long", max_examples=300, **_PROFILE)
+if settings.get_current_profile_name() == "default":  # else pytest's --hypothesis-profile chose one already
+    settings.load_profile("ci")
 
 
 def tiny_timm(name: str, depth: int = 4, img_size: int = 64, fused: bool = True, **kwargs):

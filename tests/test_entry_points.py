@@ -16,11 +16,6 @@ X = torch.randn(2, 3, 64, 64)
 
 
 @pytest.fixture(scope="module")
-def deit():
-    return tiny_timm("deit_tiny_patch16_224")
-
-
-@pytest.fixture(scope="module")
 def flexible():
     """A ViT that runs at any resolution (timm's dynamic_img_size), and its compressed graph at 64 px."""
     model = tiny_timm("deit_tiny_patch16_224", dynamic_img_size=True)
