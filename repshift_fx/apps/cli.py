@@ -139,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--samples", type=int, default=256, help="calibration samples (default 256)")
     tune.add_argument("--batch", type=int, default=32, help="batch size (default 32; the speed is timed at it)")
     tune.add_argument("--max-candidates", type=int, default=40, help="the most candidates measured (default 40)")
+    tune.add_argument("--labels", action="store_true", help="task-aware: choose by accuracy on the training "
+                      "samples' labels (the head's, or a probe's on the outputs); default: by fidelity, no labels")
     tune.add_argument("--plot", metavar="PNG", help="also draw the agreement-vs-FLOPs frontier")
     tune.add_argument("-o", "--output", metavar="JSON", default="tuned.json", help="default tuned.json")
     tune.set_defaults(run=run_tune)

@@ -4,7 +4,8 @@
     repshift-fx inspect timm:deit_small_patch16_224 --config tuned.json
 
 Images come from --data's training split, resized and normalised as the model expects; text
-(hf:minilm, hf:DIR on --data wordnet) is tokenized and batched by length. Labels are never read.
+(hf:minilm, hf:DIR on --data wordnet) is tokenized and batched by length. Labels are read only
+with --labels (task-aware calibration: by accuracy rather than fidelity).
 """
 from __future__ import annotations
 
@@ -16,15 +17,17 @@ from repshift_fx.errors import ConfigError
 
 
 def load_for_tuning(args):
-    """(the model, its calibration batches) for the spec and --data of `args`."""
+    """(the model, its calibration batches, their labels: one tensor per batch) for the spec and
+    --data of `args`."""
     if hf_specs.is_text_spec(args.spec):
         loaded = hf_specs.load_text_model(args.spec)
         data = _split(args.data, args.samples, text=True)
-        return loaded.model, hf.text_inputs(loaded.tokenizer, data.texts, args.batch, loaded.max_length)
+        batched = hf.text_batches(loaded.tokenizer, data.texts, args.batch, loaded.max_length)
+        return loaded.model, [inputs for _, inputs in batched], [data.labels[rows] for rows, _ in batched]
     loaded = specs.load_model(args.spec, checkpoint=args.checkpoint, input_shape=args.input, kwargs=args.kwargs)
     data = _split(args.data, args.samples, text=False)
     return loaded.model, image_batches(data, len(data), args.batch, tuple(loaded.input_shape[1:]), loaded.mean,
-                                       loaded.std)
+                                       loaded.std), list(data.labels.split(args.batch))
 
 
 def _split(name: str, samples: int, text: bool):
@@ -40,8 +43,9 @@ def _split(name: str, samples: int, text: bool):
 def run_tune(args) -> int:
     if args.samples < 1 or args.batch < 1:
         raise ConfigError("--samples and --batch must be whole numbers >= 1")
-    model, batches = load_for_tuning(args)
+    model, batches, labels = load_for_tuning(args)
     cal = repshift_fx.calibrate(model, batches, target_flops=args.target_flops, target_speedup=args.target_speedup,
+                                labels=labels if getattr(args, "labels", False) else None,
                                 max_candidates=args.max_candidates, progress=True)
     cal.save(args.output)
     if args.plot:

@@ -296,3 +296,15 @@ def test_tune_saves_what_inspect_config_uses(capsys, tmp_path):
     assert any(note.startswith(f"configuration from calibration {tuned}") for note in data["notes"])
     code, _, err = run(capsys, "inspect", *TINY, "--config", tmp_path / "missing.json")
     assert code == 2 and "cannot read the calibration" in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(),
+                    reason="Fashion-MNIST: apt-get install dataset-fashion-mnist (bash tools/setup_env.sh test does)")
+def test_tune_with_labels_chooses_by_accuracy(capsys, tmp_path):
+    tuned = tmp_path / "tuned.json"
+    code, out, err = run(capsys, "tune", *TINY, "--data", "fashion-mnist", "--samples", 16, "--batch", 8,
+                         "--target-flops", 0.8, "--max-candidates", 2, "--labels", "-o", tuned)
+    assert code == 0, err
+    saved = json.loads(tuned.read_text())
+    assert saved["labelled"] and all(row["accuracy"] is not None for row in saved["table"] if not row["error"])
+    assert "16 labelled samples" in out and "accuracy" in out
