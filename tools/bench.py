@@ -164,7 +164,7 @@ def compare(args, model, images, at) -> None:
     if args.docs:
         docs = Path(args.docs)
         docs.mkdir(parents=True, exist_ok=True)
-        for suffix in ("md", "png"):  # named after --out: results/bench_scores -> docs/bench_scores.md
+        for suffix in ("md", "png"):  # named after --out: results/bench_scores -> docs/results/bench_scores.md
             (docs / f"{out.name}.{suffix}").write_bytes((out / f"bench_scores.{suffix}").read_bytes())
         print(f"copied to {docs / out.name}.md and .png")
 
