@@ -177,18 +177,18 @@ def test_inspect_never_reports_more_flops_than_the_model(tiny, config):
 
 
 # --- calibrate: a bad argument is refused by name, at once ---
-# Not drawn (calibrate() crashes on them today, repshift_fx/calibration/ is being fixed apart):
-# max_candidates < 1 or not an int (AttributeError / TypeError), a space's "at" holding ints
-# rather than schedules (TypeError), target_speedup=nan or inf (accepted: it runs the whole search);
-# see the report of issue #31.
-
 CALIBRATE_BEYOND = {
     "target_flops": BEYOND["target_flops"],
-    "target_speedup": st.one_of(st.floats(max_value=1), st.text(max_size=3), st.booleans()),
+    "target_speedup": st.one_of(st.floats(max_value=1), st.just(float("inf")), st.just(float("nan")),
+                                st.text(max_size=3), st.booleans()),
     "objective": st.text(max_size=6).filter(lambda v: v not in ("agreement", "cosine")),
     "space": st.one_of(st.just({}), st.text(max_size=3), st.dictionaries(st.sampled_from(["kepe", "mode", "fuse"]),
                                                                        st.just(("drop",)), min_size=1),
-                       st.fixed_dictionaries({"reduce": st.lists(BEYOND["reduce"], min_size=1, max_size=2)})),
+                       st.fixed_dictionaries({"reduce": st.lists(BEYOND["reduce"], min_size=1, max_size=2)}),
+                       st.fixed_dictionaries({"at": st.one_of(st.text(max_size=2), st.lists(st.integers(-2, 9),
+                                                                                              min_size=1, max_size=3),
+                                                             st.just([(3, 1)]), st.just([]))})),
+    "max_candidates": st.one_of(st.integers(max_value=0), st.text(max_size=2), st.booleans(), st.floats()),
     "labels": st.one_of(st.just(torch.zeros(3, dtype=torch.long)), st.just([torch.zeros(2)]), st.text(max_size=3)),
     **{name: BEYOND[name] for name in ("keep", "at", "site", "fuse", "protect", "restore")},  # held fixed
 }

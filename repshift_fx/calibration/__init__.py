@@ -12,6 +12,7 @@ space.py's dimensions); each candidate runs eagerly, with FLOPs counted on its r
 from __future__ import annotations
 
 import logging
+import math
 import numbers
 
 from torch import nn
@@ -70,6 +71,7 @@ def calibrate(model: nn.Module, batches, *, target_flops: float | None = None, t
     """
     check_model(model)
     target_flops, target_speedup = _check_targets(target_flops, target_speedup)
+    _check_counts(max_candidates=max_candidates, refine=refine, finalists=finalists)
     Config.from_kwargs(**dict(fixed, target_flops=target_flops or 1.0))  # unknown or bad fixed options
     with reuse_traces():
         measure = Measure(model, batches, objective, screen, labels)
@@ -112,8 +114,9 @@ def _check_targets(target_flops, target_speedup):
         raise ConfigError("calibrate() needs a target: target_flops= (a FLOP ratio in (0, 1], e.g. 0.7) or "
                           "target_speedup= (compiled to compiled, > 1, e.g. 1.4)")
     for name, value in (("target_flops", target_flops), ("target_speedup", target_speedup)):
-        if value is not None and (not isinstance(value, numbers.Real) or isinstance(value, bool) or value <= 0):
-            raise ConfigError(f"{name} must be a positive number, got {value!r}")
+        if value is not None and (not isinstance(value, numbers.Real) or isinstance(value, bool) or
+                                  not 0 < value < math.inf):
+            raise ConfigError(f"{name} must be a positive finite number, got {value!r}")
     if target_flops is not None and target_flops > 1:
         raise ConfigError(f"target_flops={target_flops} is above 1, but it is a FLOP ratio (compressed / original, "
                           f"e.g. 0.7); for {target_flops}x faster pass target_speedup={target_flops}")
@@ -121,6 +124,12 @@ def _check_targets(target_flops, target_speedup):
         raise ConfigError(f"target_speedup={target_speedup} is at most 1, but it is a speedup (e.g. 1.4 = 40% "
                           f"faster); for {target_speedup} of the FLOPs pass target_flops={target_speedup}")
     return target_flops, target_speedup
+
+
+def _check_counts(**counts) -> None:
+    for name, value in counts.items():
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{name} must be a whole number >= 1, got {value!r}")
 
 
 def _speed(model, measure: Measure, table: list[Candidate], target: float, free_flops: bool, count: int,

@@ -42,7 +42,7 @@ class Space:
         checked = {}
         for name, values in space.items():
             if name == "at":
-                checked[name] = values if values == "auto" else [None if a is None else tuple(a) for a in values]
+                checked[name] = values if values == "auto" else _schedules(values)
                 continue
             values = list(values) if isinstance(values, (list, tuple)) else [values]
             for value in values:
@@ -75,6 +75,23 @@ class Space:
         else:
             found = self.values[dimension]
         return [v for v in found if v != current.get(dimension, PAPER.get(dimension))]
+
+
+def _schedules(values) -> list:
+    """space["at"]: "auto", or a list of schedules (each None or a sequence of block indices)."""
+    bad = ConfigError(f"space['at'] must be 'auto' or a list of schedules, each a tuple of block indices or None, "
+                      f"e.g. [(2, 5, 8), (3, 6, 9)]; got {values!r}")
+    if isinstance(values, str) or not isinstance(values, (list, tuple)) or not values:
+        raise bad
+    for schedule in values:
+        if schedule is not None and (isinstance(schedule, str) or not isinstance(schedule, (list, tuple))):
+            raise bad
+        if schedule is not None:
+            try:
+                Config(keep=0.5, at=schedule)  # the schedule's own checks: ints, increasing
+            except ConfigError as error:
+                raise ConfigError(f"space['at'] holds {schedule!r}: {error}") from None
+    return [None if a is None else tuple(a) for a in values]
 
 
 def _check_value(name: str, value) -> None:
