@@ -86,6 +86,8 @@ def _schedule_options(parser: argparse.ArgumentParser) -> None:
                         "where the model needs them all: auto (default, where needed), on, off (refuse instead)")
     parser.add_argument("--r", metavar="R[,R..]", help="--score tome: tokens merged away per block, or one per "
                         "block of --at (e.g. 8,8,7,7: the schedule --target-flops reports)")
+    parser.add_argument("--shift-guidance", metavar="W", type=float, default=0.0, help="--score tome: weight of "
+                        "the shift inside ToMe's matching (e.g. 0.01; default 0, ToMe's own)")
     parser.add_argument("--mode", choices=MODES, default="auto", help="tokens (ViTs), lines (rows and columns "
                         "of CNN maps) or auto (from the graph, default)")
     parser.add_argument("--config", metavar="JSON", help="the options `repshift-fx tune` saved (they replace the "
@@ -179,6 +181,8 @@ def _schedule(args) -> dict:
         config["at"] = specs.parse_ints(args.at, "--at")
     if args.protect is not None:
         config["protect"] = args.protect
+    if args.shift_guidance:
+        config["shift_guidance"] = args.shift_guidance
     if args.mode != "auto":
         config["mode"] = args.mode
     return config

@@ -308,3 +308,10 @@ def test_tune_with_labels_chooses_by_accuracy(capsys, tmp_path):
     saved = json.loads(tuned.read_text())
     assert saved["labelled"] and all(row["accuracy"] is not None for row in saved["table"] if not row["error"])
     assert "16 labelled samples" in out and "accuracy" in out
+
+
+def test_shift_guidance_reaches_the_pass_and_needs_tome(capsys):
+    data = run_json(capsys, "inspect", *TINY, "--score", "tome", "--r", "2", "--shift-guidance", "0.01")
+    assert data["config"]["shift_guidance"] == 0.01 and data["config"]["score"] == "tome"
+    code, _, err = run(capsys, "inspect", *TINY, "--shift-guidance", "0.01")
+    assert code == 2 and "needs score='tome'" in err and "Traceback" not in err
