@@ -31,6 +31,18 @@ def tiny_timm(name: str, depth: int = 4, img_size: int = 64, fused: bool = True,
     return model
 
 
+@pytest.fixture(scope="module")
+def vit():
+    """A tiny random DeiT classifier (4 blocks, 64 px, 10 classes)."""
+    return tiny_timm("deit_tiny_patch16_224", depth=4, img_size=64, num_classes=10)
+
+
+def random_batches(count: int, size: int, seed: int) -> list[torch.Tensor]:
+    """`count` batches of `size` random 64 px images, reproducible by `seed`."""
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(size, 3, 64, 64, generator=generator) for _ in range(count)]
+
+
 class PerToken(torch.nn.Module):
     """A timm ViT's normed tokens, every one: a per-token output (a dense head, a bare encoder)."""
 

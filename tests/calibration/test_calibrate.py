@@ -12,20 +12,14 @@ from torch.utils.flop_counter import FlopCounterMode
 import repshift_fx
 from repshift_fx import Calibration, ConfigError, ExampleInputError
 from repshift_fx.calibration.space import at_moves
-from conftest import assert_unchanged, snapshot, tiny_timm
+from conftest import assert_unchanged, random_batches, snapshot, tiny_timm
 
 SPACE = {"reduce": ["drop", "merge"], "score": ["shift", "tome"], "at": "auto"}
 
 
 @pytest.fixture(scope="module")
-def vit():
-    return tiny_timm("deit_tiny_patch16_224", depth=4, img_size=64, num_classes=10)
-
-
-@pytest.fixture(scope="module")
 def batches():
-    generator = torch.Generator().manual_seed(1)
-    return [torch.randn(8, 3, 64, 64, generator=generator) for _ in range(3)]
+    return random_batches(3, 8, seed=1)
 
 
 @pytest.fixture(scope="module")

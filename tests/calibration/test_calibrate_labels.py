@@ -6,21 +6,15 @@ import torch
 import repshift_fx
 from repshift_fx import ConfigError, ExampleInputError
 from repshift_fx.calibration.labels import paired_interval
-from conftest import assert_unchanged, snapshot, tiny_timm
+from conftest import assert_unchanged, random_batches, snapshot, tiny_timm
 
 SPACE = {"reduce": ["drop", "merge"], "score": ["shift", "tome"], "at": "auto"}
 PAPER = {"target_flops": 0.7}  # the paper's rule (shift, drop, default schedule) at the target
 
 
 @pytest.fixture(scope="module")
-def vit():
-    return tiny_timm("deit_tiny_patch16_224", depth=4, img_size=64, num_classes=10)
-
-
-@pytest.fixture(scope="module")
 def batches():
-    generator = torch.Generator().manual_seed(2)
-    return [torch.randn(16, 3, 64, 64, generator=generator) for _ in range(3)]
+    return random_batches(3, 16, seed=2)
 
 
 def predictions(module, batches) -> list[torch.Tensor]:
