@@ -76,7 +76,8 @@ def compress(model: torch.nn.Module, example_input, *, keep=None, at=None, site=
             `at` (all blocks by default) by bipartite soft matching between attention and MLP.
         shift_guidance: score="tome": a weight >= 0 on the representation shift inside ToMe's matching.
             ToMe merges the tokens of set A most similar to set B; with a weight w each A token's
-            similarity is lowered by w times its shift in the block before (over the mean of A),
+            similarity is lowered by w times its shift in the block before, the residual form
+            D(x' + MLP(LN(x')), x') at `site` with `distance` (over the mean of A),
             so that of equally redundant tokens those the layers still change stay. 0: ToMe.
         compile: False returns the rewritten torch.fx.GraphModule (eager) for reading and tests.
         **compile_options: passed to torch.compile (backend=, dynamic=, options=, ...);

@@ -124,7 +124,7 @@ def merge_forward(model, img, at=(), keep=0.7, metric="keys", tome_r=None, reduc
             mid, size = tome_step(mid, size, keys, prefix, tome_r[i] if isinstance(tome_r, tuple) else tome_r, tracker,
                                   shift if guidance else None, guidance)
         mlp_out = blk.ls2(blk.mlp(blk.norm2(mid)))
-        shift = shift_mlp(mlp_out, mid)
+        shift = ((mid + mlp_out - mid) ** 2).sum(-1).sqrt()  # how far the MLP moved each token
         x = mid + mlp_out
         if i in at and reduce == "merge":
             x, size = merge_step(x, size, shift_mlp(mlp_out, mid), keys if metric == "keys" else x, prefix, keep, tracker)

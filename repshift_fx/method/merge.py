@@ -92,7 +92,8 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, prefix: int, valid: to
     0 <= r <= min(len(A), len(B)). Returns kept_index (B, N - r) sorted, so the kept tokens keep their order
     (ToMe concatenates unmerged A then B), and the assignment (B, N) of `assign_to_kept`.
     valid (B, N) bool, False = padding: padding pairs only with padding, and merges first.
-    shift (B, N): each token's representation shift (`shift_guidance`); an A token then leaves by
+    shift (B, N): each token's representation shift in the block before, how far that block moved
+    it (`shift_guidance`); an A token then leaves by
     its similarity less `weight` times its shift over the mean shift of A, so that of two equally
     redundant tokens the one the layers still change stays.
     """

@@ -87,8 +87,9 @@ def _score_inputs(block, config: Config) -> tuple[str, ...]:
     return shift_inputs(block, config) if config.score == "shift" else (block.output,)
 
 
-def shift_inputs(block, config: Config) -> tuple[str, ...]:
-    """(changed, reference): the nodes whose distance is the block's shift at config.site."""
+def shift_inputs(block, config: Config, residual: bool | None = None) -> tuple[str, ...]:
+    """(changed, reference): the nodes whose distance is the block's shift at config.site
+    (`residual`: the stream after the sub-layer against before it; default config.residual)."""
     site_name = site_of(block, config)
     if site_name == "block":
         return (block.output, block.input)
@@ -98,7 +99,7 @@ def shift_inputs(block, config: Config) -> tuple[str, ...]:
             f"site='attn' needs an attention sub-layer in block {block.index} ({block.module}), "
             "but this block has only an MLP; use site='mlp' or site='block'", module=block.module
         )
-    return (site.add if config.residual else site.branch, site.stream)
+    return (site.add if (config.residual if residual is None else residual) else site.branch, site.stream)
 
 
 def check_at(at: tuple[int, ...], depth: int, first: str, kind: str = "blocks") -> None:
@@ -237,10 +238,13 @@ def _plan_run(plan: PrunePlan, run, schedule, config: Config, held, restore_afte
 
 def _guide(previous, config: Config, same_tokens: bool) -> tuple[str, ...]:
     """ToMe's shift guidance: the shift of the block before, whose MLP ran on the tokens this
-    block's matching sees; none for the first block of a run or after a restore."""
+    block's matching sees; none for the first block of a run or after a restore. Always the
+    residual form, D(x' + MLP(LN(x')), x'), how far the block moved each token: the paper's
+    D(MLP(LN(x')), x') is close to the token's norm where the branch is small next to the stream
+    (layer scale), which measured worse inside the matching (docs/results/real_vit.md)."""
     if config.score != "tome" or not config.shift_guidance or previous is None or not same_tokens:
         return ()
-    return shift_inputs(previous, config)
+    return shift_inputs(previous, config, residual=True)
 
 
 def _pending_before(plan: PrunePlan) -> list[Drop]:
