@@ -133,7 +133,7 @@ def test_missing_or_unknown_data_sets_say_what_to_do(tmp_path):
         fashion_mnist(root=tmp_path)
     with pytest.raises(DataError, match="no images"):
         load_dataset(f"folder:{tmp_path}")
-    with pytest.raises(DataError, match="fashion-mnist, skimage, folder:PATH or wordnet"):
+    with pytest.raises(DataError, match="fashion-mnist, fashion-scenes, skimage, folder:PATH or wordnet"):
         load_dataset("imagenet")
 
 
@@ -389,3 +389,17 @@ def test_calibrated_evaluation_measures_every_candidate_and_the_baselines_on_the
     assert rho != rho or -1 <= rho <= 1  # NaN when every candidate scores alike
     calibrated.plot_calibrated(rows, tmp_path / "calibrated.png")
     assert "test accuracy %" in calibrated.format_calibrated(rows, cal.objective)
+
+
+@pytest.mark.skipif(not FASHION_MNIST.is_dir(), reason="Fashion-MNIST: apt-get install dataset-fashion-mnist "
+                    "(bash tools/setup_env.sh test does)")
+def test_fashion_scenes_put_each_garment_on_a_photo_the_same_way_every_time():
+    test, again = load_dataset("fashion-scenes", "test", 6), load_dataset("fashion-scenes", "test", 6)
+    garments = fashion_mnist("test", 6)
+    images = test.images(range(6))
+    assert all(image.shape == (112, 112, 3) and image.dtype == np.uint8 for image in images)
+    assert all(np.array_equal(a, b) for a, b in zip(images, again.images(range(6))))  # fixed per split and index
+    assert torch.equal(test.labels, garments.labels) and test.classes == garments.classes
+    train = load_dataset("fashion-scenes", "train", 6).images(range(6))
+    assert not any(np.array_equal(a, b) for a, b in zip(images, train))
+    assert len({image.tobytes() for image in images}) == 6
