@@ -61,8 +61,9 @@ def calibrate(model: nn.Module, batches, *, target_flops: float | None = None, t
             better, applied per batch to the main output tensors.
         max_candidates: at most this many candidates are measured.
         screen: the search measures each candidate on the fewest batches, evenly spaced over
-            them all, that hold this many samples (None: all); then the `refine` best, and the
-            paper's rule, are measured on all of them, and the choice is made among those.
+            them all, that hold this many samples (None: all); then the `refine` best (with
+            labels, also the `refine` most faithful), and the paper's rule, are measured on all
+            of them, and the choice is made among those.
         finalists: with target_speedup, how many of the best are compiled and timed.
         **fixed: compress() options held fixed in every candidate (e.g. protect=1, mode="tokens").
 
@@ -82,7 +83,10 @@ def calibrate(model: nn.Module, batches, *, target_flops: float | None = None, t
         budget = target_flops or min(1.0, 1.0 / target_speedup)
         base = dict(fixed, target_flops=budget)
         paper, table = descend(measure, search_space, base, depth, max_candidates, progress)
-        best = sorted((c for c in table if c.error is None), key=Candidate.rank, reverse=True)[:refine]
+        measured = [c for c in table if c.error is None]
+        best = sorted(measured, key=Candidate.rank, reverse=True)[:refine]
+        if labels is not None:  # the most faithful too: the choice among what the labels cannot tell apart
+            best += sorted(measured, key=Candidate.fidelity, reverse=True)[:refine]
         for candidate in {id(c): c for c in best + [paper] if c.error is None}.values():
             if measure.screening != measure.everything:
                 measure(candidate, full=True)

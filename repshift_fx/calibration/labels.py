@@ -126,7 +126,7 @@ def within_noise(ranked: list) -> tuple[object, list[str]]:
     difference reaches 0); and a note saying so."""
     best = ranked[0]
     tied = [c for c in ranked if c.samples == best.samples and paired_interval(c.correct, best.correct)[2] >= 0]
-    chosen = max(tied, key=lambda c: (c.value, c.cosine, -c.flops))
+    chosen = max(tied, key=lambda c: c.fidelity())
     if chosen is best:
         return best, []
     mean, low, high = paired_interval(chosen.correct, best.correct)

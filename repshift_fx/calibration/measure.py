@@ -64,6 +64,10 @@ class Candidate:
         accuracy = () if self.accuracy is None else (self.accuracy,)
         return (self.samples, *accuracy, self.value, self.cosine, -self.flops)
 
+    def fidelity(self) -> tuple:
+        """Higher is closer to the unpruned model: the objective, then the cosine (never accuracy)."""
+        return (float("-inf"),) if self.error is not None else (self.value, self.cosine, -self.flops)
+
 
 def _short(value) -> str:
     return "(" + ",".join(map(str, value)) + ")" if isinstance(value, (tuple, list)) else str(value)

@@ -44,6 +44,8 @@ def test_labels_aim_the_search_at_the_task(vit, batches, drop_labels):
     assert paired_interval(cal.chosen.correct, best.correct)[2] >= 0
     tied = [c for c in full if paired_interval(c.correct, best.correct)[2] >= 0]
     assert cal.chosen.value == max(c.value for c in tied)
+    most_faithful = max((c for c in cal.table if c.error is None), key=lambda c: c.fidelity())
+    assert most_faithful.samples == 48  # measured on every labelled sample, so the choice can fall on it
     assert "accuracy" in cal.format_table() and "labelled" in cal.summary()
 
 
