@@ -130,6 +130,7 @@ def build_group(run: Run, name: str, dtype: str, batch: int) -> dict:
     eager = {"unpruned": model, "drop": repshift_fx.compress(model, x, compile=False, reduce="drop", score="shift")}
     drop_ratio = per_sample_gmacs(eager["drop"], (x,)) / base
     configs = {"merge": {"reduce": "merge"}, "tome (pass)": {"score": "tome", "target_flops": drop_ratio},
+               "tome + shift (pass)": {"score": "tome", "target_flops": drop_ratio, "shift_guidance": 0.01},
                "attention (EViT)": {"score": "attention"}}
     if args.target_flops:
         configs[f"drop @{args.target_flops:g}"] = {"target_flops": args.target_flops}
