@@ -5,7 +5,8 @@
 
 The objective is how closely the reduced model's outputs follow the original's on `batches`
 (objective.py), or, given `labels`, how often it is right (labels.py: the model's head, or a probe
-fitted on the unpruned outputs), the most faithful winning among candidates the labels cannot tell apart; the search walks from the paper's rule one dimension at a time (search.py, over
+fitted on the unpruned outputs), the most faithful winning among candidates the labels cannot tell
+apart; the search walks from the paper's rule one dimension at a time (search.py, over
 space.py's dimensions); each candidate runs eagerly, with FLOPs counted on its rewritten graphs
 (measure.py); with `target_speedup` the finalists alone are compiled and timed (search.py).
 """
