@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -31,8 +30,8 @@ import numpy as np
 import ray
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # _inference_common, also when imported by the tests
-from _inference_common import Images, Job, Predictor, add_job_arguments, job_from_args, write_part  # noqa: E402
+# shared with torchrun_inference.py, next to it (a script's own folder is importable; pytest adds examples/)
+from _inference_common import Images, Job, Predictor, add_job_arguments, job_from_args, write_part
 
 log = logging.getLogger("ray_batch_inference")
 EXAMPLES = Path(__file__).resolve().parent

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import time
 from pathlib import Path
 
@@ -24,8 +23,8 @@ import torch.distributed as dist
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # _inference_common, also when imported by the tests
-from _inference_common import Job, Predictor, add_job_arguments, job_from_args  # noqa: E402
+# shared with ray_batch_inference.py, next to it (a script's own folder is importable; pytest adds examples/)
+from _inference_common import Job, Predictor, add_job_arguments, job_from_args
 
 log = logging.getLogger("torchrun_inference")
 

@@ -1,18 +1,16 @@
-"""A Vision Mamba (examples/vim.py): SSM blocks with no MLP, the class token in the middle."""
+"""A Vision Mamba (repshift_fx.apps.models.vim; examples/vim.py runs it): SSM blocks with no MLP, the class
+token in the middle."""
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
 import repshift_fx
+import vim as example  # examples/vim.py (examples/ is on the tests' pythonpath: pyproject.toml)
 from conftest import assert_close
+from repshift_fx.apps.models import vim
 from repshift_fx.errors import TraceError, UnsupportedSiteError
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-import vim  # noqa: E402
 
 MIDDLE = 8  # the class token's position among the 17 tokens of a 32 px image in 8 px patches
 
@@ -184,7 +182,7 @@ def test_precomputed_full_length_tensor_joined_after_a_drop_is_refused():
 
 
 def test_example_runs_with_tiny_settings(capsys):
-    found = vim.main(["--size", "32", "--patch", "8", "--depth", "2", "--dim", "32", "--batch", "2", "--runs", "1"])
+    found = example.main(["--size", "32", "--patch", "8", "--depth", "2", "--dim", "32", "--batch", "2", "--runs", "1"])
     assert "SSM" in capsys.readouterr().out
     assert found["report"].tokens == [17, 13]
     assert found["scan_gflops"][1] < found["scan_gflops"][0]

@@ -1,8 +1,6 @@
-"""The zoo, fast subset (tools/zoo_models.py FAST; the full sweep is tools/zoo.py -> docs/zoo.md):
+"""The zoo, fast subset (repshift_fx/apps/models/zoo.py FAST; the full sweep is tools/zoo.py -> docs/zoo.md):
 each model prunes (FLOPs fall at keep 0.7, keep=1.0 equals the model to 1e-5, the output keeps
 its shape, the model is unchanged) or is refused with a RepShiftError in the user's terms."""
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
@@ -10,14 +8,11 @@ import timm
 import torch
 
 import repshift_fx
-from conftest import assert_refused, assert_unchanged, node_values, snapshot
+from conftest import assert_refused, assert_unchanged, load_tool, node_values, snapshot
+from repshift_fx.apps.models import zoo as zoo_models
 
-TOOLS = Path(__file__).resolve().parents[1] / "tools"
-sys.path.insert(0, str(TOOLS))
-zoo_models = pytest.importorskip("zoo_models")
-spec = importlib.util.spec_from_file_location("zoo_tool", TOOLS / "zoo.py")
-zoo = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(zoo)
+ROOT = Path(__file__).resolve().parents[1]
+zoo = load_tool("zoo")  # tools/zoo.py
 
 # what each model of the fast subset does today: a regression here is a change of behaviour
 EXPECTED = {"timm:volo_d1_224": "prunes nothing (warns)"}
@@ -40,7 +35,7 @@ def test_zoo_model_prunes_or_is_refused_in_the_users_terms(name):
 
 def test_every_refusal_of_the_last_sweep_says_where_why_and_what_to_do():
     """docs/zoo.md is the full sweep's table: each refusal there keeps the message rules."""
-    rows = [line.split("|") for line in (TOOLS.parent / "docs" / "zoo.md").read_text().splitlines()
+    rows = [line.split("|") for line in (ROOT / "docs" / "zoo.md").read_text().splitlines()
             if line.startswith("| ") and "refused" in line]
     assert len(rows) >= 10
     for row in rows:

@@ -6,7 +6,7 @@
     python tools/bench.py --compare                         # shift vs attention vs random, same FLOPs
     python tools/bench.py --compare --out results/bench_scores --docs docs    # ... copied to docs/bench_scores.*
     python tools/bench.py --torchvision resnet50 --channels-last --at 4 --sweep 0.85,0.75,0.7 --compiled-only
-    python tools/bench.py --vim --batch 8 --sweep 0.7 --compiled-only   # examples/vim.py's ViM-T (docs/vim.md)
+    python tools/bench.py --vim --batch 8 --sweep 0.7 --compiled-only   # ViM-T: examples/vim.py's model (docs/vim.md)
 
 Prints a table (img/s, GFLOPs, speedup to the baseline of the same kind, eager or compiled, that
 speedup divided by the FLOP gain, speedup to the eager baseline) and the share of
@@ -22,7 +22,6 @@ import copy
 import json
 import logging
 import platform
-import sys
 from pathlib import Path
 
 import repshift_fx  # noqa: F401  (before timm: installs the torchvision guard)
@@ -38,8 +37,8 @@ def parse_args(argv=None):
     parser.add_argument("--model", default="deit_small_patch16_224", help="timm model name (random weights)")
     parser.add_argument("--torchvision", default=None, metavar="NAME",
                         help="a torchvision model instead (random weights), e.g. resnet50; CNNs prune rows and columns")
-    parser.add_argument("--vim", action="store_true", help="examples/vim.py's Vision Mamba instead, ViM-T's size "
-                        "(random weights)")
+    parser.add_argument("--vim", action="store_true", help="the Vision Mamba of examples/vim.py "
+                        "(repshift_fx.apps.models.vim) instead, ViM-T's size (random weights)")
     parser.add_argument("--channels-last", action="store_true",
                         help="model and images in channels-last memory format (CNNs: far faster convolutions on CPU)")
     parser.add_argument("--freezing", action="store_true", help="Inductor freezing for every compiled variant "
@@ -83,11 +82,10 @@ def main(argv=None) -> None:
         model = getattr(torchvision.models, args.torchvision)().eval()
         args.model = args.torchvision
     elif args.vim:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-        import vim
+        from repshift_fx.apps.models.vim import vim_tiny
 
-        model = vim.vim_tiny(size=args.img_size, **extra).eval()
-        args.model = "ViM-T (examples/vim.py)"
+        model = vim_tiny(size=args.img_size, **extra).eval()
+        args.model = "ViM-T (repshift_fx.apps.models.vim)"
     else:
         model = timm.create_model(args.model, img_size=args.img_size, **extra).eval()
     images = torch.randn(args.batch, 3, args.img_size, args.img_size)

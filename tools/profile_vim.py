@@ -2,8 +2,8 @@
 
     .venv/bin/python tools/profile_vim.py --img-size 224 --batch 8 --keep 0.7 --compiled --out results/profile_vim/x.json
 
-Profiles one forward (torch.profiler, self CPU time) of examples/vim.py's ViM-T (random weights) and
-of repshift_fx.compress(..., keep) of it (traced on two of the images), eager or, with --compiled,
+Profiles one forward (torch.profiler, self CPU time) of ViM-T (repshift_fx.apps.models.vim, random
+weights) and of repshift_fx.compress(..., keep) of it (traced on two of the images), eager or, with --compiled,
 torch.compile'd (after a warm-up, with Inductor's kernel profiling on), and sorts the ops into
 - logcumsumexp, and "scan (other ops)": an op with a (batch, tokens, d_inner | 1, d_state | 1)
   operand, the selective scan's 4-D tensors (eager: cumsum, mul, clamp, log, sub, exp, add, the sum
@@ -18,17 +18,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import repshift_fx  # noqa: F401  (before timm)
 import torch
+from repshift_fx.apps.models import vim
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-import vim  # noqa: E402
 
 LINEAR = {"aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear", "mkldnn::_linear_pointwise"}
 CONV = {"aten::convolution", "aten::_convolution", "aten::conv1d", "aten::conv2d", "aten::mkldnn_convolution",

@@ -20,18 +20,15 @@ import time
 
 import collections
 import signal
-import sys
 from pathlib import Path
 
 import repshift_fx  # noqa: F401  (before timm: installs the torchvision guard)
 import repshift_fx.method
 import torch
+from repshift_fx.apps.models.zoo import ENTRIES
 from repshift_fx.capture import reuse_traces
 from tabulate import tabulate
 from tqdm import tqdm
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from zoo_models import ENTRIES  # noqa: E402
 
 INSERTED = re.compile(r"repshift_(score|index|keep|merge|merged|assign|size|match|metric|restore|padding|real_score)_\d")
 
@@ -177,8 +174,8 @@ def main(argv=None) -> None:
         rows, how = _updated(args.out, rows, how)
     table = tabulate(rows, headers=("model", "kind", "outcome", "FLOP ratio at keep 0.7", "reason"), tablefmt="github")
     text = (f"# Zoo sweep\n\n`python tools/zoo.py` (random weights, small configs and inputs "
-            f"(tools/zoo_models.py), keep 0.7, default `at`, restore='auto', compile=False; {how}, torch "
-            f"{torch.__version__})\n\n{summary(rows)}\n\n{table}\n")
+            f"(repshift_fx/apps/models/zoo.py), keep 0.7, default `at`, restore='auto', compile=False; {how}, "
+            f"torch {torch.__version__})\n\n{summary(rows)}\n\n{table}\n")
     with open(args.out, "w") as f:
         f.write(text)
     print(summary(rows))

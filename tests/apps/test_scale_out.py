@@ -15,11 +15,11 @@ from PIL import Image
 from repshift_fx.apps.data.datasets import FASHION_MNIST, fashion_mnist, to_model_input
 from repshift_fx.calibration import Calibration
 
+import _inference_common as common  # examples/ is on the tests' pythonpath (pyproject.toml)
+import ray_batch_inference
+import torchrun_inference
+
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-sys.path.insert(0, str(EXAMPLES))
-import _inference_common as common  # noqa: E402
-import ray_batch_inference  # noqa: E402
-import torchrun_inference  # noqa: E402
 
 needs_fashion = pytest.mark.skipif(
     not (FASHION_MNIST / "t10k-images-idx3-ubyte.gz").exists(),

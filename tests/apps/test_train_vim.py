@@ -2,15 +2,11 @@
 missing checkpoint fails cleanly, and one training step gives a checkpoint the pass can prune."""
 import repshift_fx  # noqa: F401  (before timm)
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
-import train_fmnist_vim as tv  # noqa: E402
-from train_fmnist_vit import ROOT  # noqa: E402
+import train_fmnist_vim as tv  # tools/ is on the tests' pythonpath (pyproject.toml)
+from train_fmnist_vit import ROOT
 
 
 def test_model_shape_and_missing_checkpoint(tmp_path):

@@ -1,14 +1,9 @@
 """A video ViT (examples/video_vit.py): tubelet tokens over time x height x width, pruned across both."""
-import sys
-from pathlib import Path
-
 import torch
 
 import repshift_fx
+import video_vit  # examples/video_vit.py (examples/ is on the tests' pythonpath: pyproject.toml)
 from conftest import assert_close
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
-import video_vit  # noqa: E402
 
 TINY = ["--frames", "4", "--size", "32", "--patch", "8", "--depth", "4", "--dim", "32", "--heads", "2", "--batch", "2",
         "--runs", "1"]

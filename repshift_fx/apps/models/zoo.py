@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
-import torch  # import repshift_fx before this module: timm and torchvision are imported in the builders
+import torch  # timm, torchvision and transformers: in the builders, after repshift_fx's torchvision guard
 
 
 @dataclass
