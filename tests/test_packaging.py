@@ -1,5 +1,7 @@
 """A plain `pip install .` and the editable install both give every subpackage (the passes as
 `repshift_fx.passes`), imported from outside the repository."""
+import os
+import site
 import subprocess
 import sys
 import tomllib
@@ -30,9 +32,10 @@ def test_plain_install_ships_every_subpackage(tmp_path):
                     "--target", str(target), str(ROOT)], check=True, capture_output=True, timeout=300)
     assert (target / "repshift_fx" / "passes" / "find_sites.py").exists()
     assert not (target / "passes").exists()
-    result = subprocess.run([sys.executable, "-S", "-c", f"import sys; sys.path[:0] = [{str(target)!r}] + "
-                             f"{[p for p in sys.path if 'site-packages' in p]!r}; {IMPORT_ALL}"],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    # -S: no site module, so no editable finder; the dependencies' site-packages after the target, on PYTHONPATH
+    path = [str(target), *site.getsitepackages()]
+    result = subprocess.run([sys.executable, "-S", "-c", IMPORT_ALL], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "PYTHONPATH": os.pathsep.join(path)})
     assert result.returncode == 0, result.stderr
     files = result.stdout.split()
     assert len(files) == len(SUBPACKAGES) and all(line.startswith(str(target)) for line in files)
