@@ -1,56 +1,105 @@
-"""The user's configuration, checked before anything is traced, and the state passes share."""
+"""The user's configuration: `Config` is the one list of options every entry point takes (compress,
+inspect, backend, export, calibrate, the command's flags), checked here before anything is traced."""
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
 import numbers
-from collections.abc import Iterable
+import textwrap
+import types
+import typing
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Literal
 
 from repshift_fx.errors import ConfigError
 
-SITES = ("mlp", "attn", "block")
-DISTANCES = ("l2", "l1", "cosine")
-SCORES = ("shift", "norm", "random", "attention", "tome")  # attention: EViT-style CLS attention (explicit there)
-REDUCES = ("drop", "merge")  # merge: the leaving tokens fold into their most similar kept token
-MERGE_METRICS = ("keys", "stream")  # what "most similar" compares: the attention keys, or the stream
-SIZE_ATTENTIONS = ("mask", "qk")  # proportional attention as an SDPA attn_mask, or an extra q/k column
-MODES = ("auto", "tokens", "lines")  # lines: rows and columns of CNN maps (repshift_fx/plan/lines.py)
-CHOICES = {"site": SITES, "distance": DISTANCES, "score": SCORES, "mode": MODES, "reduce": REDUCES,
-           "merge_metric": MERGE_METRICS, "size_attention": SIZE_ATTENTIONS}  # the options that name a choice
-SWITCHES = ("residual", "sdpa", "fuse")  # the options that are booleans (restore: True, False or "auto")
+Auto = Literal["auto"]
+Site = Literal["mlp", "attn", "block"]
+Distance = Literal["l2", "l1", "cosine"]
+Score = Literal["shift", "norm", "random", "attention", "tome"]
+Mode = Literal["auto", "tokens", "lines"]
+Reduce = Literal["drop", "merge"]
+MergeMetric = Literal["keys", "stream"]
+SizeAttention = Literal["mask", "qk"]
+
+
+def _option(default, doc: str):
+    """A field of Config: its default and what it means (help(Config) and `repshift-fx inspect --help` show it)."""
+    return dataclasses.field(default=default, metadata={"doc": " ".join(doc.split())})
 
 
 @dataclass(frozen=True)
 class Config:
-    """What to prune and how to score (see `repshift_fx.compress` for each field)."""
+    """What to prune and how to score: the options of `repshift_fx.compress`, `inspect`, `backend`,
+    `export` and `calibrate`, each checked once, here (a `ConfigError` says what was wrong)."""
 
-    keep: float | tuple[float, ...] | None = None  # None: 0.7, or chosen by target_flops
-    at: tuple[int, ...] | None = None
-    site: str = "mlp"
-    distance: str = "l2"
-    residual: bool = False
-    score: str = "shift"
-    protect: str | int = "auto"
-    sdpa: bool = True
-    target_flops: float | None = None  # FLOPs after / before; the planner chooses keep
-    mode: str = "auto"  # "auto" (from the graph), "tokens" (ViTs) or "lines" (CNNs)
-    fuse: bool = False  # EViT fusion: the dropped tokens folded into one extra token
-    reduce: str = "drop"  # "drop", or "merge": the leaving tokens fold into their most similar kept token
-    restore: bool | str = "auto"  # put every token back where the graph needs them all ("auto": where needed)
-    r: int | tuple[int, ...] | None = None  # score="tome": tokens merged away in each block of `at`
-    merge_metric: str = "keys"  # reduce="merge": similarity of the attention keys, or of the stream
-    size_attention: str = "mask"  # proportional attention: SDPA attn_mask, or "qk" (no mask: flash on GPU)
-    shift_guidance: float = 0.0  # score="tome": how much the block before's shift keeps a token from merging
+    keep: float | tuple[float, ...] | None = _option(None, """
+        fraction of the non-prefix tokens kept at each drop, in (0, 1], or one per `at`. A drop keeps
+        ceil(keep * n) of n tokens, the best-scored, in their original order. Default 0.7 (unless
+        target_flops is given; the two exclude each other).""")
+    at: tuple[int, ...] | None = _option(None, """
+        0-based indices of the blocks whose shift is measured; the tokens are dropped from the next block
+        on. None: (d//4, d//2, 3d//4) for d blocks, (3, 6, 9) for DeiT.""")
+    site: Site = _option("mlp", """
+        "mlp" scores D(MLP(LN(x')), x') at the MLP sub-layer (the paper's default); "attn" the same at the
+        attention sub-layer; "block" D(block(x), x).""")
+    distance: Distance = _option("l2", """"l2", "l1" or "cosine" (1 - cosine similarity), over channels.""")
+    residual: bool = _option(False, "score D(x' + branch(x'), x') instead of D(branch(x'), x').")
+    score: Score = _option("shift", """
+        "shift" (the method), or the baselines "norm" (token L2 norm), "random", "attention" (EViT: the CLS
+        token's attention to each token, averaged over heads, in the scoring block; without prefix tokens,
+        the mean attention each token receives; those blocks run explicit attention) and "tome" (ToMe's
+        bipartite merging, sized by r).""")
+    protect: Auto | int = _option("auto", """
+        "auto" finds the prefix tokens (CLS, distillation, registers) in the graph; an int sets their
+        number. They are never dropped.""")
+    sdpa: bool = _option(True, "rewrite explicit softmax attention to F.scaled_dot_product_attention.")
+    target_flops: float | None = _option(None, """
+        a FLOP budget in (0, 1], compressed / original: the planner chooses the one keep rate for every drop
+        in `at` whose FLOPs are the largest at most this fraction (counted by torch.utils.flop_counter);
+        `.report.budget` says the ratio reached.""")
+    mode: Mode = _option("auto", """
+        "auto" picks from the graph: "tokens" for residual MLPs over (B, N, C) tokens (ViTs), else "lines"
+        for residual blocks over (B, C, H, W) maps (CNNs: ResNet, EfficientNet), which drops whole rows and
+        columns, scored by D(block(x), shortcut(x)) averaged along each line; there `keep` may also be a
+        pair (rows, cols), or one rate or pair per `at`, and `at` counts the residual adds in the order the
+        stream meets them (docs/lines.md).""")
+    fuse: bool = _option(False, """
+        EViT fusion: the dropped tokens of each drop are folded into one extra token (their average weighted
+        by the softmax of their scores), placed after the kept tokens; later drops score it like any other
+        token. Tokens mode only.""")
+    reduce: Reduce = _option("drop", """
+        "drop" (the paper), or "merge": each leaving token is added into its most similar kept token (by
+        merge_metric), a size-weighted mean; every token carries its size, and later attention weighs keys
+        by it (proportional attention, kept fused, by size_attention).""")
+    restore: Auto | bool = _option("auto", """
+        "auto" puts every token back where the graph needs them all (a per-token output such as BertModel's
+        last_hidden_state, a stage that reshapes tokens to a grid): a kept token takes its value, a merged
+        one the value of the token it went into, a dropped one its value when dropped. True always restores
+        at the end of each run of blocks; False refuses such models.""")
+    r: int | tuple[int, ...] | None = _option(None, """
+        score="tome" (ToMe, the baseline, on any graph): tokens merged away in each block of `at` (all
+        blocks by default), or one number per block, by bipartite soft matching between attention and
+        MLP.""")
+    merge_metric: MergeMetric = _option("keys", """
+        reduce="merge": "most similar" compares the scoring block's attention keys (cosine), or "stream",
+        the tokens themselves.""")
+    size_attention: SizeAttention = _option("mask", """
+        proportional attention (reduce="merge") as an SDPA attn_mask, or "qk": an extra q/k column that
+        needs no mask (flash attention on GPU).""")
+    shift_guidance: float = _option(0.0, """
+        score="tome": a weight >= 0 on the representation shift inside ToMe's matching. ToMe merges the
+        tokens of set A most similar to set B; with a weight w each A token's similarity is lowered by w
+        times its shift in the block before, the residual form D(x' + MLP(LN(x')), x') at `site` with
+        `distance` (over the mean of A), so that of equally redundant tokens those the layers still change
+        stay. 0: ToMe's own matching.""")
 
     def __post_init__(self):
-        for name in SWITCHES:
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"{name} is a boolean: pass True or False, got {getattr(self, name)!r}")
-        for name, allowed in CHOICES.items():
-            if not _is_text(getattr(self, name), *allowed):
-                raise ConfigError(f"{name} must be one of {', '.join(map(repr, allowed))}, "
-                                  f"got {getattr(self, name)!r}")
+        for name, allowed in FIXED.items():
+            if not _is_one_of(getattr(self, name), allowed):
+                raise ConfigError(f"{name} {_must_be(allowed)}, got {getattr(self, name)!r}")
         _check_merging(self)
         _check_guidance(self)
         if self.target_flops is not None:
@@ -86,22 +135,57 @@ class Config:
                 f"keep has {len(self.keep)} rates but at has {len(self.at)} blocks; give one rate per "
                 "entry of at, or a single float"
             )
-        if not (isinstance(self.restore, bool) or _is_text(self.restore, "auto")):
-            raise ConfigError(f"restore must be 'auto', True or False, got {self.restore!r}")
         if self.restore is True and self.fuse:
             raise ConfigError("restore=True cannot put back tokens that fuse=True folded into one; use "
                               "reduce='merge' (restore then unmerges), or fuse=False")
-        if not _is_text(self.protect, "auto") and not (_is_int(self.protect) and self.protect >= 0):
+        if not _is_one_of(self.protect, ("auto",)) and not (_is_int(self.protect) and self.protect >= 0):
             raise ConfigError(f"protect must be 'auto' or a number of prefix tokens >= 0, got {self.protect!r}")
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "Config":
-        check_names(kwargs, option_names())
-        return cls(**kwargs)
+        return config_from(kwargs)[0]
+
+
+TYPES = typing.get_type_hints(Config)  # name -> the field's type, the Literals resolved
 
 
 def option_names() -> list[str]:
     return [f.name for f in dataclasses.fields(Config)]
+
+
+def allowed_values(hint) -> tuple | None:
+    """The values a field of type `hint` takes when they are a fixed set (its Literal's words, True and
+    False for a bool), else None."""
+    if not all(m is bool or typing.get_origin(m) is Literal for m in members(hint)):
+        return None
+    return tuple(v for m in members(hint) for v in ((True, False) if m is bool else typing.get_args(m)))
+
+
+def members(hint) -> tuple:
+    """The types a union joins (int | None -> (int, NoneType)), or (hint,)."""
+    return typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+
+
+FIXED = {name: v for name, hint in TYPES.items() if (v := allowed_values(hint)) is not None}  # checked in one place
+CHOICES = {name: v for name, v in FIXED.items() if True not in v}  # the options that name a choice
+SWITCHES = tuple(name for name, v in FIXED.items() if v == (True, False))  # the options that are booleans
+SITES, DISTANCES = typing.get_args(Site), typing.get_args(Distance)
+Config.__doc__ = (Config.__doc__ or "") + "\n\n    Fields:\n" + "\n".join(
+    textwrap.fill(f"{f.name} (default {f.default!r}): {f.metadata['doc']}", 100, initial_indent=" " * 8,
+                  subsequent_indent=" " * 12, break_on_hyphens=False) for f in dataclasses.fields(Config))
+
+
+def config_from(options: Mapping, entry: Callable | None = None, passed_on: Iterable[str] = ()) -> tuple[Config, dict]:
+    """The options an entry point was given, checked in one place: (the `Config` of those that are its
+    fields, the others, which must be named in `passed_on`, e.g. torch.compile's keywords for compress).
+
+    Any other name is a ConfigError naming the nearest field, name of `passed_on` or keyword of `entry`
+    (the function the user called): "unknown option 'kepe'; did you mean 'keep'?"."""
+    own = [p.name for p in inspect.signature(entry).parameters.values() if p.kind is p.KEYWORD_ONLY] if entry else []
+    fields = option_names()
+    check_names(options, fields + list(passed_on) + own)
+    config = Config(**{name: value for name, value in options.items() if name in fields})
+    return config, {name: value for name, value in options.items() if name not in fields}
 
 
 def check_names(given, valid, what: str = "option") -> None:
@@ -111,6 +195,22 @@ def check_names(given, valid, what: str = "option") -> None:
             near = difflib.get_close_matches(name, list(valid), n=1)
             hint = f"; did you mean {near[0]!r}?" if near else f"; the {what}s are {sorted(valid)}"
             raise ConfigError(f"unknown {what} {name!r}{hint}")
+
+
+def _is_one_of(value, allowed: tuple) -> bool:
+    """`value` is one of `allowed` (strings and booleans; never compared otherwise: a tensor's == is
+    elementwise, and 1 == True)."""
+    return isinstance(value, (str, bool)) and any(isinstance(value, bool) is isinstance(a, bool) and value == a
+                                                  for a in allowed)
+
+
+def _must_be(allowed: tuple) -> str:
+    words = [repr(a) for a in allowed if not isinstance(a, bool)]
+    if not words:
+        return "is a boolean: pass True or False"
+    if len(words) == len(allowed):
+        return f"must be one of {', '.join(words)}"
+    return f"must be {', '.join(words)}, True or False"
 
 
 def _check_merging(config: Config) -> None:
@@ -180,8 +280,3 @@ def _nested_tuples(keep):
 
 def _is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_text(value, *allowed: str) -> bool:
-    """`value` is one of the strings `allowed` (never compared otherwise: a tensor's == is elementwise)."""
-    return isinstance(value, str) and value in allowed

@@ -37,6 +37,36 @@ def test_the_backend_refuses_a_typo_as_compress_does(deit):
     assert repshift_fx.backend(keep=0.5, at=[1, 2], inner="eager").config.at == (1, 2)
 
 
+ENTRY_POINTS = {  # each called with a misspelt option: nothing runs before it is refused
+    "compress": lambda model, **options: repshift_fx.compress(model, X, **options),
+    "inspect": lambda model, **options: repshift_fx.inspect(model, X, **options),
+    "backend": lambda model, **options: repshift_fx.backend(**options),
+    "export": lambda model, **options: repshift_fx.export(model, X, "never-written.onnx", **options),
+    "calibrate": lambda model, **options: repshift_fx.calibrate(model, [X], target_flops=0.7, progress=False,
+                                                               **options),
+}
+
+
+@pytest.mark.parametrize("entry", list(ENTRY_POINTS))
+def test_every_entry_point_names_the_option_meant(deit, entry):
+    """One check (repshift_fx.config.config_from) behind every entry point: the same words for a typo,
+    and for a value out of a Literal field's choices."""
+    with pytest.raises(ConfigError) as caught:
+        ENTRY_POINTS[entry](deit, kepe=0.5)
+    assert str(caught.value) == "unknown option 'kepe'; did you mean 'keep'?"
+    with pytest.raises(ConfigError, match="site must be one of 'mlp', 'attn', 'block', got 'head'"):
+        ENTRY_POINTS[entry](deit, site="head")
+
+
+def test_an_entry_points_own_keywords_are_suggested_too(deit):
+    with pytest.raises(ConfigError, match="did you mean 'max_candidates'"):
+        ENTRY_POINTS["calibrate"](deit, max_candidate=2)
+    with pytest.raises(ConfigError, match="did you mean 'compile'"):
+        repshift_fx.compress(deit, X, compil=False)
+    with pytest.raises(ConfigError, match="did you mean 'dynamic'"):  # torch.compile's, passed on
+        repshift_fx.compress(deit, X, dynamc=True)
+
+
 @pytest.mark.parametrize("typo,near", [("kepe", "keep"), ("dynamic_btch", "dynamic_batch"), ("backend", None)])
 def test_export_refuses_a_typo_before_it_writes(deit, tmp_path, typo, near):
     with pytest.raises(ConfigError, match=f"unknown option '{typo}'" + (f"; did you mean '{near}'" if near else "")):

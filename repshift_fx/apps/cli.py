@@ -31,7 +31,8 @@ from repshift_fx.apps import export_cmd
 from repshift_fx.apps import shiftmap
 from repshift_fx.apps import shiftmap_lines
 from repshift_fx.apps import specs
-from repshift_fx.config import DISTANCES, MODES, REDUCES, SCORES, SITES
+from repshift_fx.apps.config_flags import add_config_flags, config_options
+from repshift_fx.config import option_names
 from repshift_fx.errors import RepShiftError
 
 log = logging.getLogger("repshift_fx")
@@ -45,11 +46,12 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+MODEL_FIELDS = ("site", "distance", "residual")  # how the shift is measured: shiftmap's too
+
+
 def _model_options(parser: argparse.ArgumentParser) -> None:
     _spec_options(parser)
-    parser.add_argument("--site", choices=SITES, default="mlp", help="where the shift is measured (default mlp)")
-    parser.add_argument("--distance", choices=DISTANCES, default="l2", help="distance over channels (default l2)")
-    parser.add_argument("--residual", action="store_true", help="score D(x + branch(x), x)")
+    add_config_flags(parser, MODEL_FIELDS)
 
 
 def _spec_options(parser: argparse.ArgumentParser) -> None:
@@ -69,27 +71,8 @@ def _spec_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _schedule_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--keep", metavar="RATE", help="fraction of tokens kept per drop, or one per --at block "
-                       "(default 0.7)")
-    group.add_argument("--target-flops", metavar="R", type=float, help="FLOP budget in (0, 1]: the planner "
-                       "chooses the keep rate")
-    parser.add_argument("--at", metavar="I,J,..", help="blocks after which tokens are dropped (default d/4, d/2, 3d/4)")
-    parser.add_argument("--score", choices=SCORES, default="shift", help="shift (default) or a baseline")
-    parser.add_argument("--protect", metavar="N", type=int, help="number of prefix tokens (default: found)")
-    parser.add_argument("--fuse", action="store_true", help="EViT fusion: fold the dropped tokens into one token "
-                        "(tokens mode)")
-    parser.add_argument("--no-sdpa", action="store_true", help="keep explicit attention as it is")
-    parser.add_argument("--reduce", choices=REDUCES, default="drop", help="drop (default) the tokens that leave, "
-                        "or merge them into their most similar kept token")
-    parser.add_argument("--restore", choices=("auto", "on", "off"), default="auto", help="put every token back "
-                        "where the model needs them all: auto (default, where needed), on, off (refuse instead)")
-    parser.add_argument("--r", metavar="R[,R..]", help="--score tome: tokens merged away per block, or one per "
-                        "block of --at (e.g. 8,8,7,7: the schedule --target-flops reports)")
-    parser.add_argument("--shift-guidance", metavar="W", type=float, default=0.0, help="--score tome: weight of "
-                        "the shift inside ToMe's matching (e.g. 0.01; default 0, ToMe's own)")
-    parser.add_argument("--mode", choices=MODES, default="auto", help="tokens (ViTs), lines (rows and columns "
-                        "of CNN maps) or auto (from the graph, default)")
+    """A flag for every other field of Config (repshift_fx/apps/config_flags.py), and --config."""
+    add_config_flags(parser, [f for f in option_names() if f not in MODEL_FIELDS], exclusive=("keep", "target_flops"))
     parser.add_argument("--config", metavar="JSON", help="the options `repshift-fx tune` saved (they replace the "
                         "options above)")
 
@@ -126,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "the text")
     draw.add_argument("--block", type=int, default=3, help="the block whose shift is drawn (default 3)")
     draw.add_argument("--keep", type=float, default=0.7, help="keep rate for the kept panel (default 0.7)")
-    draw.add_argument("--mode", choices=MODES, default="auto", help="tokens, lines or auto (from the graph, default)")
+    add_config_flags(draw, ["mode"])
     draw.add_argument("--scale", type=int, default=2, help="pixels per input pixel (default 2)")
     draw.add_argument("-o", "--output", metavar="PNG", default="shiftmap.png", help="output file (default shiftmap.png)")
     draw.set_defaults(run=run_shiftmap)
@@ -167,25 +150,7 @@ def _schedule(args) -> dict:
 
         config, args.config_note = config_from(args.config)
         return config
-    config = {"site": args.site, "distance": args.distance, "residual": args.residual, "score": args.score,
-              "sdpa": not args.no_sdpa, "fuse": args.fuse, "reduce": args.reduce,
-              "restore": {"auto": "auto", "on": True, "off": False}[args.restore]}
-    if args.r is not None:
-        rs = specs.parse_ints(args.r, "--r")
-        config["r"] = rs[0] if len(rs) == 1 else rs
-    if args.keep is not None:
-        config["keep"] = specs.parse_floats(args.keep, "--keep")
-    if args.target_flops is not None:
-        config["target_flops"] = args.target_flops
-    if args.at is not None:
-        config["at"] = specs.parse_ints(args.at, "--at")
-    if args.protect is not None:
-        config["protect"] = args.protect
-    if args.shift_guidance:
-        config["shift_guidance"] = args.shift_guidance
-    if args.mode != "auto":
-        config["mode"] = args.mode
-    return config
+    return config_options(args)
 
 
 def _emit(text: str, output: str | None) -> None:

@@ -25,7 +25,7 @@ from repshift_fx.calibration.search import descend, time_finalists
 from repshift_fx.calibration.space import Space
 from repshift_fx.capture import reuse_traces
 from repshift_fx.capture.inputs import check_model
-from repshift_fx.config import Config
+from repshift_fx.config import Config, config_from
 from repshift_fx.errors import ConfigError
 from repshift_fx.pipeline import rewrite_unpruned
 
@@ -66,7 +66,8 @@ def calibrate(model: nn.Module, batches, *, target_flops: float | None = None, t
             labels, also the `refine` most faithful), and the paper's rule, are measured on all
             of them, and the choice is made among those.
         finalists: with target_speedup, how many of the best are compiled and timed.
-        **fixed: compress() options held fixed in every candidate (e.g. protect=1, mode="tokens").
+        **fixed: compress() options (fields of `repshift_fx.Config`) held fixed in every candidate
+            (e.g. protect=1, mode="tokens").
 
     Returns:
         A `Calibration`: `.config` (compress() options), `.table`, `.plot(path)`, `.save(path)`.
@@ -74,7 +75,7 @@ def calibrate(model: nn.Module, batches, *, target_flops: float | None = None, t
     check_model(model)
     target_flops, target_speedup = _check_targets(target_flops, target_speedup)
     _check_counts(max_candidates=max_candidates, refine=refine, finalists=finalists)
-    Config.from_kwargs(**dict(fixed, target_flops=target_flops or 1.0))  # unknown or bad fixed options
+    config_from(dict(fixed, target_flops=target_flops or 1.0), calibrate)  # unknown or bad fixed options
     with reuse_traces():
         measure = Measure(model, batches, objective, screen, labels)
         unpruned = rewrite_unpruned(model, measure.batches[0], Config(**fixed, keep=1.0))[1]

@@ -38,7 +38,7 @@ from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from repshift_fx.capture import copy_graph
-from repshift_fx.config import Config, check_names, option_names
+from repshift_fx.config import Config, config_from
 from repshift_fx.context import PassContext
 from repshift_fx.compile.dynamo_graph import (
     check_inference,
@@ -92,23 +92,23 @@ def backend(*, inner="inductor", **options) -> RepShiftBackend:
 
         torch.compile(model, backend=repshift_fx.backend(keep=0.5, at=(3, 6, 9)))
 
-    The options are those of `repshift_fx.compress` (same defaults, same meaning, checked by the
-    same `Config`; `mode` "auto" prunes a CNN's graph by rows and columns, as compress() does) but
-    target_flops, which needs the whole model; in tokens mode `at` counts the model's blocks even
-    where dynamo splits the model into several graphs, in lines mode the residual blocks of the one
-    graph that holds them all. `inner` is the backend the rewritten graph is handed to: "inductor"
-    (default), "eager" (debugging), any name `torch._dynamo.list_backends()` shows, or a backend callable.
+    The options are the fields of `repshift_fx.Config`, as for `repshift_fx.compress` (same defaults,
+    same meaning, checked by the same `config_from`; `mode` "auto" prunes a CNN's graph by rows and
+    columns, as compress() does) but target_flops, which needs the whole model; in tokens mode `at`
+    counts the model's blocks even where dynamo splits the model into several graphs, in lines mode
+    the residual blocks of the one graph that holds them all. `inner` is the backend the rewritten
+    graph is handed to: "inductor" (default), "eager" (debugging), any name
+    `torch._dynamo.list_backends()` shows, or a backend callable.
 
     Raises:
         ConfigError: a bad or unknown option or an unknown `inner`, at once. What the passes refuse
         is raised at the first call (dynamo wraps it in BackendCompilerFailed).
     """
-    check_names(options, option_names() + ["inner"])
-    if options.get("target_flops") is not None:
+    config, _ = config_from(options, backend)
+    if config.target_flops is not None:
         raise ConfigError("target_flops is compress()'s: the backend sees one graph at a time, not the whole "
                           "model's FLOPs; pass keep= (repshift_fx.inspect(model, x, target_flops=...).budget "
                           "says the keep compress() would choose)")
-    config = Config(**options)
     _inner_backend(inner)  # an unknown name fails here, not at the first call
     return RepShiftBackend(config, inner)
 

@@ -21,7 +21,7 @@ import torch.utils._pytree as pytree
 
 from repshift_fx.api import compress
 from repshift_fx.capture.inputs import Inputs, as_args
-from repshift_fx.config import check_names, option_names
+from repshift_fx.config import config_from
 from repshift_fx.errors import ExportError
 from repshift_fx.export.diagnose import conversion_error, export_error
 from repshift_fx.export.runtime import max_relative_error, require, run_eager, run_session, session
@@ -55,7 +55,8 @@ def export(model: torch.nn.Module, example_input, path, *, dynamic_batch: bool =
     rewritten graph to `path` as ONNX, through torch.export and `torch.onnx.export(dynamo=True)`.
 
     Args:
-        model, example_input, **config: as for `compress`; the example input fixes the token counts.
+        model, example_input, **config: as for `compress` (config: the fields of `repshift_fx.Config`);
+            the example input fixes the token counts.
         path: the .onnx file to write (its folder is created); replaced only once the export succeeded.
         dynamic_batch: the batch axis (dim 0 of every input that has the example's batch size)
             is dynamic, named "batch"; False fixes it to the example's.
@@ -73,7 +74,7 @@ def export(model: torch.nn.Module, example_input, path, *, dynamic_batch: bool =
         `export` extra is missing. The user's model is never changed.
     """
     config.pop("compile", None)  # the eager graph is what is exported
-    check_names(config, option_names() + ["dynamic_batch", "check", "onnx_options"])  # compile options: none here
+    config_from(config, export)  # compile options: none here
     require("onnx", "onnxscript", *(("onnxruntime",) if check else ()))
     target = Path(path).expanduser()
     with _atomic_file(target) as temporary:

@@ -315,3 +315,33 @@ def test_shift_guidance_reaches_the_pass_and_needs_tome(capsys):
     assert data["config"]["shift_guidance"] == 0.01 and data["config"]["score"] == "tome"
     code, _, err = run(capsys, "inspect", *TINY, "--shift-guidance", "0.01")
     assert code == 2 and "needs score='tome'" in err and "Traceback" not in err
+
+
+def test_every_config_field_has_a_flag():
+    """The flags are derived from Config: each field on inspect, bench and export, its Literal's
+    words as the choices, and what they parse to is what compress() takes."""
+    import argparse
+    import dataclasses
+    import typing
+
+    from repshift_fx.config import Config
+
+    commands = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for command in ("inspect", "bench", "export"):
+        flags = {action.dest: action for action in commands[command]._actions}
+        for field in dataclasses.fields(Config):
+            assert field.name in flags, (command, field.name)
+            hint = typing.get_type_hints(Config)[field.name]
+            if typing.get_origin(hint) is typing.Literal:
+                assert tuple(flags[field.name].choices) == typing.get_args(hint)
+    args = cli.build_parser().parse_args([
+        "inspect", "timm:any", "--keep", "0.5,0.7", "--at", "0,2", "--restore", "off", "--no-sdpa", "--protect", "1",
+        "--reduce", "merge", "--merge-metric", "stream", "--size-attention", "qk", "--residual", "--distance", "l1"])
+    assert cli._schedule(args) == {"keep": (0.5, 0.7), "at": (0, 2), "restore": False, "sdpa": False, "protect": 1,
+                                   "reduce": "merge", "merge_metric": "stream", "size_attention": "qk",
+                                   "residual": True, "distance": "l1"}
+    args = cli.build_parser().parse_args(["inspect", "timm:any", "--keep", "0.5", "--at", "3", "--score", "tome",
+                                          "--r", "8", "--shift-guidance", "0.01", "--restore", "on"])
+    assert cli._schedule(args) == {"keep": 0.5, "at": (3,), "score": "tome", "r": 8, "shift_guidance": 0.01,
+                                   "restore": True}
+    assert cli._schedule(cli.build_parser().parse_args(["inspect", "timm:any"])) == {}  # Config's defaults
