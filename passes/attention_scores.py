@@ -1,6 +1,6 @@
 """Rewrite: the attention of every scoring block yields the EViT importance (score="attention").
 
-Expects: `ctx.plan` and `ctx.analysis` (the blocks, their nodes), `ctx.attention` (the records
+Expects: `ctx.plan` and `ctx.analysis` (the blocks, their nodes), `ctx.tokens.attention` (the records
 `attention_to_sdpa` left), shapes recorded on the nodes. Runs after `attention_to_sdpa` and before
 `insert_pruning`; does nothing unless `ctx.config.score == "attention"`.
 Guarantees: for each drop, the scoring block's one attention is computed explicitly and a node
@@ -9,7 +9,7 @@ Guarantees: for each drop, the scoring block's one attention is computed explici
     CLS token (prefix >= 1):  mean over heads of softmax(q k^T s)[:, :, 0, :]   (the CLS row)
     no prefix tokens:         mean over heads and queries of softmax(q k^T s)    (attention received)
 
-(`repshift_fx.method.tokens.attention_importance`); `ctx.importance` maps the block index to that node's
+(`repshift_fx.method.tokens.attention_importance`); `ctx.tokens.importance` maps the block index to that node's
 name. The forms, and what each becomes:
 
     F.scaled_dot_product_attention(q, k, v, ...)    -> attention.explicit_attention(q, k, v, ..., prefix=p)
@@ -18,7 +18,7 @@ name. The forms, and what each becomes:
     explicit softmax kept (sdpa=False)              -> importance read from the softmax output
 
 Every other block's attention (SDPA, fused) is left as it is. The block's attention records in
-`ctx.attention` say "explicit (attention score)", and a note names the blocks. A scoring block with
+`ctx.tokens.attention` say "explicit (attention score)", and a note names the blocks. A scoring block with
 no attention, several, dropout on the weights, or attention whose key axis is not the block's
 token axis (heads folded into the batch, windows) is refused with an `UnsupportedSiteError`.
 """
@@ -138,13 +138,13 @@ _REWRITES = {"scaled_dot_product_attention": _explicit_sdpa, "multihead_attentio
 
 def _label_records(ctx, block) -> None:
     members = set().union(*(site.nodes for site in (block.mlp, block.mixer) if site is not None))
-    for record in ctx.attention:
+    for record in ctx.tokens.attention:
         if record.node in members:
             record.impl, record.reason = IMPL, ""
 
 
 def run(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
-    ctx.importance = {}
+    ctx.tokens.importance = {}
     if ctx.config.score != "attention" or not ctx.plan.drops:
         return gm
     for drop in ctx.plan.drops:
@@ -154,7 +154,7 @@ def run(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
         score = _REWRITES[op_name(node, gm)](gm, node, drop.prefix, stream[0], block.tokens,
                                              f"repshift_score_{drop.block}")
         mark(score, "score", drop.block)
-        ctx.importance[drop.block] = score.name
+        ctx.tokens.importance[drop.block] = score.name
         _label_records(ctx, block)
     blocks = ", ".join(str(d.block + ctx.block_offset) for d in ctx.plan.drops)
     what = "the CLS token's attention" if ctx.plan.prefix else "the attention each token receives (no CLS token)"

@@ -2,7 +2,7 @@
 
 Expects: a GraphModule with shapes, traced in eval mode (dropout is the identity).
 Guarantees: every softmax that is provably attention becomes one SDPA node with the same value
-(scale and additive mask carried over); every other softmax is left as it is. `ctx.attention`
+(scale and additive mask carried over); every other softmax is left as it is. `ctx.tokens.attention`
 gets one `AttentionRecord` per attention found, rewritten or not, with the reason when not.
 
 Accepted forms, in any call style (`@`, `torch.matmul`, `torch.bmm`, `x.softmax`, `F.softmax`):
@@ -263,7 +263,7 @@ def run(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
                 continue
             _rewrite(gm, found)
             records.append(AttentionRecord(node.name, path, "explicit -> sdpa"))
-    ctx.attention = records
+    ctx.tokens.attention = records
     gm.graph.lint()
     gm.recompile()
     return gm

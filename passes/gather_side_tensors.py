@@ -19,7 +19,7 @@ Nodes past a restore (passes/restore_tokens.py) see every token again and are le
 
 A side tensor whose token axis cannot be attributed (a size that is neither N nor N - p, tokens
 not batch-first, heads folded into the batch) or that meets a fused token (`fuse=True`) is refused
-with an `UnsupportedSiteError` naming the node and module. `ctx.side_gathers` lists what was gathered.
+with an `UnsupportedSiteError` naming the node and module. `ctx.tokens.side_gathers` lists what was gathered.
 """
 from __future__ import annotations
 
@@ -313,7 +313,7 @@ def _value_users(node: torch.fx.Node) -> list[torch.fx.Node]:
 
 
 def run(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
-    ctx.side_gathers = []
+    ctx.tokens.side_gathers = []
     if not ctx.plan.drops:
         return gm
     drops = _Drops(gm, ctx.plan)
@@ -321,7 +321,7 @@ def run(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
     user_inputs = [n for n in gm.graph.nodes if n.op == "placeholder" and n.name not in weights]
     gatherer = _SideGatherer(gm, drops, reachable(user_inputs, _value_users), getattr(ctx.analysis, "blocks", ()))
     gatherer.propagate(*ctx.args)
-    ctx.side_gathers = gatherer.gathered
+    ctx.tokens.side_gathers = gatherer.gathered
     gm.graph.lint()
     gm.recompile()
     return gm

@@ -17,7 +17,7 @@ the tokens are restored after the last drop, each read `x[:, p]` then reads
 With score="tome" the matching
 `repshift_match_i = bipartite_soft_matching(metric, r, prefix)` chooses the kept tokens; with
 `shift_guidance` it also reads `repshift_guide_i`, the shift of the block before. With score="attention"
-the score node is the importance `attention_scores` put inside the block (`ctx.importance`), and
+the score node is the importance `attention_scores` put inside the block (`ctx.tokens.importance`), and
 only the index and keep nodes are inserted. Nothing else changes; sizes written as literals
 downstream are the job of `token_shapes`.
 """
@@ -124,7 +124,7 @@ def _at_zero(node: torch.fx.Node) -> tuple:
 
 def run(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
     by_name = nodes_by_name(gm)
-    importance = getattr(ctx, "importance", {})
+    importance = ctx.tokens.importance
     restored = {d.block: end for end, drops in ctx.plan.restore_at for d in drops}
     origin, previous = None, None
     for drop in (d for d in ctx.plan.drops if not d.mlp_only):  # MLP-only drops: passes/mlp_only_drops.py

@@ -21,8 +21,8 @@ import operator
 import torch
 import torch.fx
 
-from repshift_fx.context import mark
-from repshift_fx.fx.nodes import keys_before, nodes_by_name
+from repshift_fx.context import Role, find_inserted, mark
+from repshift_fx.fx.nodes import keys_before
 from repshift_fx.method import merge
 from repshift_fx.passes.padding_scores import real_tokens
 
@@ -42,14 +42,14 @@ def _metric(graph, x: torch.fx.Node, config, notes: list, block: int) -> torch.f
     return x
 
 
-def _assignment(graph, by_name, drop, index, x, config, notes) -> torch.fx.Node:
-    name = f"repshift_assign_{drop.block}"
+def _assignment(gm, drop, index, x, config, notes) -> torch.fx.Node:
+    graph, name = gm.graph, f"repshift_assign_{drop.block}"
     if config.score == "tome":
-        return graph.create_node("call_function", operator.getitem, (by_name[f"repshift_match_{drop.block}"], 1),
+        return graph.create_node("call_function", operator.getitem, (find_inserted(gm, Role.MATCH, drop.block), 1),
                                  name=name)
     real = real_tokens(index)
     valid = graph.call_function(operator.ne, (real, 0)) if real is not None else None
-    pinned = by_name.get(f"repshift_pinned_{drop.block}")
+    pinned = find_inserted(gm, Role.PINNED, drop.block)
     if pinned is not None:  # a token kept in place for a read by position absorbs nothing
         free = graph.call_function(operator.invert, (pinned,))
         valid = free if valid is None else graph.call_function(operator.and_, (valid, free))
@@ -57,20 +57,20 @@ def _assignment(graph, by_name, drop, index, x, config, notes) -> torch.fx.Node:
     return graph.create_node("call_function", merge.assign_to_kept, (metric, index, drop.prefix, valid), name=name)
 
 
-def _insert_merge(gm, by_name, drop, config, size, notes) -> torch.fx.Node:
+def _insert_merge(gm, drop, config, size, notes) -> torch.fx.Node:
     graph, b = gm.graph, drop.block
-    kept = by_name[f"repshift_keep_{b}"]
+    kept = find_inserted(gm, Role.KEEP, b)
     x, index = kept.args
     if size is None:
         with graph.inserting_after(x):
             size = graph.call_function(merge.unit_sizes, (x,))
     with graph.inserting_before(kept):
-        assign = _assignment(graph, by_name, drop, index, x, config, notes)
+        assign = _assignment(gm, drop, index, x, config, notes)
         merged = graph.create_node("call_function", merge.merge_tokens, (x, size, assign, drop.out),
                                    name=f"repshift_merge_{b}")
         tokens = graph.create_node("call_function", operator.getitem, (merged, 0), name=f"repshift_merged_{b}")
         new_size = graph.create_node("call_function", operator.getitem, (merged, 1), name=f"repshift_size_{b}")
-    for node, role in ((assign, "merge"), (merged, "merge"), (tokens, "keep"), (new_size, "size")):
+    for node, role in ((assign, Role.ASSIGN), (merged, Role.MERGE), (tokens, Role.KEEP), (new_size, Role.SIZE)):
         mark(node, role, b)
     kept.replace_all_uses_with(tokens)
     graph.erase_node(kept)
@@ -81,13 +81,13 @@ def run(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
     config = ctx.plan.config
     if not merges(config) or not ctx.plan.drops:
         return gm
-    by_name, size = nodes_by_name(gm), None
+    size = None
     restored = {d.block: end for end, drops in ctx.plan.restore_at for d in drops}
     previous = None
     for drop in ctx.plan.drops:
         if previous is not None and restored.get(previous.block, drop.block) < drop.block:
             size = None  # a new stage after a restore: every token holds one again
-        size = _insert_merge(gm, by_name, drop, config, size, ctx.notes)
+        size = _insert_merge(gm, drop, config, size, ctx.notes)
         previous = drop
     how = "ToMe's bipartite matching" if config.score == "tome" else f"cosine of the {config.merge_metric}"
     ctx.notes.append(f"merge: each leaving token folds into a kept token ({how}), size-weighted; attention after a "

@@ -1,9 +1,9 @@
 """Rewrite (MLP-only drops): where a stage needs every token between its MLPs, the tokens a drop
 leaves out skip only the MLPs of the stage's later blocks.
 
-Expects: `ctx.plan` whose drops in such a stage are marked `mlp_only` (plan/tokens.py; the run loop
+Expects: `ctx.plan` whose drops in such a stage are marked `mlp_only` (plan/restores.py: the planner
 marks the stage when its windowed attention, grid convolution or token-mixing layer would undo a
-drop at once), `ctx.analysis`, and `ctx.importance` for score="attention".
+drop at once), `ctx.analysis`, and `ctx.tokens.importance` for score="attention".
 Guarantees: the stream keeps every token. After an MLP-only drop's block output,
 
     repshift_score_b = representation_shift(changed, reference) | token_norm | random_scores
@@ -98,7 +98,7 @@ def run(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
                 if drop is not None:
                     _score_inputs_in_full(graph, by_name, block, drop, index)
             if drop is not None and block is not stage[-1]:
-                index = insert_selection(graph, by_name, drop, plan.config, ctx.importance)[1]
+                index = insert_selection(graph, by_name, drop, plan.config, ctx.tokens.importance)[1]
         ctx.notes.append(_note(stage, stage[-1].index in drops))
     gm.graph.lint()
     gm.recompile()

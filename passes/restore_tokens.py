@@ -16,21 +16,18 @@ from __future__ import annotations
 
 import torch.fx
 
-from repshift_fx.context import inserted, mark
+from repshift_fx.context import Role, inserted, mark
 from repshift_fx.fx.nodes import nodes_by_name
 from repshift_fx.method import merge
 
 
 def _drop_nodes(gm: torch.fx.GraphModule) -> dict[int, dict[str, torch.fx.Node]]:
-    """block -> {"index", "keep"} of its drop, found by their roles, and "assign" (merge_tokens'
-    `repshift_assign_b`) where the drop merged."""
+    """block -> {"index", "keep"} of its drop, found by their roles, and "assign" where the drop merged."""
     found: dict[int, dict[str, torch.fx.Node]] = {}
     for node in gm.graph.nodes:
         record = inserted(node)
-        if record is not None and record.mode == "tokens" and record.role in ("index", "keep"):
-            found.setdefault(record.block, {})[record.role] = node
-        if record is not None and node.name.startswith("repshift_assign_"):
-            found.setdefault(record.block, {})["assign"] = node
+        if record is not None and record.mode == "tokens" and record.role in (Role.INDEX, Role.KEEP, Role.ASSIGN):
+            found.setdefault(record.block, {})[record.role.value] = node
     return found
 
 

@@ -23,7 +23,7 @@ from repshift_fx.context import role_of
 from repshift_fx.capture import ShapeRecorder
 from repshift_fx.errors import UnsupportedSiteError, root_cause
 from repshift_fx.fx.nodes import located, module_path, op_name, reachable, shape, where
-from repshift_fx.report.needs import changed_count, why_every_token
+from repshift_fx.wording import changed_count, why_every_token
 
 _SIZED = ("view", "reshape", "expand")
 
@@ -143,8 +143,8 @@ def _follow_token_count(node: torch.fx.Node, old_in: tuple, new_in: tuple, env: 
 
 
 def needs_every_token(what: str, node: torch.fx.Node) -> UnsupportedSiteError:
-    """The refusal of a node that needs every token; the run loop says where and what to do
-    (repshift_fx/report/needs.py: in_model_terms)."""
+    """The refusal of a node that needs every token; the planner says where and what to do
+    (repshift_fx/wording.py: need_message)."""
     err = UnsupportedSiteError(f"{what}; restore='auto' (the default) or restore=True puts every token back before "
                                "it, or drop only after it (at=...).", node=node.name, module=module_path(node),
                                needs_every_token=True)

@@ -13,8 +13,7 @@ from repshift_fx.capture import as_args, reuse_traces
 from repshift_fx.capture.guard import InputGuard
 from repshift_fx.config import config_from
 from repshift_fx.errors import UnsupportedSiteError
-from repshift_fx.pipeline import run
-from repshift_fx.report.refusals import refused_report
+from repshift_fx.pipeline import refused_report, run
 from repshift_fx.report.tokens import Report
 
 
@@ -47,7 +46,7 @@ def compress(model: torch.nn.Module, example_input, *, compile=True, **options):
             example input, no residual MLP, a site that cannot be pruned safely).
     """
     config, compile_options = config_from(options, compress, COMPILE_KEYWORDS + ("compile_mode",))
-    with reuse_traces():  # one trace per call: the report and restore's retries read copies of it
+    with reuse_traces():  # one trace per call: the budget search, the probes and the report read copies of it
         gm, report = run(model, example_input, config, flops=False)
     gm.report = report
     guard = InputGuard(gm.forward, as_args(example_input, model))  # another input size: an ExampleInputError
@@ -69,13 +68,12 @@ def inspect(model: torch.nn.Module, example_input, **options) -> Report:
     attention is fused (SDPA, rewritten, MultiheadAttention, kept explicit and why), the prefix
     tokens and the GFLOPs per sample before and after. `print(report)` shows it as a table.
     A model compress() refuses (UnsupportedSiteError) still gets its table, nothing pruned, with
-    the refused block marked and the reason under "refused" (repshift_fx/report/refusals.py).
+    the refused block marked and the reason under "refused" (repshift_fx.pipeline.refused_report).
     """
     options.pop("compile", None)
     config, _ = config_from(options, inspect)
     with reuse_traces():
         try:
-            gm, report = run(model, example_input, config, flops=True)
-        except UnsupportedSiteError as error:
+            return run(model, example_input, config, flops=True)[1]
+        except UnsupportedSiteError as error:  # not to steer: the refusal is what the report shows
             return refused_report(model, example_input, config, error)
-    return report

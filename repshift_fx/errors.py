@@ -13,7 +13,7 @@ class RepShiftError(Exception):
         self.module = module  # that node's module path, as the user's model names it
         self.plan = plan  # the plan fixed before the refusal (the FLOP-budget search learns from it)
         self.needs_every_token = needs_every_token  # restore=True would put every token back before it
-        self.analysis = None  # the analysis of the graph it arose in, set by the run loop
+        self.analysis = None  # the analysis of the graph it arose in, set by the planner or the mode
 
     def __str__(self) -> str:  # torch.fx's Interpreter appends its node dump to args; not shown
         return self.message

@@ -1,5 +1,5 @@
-"""The layout's rules, checked on the source: no import cycle inside repshift_fx, the library never
-imports its applications (repshift_fx.apps), a bare `import repshift_fx` loads no plotting or
+"""The layout's rules, checked on the source: no import cycle inside repshift_fx, no import that runs
+back up the pipeline's layers, the library never imports its applications (repshift_fx.apps), a bare `import repshift_fx` loads no plotting or
 data stack, no module over about 400 lines, and no private name imported across modules."""
 import ast
 import importlib.util
@@ -13,6 +13,18 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = {"repshift_fx": ROOT / "repshift_fx", "repshift_fx.passes": ROOT / "passes"}
 MAX_LINES = 420
+# the pipeline's layers, lowest first: a module imports only from its own layer or the ones below
+LAYERS = (
+    ("repshift_fx.errors", "repshift_fx.config", "repshift_fx._torchvision_guard"),
+    ("repshift_fx.fx", "repshift_fx.method", "repshift_fx.capture", "repshift_fx.context", "repshift_fx.wording",
+     "repshift_fx.flops"),
+    ("repshift_fx.plan",),
+    ("repshift_fx.passes",),
+    ("repshift_fx.report",),
+    ("repshift_fx.modes",),
+    ("repshift_fx.pipeline",),
+    ("repshift_fx.compile", "repshift_fx.export", "repshift_fx.calibration", "repshift_fx.api"),
+)
 
 
 def _modules() -> dict[str, Path]:
@@ -58,6 +70,21 @@ def _import_graph() -> nx.DiGraph:
 def test_no_import_cycle_inside_the_package():
     cycles = list(nx.simple_cycles(_import_graph()))
     assert not cycles, f"import cycles: {cycles[:5]}"
+
+
+def _layer(module: str) -> int | None:
+    return next((i for i, names in enumerate(LAYERS) for n in names if module == n or module.startswith(n + ".")), None)
+
+
+def test_every_library_module_has_a_layer():
+    graph = _import_graph()
+    assert [m for m in graph if _layer(m) is None and not m.startswith("repshift_fx.apps") and m != "repshift_fx"] == []
+
+
+def test_no_import_runs_back_up_the_layers():
+    graph = _import_graph()
+    upward = [(m, t) for m, t in graph.edges if _layer(m) is not None and _layer(t) is not None and _layer(t) > _layer(m)]
+    assert upward == []
 
 
 def test_the_library_never_imports_its_applications():

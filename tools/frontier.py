@@ -31,7 +31,7 @@ from repshift_fx.apps.data.datasets import image_batches, load_dataset
 from repshift_fx.apps.evaluation import images as evaluation
 from repshift_fx.capture import reuse_traces
 from repshift_fx.errors import RepShiftError
-from repshift_fx.report.flops import per_sample_gmacs
+from repshift_fx.flops import per_sample_gmacs
 
 FIXED = {"drop (paper)": {}, "merge": {"reduce": "merge"}, "attention": {"score": "attention"},
          "random": {"score": "random"}, "ToMe": {"score": "tome"},

@@ -39,7 +39,7 @@ from repshift_fx.apps.device_bench import (PublishedToMe, attention_kernels, eag
                                            peak_mib, plot_speedups, rel_err, synced, tome_r_for_flops)
 from repshift_fx.apps.hf import SentenceEmbedding
 from repshift_fx.compile.timing import time_variants
-from repshift_fx.report.flops import per_sample_gmacs
+from repshift_fx.flops import per_sample_gmacs
 from tabulate import tabulate
 
 log = logging.getLogger("gpu_bench")

@@ -24,7 +24,7 @@ import repshift_fx  # noqa: F401  (before torchvision: installs the torchvision 
 import torch
 import torchvision
 from repshift_fx.compile.timing import time_variants
-from repshift_fx.report.flops import per_sample_gmacs
+from repshift_fx.flops import per_sample_gmacs
 from tabulate import tabulate
 
 

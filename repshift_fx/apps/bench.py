@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from repshift_fx.context import role_of
 from repshift_fx.fx.nodes import is_impure
-from repshift_fx.report.flops import per_sample_gmacs
+from repshift_fx.flops import per_sample_gmacs
 from repshift_fx.method.lines import gather_lines
 from repshift_fx.method.tokens import fuse_dropped
 from repshift_fx.api import compress

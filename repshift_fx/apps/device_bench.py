@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
-from repshift_fx.report.flops import per_sample_gmacs
+from repshift_fx.flops import per_sample_gmacs
 
 
 def bipartite_soft_matching(metric: torch.Tensor, r: int, class_token: bool):

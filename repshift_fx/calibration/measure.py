@@ -21,7 +21,7 @@ from repshift_fx.api import compress
 from repshift_fx.calibration.objective import call, choose_objective, cosine, main_output, output_kind
 from repshift_fx.calibration.labels import Task, label_list
 from repshift_fx.errors import ExampleInputError, RepShiftError
-from repshift_fx.report.flops import count_macs
+from repshift_fx.flops import count_macs
 
 log = logging.getLogger("repshift_fx")
 

@@ -37,7 +37,6 @@ import torch.fx
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from repshift_fx.capture import copy_graph
 from repshift_fx.config import Config, config_from
 from repshift_fx.context import PassContext
 from repshift_fx.compile.dynamo_graph import (
@@ -55,7 +54,6 @@ from repshift_fx.fx.nodes import data_graph, name_modules_as_user, nodes_by_name
 from repshift_fx.fx.grid_ops import is_grid
 from repshift_fx.modes import LINES, TOKENS, choose
 from repshift_fx.passes import find_sites
-from repshift_fx.pipeline import mlp_only_block
 from repshift_fx.plan.tokens import default_at
 from repshift_fx.report.tokens import Report, build_report
 
@@ -151,18 +149,9 @@ def prune_graph(gm: torch.fx.GraphModule, example_inputs: list, config: Config):
 
 
 def _rewrite_tokens(gm: torch.fx.GraphModule, ctx: PassContext) -> tuple[torch.fx.GraphModule, PassContext]:
-    """The tokens-mode rewrite of a copy of `gm`; as in compress(), a drop that a stage's windows or
-    grid ops would undo at once becomes MLP-only, and the rewrite is tried again."""
-    mlp_only = frozenset()
-    while True:
-        attempt = dataclasses.replace(ctx, mlp_only=mlp_only, notes=list(ctx.notes), attention=list(ctx.attention))
-        try:
-            return TOKENS.plan_and_rewrite(copy_graph(gm), attempt), attempt
-        except UnsupportedSiteError as refusal:
-            block = mlp_only_block(gm, refusal, attempt.config)  # None for a drop already MLP-only
-            if block is None:
-                raise
-            mlp_only |= {block}
+    """The tokens-mode plan and rewrite, as in compress(): the planner puts tokens back, or makes a drop
+    MLP-only, where what follows needs every token."""
+    return TOKENS.plan_and_rewrite(gm, ctx), ctx
 
 
 def _prune_lines(gm: torch.fx.GraphModule, ctx: PassContext):

@@ -30,7 +30,7 @@ class Mode:
 
     name: str
     analysis_passes: tuple  # fill ctx.analysis; the graph is not changed
-    make_plan: Callable  # (analysis, config, restore_after=, mlp_only=) -> plan
+    make_plan: Callable  # (analysis, config) -> plan: every decision made, or a refusal with the plan
     rewrite_passes: tuple  # in order
     report: Callable  # (model | None, gm, ctx, flops: bool, budget | None) -> Report
     search_budget: Callable  # (model, example_input, config, unpruned, rewrite) -> (Config, BudgetResult)
@@ -39,16 +39,18 @@ class Mode:
 
     def analyze(self, gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.GraphModule:
         ctx.output_shapes = verify.output_shapes(gm)
+        ctx.mode = self  # an analysis may probe with the mode's rewrite passes (passes/find_token_needs.py)
         for p in self.analysis_passes:
             gm = p.run(gm, ctx)
-        ctx.mode = self
         return gm
 
     def plan_and_rewrite(self, gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.GraphModule:
-        """Plan from `ctx.analysis` and `ctx.config`, then the rewrites. A refusal carries the plan
-        (the counts fixed before it: the FLOP-budget search learns from them)."""
+        """Plan from `ctx.analysis` and `ctx.config`, then the rewrites, once. A refusal carries the
+        plan (the counts fixed before it: the FLOP-budget search learns from them)."""
         self.check_config(ctx.config)
-        ctx.plan = self.make_plan(ctx.analysis, ctx.config, restore_after=ctx.restore_after, mlp_only=ctx.mlp_only)
+        ctx.plan = self.make_plan(ctx.analysis, ctx.config)
+        ctx.config = ctx.plan.config  # without the drops the planner skipped
+        ctx.notes[:0] = ctx.plan.notes
         try:
             for p in self.rewrite_passes:
                 log.debug("running pass %s", p.__name__)

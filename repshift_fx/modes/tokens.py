@@ -6,11 +6,12 @@ import logging
 from repshift_fx.config import Config
 from repshift_fx.errors import ConfigError
 from repshift_fx.modes.base import Mode
-from repshift_fx.passes import (attention_scores, attention_to_sdpa, find_sites, gather_side_tensors, insert_pruning,
-                                merge_tokens, mlp_only_drops, padding_scores, proportional_attention, restore_tokens,
-                                token_shapes, verify)
+from repshift_fx.passes import (attention_scores, attention_to_sdpa, find_sites, find_token_needs, gather_side_tensors,
+                                insert_pruning, merge_tokens, mlp_only_drops, padding_scores, proportional_attention,
+                                restore_tokens, token_shapes, verify)
 from repshift_fx.plan.budget import plan_tokens_for_budget
-from repshift_fx.plan.tokens import make_plan, site_of
+from repshift_fx.plan.restores import plan_tokens
+from repshift_fx.plan.tokens import site_of
 from repshift_fx.report.tokens import token_report
 
 log = logging.getLogger("repshift_fx")
@@ -33,15 +34,15 @@ def log_token_plan(ctx) -> None:
             f"shift({site_of(analysis.blocks[drop.block], plan.config)}, {plan.config.distance})",
             drop.prefix, drop.keep, drop.prefix + drop.before,
         )
-    rewritten = sum(rec.impl == "explicit -> sdpa" for rec in ctx.attention)
+    rewritten = sum(rec.impl == "explicit -> sdpa" for rec in ctx.tokens.attention)
     if rewritten:
         log.info("%s: %d explicit attentions rewritten to SDPA", ctx.model_name, rewritten)
 
 
 TOKENS = Mode(
     name="tokens",
-    analysis_passes=(find_sites,),
-    make_plan=make_plan,
+    analysis_passes=(find_sites, find_token_needs),
+    make_plan=plan_tokens,
     rewrite_passes=(attention_to_sdpa, attention_scores, insert_pruning, mlp_only_drops, padding_scores, merge_tokens, restore_tokens,
                     gather_side_tensors, proportional_attention, token_shapes, verify),
     report=token_report,

@@ -19,7 +19,7 @@ from repshift_fx.context import inserted, role_of
 from repshift_fx.config import Config
 from repshift_fx.errors import ConfigError
 from repshift_fx.plan.tokens import kept_count
-from repshift_fx.report.flops import count_macs, first_sample, node_macs
+from repshift_fx.flops import count_macs, first_sample, node_macs
 
 log = logging.getLogger("repshift_fx")
 

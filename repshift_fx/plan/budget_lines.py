@@ -13,7 +13,7 @@ from repshift_fx.config import Config
 from repshift_fx.errors import UnsupportedSiteError
 from repshift_fx.plan.budget import BudgetResult, Search
 from repshift_fx.plan.tokens import kept_count
-from repshift_fx.report.flops import count_macs, first_sample
+from repshift_fx.flops import count_macs, first_sample
 
 log = logging.getLogger("repshift_fx")
 

@@ -41,6 +41,7 @@ class LinePlan:
     grids_in: list[tuple[int, int]] = field(default_factory=list)  # (H, W) entering each block, after pruning
     grids_out: list[tuple[int, int]] = field(default_factory=list)  # (H, W) leaving each block (after its drop)
     prefix: int = 0  # a grid has no prefix tokens
+    notes: list[str] = field(default_factory=list)
 
     @property
     def at(self) -> tuple[int, ...]:
@@ -122,9 +123,8 @@ def _score_inputs(site, config: Config) -> tuple[str, ...]:
     return (site.output, site.shortcut) if config.score == "shift" else (site.output,)
 
 
-def make_line_plan(analysis, config: Config, restore_after=frozenset(), mlp_only=frozenset()) -> LinePlan:
-    """The line drops of `at` (restore_after and mlp_only are tokens-mode options: the run loop
-    sets them after a tokens-mode refusal only)."""
+def make_line_plan(analysis, config: Config) -> LinePlan:
+    """The line drops of `at`."""
     check_line_config(config)
     depth = len(analysis.sites)
     at = config.at if config.at is not None else default_line_at(analysis)

@@ -2,7 +2,9 @@
 
     Config(keep, at, site, distance, ...) + Analysis(blocks, prefix) -> PrunePlan
 
-The budget searches (`target_flops`) that choose `keep` run the whole pipeline: plan/budget.py.
+`make_plan` places what it is told; plan/restores.py decides where tokens come back from what the
+analysis found needs every token. The budget searches (`target_flops`) that choose `keep` run the
+whole pipeline: plan/budget.py.
 """
 from __future__ import annotations
 
@@ -53,6 +55,9 @@ class PrunePlan:
     # (block, drops): after `block` every token is put back, undoing `drops` (passes/restore_tokens.py)
     restore_at: list[tuple[int, list[Drop]]] = field(default_factory=list)
     mlp_tokens: list[int] = field(default_factory=list)  # tokens each block's MLP runs on, prefix included
+    restore_after: frozenset[int] = frozenset()  # blocks after which every token comes back: what follows needs them
+    skipped: frozenset[int] = frozenset()  # blocks of `at` whose drop was left out: restoring would undo it at once
+    notes: list[str] = field(default_factory=list)
 
     @property
     def at(self) -> tuple[int, ...]:

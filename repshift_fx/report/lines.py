@@ -20,7 +20,7 @@ from tabulate import tabulate
 
 from repshift_fx.context import inserted, role_of
 from repshift_fx.capture import capture
-from repshift_fx.report.flops import node_macs
+from repshift_fx.flops import node_macs
 from repshift_fx.fx.nodes import carries_tensor, shape
 from repshift_fx.report.tokens import ROLE_FILL, PRUNED_FILL, BlockRow, Report, gflops_text
 

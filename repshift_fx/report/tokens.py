@@ -15,7 +15,7 @@ import networkx as nx
 from tabulate import tabulate
 
 from repshift_fx.context import inserted, role_of
-from repshift_fx.report.flops import FlopBreakdown, before_and_after, block_of_nodes
+from repshift_fx.flops import FlopBreakdown, before_and_after, block_of_nodes
 from repshift_fx.fx.nodes import carries_tensor, module_phrase, op_name, shape
 from repshift_fx.plan.tokens import runs
 
@@ -49,7 +49,7 @@ class BlockRow:
     gflops_after: float | None = None
     # why no drop may come before this block ("" when it may): the side tensors a block reads (rotary
     # tables, masks, biases) are gathered (passes/gather_side_tensors.py), so only what the passes
-    # refuse is marked, by `repshift_fx.report.refusals.refused_report`
+    # refuse is marked, by `repshift_fx.pipeline.refused_report`
     refused: str = ""
     reduce: str = ""  # what its drop does: "drop", "merge", "ToMe r=8" ("" without one)
     restored: bool = False  # every token is put back after this block
@@ -206,7 +206,7 @@ def _nothing_pruned(ctx) -> list[str]:
 
 def _untried_at(ctx) -> str:
     """Blocks not tried yet that a later block of the same stage follows (where a drop can save)."""
-    tried = set(ctx.plan.at) | set(ctx.skipped_drops) | set(ctx.restore_after)
+    tried = set(ctx.plan.at) | set(ctx.plan.skipped) | set(ctx.plan.restore_after)
     stages = runs(ctx.analysis)
     untried = tuple(b.index for run in stages for b in run[:-1] if b.index not in tried)
     if untried:
@@ -249,7 +249,7 @@ def build_report(ctx, gflops_before=None, gflops_after=None, *, gm=None, budget=
     rows = []
     for block in analysis.blocks:
         members = set().union(*(site.nodes for site in (block.mlp, block.mixer) if site is not None))
-        records = [rec for rec in ctx.attention if rec.node in members]
+        records = [rec for rec in ctx.tokens.attention if rec.node in members]
         tokens_in = plan.tokens[block.index]
         tokens_out = next((d.out for d in plan.drops if d.block == block.index and not d.mlp_only), tokens_in)
         row = BlockRow(block.index, block.module, block.mixer.kind if block.mixer else "-", attention_label(records),
@@ -268,7 +268,7 @@ def build_report(ctx, gflops_before=None, gflops_after=None, *, gm=None, budget=
     refused = []
     for site in analysis.stray:
         refused.append(f"a residual {site.kind} branch in {module_phrase(site.module)} is not part of a block")
-    for rec in ctx.attention:
+    for rec in ctx.tokens.attention:
         if rec.impl == "explicit":
             refused.append(f"attention in {module_phrase(rec.module)} kept explicit (not SDPA): {rec.reason}")
     config = {k: v for k, v in vars(plan.config).items()}

@@ -294,10 +294,18 @@ def test_blocks_compiled_one_by_one_are_refused(deit):
     assert isinstance(err, UnsupportedSiteError) and "one block's own forward" in str(err)
 
 
-def test_literal_that_needs_every_token_is_refused_by_module():
+def test_literal_that_needs_every_token_is_answered_as_compress_answers_it():
+    """A head that flattens every token: the planner puts them back after the last block, under the
+    backend as in compress(); with restore=False both refuse, naming the forward and the count."""
     torch.manual_seed(0)
-    compiled, _ = _compiled(IntViT(flatten_head=True).eval(), keep=0.5, at=(1,))
-    err = _refusal(compiled, torch.randn(2, 3, 64, 64))
+    model, x = IntViT(flatten_head=True).eval(), torch.randn(2, 3, 64, 64)
+    compiled, backend = _compiled(model, keep=0.5, at=(1,))
+    with torch.no_grad():
+        expected = repshift_fx.compress(model, x, keep=0.5, at=(1,), compile=False)(x)
+        assert_close(compiled(x), expected)
+    assert backend.reports[0].tokens == [17, 17, 9]
+    compiled, _ = _compiled(model, keep=0.5, at=(1,), restore=False)
+    err = _refusal(compiled, x)
     assert isinstance(err, UnsupportedSiteError) and "in the model's top-level forward" in str(err) and "544" in str(err)
 
 

@@ -68,7 +68,7 @@ def test_explicit_forms_become_sdpa_with_the_same_value(form):
     names = [n.target for n in gm.graph.nodes if n.op == "call_function"]
     assert F.scaled_dot_product_attention in names
     assert not any("softmax" in str(n.target) for n in gm.graph.nodes)
-    assert [r.impl for r in ctx.attention] == ["explicit -> sdpa"]
+    assert [r.impl for r in ctx.tokens.attention] == ["explicit -> sdpa"]
     with torch.no_grad():
         torch.testing.assert_close(gm(x), model(x), rtol=1e-5, atol=1e-6)
 
@@ -77,7 +77,7 @@ def test_attention_map_that_is_returned_stays_explicit_with_a_reason():
     model = Attention("returns_map").eval()
     x = torch.randn(2, 10, 32)
     gm, ctx = _rewrite(model, x)
-    (record,) = ctx.attention
+    (record,) = ctx.tokens.attention
     assert record.impl == "explicit" and "also read by" in record.reason
     with torch.no_grad():
         torch.testing.assert_close(gm(x)[0], model(x)[0])
@@ -89,7 +89,7 @@ def test_softmax_over_another_axis_stays_explicit():
             return (x @ x.transpose(-2, -1)).softmax(dim=1) @ x
 
     gm, ctx = _rewrite(NotAttention().eval(), torch.randn(2, 5, 8))
-    assert ctx.attention[0].impl == "explicit" and "last axis" in ctx.attention[0].reason
+    assert ctx.tokens.attention[0].impl == "explicit" and "last axis" in ctx.tokens.attention[0].reason
 
 
 def test_timm_explicit_attention_rewritten_and_equal():

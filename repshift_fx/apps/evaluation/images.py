@@ -36,7 +36,7 @@ from repshift_fx.config import DISTANCES, SITES
 from repshift_fx.apps.data.datasets import Dataset, to_model_input
 from repshift_fx.errors import ConfigError, RepShiftError
 from repshift_fx.apps.evaluation.tome import tome_r
-from repshift_fx.report.flops import per_sample_gmacs
+from repshift_fx.flops import per_sample_gmacs
 
 log = logging.getLogger("repshift_fx")
 KEEPS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)

@@ -28,7 +28,7 @@ from repshift_fx.capture import reuse_traces
 from repshift_fx.apps.data.datasets import DataError, TextDataset
 from repshift_fx.apps.evaluation.images import KEEPS, EvalRow, LinearProbe, Scoring, Variant, cached, options
 from repshift_fx.apps.evaluation.images import sweep as _sweep
-from repshift_fx.report.flops import per_sample_gmacs
+from repshift_fx.flops import per_sample_gmacs
 from repshift_fx.apps.hf_specs import TEXT_SPECS, TextModel
 from repshift_fx.api import compress
 from repshift_fx.errors import ConfigError

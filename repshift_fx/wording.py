@@ -2,7 +2,7 @@
 
     why_every_token(node, old_n, new_n)     -> "reshapes its 196 tokens into a 14 x 14 grid"
     place(analysis, module, upstream)       -> ("block 5 (layers.1.blocks.0)", 5)
-    in_model_terms(refusal, gm, tried)      -> the refusal, its message rewritten for the user
+    need_message(what, where, first_ok, tried)  -> the refusal's message, for the user
 
 A node that fails on fewer tokens is described by what it does with them (a reshape to a grid, a
 token-mixing weight, a table sized for every token), located by the block that holds it, and
@@ -15,8 +15,7 @@ import math
 
 import torch.fx
 
-from repshift_fx.errors import UnsupportedSiteError
-from repshift_fx.fx.nodes import module_phrase, nodes_by_name, op_name, reachable, shape
+from repshift_fx.fx.nodes import module_phrase, op_name, shape
 
 _RESHAPES = {"view", "reshape", "unflatten", "view_as", "reshape_as", "permute", "transpose", "flatten"}
 _GRID_OPS = {"layer_norm", "conv1d", "conv2d", "conv3d", "batch_norm", "max_pool2d", "avg_pool2d", "unfold",
@@ -93,20 +92,7 @@ def _advice(first_ok: int | None, tried_restore: bool) -> str:
             f"block that needs them); {later} if those blocks keep the tokens as tokens, {lines}")
 
 
-def in_model_terms(refusal: UnsupportedSiteError, gm: torch.fx.GraphModule, tried_restore: bool,
-                   hint: str = "") -> UnsupportedSiteError:
-    """The refusal with its message said as the user sees the model: where, why, what to do
-    (`hint`: one more thing to try, a sentence)."""
-    what = getattr(refusal, "what", None)
-    if what is None:
-        return refusal
-    by_name = nodes_by_name(gm)
-    upstream = set()
-    if refusal.node in by_name:
-        upstream = {n.name for n in reachable([by_name[refusal.node]], lambda n: n.all_input_nodes)}
-    where, first_ok = place(refusal.analysis, refusal.module, upstream)
-    message = f"{where}: {what}. {_advice(first_ok, tried_restore)}." + (f" {hint}" if hint else "")
-    better = UnsupportedSiteError(message, node=refusal.node, module=refusal.module, plan=refusal.plan,
-                                  needs_every_token=refusal.needs_every_token)
-    better.analysis, better.what = refusal.analysis, what
-    return better
+def need_message(what: str, where: str, first_ok: int | None, tried_restore: bool, hint: str = "") -> str:
+    """A refusal of a node that needs every token, said as the user sees the model: where, why, what
+    to do (`hint`: one more thing to try, a sentence)."""
+    return f"{where}: {what}. {_advice(first_ok, tried_restore)}." + (f" {hint}" if hint else "")
