@@ -2,6 +2,7 @@
 import repshift_fx  # noqa: F401  (before timm)
 
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,10 @@ settings.register_profile("ci", max_examples=30, derandomize=True, **_PROFILE)
 settings.register_profile("long", max_examples=300, **_PROFILE)
 if settings.get_current_profile_name() == "default":  # else pytest's --hypothesis-profile chose one already
     settings.load_profile("ci")
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n N: one torch thread per worker, or N workers oversubscribe
+    torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # and the scripts the tests run in a subprocess
 
 
 def tiny_timm(name: str, depth: int = 4, img_size: int = 64, fused: bool = True, **kwargs):
