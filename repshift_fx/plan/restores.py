@@ -12,6 +12,7 @@ the planner refuses, in the model's terms.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass
 
@@ -117,7 +118,7 @@ def _refusal(need: Need, plan: PrunePlan, analysis, tried_restore: bool, hint: s
     """The refusal of `need`, in the model's terms where the probe said what the node does, with the plan."""
     what = getattr(need.refusal, "what", None)
     if what is None:
-        refusal = need.refusal
+        refusal = copy.copy(need.refusal)  # the probe's own is remembered with the trace
     else:
         refusal = UnsupportedSiteError(need_message(what, need.where, need.first_ok, tried_restore, hint),
                                        node=need.refusal.node, module=need.refusal.module, needs_every_token=True)
