@@ -25,9 +25,9 @@ from repshift_fx.capture import copy_graph
 from repshift_fx.config import Config
 from repshift_fx.context import TokenRecords
 from repshift_fx.errors import RepShiftError, UnsupportedSiteError
-from repshift_fx.fx.nodes import nodes_by_name, reachable
+from repshift_fx.fx.nodes import nodes_by_name, reachable, within_module
 from repshift_fx.plan.restores import Need
-from repshift_fx.plan.tokens import kept_count, make_plan, runs
+from repshift_fx.plan.tokens import kept_count, make_plan, run_of
 from repshift_fx.wording import place
 
 log = logging.getLogger("repshift_fx")
@@ -40,7 +40,8 @@ class TokenNeeds:
     def __init__(self, gm: torch.fx.GraphModule, ctx):
         self._gm, self._ctx = copy_graph(gm), ctx  # the rewrite changes `gm` once planned
         self._prefix = ctx.analysis.prefix if ctx.config.protect == "auto" else int(ctx.config.protect)
-        # {(prefix, first block of a stretch): (its last block, Need | None)}, shared by the copies of a reused trace
+        # {(prefix, first block probed, blocks dropped at): (last block it answers for, Need | None)},
+        # shared by the copies of a reused trace
         self._found = gm.meta.setdefault("repshift_memo", {}).setdefault("needs", {})
 
     def first_after(self, block: int, drops: tuple[int, ...]) -> Need | None:
@@ -55,8 +56,7 @@ class TokenNeeds:
             if prefix == self._prefix and start <= block <= end and drops <= probed:
                 return need
         need = self._probe(block, drops)
-        run = next(r for r in runs(self._ctx.analysis) if any(b.index == block for b in r))
-        end = max(block, need.restore_after) if need is not None and need.restore_after is not None else run[-1].index
+        end = max(block, need.restore_after) if need is not None and need.restore_after is not None else run_of(self._ctx.analysis, block)[-1].index
         self._found[(self._prefix, block, drops)] = (end, need)
         return need
 
@@ -82,9 +82,9 @@ def _probe_config(analysis, block: int, drops: frozenset[int], prefix: int, conf
     """About a third of the tokens dropped after each block of `drops` in `block`'s run, at least one
     (None: too few tokens). Not just one: with one prefix token, N - 1 tokens left would pass for a
     table sized for the N patches."""
-    stages = runs(analysis)
-    run = next(r for r in stages if any(b.index == block for b in r))
-    held = len([p for p in getattr(analysis, "protected", {}) if p >= prefix]) if run is stages[-1] else 0
+    run = run_of(analysis, block)
+    last = run[-1] is analysis.blocks[-1]  # the last run: the tokens read by position after it are held
+    held = len([p for p in getattr(analysis, "protected", {}) if p >= prefix]) if last else 0
     left = run[0].tokens - prefix - held
     at, keep = [], []
     for b in (b for b in run if b.index in drops):
@@ -113,8 +113,7 @@ def _last_block_before(analysis, refusal: UnsupportedSiteError, upstream: set[st
     """The last block whose output reaches the node that needs every token; for a node a rewrite
     made (the mask of an attention rewritten to SDPA), the block before the one whose module holds it."""
     if not captured:
-        holder = [b.index for b in analysis.blocks if refusal.module and b.module and
-                  (refusal.module == b.module or refusal.module.startswith(b.module + "."))]
+        holder = [b.index for b in analysis.blocks if within_module(refusal.module, b.module)]
         return holder[0] - 1 if holder and holder[0] > 0 else None
     return max((b.index for b in analysis.blocks if b.output in upstream), default=None)
 

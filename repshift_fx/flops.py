@@ -18,7 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from repshift_fx.context import inserted
 from repshift_fx.capture import capture
-from repshift_fx.fx.nodes import module_path
+from repshift_fx.fx.nodes import module_path, within_module
 
 aten = torch.ops.aten
 
@@ -110,10 +110,6 @@ class FlopBreakdown:
     outside: float
 
 
-def _in_module(path: str, prefix: str) -> bool:
-    return bool(prefix) and (path == prefix or path.startswith(prefix + "."))
-
-
 def block_of_nodes(gm: torch.fx.GraphModule, analysis, known: set[str] | None = None) -> dict[str, int | None]:
     """The block (index) each node of `gm` belongs to, None outside every block.
 
@@ -134,7 +130,7 @@ def block_of_nodes(gm: torch.fx.GraphModule, analysis, known: set[str] | None = 
         found = (inserted(node).block if inserted(node) else by_name.get(node.name))
         if found is None:
             path = module_path(node)
-            found = next((i for prefix, i in modules if _in_module(path, prefix)), None)
+            found = next((i for prefix, i in modules if within_module(path, prefix)), None)
         owner[node.name] = found
         if found is None and known is not None and node.name not in known:
             orphans.append(node)

@@ -20,6 +20,7 @@ from repshift_fx.capture import capture, reuse_traces
 from repshift_fx.config import Config
 from repshift_fx.context import PassContext
 from repshift_fx.errors import UnsupportedSiteError
+from repshift_fx.fx.nodes import within_module
 from repshift_fx.modes import TOKENS, choose
 from repshift_fx.passes import attention_to_sdpa
 from repshift_fx.plan.tokens import PrunePlan, default_at
@@ -69,7 +70,7 @@ def _block_of(analysis, node: str | None, module: str | None):
         sites = [s for s in (block.mixer, block.mlp) if s is not None]
         if node is not None and any(node in s.nodes for s in sites):
             return block
-        if module and block.module and (module == block.module or module.startswith(block.module + ".")):
+        if within_module(module, block.module):
             return block
     return None
 

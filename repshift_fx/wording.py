@@ -15,7 +15,7 @@ import math
 
 import torch.fx
 
-from repshift_fx.fx.nodes import module_phrase, op_name, shape
+from repshift_fx.fx.nodes import module_phrase, op_name, shape, within_module
 
 _RESHAPES = {"view", "reshape", "unflatten", "view_as", "reshape_as", "permute", "transpose", "flatten"}
 _GRID_OPS = {"layer_norm", "conv1d", "conv2d", "conv3d", "batch_norm", "max_pool2d", "avg_pool2d", "unfold",
@@ -71,7 +71,7 @@ def place(analysis, module: str | None, upstream: set[str]) -> tuple[str, int | 
     blocks it lies; and the first block a drop after which would run past it (None: none)."""
     blocks = getattr(analysis, "blocks", [])
     for block in blocks:
-        if block.module and module and (module == block.module or module.startswith(block.module + ".")):
+        if within_module(module, block.module):
             return f"block {block.index} ({block.module})", block.index
     before = [b for b in blocks if b.output in upstream]
     name = module_phrase(module)

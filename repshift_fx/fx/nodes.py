@@ -200,6 +200,11 @@ def name_modules_as_user(gm: torch.fx.GraphModule, root: nn.Module | None) -> No
             stack[key] = (known[path, cls], cls)
 
 
+def within_module(path: str | None, outer: str | None) -> bool:
+    """`path` names module `outer` or a module inside it ("blocks.3.attn" within "blocks.3")."""
+    return bool(path) and bool(outer) and (path == outer or path.startswith(outer + "."))
+
+
 def module_phrase(path: str | None) -> str:
     """"module 'blocks.0.attn'", or "the model's top-level forward" for the root: where something lies,
     in the model's terms (a message names modules, never the traced graph's node names)."""

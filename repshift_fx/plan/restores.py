@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from repshift_fx.config import Config
 from repshift_fx.errors import UnsupportedSiteError
-from repshift_fx.plan.tokens import Drop, PrunePlan, make_plan, runs
+from repshift_fx.plan.tokens import Drop, PrunePlan, make_plan, run_of
 from repshift_fx.wording import need_message
 
 
@@ -69,11 +69,11 @@ def plan_tokens(analysis, config: Config) -> PrunePlan:
 def _first_unmet(plan: PrunePlan, analysis) -> tuple[Drop, Need] | None:
     """The first drop whose tokens reach a node that needs every token before they are put back."""
     restored = {d.block: block for block, drops in plan.restore_at for d in drops}
-    stretches = {d.block: run for run in runs(analysis) for d in plan.drops if any(b.index == d.block for b in run)}
+    run_start = {d.block: run_of(analysis, d.block)[0].index for d in plan.drops}
     for drop in plan.drops:
         if drop.mlp_only:
             continue
-        later = tuple(d.block for d in plan.drops if not d.mlp_only and stretches[d.block] is stretches[drop.block])
+        later = tuple(d.block for d in plan.drops if not d.mlp_only and run_start[d.block] == run_start[drop.block])
         need = analysis.needs.first_after(drop.block, later)
         back = restored.get(drop.block)
         if need is not None and (back is None or need.restore_after is None or back > need.restore_after):

@@ -137,6 +137,11 @@ def runs(analysis) -> list[list]:
     return found
 
 
+def run_of(analysis, block: int) -> list:
+    """The run (`runs`) that holds block `block`."""
+    return next(run for run in runs(analysis) if any(b.index == block for b in run))
+
+
 def tome_pairs(prefix: int, n: int) -> int:
     """The most tokens ToMe can merge away among prefix + n tokens: each leaving token of set A
     needs a token of set B to go into (A and B alternate after the prefix)."""
