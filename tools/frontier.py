@@ -33,6 +33,8 @@ from repshift_fx.capture import reuse_traces
 from repshift_fx.errors import RepShiftError
 from repshift_fx.flops import per_sample_gmacs
 
+from paired_difference import bootstrap_interval  # tools/, beside this script
+
 FIXED = {"drop (paper)": {}, "merge": {"reduce": "merge"}, "attention": {"score": "attention"},
          "random": {"score": "random"}, "ToMe": {"score": "tome"},
          "ToMe + shift 0.01": {"score": "tome", "shift_guidance": 0.01},
@@ -54,12 +56,6 @@ def parse_args(argv=None):
     parser.add_argument("--out", default="results/frontier")
     parser.add_argument("--cache", default="results/evaluate/cache")
     return parser.parse_args(argv)
-
-
-def bootstrap(difference: np.ndarray, draws: int = 2000, seed: int = 0) -> tuple[float, float]:
-    rng = np.random.default_rng(seed)
-    means = difference[rng.integers(0, len(difference), (draws, len(difference)))].mean(1)
-    return tuple(float(v) for v in np.percentile(means, [2.5, 97.5]))
 
 
 class Bench:
@@ -116,8 +112,8 @@ def measure(args) -> tuple[list[dict], float]:
         base = next((r for r in found if r["label"] == "ToMe"), found[0])  # ToMe, where its matching reaches the target
         for r in found:
             r["versus"] = base["label"]
-            r["agree_vs"] = bootstrap(r["agree"].astype(float) - base["agree"].astype(float))
-            r["accuracy_vs"] = bootstrap(r["correct"].astype(float) - base["correct"].astype(float))
+            r["agree_vs"] = bootstrap_interval(r["agree"].astype(float) - base["agree"].astype(float))
+            r["accuracy_vs"] = bootstrap_interval(r["correct"].astype(float) - base["correct"].astype(float))
             print(_line(r), flush=True)
         rows += found
     return rows, bench.setup.accuracy
