@@ -15,7 +15,8 @@ gets `repshift_pinned_i = pinned_tokens(score, positions, origin)` as select_tok
 the tokens are restored after the last drop, each read `x[:, p]` then reads
 `read_tokens(x, origin, (p,))[:, 0]` (role "protect"), the token wherever each sample kept it.
 With score="tome" the matching
-`repshift_match_i = bipartite_soft_matching(metric, r, prefix)` chooses the kept tokens; with
+`repshift_match_i = bipartite_soft_matching(metric, r, prefix)` chooses the kept tokens (metric: the
+block's attention keys averaged over heads, or with merge_metric="stream" the stream merged); with
 `shift_guidance` it also reads `repshift_guide_i`, the shift of the block before. With score="attention"
 the score node is the importance `attention_scores` put inside the block (`ctx.tokens.importance`), and
 only the index and keep nodes are inserted. Nothing else changes; sizes written as literals
@@ -67,7 +68,7 @@ def _insert_drop(graph: torch.fx.Graph, by_name, drop, config, importance: dict,
         return add_node(graph, drop, after, stem, target, args, kwargs)
 
     if config.score == "tome":  # ToMe: the matching chooses both who leaves and where it goes
-        keys = keys_before(output)
+        keys = keys_before(output) if config.merge_metric == "keys" else None  # else: the stream itself
         anchor, guidance = output, {}
         if drop.guide:  # the block before's shift holds back the tokens the layers still change
             changed, reference = (by_name[name] for name in drop.guide)

@@ -89,7 +89,7 @@ def run(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
             size = None  # a new stage after a restore: every token holds one again
         size = _insert_merge(gm, drop, config, size, ctx.notes)
         previous = drop
-    how = "ToMe's bipartite matching" if config.score == "tome" else f"cosine of the {config.merge_metric}"
+    how = ("ToMe's bipartite matching, " if config.score == "tome" else "") + f"cosine of the {config.merge_metric}"
     ctx.notes.append(f"merge: each leaving token folds into a kept token ({how}), size-weighted; attention after a "
                      f"merge adds log(size) ({'an extra q/k column' if config.size_attention == 'qk' else 'attn_mask'})")
     gm.graph.lint()

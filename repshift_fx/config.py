@@ -84,8 +84,9 @@ class Config:
         blocks by default), or one number per block, by bipartite soft matching between attention and
         MLP.""")
     merge_metric: MergeMetric = _option("keys", """
-        reduce="merge": "most similar" compares the scoring block's attention keys (cosine), or "stream",
-        the tokens themselves.""")
+        reduce="merge" and score="tome": "most similar" compares the attention keys of the block that merges,
+        averaged over heads (cosine; ToMe's metric), or "stream", the tokens themselves, the values the
+        merge averages (on the real DINOv2 ViT-S it follows the model more closely: docs/results/real_vit.md).""")
     size_attention: SizeAttention = _option("mask", """
         proportional attention (reduce="merge") as an SDPA attn_mask, or "qk": an extra q/k column that
         needs no mask (flash attention on GPU).""")

@@ -112,7 +112,8 @@ def merge_forward(model, img, at=(), keep=0.7, metric="keys", tome_r=None, reduc
                   guidance=0.0):
     """The model's logits (or, with `per_token`, its normed tokens, every one restored) with the
     shift's drops merged (reduce="merge"), dropped (reduce="drop"), or ToMe (tome_r tokens per block,
-    or one r per block; `guidance`: shift-guided, by the shift of the block before)."""
+    or one r per block; `guidance`: shift-guided, by the shift of the block before). `metric`: what
+    a merge compares, the attention keys averaged over heads or the stream ("stream")."""
     x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(img))))
     prefix, size = model.num_prefix_tokens, torch.ones(x.shape[:2])
     tracker = Tracker(*x.shape[:2])
@@ -121,7 +122,8 @@ def merge_forward(model, img, at=(), keep=0.7, metric="keys", tome_r=None, reduc
         attn_out, keys = attention(blk.attn, blk.norm1(x), size)
         mid = x + blk.ls1(attn_out)
         if tome_r is not None:
-            mid, size = tome_step(mid, size, keys, prefix, tome_r[i] if isinstance(tome_r, tuple) else tome_r, tracker,
+            mid, size = tome_step(mid, size, keys if metric == "keys" else mid, prefix,
+                                  tome_r[i] if isinstance(tome_r, tuple) else tome_r, tracker,
                                   shift if guidance else None, guidance)
         mlp_out = blk.ls2(blk.mlp(blk.norm2(mid)))
         shift = ((mid + mlp_out - mid) ** 2).sum(-1).sqrt()  # how far the MLP moved each token

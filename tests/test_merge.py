@@ -32,6 +32,19 @@ def test_tome_matches_the_reference(name, deit, distilled, image):
     assert gm.report.tokens == [prefix + 16 - 2 * i for i in range(4)]
 
 
+@pytest.mark.parametrize("guidance", (0.0, 0.5))
+def test_tome_on_the_stream_matches_the_reference(deit, image, guidance):
+    gm = repshift_fx.compress(deit, image, score="tome", r=2, merge_metric="stream", shift_guidance=guidance,
+                              compile=False)
+    on_stream = gm(image)
+    assert_close(on_stream, merge_forward(deit, image, tome_r=2, metric="stream", guidance=guidance))
+    assert not torch.allclose(on_stream, merge_forward(deit, image, tome_r=2, guidance=guidance), atol=1e-4)
+
+
+def test_tome_on_the_stream_compiles_to_what_it_computes_eagerly(deit, image):
+    assert_compiled_matches_eager(deit, image.shape[1:], (2, 3), score="tome", r=2, merge_metric="stream")
+
+
 @pytest.mark.parametrize("name", ("deit", "distilled"))
 def test_shift_guided_tome_matches_the_reference(name, deit, distilled, image):
     model = {"deit": deit, "distilled": distilled}[name]

@@ -6,7 +6,7 @@ targets, paired against ToMe on the same test images.
 
 Rows at each FLOP target (the planner resolves every amount, `target_flops=`): the paper's drop,
 the shift's merge, EViT's attention score, random scores, ToMe, shift-guided ToMe
-(`shift_guidance`), and `calibrate()` on --calibrate training images, label-free (fidelity) and
+(`shift_guidance`), ToMe matching on the stream (`merge_metric="stream"`), and `calibrate()` on --calibrate training images, label-free (fidelity) and
 with their labels (accuracy). A linear probe fitted on the unpruned model's features of the
 training split scores every row on the test split: agreement (the probe's prediction equals its
 prediction on the unpruned features), the features' cosine to the unpruned ones, and accuracy.
@@ -37,8 +37,9 @@ from paired_difference import bootstrap_interval  # tools/, beside this script
 
 FIXED = {"drop (paper)": {}, "merge": {"reduce": "merge"}, "attention": {"score": "attention"},
          "random": {"score": "random"}, "ToMe": {"score": "tome"},
-         "ToMe + shift 0.01": {"score": "tome", "shift_guidance": 0.01},
-         "ToMe + shift 0.02": {"score": "tome", "shift_guidance": 0.02}}
+         "ToMe + shift 0.02": {"score": "tome", "shift_guidance": 0.02},
+         "ToMe on the stream": {"score": "tome", "merge_metric": "stream"},
+         "ToMe on the stream + shift 0.02": {"score": "tome", "merge_metric": "stream", "shift_guidance": 0.02}}
 
 
 def parse_args(argv=None):
@@ -83,7 +84,7 @@ class Bench:
         predicted = s.predict(features)
         return {"label": label, "target": target, "config": {k: v for k, v in gm.report.config.items()
                                                                  if k in ("keep", "at", "r", "score", "reduce",
-                                                                          "shift_guidance")},
+                                                                          "shift_guidance", "merge_metric")},
                 "flop_ratio": per_sample_gmacs(gm, (s.example,)) / s.gflops,
                 "agree": (predicted == s.reference).numpy(), "correct": (predicted == self.labels).numpy(),
                 "cosine": F.cosine_similarity(features.double(), self.unpruned.double()).mean().item()}
@@ -120,7 +121,7 @@ def measure(args) -> tuple[list[dict], float]:
 
 
 def _line(r: dict) -> str:
-    return (f"{r['target']:.2f} {r['label']:22s} FLOPs {r['flop_ratio']:.3f} agreement {100 * r['agree'].mean():.1f} "
+    return (f"{r['target']:.2f} {r['label']:32s} FLOPs {r['flop_ratio']:.3f} agreement {100 * r['agree'].mean():.1f} "
             f"cosine {r['cosine']:.4f} accuracy {100 * r['correct'].mean():.1f}")
 
 

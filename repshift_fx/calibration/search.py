@@ -13,7 +13,6 @@ the paper's schedule may win at its own.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import statistics
@@ -24,13 +23,12 @@ from tqdm.auto import tqdm
 from repshift_fx.api import compress
 from repshift_fx.calibration.measure import Candidate, Measure
 from repshift_fx.calibration.objective import call
-from repshift_fx.calibration.space import NOT_FOR_TOME, SHIFT_ONLY, TOME_ONLY, Space
+from repshift_fx.calibration.space import DEFAULTS, NOT_FOR_TOME, SHIFT_ONLY, TOME_ONLY, Space, merges
 from repshift_fx.compile.timing import time_variants
 from repshift_fx.config import Config
 from repshift_fx.errors import ConfigError
 
 log = logging.getLogger("repshift_fx")
-DEFAULTS = {f.name: f.default for f in dataclasses.fields(Config)}  # an option at its default is left out
 
 
 def options_for(current: dict, dimension: str, value) -> dict:
@@ -45,7 +43,7 @@ def options_for(current: dict, dimension: str, value) -> dict:
     else:
         for name in TOME_ONLY:
             options.pop(name, None)
-    if options.get("reduce") != "merge":
+    if not merges(options):
         options.pop("merge_metric", None)
     return {k: v for k, v in options.items() if k == "target_flops" or v != DEFAULTS.get(k, object())}
 

@@ -4,25 +4,31 @@
     space.alternatives("score", current)             # the values of one dimension to try next
 
 Dimensions: where the drops go (`at`), the score (shift, attention, norm, ToMe), the weight of
-the shift inside ToMe's matching (`shift_guidance`), the shift's distance and site, and drop or
-merge (`reduce`). The amount (keep, or ToMe's r) is never a
+the shift inside ToMe's matching (`shift_guidance`), what a merge compares (`merge_metric`: the
+attention keys or the stream), the shift's distance and site, and drop or merge (`reduce`). The amount (keep, or ToMe's r) is never a
 dimension: the FLOP target sets it, through the planner (`target_flops`).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from repshift_fx.config import Config, check_names
 from repshift_fx.errors import ConfigError
 
 TOKEN_SPACE = {"reduce": ("drop", "merge"), "score": ("shift", "attention", "tome"), "shift_guidance": (0.01, 0.02, 0.05),
-               "distance": ("l2", "cosine"), "site": ("mlp", "attn"), "at": "auto"}
+               "merge_metric": ("keys", "stream"), "distance": ("l2", "cosine"), "site": ("mlp", "attn"), "at": "auto"}
 LINE_SPACE = {"score": ("shift", "norm"), "distance": ("l2", "l1", "cosine"), "at": "auto"}
 DIMENSIONS = ("reduce", "score", "shift_guidance", "distance", "site", "merge_metric", "residual", "size_attention", "at")
-PAPER = {"score": "shift", "site": "mlp", "distance": "l2", "reduce": "drop", "at": None}  # None: the default at
+DEFAULTS = {f.name: f.default for f in dataclasses.fields(Config)}  # the paper's rule; at None: the default at
 SHIFT_ONLY = ("distance", "site", "residual")  # meaningless for other scores
-NOT_FOR_TOME = ("reduce", "merge_metric", "at")  # ToMe merges by its own matching, in every block
+NOT_FOR_TOME = ("reduce", "at")  # ToMe merges by its own matching, in every block
 TOME_ONLY = ("shift_guidance",)  # the shift inside ToMe's matching
+
+
+def merges(options: dict) -> bool:
+    """Whether the options merge tokens, so that `merge_metric` means something."""
+    return options.get("reduce") == "merge" or options.get("score") == "tome"
 
 
 @dataclass
@@ -65,7 +71,7 @@ class Space:
             return []
         if dimension in TOME_ONLY and current.get("score") != "tome":
             return []
-        if dimension == "merge_metric" and current.get("reduce") != "merge":
+        if dimension == "merge_metric" and not merges(current):
             return []
         if dimension == "at" and self.values["at"] == "auto":
             # no schedule resolved (the candidate was refused): nowhere to move from
@@ -74,7 +80,7 @@ class Space:
             found = self.values["at"]
         else:
             found = self.values[dimension]
-        return [v for v in found if v != current.get(dimension, PAPER.get(dimension))]
+        return [v for v in found if v != current.get(dimension, DEFAULTS.get(dimension))]
 
 
 def _schedules(values) -> list:

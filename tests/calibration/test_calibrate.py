@@ -11,7 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import repshift_fx
 from repshift_fx import Calibration, ConfigError, ExampleInputError
-from repshift_fx.calibration.space import at_moves
+from repshift_fx.calibration.space import Space, at_moves
 from conftest import assert_unchanged, random_batches, snapshot, tiny_timm
 
 SPACE = {"reduce": ["drop", "merge"], "score": ["shift", "tome"], "at": "auto"}
@@ -114,6 +114,18 @@ def test_at_moves_stay_in_range_and_increasing():
     assert tuple(range(3, 11)) in moves  # gradual: after every block from the first drop on
     assert all(list(m) == sorted(set(m)) and 0 <= m[0] and m[-1] <= 10 for m in moves)
     assert (0,) not in at_moves((0,), 2) and at_moves((0,), 2) == []
+
+
+@pytest.mark.parametrize("current, tried", [
+    ({"score": "tome"}, ["stream"]),                       # ToMe's matching on the keys or the stream
+    ({"reduce": "merge"}, ["stream"]),
+    ({"score": "tome", "merge_metric": "stream"}, ["keys"]),
+    ({"score": "shift"}, []),                              # a drop compares nothing
+])
+def test_what_a_merge_compares_is_a_dimension_wherever_tokens_merge(current, tried):
+    space = Space.for_mode("tokens")
+    assert "merge_metric" in space.dimensions()
+    assert space.alternatives("merge_metric", current, depth=12) == tried
 
 
 @pytest.mark.parametrize("kwargs, words", [
