@@ -86,7 +86,8 @@ class Config:
     merge_metric: MergeMetric = _option("keys", """
         reduce="merge" and score="tome": "most similar" compares the attention keys of the block that merges,
         averaged over heads (cosine; ToMe's metric), or "stream", the tokens themselves, the values the
-        merge averages (on the real DINOv2 ViT-S it follows the model more closely: docs/results/real_vit.md).""")
+        merge averages (on the real DINOv2 ViT-S it follows the model more closely; on MiniLM closer by
+        cosine, less accurate: docs/merge.md).""")
     size_attention: SizeAttention = _option("mask", """
         proportional attention (reduce="merge") as an SDPA attn_mask, or "qk": an extra q/k column that
         needs no mask (flash attention on GPU).""")

@@ -131,6 +131,7 @@ def build_group(run: Run, name: str, dtype: str, batch: int) -> dict:
     drop_ratio = per_sample_gmacs(eager["drop"], (x,)) / base
     configs = {"merge": {"reduce": "merge"}, "tome (pass)": {"score": "tome", "target_flops": drop_ratio},
                "tome + shift (pass)": {"score": "tome", "target_flops": drop_ratio, "shift_guidance": 0.01},
+               "tome on stream (pass)": {"score": "tome", "target_flops": drop_ratio, "merge_metric": "stream"},
                "attention (EViT)": {"score": "attention"}}
     if args.target_flops:
         configs[f"drop @{args.target_flops:g}"] = {"target_flops": args.target_flops}

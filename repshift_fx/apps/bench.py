@@ -7,7 +7,7 @@ One run, all variants built first (compiles included), then timed interleaved ro
 so that a noisy neighbour hits every variant alike; the figures are medians and ratios to the
 eager baseline. The "fixed tokens" variant keeps the same number of tokens by slicing, with no
 scoring, top-k or gather: the gap between it and the compressed model is what the inserted
-nodes cost.
+nodes cost. Merges (ToMe, reduce="merge") have none: their sizes feed the later attention.
 
     rows = run_comparison(model, images, scores=("shift", "attention", "random"), keep=0.7)
 
@@ -40,7 +40,7 @@ import torch.fx
 from tabulate import tabulate
 from tqdm.auto import tqdm
 
-from repshift_fx.context import role_of
+from repshift_fx.context import Role, role_of
 from repshift_fx.fx.nodes import is_impure
 from repshift_fx.flops import per_sample_gmacs
 from repshift_fx.method.lines import gather_lines
@@ -98,7 +98,7 @@ def build_variants(model, example_input, *, compile_options=None, overhead=True,
         "compressed eager": gm,
         "compressed compiled": torch.compile(gm, **compile_options),
     }
-    if overhead:
+    if overhead and not any(role_of(n) == Role.MERGE for n in gm.graph.nodes):  # a merge's sizes feed attention
         variants["fixed tokens compiled"] = torch.compile(fixed_token_variant(gm), **compile_options)
     return variants
 

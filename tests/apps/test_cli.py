@@ -199,6 +199,19 @@ def test_bench_tiny(capsys):
     assert "timing rounds" in err  # the progress bar
 
 
+def test_bench_of_a_merge_times_it_without_a_fixed_token_variant(capsys):
+    """ToMe's merge sizes feed the later attention, so there is no slicing twin to time it against:
+    the bench runs without that row rather than failing (a drop keeps it)."""
+    from repshift_fx.apps.bench import build_variants
+    model, x = tiny_vit(depth=2, img_size=32).eval(), torch.randn(2, 3, 32, 32)
+    assert "fixed tokens compiled" in build_variants(model, (x,), keep=0.5, at=(0,))
+    assert "fixed tokens compiled" not in build_variants(model, (x,), score="tome", r=1, merge_metric="stream")
+    code, out, err = run(capsys, "bench", "test_cli:tiny_vit", "--batch", "2", "--rounds", "1", "--score", "tome",
+                         "--r", "1", "--merge-metric", "stream", "--threads", "1")
+    assert code == 0, err
+    assert "compressed compiled" in out and "fixed tokens" not in out
+
+
 @pytest.fixture(scope="module")
 def bad_files(tmp_path_factory):
     root = tmp_path_factory.mktemp("bad")
