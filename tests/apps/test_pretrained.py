@@ -75,18 +75,3 @@ def test_frontier_tool_measures_every_reduction_on_the_real_vit(tmp_path):
     assert tome["agree_vs"] == [0.0, 0.0] and tome["config"]["score"] == "tome"
     assert (out / "frontier.png").stat().st_size > 0 and "paired against" in (out / "frontier.md").read_text()
 
-
-def test_frontier_tool_measures_a_text_encoder_batch_by_batch(tmp_path):
-    """The same tool on MiniLM and WordNet: every test batch compressed for itself, FLOPs per text."""
-    frontier = load_tool("frontier")
-    out = tmp_path / "frontier"
-    frontier.main(["--spec", "hf:minilm", "--data", "wordnet", "--targets", "0.73", "--limit", "24", "--train-limit",
-                   "60", "--calibrate", "0", "--batch", "12", "--threads", "1", "--out", str(out),
-                   "--cache", str(tmp_path / "cache")])
-    rows = json.loads((out / "frontier.json").read_text())
-    assert [r["label"] for r in rows] == list(frontier.FIXED)
-    for r in rows:
-        assert 0.5 < r["flop_ratio"] <= 0.73 + 1e-6 and 0 < r["cosine"] <= 1 + 1e-6
-    tome, stream = (next(r for r in rows if r["label"] == label) for label in ("ToMe", "ToMe on the stream"))
-    assert stream["config"]["merge_metric"] == "stream" and tome["config"]["score"] == "tome"
-    assert "24 test texts" in (out / "frontier.md").read_text()
