@@ -7,8 +7,8 @@ targets, paired against ToMe on the same test images.
 
 Rows at each FLOP target (the planner resolves every amount, `target_flops=`): the paper's drop,
 the shift's merge, EViT's attention score, random scores, ToMe, shift-guided ToMe
-(`shift_guidance`), ToMe matching on the stream (`merge_metric="stream"`), and `calibrate()` on --calibrate training images, label-free (fidelity) and
-with their labels (accuracy). A linear probe fitted on the unpruned model's features of the
+(`shift_guidance`), ToMe matching on the stream (`merge_metric="stream"`), and `calibrate()` on
+--calibrate training samples, label-free (fidelity) and with their labels (accuracy). A linear probe fitted on the unpruned model's features of the
 training split scores every row on the test split: agreement (the probe's prediction equals its
 prediction on the unpruned features), the features' cosine to the unpruned ones, and accuracy.
 Each row's difference to ToMe is paired over the same images, with a 95% bootstrap interval (to the

@@ -5,8 +5,9 @@
 
 Dimensions: where the drops go (`at`), the score (shift, attention, norm, ToMe), the weight of
 the shift inside ToMe's matching (`shift_guidance`), what a merge compares (`merge_metric`: the
-attention keys or the stream), the shift's distance and site, and drop or merge (`reduce`). The amount (keep, or ToMe's r) is never a
-dimension: the FLOP target sets it, through the planner (`target_flops`).
+attention keys or the stream), the shift's distance and site, and drop or merge (`reduce`). The
+amount (keep, or ToMe's r) is never a dimension: the FLOP target sets it, through the planner
+(`target_flops`).
 """
 from __future__ import annotations
 
