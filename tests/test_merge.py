@@ -41,6 +41,14 @@ def test_tome_on_the_stream_matches_the_reference(deit, image, guidance):
     assert not torch.allclose(on_stream, merge_forward(deit, image, tome_r=2, guidance=guidance), atol=1e-4)
 
 
+def test_tome_on_the_stream_merging_nothing_is_the_model(deit, image):
+    before = snapshot(deit)
+    gm = repshift_fx.compress(deit, image, score="tome", r=0, merge_metric="stream", compile=False)
+    with torch.inference_mode():
+        assert_close(gm(image), deit(image))
+    assert_unchanged(deit, before)
+
+
 def test_tome_on_the_stream_compiles_to_what_it_computes_eagerly(deit, image):
     assert_compiled_matches_eager(deit, image.shape[1:], (2, 3), score="tome", r=2, merge_metric="stream")
 
