@@ -8,11 +8,12 @@ targets, paired against ToMe on the same test images.
 Rows at each FLOP target (the planner resolves every amount, `target_flops=`): the paper's drop,
 the shift's merge, EViT's attention score, random scores, ToMe, shift-guided ToMe
 (`shift_guidance`), ToMe matching on the stream (`merge_metric="stream"`), and `calibrate()` on
---calibrate training samples, label-free (fidelity) and with their labels (accuracy). A linear probe fitted on the unpruned model's features of the
-training split scores every row on the test split: agreement (the probe's prediction equals its
-prediction on the unpruned features), the features' cosine to the unpruned ones, and accuracy.
-Each row's difference to ToMe is paired over the same images, with a 95% bootstrap interval (to the
-paper's drop where ToMe's matching cannot reach the target: at most half the tokens merge per block).
+--calibrate training samples, label-free (fidelity) and with their labels (accuracy). A linear
+probe fitted on the unpruned model's features of the training split scores every row on the test
+split: agreement (the probe's prediction equals its prediction on the unpruned features), the
+features' cosine to the unpruned ones, and accuracy. Each row's difference to ToMe is paired over
+the same samples, with a 95% bootstrap interval (to the paper's drop where ToMe's matching cannot
+reach the target: at most half the tokens merge per block).
 Writes frontier.md, frontier.json and frontier.png under --out.
 """
 from __future__ import annotations
@@ -60,6 +61,11 @@ def parse_args(argv=None):
     parser.add_argument("--out", default="results/frontier")
     parser.add_argument("--cache", default="results/evaluate/cache")
     return parser.parse_args(argv)
+
+
+def is_text(args) -> bool:
+    """A text encoder (hf:minilm, hf:DIR) rather than an image model."""
+    return args.spec.startswith("hf:")
 
 
 def scored(label: str, target: float, config: dict, flop_ratio: float, features: torch.Tensor, setup,
@@ -141,7 +147,7 @@ class TextBench(ImageBench):
 
 def measure(args) -> tuple[list[dict], float]:
     """Every row at every target, and the unpruned model's test accuracy."""
-    bench, rows = (TextBench if args.spec.startswith("hf:") else ImageBench)(args), []
+    bench, rows = (TextBench if is_text(args) else ImageBench)(args), []
     for target in (float(t) for t in args.targets.split(",")):
         found = []
         for label, options in FIXED.items():
@@ -179,15 +185,15 @@ def write(args, bench_rows: list[dict], unpruned_accuracy: float) -> None:
              for r in bench_rows]
     headers = ("target", "configuration", "FLOP ratio", "agreement %", "difference (95%)", "cosine", "accuracy %",
                "difference (95%)", "paired against")
-    model, unit = (args.spec, "texts") if args.spec.startswith("hf:") else (f"{args.spec} {args.kwargs}", "images")
-    text = (f"{model}, {args.data}: {args.limit} test {unit}, probe on {args.train_limit} training {unit} (unpruned "
+    model, unit = (args.spec, "texts") if is_text(args) else (f"{args.spec} {args.kwargs}", "images")
+    body = (f"{model}, {args.data}: {args.limit} test {unit}, probe on {args.train_limit} training {unit} (unpruned "
             f"accuracy {100 * unpruned_accuracy:.1f}%), calibration on {args.calibrate}.\n\n"
             + tabulate(table, headers=headers, tablefmt="github") + "\n")
-    (out / "frontier.md").write_text(text)
+    (out / "frontier.md").write_text(body)
     records = [{k: (float(v.mean()) if isinstance(v, np.ndarray) else v) for k, v in r.items()} for r in bench_rows]
     (out / "frontier.json").write_text(json.dumps(records, indent=1, default=str))
     plot(bench_rows, out / "frontier.png", f"{args.spec.split(':')[-1]} on {args.data}")
-    print(text)
+    print(body)
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
