@@ -74,6 +74,13 @@ class _Drops:
         self.keep = [roles["keep", d.block] for d in self.drops]
         self.after = [by_name[d.after] for d in self.drops]
         self.region = regions(self.keep, stop=lambda node: role_of(node) == "restore")
+        self.through = [self._lineage(k) for k in range(len(self.drops))]
+
+    def _lineage(self, k: int) -> list[int]:
+        """The drops, up to k, that the tokens entering drop k went through with no restore since:
+        not those of another branch (CrossViT's two streams) nor those undone before drop k."""
+        unrestored = lambda node: [u for u in node.users if role_of(u) != "restore"]  # noqa: E731
+        return [j for j in range(k) if self.after[k] in reachable([self.keep[j]], unrestored)] + [k]
 
     def tokens(self, k: int) -> int:
         """Tokens entering drop k, prefix included."""
@@ -81,8 +88,8 @@ class _Drops:
 
     def level(self, size: int, k: int) -> tuple[int, int] | None:
         """(first drop to go through, offset) for a side axis of `size` entries met after drop k:
-        the latest drop j <= k entered by `size` tokens (offset 0) or `size` + p (offset p)."""
-        for j in range(k, -1, -1):
+        the latest drop j of k's lineage entered by `size` tokens (offset 0) or `size` + p (offset p)."""
+        for j in reversed(self.through[k]):
             prefix = self.drops[j].prefix
             if size == self.tokens(j):
                 return j, 0
@@ -236,7 +243,7 @@ class _SideGatherer(FollowingShapeProp):
             )
         first, offset = levels.pop()
         node = side
-        for j in range(first, k + 1):
+        for j in (j for j in self.drops.through[k] if j >= first):
             if self.drops.drops[j].fused:
                 raise UnsupportedSiteError(
                     f"{where(n)} reads {self._value(side)}, a tensor that carries the token axis, after a drop with "
@@ -252,7 +259,7 @@ class _SideGatherer(FollowingShapeProp):
             with graph.inserting_before(before):
                 node = graph.create_node("call_function", gather_side, (source, index, axes, rank, offset),
                                          name=f"repshift_side_{self.drops.drops[j].block}")
-            root = (inserted(source).source if inserted(source) else source.name)
+            root = getattr(inserted(source), "source", None) or source.name  # a gather's or restore's input
             mark(node, "side", self.drops.drops[j].block, source=root)
             value = gather_side(self.env[source], self.env[index], axes, rank, offset)
             self.env[node] = value

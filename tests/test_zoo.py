@@ -157,3 +157,19 @@ def test_a_wrong_graph_is_reported_as_wrong():
         repshift_fx.compress = original
     with torch.no_grad():
         assert zoo.check(model, inputs)["outcome"] == "prunes"
+
+
+def test_two_branch_crossvit_gathers_no_tokens_of_the_other_branch():
+    """CrossViT runs two token streams side by side and fuses their CLS tokens. A drop in one branch
+    once gathered the other branch's stream with its indices (cutting 401 tokens to 197), a wrong
+    answer even at keep=1.0: now each side tensor goes through the drops of its own lineage only,
+    and merges, whose sizes do not fit the other branch's fusion attention, are refused."""
+    model, x = zoo_models.BY_NAME["timm:crossvit_tiny_240"].build()
+    before = snapshot(model)
+    last_stage = tuple(range(9, 15))  # branch 0: block 10; branch 1: blocks 11-14
+    with torch.no_grad():
+        want = model(x)
+        got = repshift_fx.compress(model, x, keep=1.0, at=last_stage, compile=False)(x)
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    assert_refused(model, x, repshift_fx.RepShiftError, "fusion", score="tome", r=0, at=last_stage)
+    assert_unchanged(model, before)
