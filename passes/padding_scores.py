@@ -98,7 +98,9 @@ def run(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
                                         name=f"repshift_padding_{block}")
                 mark(real, "side", inserted(previous).block, source=mask.name)
             if match is not None:  # padding pairs only with padding
-                match.args = (*match.args[:3], graph.call_function(operator.ne, (real, 0)))
+                valid = graph.call_function(operator.ne, (real, 0))
+                mark(valid, "side", block, source=mask.name)  # cut already: gather_side_tensors leaves it
+                match.args = (*match.args[:3], valid)
             else:
                 _score_padding_last(graph, index, real, block)
         previous = index

@@ -145,9 +145,11 @@ def test_a_bare_encoder_prunes_and_returns_every_token(text, reduce):
                  original)
 
 
-@pytest.mark.parametrize("config", (dict(keep=0.5, at=(0, 1), reduce="merge"), dict(score="tome", r=2, at=(0, 1))))
+@pytest.mark.parametrize("config", (dict(keep=0.5, at=(0, 1), reduce="merge"), dict(score="tome", r=2, at=(0, 1)),
+                                    dict(score="tome", r=1)))
 def test_padding_never_mixes_with_real_tokens(text, config):
-    """What stands at the padded positions cannot change a real token's output, merged or not."""
+    """What stands at the padded positions cannot change a real token's output, merged or not. (ToMe
+    at every block: the padding mask its matching reads was once cut twice from the second block on.)"""
     bert = tiny_bert("sdpa", layers=4)
     gm = repshift_fx.compress(bert, text, compile=False, **config)
     other = dict(text, input_ids=torch.where(text["attention_mask"] == 1, text["input_ids"], 7))
