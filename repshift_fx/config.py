@@ -148,6 +148,12 @@ class Config:
         return config_from(kwargs)[0]
 
 
+def unreduced(config: Config) -> Config:
+    """`config` reducing nothing, the same drops or merges planned: keep=1.0, or r=0 for ToMe."""
+    nothing = {"r": 0} if config.score == "tome" else {"keep": 1.0}
+    return dataclasses.replace(config, target_flops=None, **nothing)
+
+
 TYPES = typing.get_type_hints(Config)  # name -> the field's type, the Literals resolved
 
 

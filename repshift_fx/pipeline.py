@@ -17,7 +17,7 @@ import torch
 import torch.fx
 
 from repshift_fx.capture import capture, reuse_traces
-from repshift_fx.config import Config
+from repshift_fx.config import Config, unreduced
 from repshift_fx.context import PassContext
 from repshift_fx.errors import UnsupportedSiteError
 from repshift_fx.fx.nodes import within_module
@@ -43,8 +43,7 @@ def rewrite(model: torch.nn.Module, example_input, config: Config) -> tuple[torc
 
 def rewrite_unpruned(model: torch.nn.Module, example_input, config: Config):
     """The rewrite at keep=1.0 (ToMe: r=0): which drops `at` means, and their sizes without pruning."""
-    nothing = {"r": 0} if config.score == "tome" else {"keep": 1.0}
-    return rewrite(model, example_input, dataclasses.replace(config, target_flops=None, **nothing))
+    return rewrite(model, example_input, unreduced(config))
 
 
 def plan_for_budget(model: torch.nn.Module, example_input, config: Config):
@@ -81,8 +80,7 @@ def refused_report(model, example_input, config: Config, error: UnsupportedSiteE
     reason, and the error's message under "refused". Re-raises `error` when the model has no token
     blocks to show (the refusal came earlier)."""
     gm, args = capture(model, example_input)
-    unpruned = dataclasses.replace(config, keep=None if config.score == "tome" else 1.0, target_flops=None)
-    ctx = PassContext(config=unpruned, args=args, model_name=type(model).__name__)
+    ctx = PassContext(config=unreduced(config), args=args, model_name=type(model).__name__)
     try:
         TOKENS.analyze(gm, ctx)
     except Exception:

@@ -2,18 +2,22 @@
 
     python tools/zoo.py                       # the default list below -> docs/zoo.md
     python tools/zoo.py --only deit,pit -o results/zoo.md
+    python tools/zoo.py --options '{"score": "tome", "merge_metric": "stream", "target_flops": 0.7}' -o /tmp/zoo.md
 
 For each model (random weights, small inputs, compile=False): `inspect(keep=0.7)` for the FLOP
 ratio, then `compress(keep=1.0)` against the model's own output (max relative error 1e-5) and
-`compress(keep=0.7)` for the output shape. The outcome is "prunes" (FLOPs fall, keep=1.0 exact,
+`compress(keep=0.7)` for the output shape (with `--options`, those options in place of keep=0.7, and
+their amount set to nothing in place of keep=1.0: r=0 for ToMe). The outcome is "prunes" (FLOPs fall, keep=1.0 exact,
 shape kept), "refused" (a RepShiftError; its message must name no node the pass inserted), or
 "WRONG" / "CRASH" (a wrong answer, or an exception that is no RepShiftError): the targets are none.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import inspect
+import json
 import pkgutil
 import re
 import time
@@ -27,6 +31,7 @@ import repshift_fx.method
 import torch
 from repshift_fx.apps.models.zoo import ENTRIES
 from repshift_fx.capture import reuse_traces
+from repshift_fx.config import Config, unreduced
 from tabulate import tabulate
 from tqdm import tqdm
 
@@ -88,17 +93,23 @@ def _call(module, x):
     return module(**x) if isinstance(x, dict) else module(x)
 
 
-def check(model, x) -> dict:
-    """One model's outcome, FLOP ratio and reason; `x` a tensor or a dict of keyword tensors."""
+DEFAULT_OPTIONS = {"keep": 0.7}
+
+
+def check(model, x, options: dict | None = None) -> dict:
+    """One model's outcome, FLOP ratio and reason; `x` a tensor or a dict of keyword tensors;
+    `options` the compress() options to reduce with (default keep=0.7)."""
+    options = options or DEFAULT_OPTIONS
     with torch.no_grad():
         want = _first(_call(model, x))
     try:
         with reuse_traces():  # the three calls trace the model once
-            report = repshift_fx.inspect(model, x, keep=0.7)
+            report = repshift_fx.inspect(model, x, **options)
             ratio = report.flop_ratio
             with torch.no_grad():
-                full = _first(_call(repshift_fx.compress(model, x, keep=1.0, compile=False), x))
-                pruned = _first(_call(repshift_fx.compress(model, x, keep=0.7, compile=False), x))
+                full = _first(_call(repshift_fx.compress(model, x, **dataclasses.asdict(unreduced(Config(**options))),
+                                                        compile=False), x))
+                pruned = _first(_call(repshift_fx.compress(model, x, **options, compile=False), x))
     except repshift_fx.RepShiftError as err:
         problems = message_problems(str(err))
         return {"outcome": "refused" if not problems else f"refused ({', '.join(problems)})", "ratio": None,
@@ -121,7 +132,7 @@ def _alarm(signum, frame):
     raise _Timeout()
 
 
-def sweep(entries, progress: bool = True, timeout: int = 0) -> list[tuple]:
+def sweep(entries, progress: bool = True, timeout: int = 0, options: dict | None = None) -> list[tuple]:
     """(model, kind, outcome, FLOP ratio, reason) for each entry; a model still running after
     `timeout` seconds (0: no limit) is "TIMEOUT"."""
     rows = []
@@ -134,7 +145,7 @@ def sweep(entries, progress: bool = True, timeout: int = 0) -> list[tuple]:
             continue
         signal.alarm(timeout)
         try:
-            result = check(model, inputs)
+            result = check(model, inputs, options)
         except _Timeout:
             result = {"outcome": "TIMEOUT", "ratio": None, "reason": f"still running after {timeout} s"}
         finally:
@@ -164,21 +175,28 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--timeout", type=int, default=300, help="seconds per model (default 300)")
     parser.add_argument("--update", action="store_true", help="replace only the rows of the models run in --out")
+    parser.add_argument("--options", type=json.loads, default=DEFAULT_OPTIONS,
+                        help=f"compress() options as JSON (default {json.dumps(DEFAULT_OPTIONS)})")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     entries = [e for e in ENTRIES if not args.only or any(s in e.name for s in args.only.split(","))]
     start = time.time()
-    rows = sweep(entries, timeout=args.timeout)
+    rows = sweep(entries, timeout=args.timeout, options=args.options)
     how = f"{len(rows)} models in {time.time() - start:.0f} s on {args.threads} threads"
     if args.update:
         rows, how = _updated(args.out, rows, how)
-    table = tabulate(rows, headers=("model", "kind", "outcome", "FLOP ratio at keep 0.7", "reason"), tablefmt="github")
+    table = tabulate(rows, headers=("model", "kind", "outcome", f"FLOP ratio at {_said(args.options)}", "reason"),
+                     tablefmt="github")
     text = (f"# Zoo sweep\n\n`python tools/zoo.py` (random weights, small configs and inputs "
-            f"(repshift_fx/apps/models/zoo.py), keep 0.7, default `at`, restore='auto', compile=False; {how}, "
+            f"(repshift_fx/apps/models/zoo.py), {_said(args.options)}, default `at`, restore='auto', compile=False; {how}, "
             f"torch {torch.__version__})\n\n{summary(rows)}\n\n{table}\n")
     with open(args.out, "w") as f:
         f.write(text)
     print(summary(rows))
+
+
+def _said(options: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in options.items())
 
 
 def _updated(path: str, new: list[tuple], how: str) -> tuple[list[tuple], str]:
