@@ -104,13 +104,14 @@ def test_keep_one_gives_the_original_outputs(name):
 def test_line_shift_map_draws_rows_and_columns(resnet18):
     from PIL import Image
 
-    from repshift_fx.apps.shiftmap_lines import GAP, STRIP, line_shift_map, render_lines
+    from repshift_fx.apps.shiftmap import GAP, STRIP, LineMap, draw, shift_map
 
-    lmap = line_shift_map(resnet18, torch.randn(1, 3, 96, 96), block=1, keep=0.5)
+    lmap = shift_map(resnet18, torch.randn(1, 3, 96, 96), block=1, keep=0.5)
+    assert isinstance(lmap, LineMap)
     assert lmap.positions.shape == (24, 24) and lmap.kept_rows.sum() == 12 and lmap.kept_cols.sum() == 12
     assert torch.allclose(torch.from_numpy(lmap.rows), torch.from_numpy(lmap.positions).mean(1), rtol=1e-5)
     assert set(lmap.rows.argsort()[-12:]) == set(lmap.kept_rows.nonzero()[0])  # the best rows are kept
-    picture = render_lines(Image.new("RGB", (96, 96)), lmap, scale=2)
+    picture = draw(lmap, Image.new("RGB", (96, 96)), scale=2)
     assert picture.size == (2 * 192 + STRIP + GAP, 192 + STRIP)
 
 

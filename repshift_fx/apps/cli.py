@@ -29,7 +29,6 @@ import repshift_fx
 
 from repshift_fx.apps import export_cmd
 from repshift_fx.apps import shiftmap
-from repshift_fx.apps import shiftmap_lines
 from repshift_fx.apps import specs
 from repshift_fx.apps.config_flags import add_config_flags, config_options
 from repshift_fx.config import option_names
@@ -232,59 +231,46 @@ def run_bench(args) -> int:
 def run_shiftmap(args) -> int:
     loaded = specs.load_model(args.spec, checkpoint=args.checkpoint, input_shape=args.input, kwargs=args.kwargs,
                               batch=1)
-    if loaded.tokenizer is not None:
-        return _text_shiftmap(args, loaded)
-    if len(loaded.input_shape) != 4:
-        raise specs.SpecError(f"shiftmap needs an image model (input B x C x H x W), got --input "
-                              f"{'x'.join(map(str, loaded.input_shape))}")
-    _at_least_one(args, "scale")
-    _, channels, height, width = loaded.input_shape
-    x, photo = shiftmap.load_image(args.image, (height, width), loaded.mean, loaded.std, channels)
     config = {"distance": args.distance, "residual": args.residual}
+    if loaded.tokenizer is not None:
+        x, photo = _one_text(args, loaded), None
+    else:
+        x, photo = _one_image(args, loaded)
     if args.mode != "lines":
         config["site"] = args.site
     if args.mode != "auto":
         config["mode"] = args.mode
     gm, values = shiftmap.rewritten_values(loaded.model, x, args.block, keep=args.keep, **config)
-    if gm.report.mode == "lines":  # CNNs: the row and column scores
-        lmap = shiftmap_lines.line_map(gm, values, args.block, args.distance)
-        title = f"line shift at block {args.block} ({args.distance})"
-        picture = shiftmap_lines.render_lines(photo, lmap, scale=args.scale, title=title)
-        kept = lmap.kept_text
-    else:
-        smap = shiftmap.token_map(gm, values, x, args.block)
-        title = f"shift at block {args.block} ({args.site}, {args.distance})"
-        picture = shiftmap.render(photo, smap, scale=args.scale, title=title)
-        kept = f"kept {smap.keep} of {smap.tokens} patch tokens"
+    smap = shiftmap.read_map(gm, values, args.block, x, loaded.tokenizer, args.distance)
+    measured = f"({args.distance})" if gm.report.mode == "lines" else f"({args.site}, {args.distance})"
+    title = f"{'line ' if gm.report.mode == 'lines' else ''}shift at block {args.block} {measured}"
+    picture = shiftmap.draw(smap, photo, scale=args.scale, title=title if photo else f"{title}; {smap.kept_text}")
     try:
         picture.save(args.output)
     except (OSError, ValueError) as err:
         raise specs.SpecError(f"cannot write {args.output!r}: {err}") from None
-    print(f"wrote {args.output} ({picture.width}x{picture.height}): block {args.block}, {kept}", file=sys.stderr)
+    if isinstance(smap, shiftmap.TextMap):
+        print(smap.line())
+    print(f"wrote {args.output} ({picture.width}x{picture.height}): block {args.block}, {smap.kept_text}"
+          f"{' (x: dropped)' if photo is None else ''}", file=sys.stderr)
     return 0
 
 
-def _text_shiftmap(args, loaded) -> int:
-    from repshift_fx.apps import shiftmap_text
+def _one_image(args, loaded):
+    if len(loaded.input_shape) != 4:
+        raise specs.SpecError(f"shiftmap needs an image model (input B x C x H x W), got --input "
+                              f"{'x'.join(map(str, loaded.input_shape))}")
+    _at_least_one(args, "scale")
+    _, channels, height, width = loaded.input_shape
+    return shiftmap.load_image(args.image, (height, width), loaded.mean, loaded.std, channels)
 
+
+def _one_text(args, loaded):
     if args.text or args.text_file:
         raise specs.SpecError(f"shiftmap draws one text: give it as the argument after {args.spec}, without "
                               "--text or --text-file")
     args.text = [args.image]
-    inputs = _model_input(args, loaded)
-    gm, values = shiftmap.rewritten_values(loaded.model, inputs, args.block, keep=args.keep, site=args.site,
-                                           distance=args.distance, residual=args.residual)
-    tmap = shiftmap_text.text_map(gm, values, loaded.tokenizer, inputs[0], args.block, inputs[1])
-    picture = shiftmap_text.render_text(tmap, f"shift at block {args.block} ({args.site}, {args.distance}); "
-                                              f"kept {int(tmap.kept.sum())} of {len(tmap.words)} word pieces")
-    try:
-        picture.save(args.output)
-    except (OSError, ValueError) as err:
-        raise specs.SpecError(f"cannot write {args.output!r}: {err}") from None
-    print(tmap.line())
-    print(f"wrote {args.output} ({picture.width}x{picture.height}): block {args.block}, kept "
-          f"{int(tmap.kept.sum())} of {len(tmap.words)} word pieces (x: dropped)", file=sys.stderr)
-    return 0
+    return _model_input(args, loaded)
 
 
 @contextlib.contextmanager

@@ -162,7 +162,7 @@ def test_shiftmap_png(capsys, tmp_path):
 def test_shiftmap_draws_rows_and_columns_of_a_cnn(capsys, tmp_path):
     from skimage import data as photos
 
-    from repshift_fx.apps.shiftmap_lines import GAP, STRIP
+    from repshift_fx.apps.shiftmap import GAP, STRIP
 
     image, out = tmp_path / "chelsea.png", tmp_path / "lines.png"
     Image.fromarray(photos.chelsea()).save(image)
@@ -180,10 +180,10 @@ def test_shiftmap_draws_rows_and_columns_of_a_cnn(capsys, tmp_path):
 
 
 def test_token_shift_keeps_the_best_scored_patches():
-    from repshift_fx.apps.shiftmap import token_shift
+    from repshift_fx.apps.shiftmap import shift_map
 
     model = tiny_vit(depth=4, img_size=64)
-    smap = token_shift(model.eval(), torch.randn(1, 3, 64, 64), block=2, keep=0.5)
+    smap = shift_map(model.eval(), torch.randn(1, 3, 64, 64), block=2, keep=0.5)
     assert smap.scores.shape == smap.kept.shape == (4, 4) and smap.prefix == 1
     assert smap.kept.sum() == smap.keep == 8
     assert smap.scores[smap.kept].min() >= smap.scores[~smap.kept].max()
