@@ -5,7 +5,7 @@ import logging
 
 from repshift_fx.modes.base import Mode
 from repshift_fx.passes import find_lines, insert_line_pruning, line_shapes
-from repshift_fx.plan.budget_lines import plan_lines_for_budget
+from repshift_fx.plan.budget import plan_lines_for_budget
 from repshift_fx.plan.lines import make_line_plan
 from repshift_fx.report.lines import build_line_report
 

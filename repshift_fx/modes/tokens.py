@@ -10,6 +10,7 @@ from repshift_fx.passes import (attention_scores, attention_to_sdpa, find_sites,
                                 insert_pruning, merge_tokens, mlp_only_drops, padding_scores, proportional_attention,
                                 restore_tokens, token_shapes, verify)
 from repshift_fx.plan.budget import plan_tokens_for_budget
+from repshift_fx.plan.tome_budget import TomeSearch
 from repshift_fx.plan.restores import plan_tokens
 from repshift_fx.plan.tokens import site_of
 from repshift_fx.report.tokens import token_report
@@ -22,6 +23,13 @@ def check_token_keep(config: Config) -> None:
     if isinstance(keep, tuple) and any(isinstance(k, tuple) for k in keep):
         raise ConfigError(f"keep={keep!r} holds (rows, cols) pairs, which are for line-wise pruning of CNNs; "
                           "this model is pruned by tokens: give one rate per entry of at, or a single float")
+
+
+def search_budget(model, example_input, config: Config, unpruned, rewrite):
+    """`target_flops` -> the keep rate (plan/budget.py), or with score="tome" ToMe's r (plan/tome_budget.py)."""
+    if config.score == "tome":
+        return TomeSearch(model, example_input, config, unpruned, rewrite).plan()
+    return plan_tokens_for_budget(model, example_input, config, unpruned, rewrite)
 
 
 def log_token_plan(ctx) -> None:
@@ -46,7 +54,7 @@ TOKENS = Mode(
     rewrite_passes=(attention_to_sdpa, attention_scores, insert_pruning, mlp_only_drops, padding_scores, merge_tokens, restore_tokens,
                     gather_side_tensors, proportional_attention, token_shapes, verify),
     report=token_report,
-    search_budget=plan_tokens_for_budget,
+    search_budget=search_budget,
     log_plan=log_token_plan,
     check_config=check_token_keep,
 )

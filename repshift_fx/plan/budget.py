@@ -1,13 +1,14 @@
 """FLOP budgets: the keep rate whose FLOPs are the largest within `target_flops`, searched by
-rewriting and counting the model (tokens mode here; lines mode: plan/budget_lines.py), and ToMe's
-r at a budget (`TomeCurve`, which the applications share).
+rewriting and counting the model, in either mode (ToMe's r at a budget: plan/tome_budget.py).
 
-    config, result = plan_tokens_for_budget(model, x, config, unpruned, rewrite)
+    config, result = plan_tokens_for_budget(model, x, config, unpruned, rewrite)   # tokens mode
+    config, result = plan_lines_for_budget(model, x, config, unpruned, rewrite)    # lines mode
 
 The searches run the whole pipeline, which sits above them: the run loop hands its `rewrite` in.
 """
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import logging
 import math
@@ -17,7 +18,7 @@ from typing import Callable
 
 from repshift_fx.context import inserted, role_of
 from repshift_fx.config import Config
-from repshift_fx.errors import ConfigError
+from repshift_fx.errors import ConfigError, UnsupportedSiteError
 from repshift_fx.plan.tokens import kept_count
 from repshift_fx.flops import count_macs, first_sample, node_macs
 
@@ -127,7 +128,7 @@ def _segments(gm, macs: dict[str, int], at: tuple[int, ...]) -> list[int]:
 class Search:
     """What the budget searches of both modes share: the unpruned rewrite (the drops `at`), the
     original MACs, rewrites at a given keep, the largest rate within the budget and its result.
-    tokens mode: `TokenSearch` below; lines mode: `budget_lines.LineSearch`.
+    tokens mode: `TokenSearch`; lines mode: `LineSearch`; ToMe: `tome_budget.TomeSearch`.
 
     `unpruned` is the pipeline's (graph, context) at keep=1.0 (which drops `at` means, their sizes
     without pruning); `rewrite(model, example_input, config)` is the pipeline itself, handed in
@@ -225,138 +226,6 @@ class TokenSearch(Search):
         return CostModel(runs[self.before][0], points)
 
 
-class TomeCurve:
-    """ToMe's FLOPs against r, the tokens merged away in every block: the one search for ToMe's r at
-    a FLOP budget, for the planner (MACs) and the applications (FLOP ratios from inspect()).
-
-        curve = TomeCurve(cost)               # cost(r): MACs or a FLOP ratio; None where r is refused
-        curve.smallest_r_within(limit)        # the smallest r at most `limit`, None if out of reach
-        curve.nearest_r(target)               # the r whose cost comes nearest `target`
-
-    `cost(r)` is None where ToMe's bipartite matching cannot merge r away (some block holds too few
-    tokens); refusals, once reached, hold for every larger r, and the cost falls as r grows, so both
-    searches bisect. Each r is costed once. `refused`: an r known to be refused (the tokens before
-    the first merge); without it, one is found by doubling r from 1."""
-
-    def __init__(self, cost: Callable[[int], float | None], refused: int | None = None):
-        self._cost, self._refused = cost, refused
-        self.costs: dict[int, float | None] = {}
-
-    def __call__(self, r: int) -> float | None:
-        if r not in self.costs:
-            self.costs[r] = self._cost(r)
-        return self.costs[r]
-
-    def _bracket(self) -> tuple[int, int]:
-        """(an allowed r, a refused r): r=0 is taken to be allowed."""
-        if self._refused is not None:
-            return 0, self._refused
-        high = 1
-        while self(high) is not None:
-            high *= 2
-        return high // 2, high
-
-    def largest_r(self) -> int:
-        """The largest r ToMe allows."""
-        low, high = self._bracket()
-        while high - low > 1:
-            middle = (low + high) // 2
-            low, high = (middle, high) if self(middle) is not None else (low, middle)
-        return low
-
-    def smallest_r_within(self, limit) -> int | None:
-        """The smallest r whose cost is at most `limit`; None where even the largest r's is above it."""
-        most = self.largest_r()
-        if self(most) > limit:
-            return None
-        low, high = -1, most  # cost(high) <= limit < cost(low)
-        while high - low > 1:
-            middle = (low + high) // 2
-            low, high = (middle, high) if self(middle) > limit else (low, middle)
-        return high
-
-    def nearest_r(self, target: float) -> int:
-        """The r whose cost comes nearest `target` (the smaller r on a tie; the largest r where
-        every cost is above it)."""
-        within = self.smallest_r_within(target)
-        if within is None:
-            return self.largest_r()
-        if within > 0 and abs(self(within - 1) - target) <= abs(self(within) - target):
-            return within - 1
-        return within
-
-
-class TomeSearch(Search):
-    """ToMe at a FLOP budget: the smallest r (the same in every block of `at`) within it (`TomeCurve`
-    of the MACs measured on the rewritten graph), then one more token merged in as few of the first
-    blocks as keep it within (`front_loaded`): a decreasing schedule, as in ToMe's paper. Where even
-    the largest r is above the budget (few tokens), one more than it in the first blocks
-    (`past_largest`)."""
-
-    def __init__(self, model, example_input, config: Config, unpruned, rewrite: Callable):
-        super().__init__(model, example_input, config, unpruned, rewrite)
-        self.curve = TomeCurve(self.macs, refused=self.unpruned[1].plan.drops[0].before)
-
-    def config_for(self, r) -> Config:
-        return dataclasses.replace(self.config, r=r, at=self.at, target_flops=None)
-
-    def macs(self, r: int) -> int | None:
-        """Measured MACs at `r` (one rewrite and count); None where some block holds too few tokens
-        to merge r away."""
-        try:
-            gm, ctx = self.rewrite(r)
-        except ConfigError:
-            return None
-        return sum(node_macs(gm, ctx.args).values())
-
-    def plan(self) -> tuple[Config, BudgetResult]:
-        r = self.curve.smallest_r_within(self.limit)
-        r, reached = self.front_loaded(r) if r is not None else self.past_largest(self.curve.largest_r())
-        kept = tuple(d.keep for d in self.unpruned[1].mode.make_plan(self.unpruned[1].analysis,
-                                                                      self.config_for(r)).drops)
-        result = BudgetResult(self.config.target_flops, reached / self.original, None, self.at, kept,
-                              self.original / 1e9, reached / 1e9, r)
-        log.info("target_flops=%s: ToMe r=%s in blocks %s; FLOP ratio %.4f", result.target, r, self.at,
-                 result.reached)
-        return self.config_for(r), result
-
-    def front_loaded(self, r: int) -> tuple[int | tuple[int, ...], int]:
-        """The r schedule nearest the budget from below, and its MACs: r in the first k blocks of at and
-        r - 1 in the rest, with the fewest k within the budget (k = len(at) is r everywhere). An integer
-        r alone can undershoot the budget by a whole token per block: on short texts, by 5% of the FLOPs."""
-        n = len(self.at)
-        if r == 0 or n == 1:
-            return r, self.curve(r)
-        return self.fewest_within(r, n, {n: self.curve(r)})
-
-    def past_largest(self, most: int) -> tuple[tuple[int, ...], int]:
-        """Where no r in every block is within the budget: most + 1 in the first k blocks and `most`
-        in the rest, with the fewest k within it, among the k ToMe's matching allows (the tokens
-        left for the last blocks bound it). ConfigError where even the largest such k is above."""
-        r, macs = most + 1, {0: self.curve(most), len(self.at): None}
-        allowed, refused = 0, len(self.at)  # most + 1 everywhere is refused: `most` is the largest r
-        while refused - allowed > 1:
-            k = (allowed + refused) // 2
-            macs[k] = self.macs(self.schedule(r, k))
-            allowed, refused = (k, refused) if macs[k] is not None else (allowed, k)
-        if macs[allowed] > self.limit:
-            self.below_reach(macs[allowed], f"ToMe with r={self.schedule(r, allowed) if allowed else most}")
-        return self.fewest_within(r, allowed, macs)
-
-    def fewest_within(self, r: int, high: int, macs: dict) -> tuple[int | tuple[int, ...], int]:
-        """The fewest k <= `high` whose schedule(r, k) is within the budget, and its MACs; `macs` holds
-        those measured already, schedule(r, high) within the budget, schedule(r, 0) above it."""
-        low = 0
-        while high - low > 1:
-            k = (low + high) // 2
-            macs[k] = macs[k] if k in macs else self.macs(self.schedule(r, k))
-            low, high = (k, high) if macs[k] is None or macs[k] > self.limit else (low, k)
-        return (r if high == len(self.at) else self.schedule(r, high)), macs[high]
-
-    def schedule(self, r: int, k: int) -> tuple[int, ...]:
-        return (r,) * k + (r - 1,) * (len(self.at) - k)
-
-
 def plan_tokens_for_budget(model, example_input, config: Config, unpruned, rewrite: Callable
                            ) -> tuple[Config, BudgetResult]:
     """The single keep rate for `config.at` whose FLOPs are the largest <= target * original.
@@ -365,10 +234,7 @@ def plan_tokens_for_budget(model, example_input, config: Config, unpruned, rewri
     the search bisects the rate on that exact cost model (`largest_rate`), and the result is
     counted again on the rewritten graph; should the two ever disagree, the search
     runs again on measured counts. Returns the config to compress with (keep=rate) and the result.
-    Raises ConfigError if even one token per drop exceeds the budget. score="tome": the smallest r
-    within the budget (`TomeSearch`)."""
-    if config.score == "tome":
-        return TomeSearch(model, example_input, config, unpruned, rewrite).plan()
+    Raises ConfigError if even one token per drop exceeds the budget."""
     measure = TokenSearch(model, example_input, config, unpruned, rewrite)
     cost = measure.cost_model()
 
@@ -382,3 +248,98 @@ def plan_tokens_for_budget(model, example_input, config: Config, unpruned, rewri
         rate = measure.largest(measure.total, measure.before)
         reached = measure.total(rate)
     return measure.result(rate, reached, measure.chain(rate))
+
+
+class LineSearch(Search):
+    """Measured MACs of the single-rate schedules, one rewrite and count per distinct schedule.
+
+    A schedule is the (rows, cols) kept at each drop. The grid that reaches a drop depends on
+    what the earlier drops kept (strided convolutions round it), so it is learnt from the
+    rewrites: `grids[kept before drop i]` is the (H, W) that reaches drop i. A rate whose schedule
+    follows from known grids costs a lookup; any other, one rewrite. `line_shapes` may refuse
+    some counts (kernel 2 stride 2 on an odd count, ...): `refused[kept]` holds its error for
+    every schedule that starts with the counts `kept` (those fixed before the refusal)."""
+
+    least = "one row and one column"
+
+    def __init__(self, model, example_input, config: Config, unpruned, rewrite: Callable):
+        super().__init__(model, example_input, config, unpruned, rewrite)
+        self.grids: dict[tuple, tuple[int, int]] = {}
+        self.totals: dict[tuple, int] = {}
+        self.refused: dict[tuple, UnsupportedSiteError] = {}
+        gm, ctx = self.unpruned
+        self.totals[self._learn(ctx.plan)] = count_macs(gm, first_sample(ctx.args))
+        # rates step where ceil(rate * m) does, m a side of a grid at a drop: at most the largest unpruned one
+        self.before = max(max(d.rows, d.cols) for d in ctx.plan.drops)
+        self.ends = sorted({j / m for m in range(1, self.before + 1) for j in range(1, m + 1)})  # the steps' ends
+
+    def _learn(self, plan) -> tuple[tuple[int, int], ...]:
+        """Note the grid that reached each drop `line_shapes` reached; the counts kept there."""
+        kept = ()
+        for drop in plan.drops:
+            if not drop.rows:  # refused before this drop
+                break
+            self.grids[kept] = (drop.rows, drop.cols)
+            kept += ((drop.keep_rows, drop.keep_cols),)
+        return kept
+
+    def schedule(self, rate: float) -> tuple[tuple[int, int], ...]:
+        """(rows, cols) kept at each drop with `rate`, as `line_shapes` counts them, as far as the
+        grids learnt so far tell (up to a refused prefix, or the first drop with an unknown grid)."""
+        kept = ()
+        for _ in self.at:
+            grid = self.grids.get(kept)
+            if kept in self.refused or grid is None:
+                break
+            kept += ((kept_count(rate, grid[0]), kept_count(rate, grid[1])),)
+        return kept
+
+    def cost(self, rate: float) -> float:
+        """Measured MACs at keep=rate, counted on the rewritten graph; infinity (over any budget)
+        where `line_shapes` refuses the counts."""
+        kept = self.schedule(rate)
+        if kept in self.refused:
+            return math.inf
+        if kept not in self.totals:
+            try:
+                gm, ctx = self.rewrite(rate)
+            except UnsupportedSiteError as error:
+                if getattr(error, "plan", None) is None:
+                    raise
+                self.refused[self._learn(error.plan)] = error
+                log.info("target_flops: keep=%.4f refused, counted as over the budget: %s", rate, error.message)
+                return math.inf
+            kept = self._learn(ctx.plan)
+            self.totals[kept] = count_macs(gm, first_sample(ctx.args))
+        return self.totals[kept]
+
+    def allowed(self, rate: float) -> float | None:
+        """The largest rate <= `rate` whose schedule is not refused (a step's end), None if none."""
+        below = self.ends[:bisect.bisect_left(self.ends, rate)]
+        return next((r for r in [rate, *reversed(below)] if self.cost(r) != math.inf), None)
+
+    def floor_cost(self, rate: float) -> float:
+        """MACs of `allowed(rate)`, 0 if None: non-decreasing in the rate with steps at the step ends,
+        refusals or not, which is what `largest_rate` needs."""
+        found = self.allowed(rate)
+        return 0 if found is None else self.cost(found)
+
+
+def plan_lines_for_budget(model, example_input, config: Config, unpruned, rewrite: Callable
+                          ) -> tuple[Config, BudgetResult]:
+    """The single rate, for rows and columns at every drop in `at`, whose FLOPs are the largest
+    <= target * original: `largest_rate` bisects on the FLOPs counted on the rewritten graph (a
+    CNN has few distinct schedules: one rewrite each). A schedule that a convolution or pooling
+    refuses (kernel 2 stride 2 on an odd count, ...) is passed over for the next smaller one.
+    Returns the config to compress with (keep=rate) and the result, whose `kept` holds the
+    (rows, cols) kept at each drop. Raises ConfigError if the smallest schedule exceeds the budget."""
+    search = LineSearch(model, example_input, config, unpruned, rewrite)
+    rate = search.allowed(search.largest(search.floor_cost, search.before))
+    if rate is None:  # the smallest schedule the strided layers allow is over the budget
+        fewest = next(r for r in search.ends if search.cost(r) != math.inf)
+        kept = ", ".join(f"{r}x{c}" for r, c in search.schedule(fewest))
+        search.below_reach(search.cost(fewest), f"keeping {kept} rows x columns, the fewest the layers after the "
+                                                "drops take,")
+    if search.refused:
+        log.info("target_flops: %d schedule(s) refused, passed over", len(search.refused))
+    return search.result(rate, search.cost(rate), search.schedule(rate))

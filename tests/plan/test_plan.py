@@ -10,7 +10,8 @@ from repshift_fx import ConfigError
 from repshift_fx.config import Config
 from repshift_fx.flops import count_macs
 from repshift_fx.pipeline import plan_for_budget, rewrite, rewrite_unpruned
-from repshift_fx.plan.budget import CostModel, TokenSearch, TomeCurve, kept_chain, largest_rate
+from repshift_fx.plan.budget import CostModel, TokenSearch, kept_chain, largest_rate
+from repshift_fx.plan.tome_budget import TomeCurve
 from repshift_fx.plan.tokens import kept_count
 
 X = torch.randn(1, 3, 64, 64)

@@ -14,7 +14,7 @@ from conftest import assert_unchanged, snapshot
 from repshift_fx import ConfigError, UnsupportedSiteError
 from repshift_fx.config import Config
 from repshift_fx.pipeline import plan_for_budget, rewrite, rewrite_unpruned
-from repshift_fx.plan.budget_lines import LineSearch
+from repshift_fx.plan.budget import LineSearch
 from repshift_fx.report.lines import build_line_report
 
 X = torch.randn(1, 3, 128, 128)  # resnet18: grids 32, 16, 8, 4 (even: no count is refused)

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from repshift_fx import inspect
 from repshift_fx.errors import ConfigError
-from repshift_fx.plan.budget import TomeCurve
+from repshift_fx.plan.tome_budget import TomeCurve
 
 
 def tome_curve(model, example) -> TomeCurve:
-    """ToMe's FLOP ratio on `example` against r (`repshift_fx.plan.budget.TomeCurve`), counted by
+    """ToMe's FLOP ratio on `example` against r (`repshift_fx.plan.tome_budget.TomeCurve`), counted by
     inspect(); None where r is past half of the tokens somewhere."""
     def ratio(r: int) -> float | None:
         try:
