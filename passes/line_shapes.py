@@ -87,7 +87,7 @@ class _LineShapeProp(ShapeRecorder):
         (old_h, old_w), (new_h, new_w) = grids
         extra = pad_end(n.args[0], self.module)
         for axis, (old, new, name) in enumerate(((old_h, new_h, "rows"), (old_w, new_w, "columns"))):
-            if win.lost(new, axis, extra[axis]) and not win.lost(old, axis, extra[axis]):
+            if win.newly_lost(old, new, axis, extra[axis]):
                 raise UnsupportedSiteError(
                     f"{_where(n, self.module)} (kernel {win.kernel[axis]}, stride {win.stride[axis]}) would skip the "
                     f"last {name} of the {new} kept: it needs a count its stride divides (it had {old}). Choose a keep "

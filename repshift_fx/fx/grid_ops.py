@@ -100,6 +100,21 @@ class Window:
         return max(0, tail - end - extra_end - max(0, self.stride[axis] - span))
 
 
+    def newly_lost(self, old: int, new: int, axis: int, extra_end: int = 0) -> bool:
+        """Lines at the end of `new` that no window reaches, where none were lost at `old`."""
+        return bool(self.lost(new, axis, extra_end)) and not self.lost(old, axis, extra_end)
+
+    def out_size(self, size: int, axis: int) -> int:
+        """The output length along `axis` for an input of `size` (torch's formula, ceil_mode too)."""
+        begin, end = self.padding[axis]
+        span = (self.kernel[axis] - 1) * self.dilation[axis] + 1
+        stride, room = self.stride[axis], size + begin + end - span
+        if not self.ceil_mode:
+            return room // stride + 1
+        out = -(-room // stride) + 1
+        return out - 1 if (out - 1) * stride >= size + begin else out
+
+
 def window(node: torch.fx.Node, gm: torch.fx.GraphModule) -> Window | None:
     """The window of a conv2d / max_pool2d / avg_pool2d node, None for other ops or unknown forms."""
     op = grid_op(node, gm)

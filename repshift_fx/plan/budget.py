@@ -18,7 +18,8 @@ from typing import Callable
 
 from repshift_fx.context import inserted, role_of
 from repshift_fx.config import Config
-from repshift_fx.errors import ConfigError, UnsupportedSiteError
+from repshift_fx.errors import ConfigError
+from repshift_fx.plan.line_grids import GridWalk
 from repshift_fx.plan.tokens import kept_count
 from repshift_fx.flops import count_macs, first_sample, node_macs
 
@@ -253,63 +254,42 @@ def plan_tokens_for_budget(model, example_input, config: Config, unpruned, rewri
 class LineSearch(Search):
     """Measured MACs of the single-rate schedules, one rewrite and count per distinct schedule.
 
-    A schedule is the (rows, cols) kept at each drop. The grid that reaches a drop depends on
-    what the earlier drops kept (strided convolutions round it), so it is learnt from the
-    rewrites: `grids[kept before drop i]` is the (H, W) that reaches drop i. A rate whose schedule
-    follows from known grids costs a lookup; any other, one rewrite. `line_shapes` may refuse
-    some counts (kernel 2 stride 2 on an odd count, ...): `refused[kept]` holds its error for
-    every schedule that starts with the counts `kept` (those fixed before the refusal)."""
+    A schedule is the (rows, cols) kept at each drop. The grid that reaches a drop depends on what
+    the earlier drops kept (strided convolutions round it): `GridWalk` works it out from the
+    unpruned rewrite's shapes, and says which schedules a convolution or pooling after a drop
+    refuses (kernel 2 stride 2 on an odd count, ...), before any rewrite. `refused[kept]` holds
+    the reason for the counts `kept` fixed up to the refusal."""
 
     least = "one row and one column"
 
     def __init__(self, model, example_input, config: Config, unpruned, rewrite: Callable):
         super().__init__(model, example_input, config, unpruned, rewrite)
-        self.grids: dict[tuple, tuple[int, int]] = {}
-        self.totals: dict[tuple, int] = {}
-        self.refused: dict[tuple, UnsupportedSiteError] = {}
         gm, ctx = self.unpruned
-        self.totals[self._learn(ctx.plan)] = count_macs(gm, first_sample(ctx.args))
+        self.walk = GridWalk(gm, ctx.plan)
+        self.refused: dict[tuple, str] = {}
+        self.totals: dict[tuple, int] = {self.schedule(1.0): count_macs(gm, first_sample(ctx.args))}
         # rates step where ceil(rate * m) does, m a side of a grid at a drop: at most the largest unpruned one
         self.before = max(max(d.rows, d.cols) for d in ctx.plan.drops)
         self.ends = sorted({j / m for m in range(1, self.before + 1) for j in range(1, m + 1)})  # the steps' ends
 
-    def _learn(self, plan) -> tuple[tuple[int, int], ...]:
-        """Note the grid that reached each drop `line_shapes` reached; the counts kept there."""
-        kept = ()
-        for drop in plan.drops:
-            if not drop.rows:  # refused before this drop
-                break
-            self.grids[kept] = (drop.rows, drop.cols)
-            kept += ((drop.keep_rows, drop.keep_cols),)
-        return kept
+    def _walked(self, rate: float) -> tuple[tuple[tuple[int, int], ...], str | None]:
+        return self.walk([(rate, rate)] * len(self.at))
 
     def schedule(self, rate: float) -> tuple[tuple[int, int], ...]:
-        """(rows, cols) kept at each drop with `rate`, as `line_shapes` counts them, as far as the
-        grids learnt so far tell (up to a refused prefix, or the first drop with an unknown grid)."""
-        kept = ()
-        for _ in self.at:
-            grid = self.grids.get(kept)
-            if kept in self.refused or grid is None:
-                break
-            kept += ((kept_count(rate, grid[0]), kept_count(rate, grid[1])),)
-        return kept
+        """(rows, cols) kept at each drop with `rate` (up to a refusal)."""
+        return self._walked(rate)[0]
 
     def cost(self, rate: float) -> float:
         """Measured MACs at keep=rate, counted on the rewritten graph; infinity (over any budget)
-        where `line_shapes` refuses the counts."""
-        kept = self.schedule(rate)
-        if kept in self.refused:
+        where a layer after a drop refuses the counts."""
+        kept, refusal = self._walked(rate)
+        if refusal is not None:
+            if kept not in self.refused:
+                log.info("target_flops: keep=%.4f refused, counted as over the budget: %s", rate, refusal)
+            self.refused[kept] = refusal
             return math.inf
         if kept not in self.totals:
-            try:
-                gm, ctx = self.rewrite(rate)
-            except UnsupportedSiteError as error:
-                if getattr(error, "plan", None) is None:
-                    raise
-                self.refused[self._learn(error.plan)] = error
-                log.info("target_flops: keep=%.4f refused, counted as over the budget: %s", rate, error.message)
-                return math.inf
-            kept = self._learn(ctx.plan)
+            gm, ctx = self.rewrite(rate)
             self.totals[kept] = count_macs(gm, first_sample(ctx.args))
         return self.totals[kept]
 

@@ -6,6 +6,8 @@ import re
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -14,7 +16,9 @@ from conftest import assert_unchanged, snapshot
 from repshift_fx import ConfigError, UnsupportedSiteError
 from repshift_fx.config import Config
 from repshift_fx.pipeline import plan_for_budget, rewrite, rewrite_unpruned
+from repshift_fx.apps.models import zoo as zoo_models
 from repshift_fx.plan.budget import LineSearch
+from repshift_fx.plan.line_grids import GridWalk
 from repshift_fx.report.lines import build_line_report
 
 X = torch.randn(1, 3, 128, 128)  # resnet18: grids 32, 16, 8, 4 (even: no count is refused)
@@ -156,3 +160,34 @@ def test_refused_counts_are_passed_over(patchy):
     with pytest.raises(ConfigError, match=r"keeping 2x2 rows x columns, the fewest the layers after the drops take, "
                                           r"gives a FLOP ratio of 0\.\d+"):
         plan_for_budget(patchy, x, Config(target_flops=0.3, at=(1,)))
+
+
+def _walk_and_rewrite(model, x, at, rate):
+    """(the walk's counts and refusal, the rewrite's counts and refusal) at one rate."""
+    asked = Config(mode="lines", at=at)
+    gm, ctx = rewrite_unpruned(model, x, asked)
+    kept, refusal = GridWalk(gm, ctx.plan)([(rate, rate)] * len(ctx.plan.drops))
+    try:
+        _, done = rewrite(model, x, Config(mode="lines", at=at, keep=rate))
+    except UnsupportedSiteError as error:
+        return (kept, refusal is not None), (None, error.message)
+    return (kept, refusal is not None), (tuple((d.keep_rows, d.keep_cols) for d in done.plan.drops), None)
+
+
+@settings(max_examples=12, deadline=None)
+@given(rate=st.floats(0.2, 1.0))
+def test_the_grid_walk_predicts_what_the_rewrite_keeps_and_refuses(patchy, rate):
+    """The planner's GridWalk, from the unpruned shapes alone, against the rewrite itself: the same
+    counts where the rewrite takes them, a refusal where it refuses (kernel 2 stride 2, odd counts)."""
+    (kept, refused), (done, error) = _walk_and_rewrite(patchy, torch.randn(1, 3, 24, 24), (0, 1), rate)
+    assert refused == (error is not None), (rate, kept, error)
+    assert error is not None or kept == done
+
+
+@pytest.mark.parametrize("at", [(3,), (6, 9), (2, 10, 17)])
+def test_the_grid_walk_follows_convnext_channel_last_norms(at):
+    """ConvNeXt permutes to channels-last for its norms and downsamples with kernel 2 stride 2."""
+    model, x = zoo_models.BY_NAME["torchvision:convnext_tiny"].build()
+    for rate in (0.45, 0.55, 0.7, 0.9):
+        (kept, refused), (done, error) = _walk_and_rewrite(model, x, at, rate)
+        assert refused == (error is not None) and (error is not None or kept == done), (at, rate, kept, error)
