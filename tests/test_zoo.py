@@ -8,7 +8,7 @@ import timm
 import torch
 
 import repshift_fx
-from conftest import assert_refused, assert_unchanged, load_tool, node_values, snapshot
+from conftest import assert_close, assert_refused, assert_unchanged, load_tool, node_values, snapshot
 from repshift_fx.apps.models import zoo as zoo_models
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -173,3 +173,14 @@ def test_two_branch_crossvit_gathers_no_tokens_of_the_other_branch():
     assert (got - want).abs().max() <= 1e-5 * want.abs().max()
     assert_refused(model, x, repshift_fx.RepShiftError, "fusion", score="tome", r=0, at=last_stage)
     assert_unchanged(model, before)
+
+
+def test_tome_by_default_merges_in_every_block_but_an_attention_pool():
+    """SigLIP's attention-pool head is a token block of one query: ToMe's default blocks leave it out
+    (it was in, and even r=0 failed in the matching of an empty set)."""
+    model, x = zoo_models.BY_NAME["timm:vit_base_patch16_siglip_224"].build()
+    with torch.no_grad():
+        want = model(x)
+        assert_close(repshift_fx.compress(model, x, score="tome", r=0, compile=False)(x), want)
+    report = repshift_fx.inspect(model, x, score="tome", r=1)
+    assert report.tokens == [16, 15, 1] and report.config["at"] == (0, 1)

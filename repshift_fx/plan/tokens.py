@@ -185,6 +185,12 @@ def _check_stage(run, drops: list[Drop]) -> None:
     )
 
 
+def tome_blocks(analysis, prefix: int) -> tuple[int, ...]:
+    """ToMe's blocks by default: every block with two tokens to match (not an attention-pool head's
+    one query)."""
+    return tuple(b.index for b in analysis.blocks if tome_pairs(prefix, b.tokens) > 0)
+
+
 def make_plan(analysis, config: Config, restore_after=frozenset(), mlp_only=frozenset()) -> PrunePlan:
     """The drops of `at`, and where every token is restored: after the last block of a run (of
     blocks over one token count) that holds a drop, when another run follows or restore=True,
@@ -194,8 +200,9 @@ def make_plan(analysis, config: Config, restore_after=frozenset(), mlp_only=froz
     if config.score != "tome":
         check_keep_chosen(config)
     depth = len(analysis.blocks)
+    prefix = analysis.prefix if config.protect == "auto" else int(config.protect)
     at = config.at if config.at is not None else \
-        tuple(range(depth)) if config.score == "tome" else default_at(depth)
+        tome_blocks(analysis, prefix) if config.score == "tome" else default_at(depth)
     if not at:  # one block: a drop after it leaves no block to run on fewer tokens
         raise ConfigError(f"the model has 1 token block (attention or MLP over (B, N, C) tokens: "
                           f"'{analysis.blocks[0].module or '-'}'), and a drop after it would leave no block running "
@@ -203,7 +210,6 @@ def make_plan(analysis, config: Config, restore_after=frozenset(), mlp_only=froz
                           "and columns with mode='lines', or choose a model with more token blocks")
     check_at(at, depth, analysis.blocks[0].module or "the root")
     schedule = _schedule(config, at)
-    prefix = analysis.prefix if config.protect == "auto" else int(config.protect)
     # read by position after the last block: kept in place whatever `protect` says, or the read goes wrong
     protected = tuple(p for p in getattr(analysis, "protected", {}) if p >= prefix)
     if prefix >= analysis.blocks[0].tokens:
