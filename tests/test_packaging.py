@@ -1,6 +1,7 @@
 """A plain `pip install .` and the editable install both give every subpackage (the passes as
 `repshift_fx.passes`), imported from outside the repository."""
 import os
+import re
 import site
 import subprocess
 import sys
@@ -47,3 +48,12 @@ def test_editable_install_imports_every_subpackage_from_outside(tmp_path):
     assert result.returncode == 0, result.stderr
     files = result.stdout.split()
     assert len(files) == len(SUBPACKAGES) and all(line.startswith(str(ROOT)) for line in files)
+
+
+def test_the_docs_index_lists_every_document_and_plot():
+    docs = ROOT / "docs"
+    index = (docs / "index.md").read_text()
+    listed = set(re.findall(r"\]\(([^)]+)\)", index))
+    present = {str(p.relative_to(docs)) for p in docs.rglob("*") if p.suffix in (".md", ".png") and p.name != "index.md"}
+    assert present <= listed, sorted(present - listed)
+    assert {p for p in listed if not p.startswith("http")} <= present, sorted(listed - present)
