@@ -98,6 +98,13 @@ class Config:
         `distance` (over the mean of A), so that of equally redundant tokens those the layers still change
         stay. 0: ToMe's own matching.""")
 
+    train: bool = _option(False, """
+        compress a training graph: the model must be in training mode (model.train()), and the
+        reduction runs in training too; gradients flow through the gathers, merges, restores and
+        proportional attention to the model's own parameters (the choice of tokens is not
+        differentiated), so an optimizer on model.parameters() trains through it. compress() only;
+        dropout and drop-path with p > 0 and BatchNorm in training mode are refused for now.""")
+
     def __post_init__(self):
         for name, allowed in FIXED.items():
             if not _is_one_of(getattr(self, name), allowed):
@@ -146,6 +153,13 @@ class Config:
     @classmethod
     def from_kwargs(cls, **kwargs) -> "Config":
         return config_from(kwargs)[0]
+
+
+def inference_only(config: Config, entry: str, why: str) -> None:
+    """ConfigError for train=True at an entry point that works on inference graphs."""
+    if config.train:
+        raise ConfigError(f"train=True is for compress(): {entry} {why}; compress the model in training mode with "
+                          "compress(model.train(), x, train=True, ...)")
 
 
 def unreduced(config: Config) -> Config:

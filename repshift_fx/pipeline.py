@@ -35,8 +35,8 @@ def run_passes(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.GraphModu
 def rewrite(model: torch.nn.Module, example_input, config: Config) -> tuple[torch.fx.GraphModule, PassContext]:
     """Capture, analyze, plan and rewrite, once. The planner (the mode's `make_plan`) decides every
     drop, restore and MLP-only drop from the analysis, or refuses with the plan attached."""
-    gm, args = capture(model, example_input)
-    gm.eval()
+    gm, args = capture(model, example_input, train=config.train)
+    gm.train(config.train)
     ctx = PassContext(config=config, args=args, model_name=type(model).__name__)
     return run_passes(gm, ctx), ctx
 
@@ -79,7 +79,7 @@ def refused_report(model, example_input, config: Config, error: UnsupportedSiteE
     dropped, attention as it would be fused, the block that holds the refused node marked with the
     reason, and the error's message under "refused". Re-raises `error` when the model has no token
     blocks to show (the refusal came earlier)."""
-    gm, args = capture(model, example_input)
+    gm, args = capture(model, example_input, train=config.train)
     ctx = PassContext(config=unreduced(config), args=args, model_name=type(model).__name__)
     try:
         TOKENS.analyze(gm, ctx)

@@ -16,7 +16,8 @@ import typing
 from repshift_fx.apps.specs import SpecError, parse_floats, parse_ints
 from repshift_fx.config import FIXED, TYPES, Config, members
 
-FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+# train=True is for compress() in Python, on a model in training mode: the command loads models for inference
+FIELDS = {f.name: f for f in dataclasses.fields(Config) if f.name != "train"}
 
 
 def flag(name: str) -> str:

@@ -25,7 +25,7 @@ from repshift_fx.calibration.search import descend, time_finalists
 from repshift_fx.calibration.space import Space
 from repshift_fx.capture import reuse_traces
 from repshift_fx.capture.inputs import check_model
-from repshift_fx.config import Config, config_from
+from repshift_fx.config import Config, config_from, inference_only
 from repshift_fx.errors import ConfigError
 from repshift_fx.pipeline import rewrite_unpruned
 
@@ -72,10 +72,11 @@ def calibrate(model: nn.Module, batches, *, target_flops: float | None = None, t
     Returns:
         A `Calibration`: `.config` (compress() options), `.table`, `.plot(path)`, `.save(path)`.
     """
+    checked, _ = config_from(dict(fixed, target_flops=target_flops or 1.0), calibrate)  # unknown or bad options
+    inference_only(checked, "calibrate()", "measures the reduced model's inference outputs")
     check_model(model)
     target_flops, target_speedup = _check_targets(target_flops, target_speedup)
     _check_counts(max_candidates=max_candidates, refine=refine, finalists=finalists)
-    config_from(dict(fixed, target_flops=target_flops or 1.0), calibrate)  # unknown or bad fixed options
     with reuse_traces():
         measure = Measure(model, batches, objective, screen, labels)
         unpruned = rewrite_unpruned(model, measure.batches[0], Config(**fixed, keep=1.0))[1]

@@ -55,7 +55,7 @@ def reuse_traces():
 
 def _trace_key(model: nn.Module, args: tuple) -> tuple:
     tensors = tuple((tuple(a.shape), a.dtype, a.device) for a in args)
-    return id(model), getattr(args, "names", None), tensors
+    return id(model), model.training, getattr(args, "names", None), tensors
 
 
 def copy_graph(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
@@ -70,11 +70,12 @@ def copy_graph(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return copied
 
 
-def capture(model: nn.Module, example_input, check: bool = True) -> tuple[torch.fx.GraphModule, tuple]:
+def capture(model: nn.Module, example_input, check: bool = True, train: bool = False
+            ) -> tuple[torch.fx.GraphModule, tuple]:
     """Trace `model` and record shapes on (a slice of) `example_input`; with `check`, the graph's
     outputs on that slice are compared with the model's (`check_capture`: one more forward of each,
-    a `CaptureError` naming the first module that differs)."""
-    check_model(model)
+    a `CaptureError` naming the first module that differs). `train`: the model is in training mode."""
+    check_model(model, train)
     given = as_args(example_input, model)
     args = analysis_args(given)
     key = _trace_key(model, args) if _REUSED is not None else None

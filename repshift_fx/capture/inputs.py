@@ -13,14 +13,38 @@ from torch import nn
 from ..errors import ConfigError, ExampleInputError, ModelModeError
 
 
-def check_model(model) -> None:
+def check_model(model, train: bool = False) -> None:
+    """The model is a module in the mode asked for: eval mode, or with `train` training mode with
+    nothing random or stateful in it (dropout, drop-path, BatchNorm statistics)."""
     if not isinstance(model, nn.Module):
         raise ConfigError(f"expected a torch.nn.Module, got {type(model).__name__}")
-    if model.training:
+    name = type(model).__name__
+    if model.training and not train:
         raise ModelModeError(
-            f"{type(model).__name__} is in training mode. repshift_fx compresses inference graphs "
-            "only (dropout and drop-path are removed); call model.eval() before compress()/inspect()."
+            f"{name} is in training mode. repshift_fx compresses inference graphs unless asked: call "
+            "model.eval() before compress()/inspect(), or pass train=True to compress() to train through "
+            "the reduction."
         )
+    if train and not model.training:
+        raise ConfigError(f"train=True compresses a training graph, but {name} is in eval mode: call model.train() "
+                          "first, or leave train out for inference")
+    if train:
+        _check_trainable(model)
+
+
+def _check_trainable(model: nn.Module) -> None:
+    """train=True: refuse what would make the pass's checks differ from the model or change it."""
+    for path, module in model.named_modules():
+        where = f"module '{path or type(model).__name__}'"
+        rate = getattr(module, "drop_prob", None) if not isinstance(module, nn.modules.dropout._DropoutNd) else module.p
+        if module.training and isinstance(rate, (int, float)) and rate > 0:
+            raise ConfigError(f"train=True: {where} drops at random (p={rate}); dropout and drop-path are not "
+                              "supported in training graphs yet: set their rate to 0 (timm: drop_rate=0, "
+                              "drop_path_rate=0) or put that module in eval mode")
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
+            raise ConfigError(f"train=True: {where} is a BatchNorm in training mode, whose statistics every call "
+                              "changes (the pass's own checks too): put it in eval mode (module.eval()) to train the "
+                              "rest")
 
 
 class Inputs(tuple):

@@ -37,7 +37,7 @@ import torch.fx
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from repshift_fx.config import Config, config_from
+from repshift_fx.config import Config, config_from, inference_only
 from repshift_fx.context import PassContext
 from repshift_fx.compile.dynamo_graph import (
     check_inference,
@@ -103,6 +103,8 @@ def backend(*, inner="inductor", **options) -> RepShiftBackend:
         is raised at the first call (dynamo wraps it in BackendCompilerFailed).
     """
     config, _ = config_from(options, backend)
+    inference_only(config, "backend()", "rewrites the graphs dynamo captures for inference (training through "
+                   "torch.compile is not supported yet)")
     if config.target_flops is not None:
         raise ConfigError("target_flops is compress()'s: the backend sees one graph at a time, not the whole "
                           "model's FLOPs; pass keep= (repshift_fx.inspect(model, x, target_flops=...).budget "

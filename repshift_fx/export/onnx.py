@@ -21,7 +21,7 @@ import torch.utils._pytree as pytree
 
 from repshift_fx.api import compress
 from repshift_fx.capture.inputs import Inputs, as_args
-from repshift_fx.config import config_from
+from repshift_fx.config import config_from, inference_only
 from repshift_fx.errors import ExportError
 from repshift_fx.export.diagnose import conversion_error, export_error
 from repshift_fx.export.runtime import max_relative_error, require, run_eager, run_session, session
@@ -74,7 +74,7 @@ def export(model: torch.nn.Module, example_input, path, *, dynamic_batch: bool =
         `export` extra is missing. The user's model is never changed.
     """
     config.pop("compile", None)  # the eager graph is what is exported
-    config_from(config, export)  # compile options: none here
+    inference_only(config_from(config, export)[0], "export()", "writes an inference graph")  # no compile options
     require("onnx", "onnxscript", *(("onnxruntime",) if check else ()))
     target = Path(path).expanduser()
     with _atomic_file(target) as temporary:
