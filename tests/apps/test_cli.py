@@ -343,6 +343,9 @@ def test_every_config_field_has_a_flag():
     for command in ("inspect", "bench", "export"):
         flags = {action.dest: action for action in commands[command]._actions}
         for field in dataclasses.fields(Config):
+            if field.name == "train":  # compress() in Python only: the command loads models for inference
+                assert field.name not in flags
+                continue
             assert field.name in flags, (command, field.name)
             hint = typing.get_type_hints(Config)[field.name]
             if typing.get_origin(hint) is typing.Literal:
