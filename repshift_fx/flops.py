@@ -159,6 +159,6 @@ def before_and_after(model: torch.nn.Module, gm: torch.fx.GraphModule, ctx) -> t
     The model is traced again: the pipeline rewrote its first trace in place. Tracing is
     deterministic, so node names match the ones the analysis recorded.
     """
-    original, _ = capture(model, ctx.args)
+    original, _ = capture(model, ctx.args, train=ctx.config.train)
     known = {node.name for node in original.graph.nodes}
     return breakdown(original, ctx.args, ctx.analysis), breakdown(gm, ctx.args, ctx.analysis, known)

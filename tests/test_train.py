@@ -140,3 +140,8 @@ def test_calibrate_export_and_the_backend_refuse_train(model, tmp_path):
         repshift_fx.export(model, X, tmp_path / "m.onnx", train=True)
     with pytest.raises(ConfigError, match="train=True is for compress"):
         repshift_fx.backend(train=True)
+
+
+def test_inspect_reports_the_training_graph(model):
+    report = repshift_fx.inspect(model, X, train=True, keep=0.5, at=(1,))
+    assert report.flop_ratio < 0.8 and report.tokens == [17, 17, 9, 9]

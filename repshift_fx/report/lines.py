@@ -121,7 +121,7 @@ def build_line_report(model, gm: torch.fx.GraphModule, ctx, flops: bool = True, 
     analysis, plan = ctx.analysis, ctx.plan
     total_before = total_after = blocks_before = blocks_after = outside_before = outside_after = None
     if flops:
-        original, _ = capture(model, ctx.args)  # the pipeline rewrote its own trace; names match
+        original, _ = capture(model, ctx.args, train=ctx.config.train)  # the pipeline rewrote its own trace; names match
         total_before, blocks_before, outside_before = per_block_gmacs(original, ctx.args, analysis)
         total_after, blocks_after, outside_after = per_block_gmacs(gm, ctx.args, analysis)
     drops = {d.block: d for d in plan.drops}
