@@ -21,13 +21,14 @@ def _time_once(fn, args) -> float:
 
 
 def time_variants(variants: dict, args: tuple, *, rounds: int = 5, warmup: int = 1,
-                  progress: bool = True) -> dict[str, list[float]]:
+                  progress: bool = True, grad: bool = False) -> dict[str, list[float]]:
     """Seconds per call of every variant: all warmed up (compiled) first, then `rounds` rounds
     in which each variant runs once, in an order shuffled per round (seeded), so that a noisy
-    neighbour, periodic or not, hits all alike."""
+    neighbour, periodic or not, hits all alike. `grad`: with autograd on (training steps), else
+    in inference mode."""
     times: dict[str, list[float]] = {name: [] for name in variants}
     order, shuffle = list(variants), random.Random(0).shuffle
-    with torch.inference_mode():
+    with torch.enable_grad() if grad else torch.inference_mode():
         for name, fn in tqdm(variants.items(), desc="compile + warm up", disable=not progress):
             for _ in range(warmup):
                 fn(*args)
