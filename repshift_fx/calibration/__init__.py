@@ -72,11 +72,11 @@ def calibrate(model: nn.Module, batches, *, target_flops: float | None = None, t
     Returns:
         A `Calibration`: `.config` (compress() options), `.table`, `.plot(path)`, `.save(path)`.
     """
+    target_flops, target_speedup = _check_targets(target_flops, target_speedup)
+    _check_counts(max_candidates=max_candidates, refine=refine, finalists=finalists)
     checked, _ = config_from(dict(fixed, target_flops=target_flops or 1.0), calibrate)  # unknown or bad options
     inference_only(checked, "calibrate()", "measures the reduced model's inference outputs")
     check_model(model)
-    target_flops, target_speedup = _check_targets(target_flops, target_speedup)
-    _check_counts(max_candidates=max_candidates, refine=refine, finalists=finalists)
     with reuse_traces():
         measure = Measure(model, batches, objective, screen, labels)
         unpruned = rewrite_unpruned(model, measure.batches[0], Config(**fixed, keep=1.0))[1]
