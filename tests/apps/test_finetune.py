@@ -5,7 +5,7 @@ from conftest import load_tool
 
 def test_finetune_tool_trains_with_and_without_the_reduction(capsys, tmp_path):
     finetune = load_tool("finetune")
-    finetune.main(["accuracy", "--steps", "3", "--train", "96", "--test", "64", "--threads", "1",
+    finetune.main(["accuracy", "--steps", "2", "--train", "64", "--test", "32", "--threads", "1",
                    "--plot", str(tmp_path / "plot.png")])
     out = capsys.readouterr().out
     rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in out.splitlines()

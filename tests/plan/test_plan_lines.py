@@ -184,10 +184,13 @@ def test_the_grid_walk_predicts_what_the_rewrite_keeps_and_refuses(patchy, rate)
     assert error is not None or kept == done
 
 
-@pytest.mark.parametrize("at", [(3,), (6, 9), (2, 10, 17)])
-def test_the_grid_walk_follows_convnext_channel_last_norms(at):
-    """ConvNeXt permutes to channels-last for its norms and downsamples with kernel 2 stride 2."""
+def test_the_grid_walk_follows_convnext_channel_last_norms():
+    """ConvNeXt permutes to channels-last for its norms and downsamples with kernel 2 stride 2: at
+    0.45 the rewrite takes the counts, at 0.55 it refuses 5 rows before a downsampling."""
     model, x = zoo_models.BY_NAME["torchvision:convnext_tiny"].build()
-    for rate in (0.45, 0.55, 0.7, 0.9):
-        (kept, refused), (done, error) = _walk_and_rewrite(model, x, at, rate)
-        assert refused == (error is not None) and (error is not None or kept == done), (at, rate, kept, error)
+    outcomes = []
+    for rate in (0.45, 0.55):
+        (kept, refused), (done, error) = _walk_and_rewrite(model, x, (6, 9, 17), rate)
+        assert refused == (error is not None) and (error is not None or kept == done), (rate, kept, error)
+        outcomes.append(refused)
+    assert outcomes == [False, True]
