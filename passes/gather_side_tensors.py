@@ -74,13 +74,11 @@ class _Drops:
         self.keep = [roles["keep", d.block] for d in self.drops]
         self.after = [by_name[d.after] for d in self.drops]
         self.region = regions(self.keep, stop=lambda node: role_of(node) == "restore")
-        self.through = [self._lineage(k) for k in range(len(self.drops))]
-
-    def _lineage(self, k: int) -> list[int]:
-        """The drops, up to k, that the tokens entering drop k went through with no restore since:
-        not those of another branch (CrossViT's two streams) nor those undone before drop k."""
+        # the drops, up to k, that the tokens entering drop k went through with no restore since: not
+        # those of another branch (CrossViT's two streams) nor those undone before drop k
         unrestored = lambda node: [u for u in node.users if role_of(u) != "restore"]  # noqa: E731
-        return [j for j in range(k) if self.after[k] in reachable([self.keep[j]], unrestored)] + [k]
+        downstream = [reachable([keep], unrestored) for keep in self.keep]  # one walk per drop
+        self.through = [[j for j in range(k) if self.after[k] in downstream[j]] + [k] for k in range(len(self.drops))]
 
     def tokens(self, k: int) -> int:
         """Tokens entering drop k, prefix included."""
