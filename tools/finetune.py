@@ -36,7 +36,7 @@ def training_step(module, x: torch.Tensor, labels: torch.Tensor):
     def step():
         loss = F.cross_entropy(module(x), labels)
         loss.backward()
-        for p in module.parameters() if hasattr(module, "parameters") else ():
+        for p in module.parameters():
             p.grad = None
     return step
 
@@ -44,8 +44,6 @@ def training_step(module, x: torch.Tensor, labels: torch.Tensor):
 def speed(args) -> list[dict]:
     torch.manual_seed(0)
     model = timm.create_model(args.model).train()
-    for p in model.parameters():
-        p.grad = None
     x = torch.randn(args.batch, 3, 224, 224)
     labels = torch.randint(0, model.num_classes, (args.batch,))
     configs = {"drop, keep 0.7": dict(keep=0.7), "merge, keep 0.7": dict(keep=0.7, reduce="merge")}
