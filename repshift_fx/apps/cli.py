@@ -242,8 +242,9 @@ def run_shiftmap(args) -> int:
         config["mode"] = args.mode
     gm, values = shiftmap.rewritten_values(loaded.model, x, args.block, keep=args.keep, **config)
     smap = shiftmap.read_map(gm, values, args.block, x, loaded.tokenizer, args.distance)
-    measured = f"({args.distance})" if gm.report.mode == "lines" else f"({args.site}, {args.distance})"
-    title = f"{'line ' if gm.report.mode == 'lines' else ''}shift at block {args.block} {measured}"
+    lines = gm.report.mode == "lines"  # rows and columns are scored across the block: no site
+    title = f"line shift at block {args.block} ({args.distance})" if lines else \
+        f"shift at block {args.block} ({args.site}, {args.distance})"
     picture = shiftmap.draw(smap, photo, scale=args.scale, title=title if photo else f"{title}; {smap.kept_text}")
     try:
         picture.save(args.output)

@@ -73,7 +73,7 @@ def _draw_tokens(photo: Image.Image, smap: TokenMap, scale: int, title: str) -> 
     picture.paste(heat, (0, 0))
     picture.paste(dimmed, (heat.width + GAP, 0))
     _label(picture, title or f"shift at block {smap.block}", (6, 6))
-    _label(picture, f"kept {smap.keep} of {smap.tokens} tokens", (heat.width + GAP + 6, 6))
+    _label(picture, smap.kept_text, (heat.width + GAP + 6, 6))
     return picture
 
 
