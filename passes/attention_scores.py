@@ -19,7 +19,7 @@ name. The forms, and what each becomes:
 
 Every other block's attention (SDPA, fused) is left as it is. The block's attention records in
 `ctx.tokens.attention` say "explicit (attention score)", and a note names the blocks. A scoring block with
-no attention, several, dropout on the weights, or attention whose key axis is not the block's
+no attention, several, a dropout rate computed in the graph, or attention whose key axis is not the block's
 token axis (heads folded into the batch, windows) is refused with an `UnsupportedSiteError`.
 """
 from __future__ import annotations
@@ -75,9 +75,9 @@ def _check_tokens(node: torch.fx.Node, probs_shape: tuple, batch: int, tokens: i
 def _sdpa_args(node: torch.fx.Node) -> inspect.BoundArguments:
     bound = inspect.signature(attention.explicit_attention).bind(*node.args, **node.kwargs)
     dropout = bound.arguments.get("dropout_p", 0.0)
-    if isinstance(dropout, torch.fx.Node) or dropout:
-        raise UnsupportedSiteError(f"{where(node)} applies dropout {dropout} to the attention weights; "
-                                   "trace the model in eval mode with no attention dropout", **located(node))
+    if isinstance(dropout, torch.fx.Node):
+        raise UnsupportedSiteError(f"{where(node)} applies a dropout rate computed in the graph to the attention "
+                                   "weights; give the model a fixed attention dropout rate", **located(node))
     return bound
 
 

@@ -1,6 +1,7 @@
 """Rewrite: explicit attention softmax(q k^T * s + mask) v -> F.scaled_dot_product_attention.
 
-Expects: a GraphModule with shapes, traced in eval mode (dropout is the identity).
+Expects: a GraphModule with shapes. In training mode (`compress(train=True)`) a dropout on the
+attention weights becomes SDPA's `dropout_p`; in eval mode it is the identity.
 Guarantees: every softmax that is provably attention becomes one SDPA node with the same value
 (scale and additive mask carried over); every other softmax is left as it is. `ctx.tokens.attention`
 gets one `AttentionRecord` per attention found, rewritten or not, with the reason when not.
@@ -11,7 +12,7 @@ Accepted forms, in any call style (`@`, `torch.matmul`, `torch.bmm`, `x.softmax`
     scores = scores * s | scores / s     (optional)
     scores = scores + mask               (optional, a float mask added after scaling)
     probs  = softmax(scores, dim=-1)     (a dtype= equal to the scores' dtype too)
-    probs  = dropout(probs)              (optional; identity in eval)
+    probs  = dropout(probs)              (optional; SDPA's dropout_p in training, identity in eval)
     probs  = probs.to(dtype)             (optional, when it keeps the dtype: HF's `.to(query.dtype)`)
     out    = probs @ v
 
@@ -124,7 +125,8 @@ def _match(softmax: torch.fx.Node, gm) -> dict:
         user = _only_user(user, "attention weights")
     if op_name(user, gm) not in _PRODUCT or user.args[0] is not chain[-1]:
         raise _Keep(f"the attention weights go to {op_name(user, gm)}, not to a product with values")
-    found = {"out": user, "v": user.args[1], "chain": chain, "mask": None, "scale": None}
+    found = {"out": user, "v": user.args[1], "chain": chain, "mask": None, "scale": None,
+             "dropout_p": _dropout_rate([n for n in chain if op_name(n, gm) == "dropout"], gm)}
 
     scores = softmax.args[0]
     while op_name(scores) not in _PRODUCT:
@@ -149,6 +151,25 @@ def _match(softmax: torch.fx.Node, gm) -> dict:
     return found
 
 
+def _dropout_rate(dropouts: list[torch.fx.Node], gm) -> float:
+    """The rate at which the dropouts on the attention weights drop them: a module's p in training
+    mode, F.dropout's p when its `training` is True; 0 in eval."""
+    rates = []
+    for node in dropouts:
+        if node.op == "call_module":
+            module = gm.get_submodule(node.target)
+            rates.append(module.p if module.training else 0.0)
+            continue
+        p, training = literal_arg(node, 1, "p", 0.5), literal_arg(node, 2, "training", True)
+        if not isinstance(p, numbers.Number) or not isinstance(training, bool):
+            raise _Keep("the dropout on the attention weights has a rate or mode computed in the graph")
+        rates.append(float(p) if training else 0.0)
+    active = [r for r in rates if r]
+    if len(active) > 1:
+        raise _Keep("two dropouts act on the attention weights")
+    return active[0] if active else 0.0
+
+
 def _keeps_dtype(node: torch.fx.Node, gm) -> bool:
     """A `.to(...)` / `.type_as(...)` whose output has its input's dtype, device and shape: a no-op."""
     if op_name(node, gm) not in ("to", "type_as", "type") or not isinstance(node.args[0], torch.fx.Node):
@@ -170,7 +191,7 @@ def _split_mask(add: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node]:
 def _rewrite(gm: torch.fx.GraphModule, found: dict) -> None:
     graph, out = gm.graph, found["out"]
     with graph.inserting_before(out):
-        kwargs = {"attn_mask": found["mask"], "dropout_p": 0.0, "scale": _scale_arg(graph, found["scale"])}
+        kwargs = {"attn_mask": found["mask"], "dropout_p": found["dropout_p"], "scale": _scale_arg(graph, found["scale"])}
         sdpa = graph.call_function(F.scaled_dot_product_attention, (found["q"], found["k"], found["v"]), kwargs)
     sdpa.meta.update({k: v for k, v in out.meta.items() if k != "tensor_meta"})
     out.replace_all_uses_with(sdpa)

@@ -47,7 +47,7 @@ from repshift_fx.fx.nodes import (
 TOKEN_AXIS = 1
 _POINTWISE = {
     "gelu", "relu", "silu", "sigmoid", "tanh", "hardswish", "mish", "softplus", "elu", "leaky_relu",
-    "dropout", "identity", "contiguous", "clone", "to", "float", "half", "bfloat16", "type_as",
+    "dropout", "drop_path", "identity", "contiguous", "clone", "to", "float", "half", "bfloat16", "type_as",
     "neg", "exp", "sqrt", "rsqrt", "square", "pow", "abs",
 }
 _ELEMENTWISE = {"add", "sub", "mul", "truediv", "div", "where", "maximum", "minimum"}

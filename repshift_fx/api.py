@@ -11,6 +11,7 @@ import torch
 
 from repshift_fx.capture import as_args, reuse_traces
 from repshift_fx.capture.guard import InputGuard
+from repshift_fx.capture.state import untouched
 from repshift_fx.config import config_from
 from repshift_fx.errors import UnsupportedSiteError
 from repshift_fx.pipeline import refused_report, run
@@ -46,10 +47,12 @@ def compress(model: torch.nn.Module, example_input, *, compile=True, **options):
             example input, no residual MLP, a site that cannot be pruned safely).
     """
     config, compile_options = config_from(options, compress, COMPILE_KEYWORDS + ("compile_mode",))
-    with reuse_traces():  # one trace per call: the budget search, the probes and the report read copies of it
+    # one trace per call: the budget search, the probes and the report read copies of it; the model's
+    # buffers and the random streams as they were (a training-mode model runs here several times)
+    with reuse_traces(), untouched(model):
         gm, report = run(model, example_input, config, flops=False)
     gm.report = report
-    guard = InputGuard(gm.forward, as_args(example_input, model))  # another input size: an ExampleInputError
+    guard = InputGuard(gm.forward, as_args(example_input, model), config.train)  # another input size: an ExampleInputError
     if not compile:
         gm.register_forward_pre_hook(guard, with_kwargs=True)
         return gm
@@ -72,7 +75,7 @@ def inspect(model: torch.nn.Module, example_input, **options) -> Report:
     """
     options.pop("compile", None)
     config, _ = config_from(options, inspect)
-    with reuse_traces():
+    with reuse_traces(), untouched(model):
         try:
             return run(model, example_input, config, flops=True)[1]
         except UnsupportedSiteError as error:  # not to steer: the refusal is what the report shows

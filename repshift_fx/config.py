@@ -102,8 +102,9 @@ class Config:
         compress a training graph: the model must be in training mode (model.train()), and the
         reduction runs in training too; gradients flow through the gathers, merges, restores and
         proportional attention to the model's own parameters (the choice of tokens is not
-        differentiated), so an optimizer on model.parameters() trains through it. compress() only;
-        dropout and drop-path with p > 0 and BatchNorm in training mode are refused for now.""")
+        differentiated), so an optimizer on model.parameters() trains through it. Dropout,
+        drop-path and BatchNorm statistics work as in the model. compress() and backend(); the
+        graph refuses to run once put in eval mode (compress the eval model for inference).""")
 
     def __post_init__(self):
         for name, allowed in FIXED.items():
@@ -158,8 +159,8 @@ class Config:
 def inference_only(config: Config, entry: str, why: str) -> None:
     """ConfigError for train=True at an entry point that works on inference graphs."""
     if config.train:
-        raise ConfigError(f"train=True is for compress(): {entry} {why}; compress the model in training mode with "
-                          "compress(model.train(), x, train=True, ...)")
+        raise ConfigError(f"train=True is for compress() and backend(): {entry} {why}; compress the model in "
+                          "training mode with compress(model.train(), x, train=True, ...)")
 
 
 def unreduced(config: Config) -> Config:

@@ -17,7 +17,7 @@ def attention(attn, x, size):
     q, k, v = attn.q_norm(qkv[0]), attn.k_norm(qkv[1]), qkv[2]
     logits = torch.einsum("bhqd,bhkd->bhqk", q, k) * attn.scale + size.log()[:, None, None, :]
     out = torch.einsum("bhqk,bhkd->bhqd", logits.softmax(-1), v).transpose(1, 2).reshape(batch, tokens, -1)
-    return attn.proj(attn.norm(out)), k.mean(1)
+    return attn.proj_drop(attn.proj(attn.norm(out))), k.mean(1)
 
 
 def cosine(a, b):
@@ -120,12 +120,12 @@ def merge_forward(model, img, at=(), keep=0.7, metric="keys", tome_r=None, reduc
     shift = None
     for i, blk in enumerate(model.blocks):
         attn_out, keys = attention(blk.attn, blk.norm1(x), size)
-        mid = x + blk.ls1(attn_out)
+        mid = x + blk.drop_path1(blk.ls1(attn_out))
         if tome_r is not None:
             mid, size = tome_step(mid, size, keys if metric == "keys" else mid, prefix,
                                   tome_r[i] if isinstance(tome_r, tuple) else tome_r, tracker,
                                   shift if guidance else None, guidance)
-        mlp_out = blk.ls2(blk.mlp(blk.norm2(mid)))
+        mlp_out = blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(mid))))
         shift = ((mid + mlp_out - mid) ** 2).sum(-1).sqrt()  # how far the MLP moved each token
         x = mid + mlp_out
         if i in at and reduce == "merge":

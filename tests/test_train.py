@@ -2,6 +2,7 @@
 equal those of the model itself (nothing reduced) and of an independent eager reference (drop,
 merge, ToMe: tests/reference.py, tests/reference_merge.py, run with gradients)."""
 import pytest
+import timm
 import torch
 
 import repshift_fx
@@ -124,22 +125,136 @@ def test_the_mode_must_match_train(model):
         repshift_fx.compress(model.eval(), X, train=True, compile=False)
 
 
-@pytest.mark.parametrize("rates", [dict(drop_rate=0.1), dict(drop_path_rate=0.1)])
-def test_dropout_and_drop_path_are_refused_for_now(rates):
-    noisy = tiny_timm("deit_tiny_patch16_224", num_classes=10, **rates).train()
+NOISY = dict(drop_rate=0.1, drop_path_rate=0.1, proj_drop_rate=0.1)  # dropout in MLPs, projections, head; drop-path
+
+
+def seeded_grads(model, forward, seed: int = 5) -> dict:
+    """`grads` with the random streams started from `seed`: dropout and drop-path draw alike on both sides."""
+    torch.manual_seed(seed)
+    return grads(model, forward)
+
+
+def test_dropout_and_drop_path_train_like_the_model_on_the_same_draws():
+    noisy = tiny_timm("deit_tiny_patch16_224", num_classes=10, attn_drop_rate=0.1, **NOISY).train()
     before = snapshot(noisy)
-    with pytest.raises(ConfigError, match="at random"):
-        repshift_fx.compress(noisy, X, train=True, compile=False)
+    gm = repshift_fx.compress(noisy, X, train=True, keep=1.0, at=(1, 2), compile=False)
     assert_unchanged(noisy, before)
+    want = seeded_grads(noisy, noisy)
+    assert_same_grads(seeded_grads(noisy, gm), want)
+    other = seeded_grads(noisy, gm, seed=6)  # the draws are real: another seed, other gradients
+    assert max((other[n] - want[n]).abs().max().item() for n in want) > 1e-3
 
 
-def test_calibrate_export_and_the_backend_refuse_train(model, tmp_path):
+@pytest.mark.parametrize("config,reference,attn_drop", [
+    (dict(keep=0.5, at=(1,)), lambda m, x: reference_forward.__wrapped__(m, x, (1,), 0.5), 0.1),
+    (dict(keep=0.5, at=(1,), reduce="merge"), lambda m, x: merge_forward.__wrapped__(m, x, at=(1,), keep=0.5), 0.0),
+    (dict(score="tome", r=2), lambda m, x: merge_forward.__wrapped__(m, x, tome_r=2), 0.0),
+], ids=["drop", "merge", "tome"])
+def test_gradients_with_dropout_equal_the_eager_reference_on_the_same_draws(config, reference, attn_drop):
+    """The references call the model's own dropout and drop-path modules in the model's order; the
+    merge reference writes its attention out, so SDPA's own attention dropout is off there."""
+    noisy = tiny_timm("deit_tiny_patch16_224", num_classes=10, attn_drop_rate=attn_drop, **NOISY).train()
+    gm = repshift_fx.compress(noisy, X, train=True, compile=False, **config)
+    assert_same_grads(seeded_grads(noisy, gm), seeded_grads(noisy, lambda x: reference(noisy, x)))
+
+
+def test_dropout_on_explicit_attention_weights_becomes_sdpas_dropout():
+    """softmax -> attn_drop -> @ v (timm without fused attention) is rewritten to SDPA with
+    dropout_p=p in training, 0 in eval: the attention dropout is neither lost nor kept at inference."""
+    model = tiny_timm("deit_tiny_patch16_224", num_classes=10, fused=False, attn_drop_rate=0.25)
+
+    def rates(graph):
+        return {n.kwargs["dropout_p"] for n in graph.graph.nodes if "scaled_dot_product" in str(n.target)}
+
+    assert rates(repshift_fx.compress(model, X, keep=0.5, at=(1,), compile=False)) == {0.0}
+    gm = repshift_fx.compress(model.train(), X, train=True, keep=0.5, at=(1,), compile=False)
+    assert rates(gm) == {0.25}
+    torch.manual_seed(0)
+    first = gm(X)
+    assert not torch.equal(first, gm(X))
+    assert all(g.isfinite().all() for g in grads(model, gm).values())
+
+
+def test_a_training_graph_refuses_to_run_in_eval_mode(model):
+    gm = repshift_fx.compress(model, X, train=True, keep=0.5, at=(1,), compile=False)
+    gm.eval()
+    with pytest.raises(ModelModeError, match="compress the model in eval mode"):
+        gm(X)
+
+
+def test_batch_norm_statistics_train_through_the_graph_and_not_through_compress():
+    """LeViT normalises its tokens with BatchNorm: compress() runs the model and leaves its running
+    statistics and the random streams as they were; the graph's training call updates them as the
+    model's own would (nothing reduced)."""
+    torch.manual_seed(0)
+    levit = timm.create_model("levit_128s", img_size=128, num_classes=10).train()
+    image = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    before, rng = snapshot(levit), torch.get_rng_state()
+    gm = repshift_fx.compress(levit, image, train=True, keep=1.0, compile=False)
+    assert_unchanged(levit, before)
+    assert torch.equal(torch.get_rng_state(), rng)
+    gm(image)
+    after_graph = {k: v.clone() for k, v in levit.state_dict().items()}
+    levit.load_state_dict(before["state"])
+    levit(image)
+    moved = [k for k, v in levit.state_dict().items() if "running_mean" in k and not torch.equal(v, before["state"][k])]
+    assert moved and all(torch.allclose(after_graph[k], v, atol=1e-6) for k, v in levit.state_dict().items())
+    reduced = repshift_fx.compress(levit, image, train=True, keep=0.5, compile=False)
+    assert reduced.report.tokens[-1] < reduced.report.tokens[0]
+    (reduced(image) * torch.randn(2, 10)).sum().backward()
+
+
+def test_a_bert_with_its_default_dropout_trains_like_the_model_on_the_same_draws():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=64)  # dropout 0.1, as shipped
+    torch.manual_seed(0)
+    bert = transformers.BertModel._from_config(config, attn_implementation="sdpa").train()
+    ids = torch.randint(1, 100, (2, 12), generator=torch.Generator().manual_seed(2))
+    text = {"input_ids": ids, "attention_mask": torch.ones(2, 12, dtype=torch.long)}
+    gm = repshift_fx.compress(bert, text, train=True, keep=1.0, at=(0, 1), compile=False)
+    weight = torch.randn(2, 12, 32, generator=torch.Generator().manual_seed(3))
+
+    def hidden_grads(forward):
+        torch.manual_seed(5)
+        bert.zero_grad(set_to_none=True)
+        (forward(**text).last_hidden_state * weight).sum().backward()
+        return {name: p.grad.clone() for name, p in bert.named_parameters() if p.grad is not None}
+
+    assert_same_grads(hidden_grads(gm), hidden_grads(bert))
+
+
+def test_calibrate_and_export_refuse_train(model, tmp_path):
     with pytest.raises(ConfigError, match="train=True is for compress"):
         repshift_fx.calibrate(model, [X], target_flops=0.7, train=True)
     with pytest.raises(ConfigError, match="train=True is for compress"):
         repshift_fx.export(model, X, tmp_path / "m.onnx", train=True)
-    with pytest.raises(ConfigError, match="train=True is for compress"):
-        repshift_fx.backend(train=True)
+
+
+def test_the_backend_trains_like_compress_on_the_same_draws():
+    """torch.compile(model, backend=repshift_fx.backend(train=True, ...)) then backward: the same
+    graph as compress(train=True), dropout and drop-path drawing alike (inner="eager")."""
+    torch._dynamo.reset()
+    noisy = tiny_timm("deit_tiny_patch16_224", num_classes=10, **NOISY).train()
+    backend = repshift_fx.backend(train=True, keep=0.5, at=(1,), inner="eager")
+    compiled = torch.compile(noisy, backend=backend)
+    got = seeded_grads(noisy, compiled)
+    assert backend.reports and backend.reports[0].tokens == [17, 17, 9, 9]
+    want = seeded_grads(noisy, repshift_fx.compress(noisy, X, train=True, keep=0.5, at=(1,), compile=False))
+    assert_same_grads(got, want)
+    with pytest.raises(Exception, match="train=True"):  # the same graph, without train=True: refused by name
+        torch._dynamo.reset()
+        torch.compile(noisy, backend=repshift_fx.backend(keep=0.5, at=(1,), inner="eager"))(X)
+    torch._dynamo.reset()
+
+
+def test_the_backend_compiles_forward_and_backward_through_the_reduction(model):
+    """Inductor (AOTAutograd) behind the backend: the gradients equal the eager reference's."""
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=repshift_fx.backend(train=True, keep=0.5, at=(1,)))
+    got = grads(model, compiled)
+    torch._dynamo.reset()
+    assert_same_grads(got, grads(model, lambda x: reference_forward.__wrapped__(model, x, (1,), 0.5)), tol=1e-4)
 
 
 def test_inspect_reports_the_training_graph(model):

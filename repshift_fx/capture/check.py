@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -13,14 +14,27 @@ from torch import nn
 from ..errors import CaptureError
 from ..fx.nodes import module_paths
 from .inputs import Inputs
+from .state import seeded
 
 
 CAPTURE_RTOL = 1e-5  # the graph runs the model's own ops: it agrees to rounding, or not at all
 
 
+def _same_draws(model, args):
+    """A training-mode model (dropout, drop-path) and its graph draw the same random numbers when
+    both start from one seed. An eval-mode model that draws (random masking) is left to draw freely,
+    so that `_check_deterministic` finds it."""
+    return seeded(args) if model.training else contextlib.nullcontext()
+
+
 def _call(model, args):
-    with torch.no_grad():
+    with torch.no_grad(), _same_draws(model, args):
         return model(**args.as_kwargs()) if isinstance(args, Inputs) else model(*args)
+
+
+def _run_graph(gm, model, args, runner=None):
+    with torch.no_grad(), _same_draws(model, args):
+        return runner.run(*args) if runner is not None else gm(*args)
 
 
 def _tensors(value) -> list[torch.Tensor]:
@@ -85,8 +99,7 @@ def first_divergence(gm: torch.fx.GraphModule, model: nn.Module, args: tuple, rt
         for handle in handles:
             handle.remove()
     recorder = _ValueRecorder(gm)
-    with torch.no_grad():
-        recorder.run(*args)
+    _run_graph(gm, model, args, recorder)
     inside: dict[str, list[torch.fx.Node]] = {}
     for node in gm.graph.nodes:
         if node in recorder.values:
@@ -134,8 +147,7 @@ def check_capture(gm: torch.fx.GraphModule, model: nn.Module, args: tuple, rtol:
     no_grad); a relative error over `rtol` is a `CaptureError` naming the first module whose
     output differs (`first_divergence`: one more run of each, on failure only)."""
     want = _tensors(_call(model, args))
-    with torch.no_grad():
-        got = _tensors(gm(*args))
+    got = _tensors(_run_graph(gm, model, args))
     rtol = max([rtol] + [_rounding(w) for w in want if w.is_floating_point()])
     if len(got) != len(want):
         problem = f"the graph returns {len(got)} tensor(s), the model {len(want)}"

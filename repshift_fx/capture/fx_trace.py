@@ -10,6 +10,7 @@ from torch import nn
 
 from ..errors import TraceError, described
 from .dynamo_export import dynamo_trace, leaving_no_trace
+from ..fx.nodes import is_drop_path
 from .inputs import defaults_not_given, is_transformers_model
 
 
@@ -20,6 +21,11 @@ class _PathTracer(torch.fx.Tracer):
         super().__init__()
         self.failed_path: str | None = None
         self.failed_type: str | None = None
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        """Drop-path modules too: traced through in training mode, their random per-sample mask
+        (`x.new_empty(...).bernoulli_()`) would read as ops mixing the branch's tokens."""
+        return is_drop_path(m) or super().is_leaf_module(m, module_qualified_name)
 
     def call_module(self, m, forward, args, kwargs):
         try:

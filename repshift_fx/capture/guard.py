@@ -11,6 +11,10 @@ input's sizes after the batch axis with the example's and raises an `ExampleInpu
 which input, the shape the model was compressed for and what to do; a missing or unknown input is
 named the same way. Another batch size, dtype or device passes (the graph handles those as the
 model does). It runs as a forward pre-hook, in Python, before dynamo sees the call.
+
+A graph compressed for training (`train=True`) fixed its dropout rates when it was traced (SDPA's
+`dropout_p`, `F.dropout(training=True)`): switched to eval mode it would still drop at random, so
+the guard refuses that call with a `ModelModeError` (compress the model in eval mode for inference).
 """
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ import inspect
 import torch
 
 from repshift_fx.capture.inputs import input_label
-from repshift_fx.errors import ExampleInputError
+from repshift_fx.errors import ExampleInputError, ModelModeError
 
 _NAMED = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
 
@@ -28,7 +32,8 @@ class InputGuard:
     """A forward pre-hook (`with_kwargs=True`): the inputs must have the example's sizes but for
     the batch (axis 0). Picklable, as the GraphModule it is registered on."""
 
-    def __init__(self, forward, args: tuple):
+    def __init__(self, forward, args: tuple, train: bool = False):
+        self.train = train
         self.signature = inspect.signature(forward)
         params = list(self.signature.parameters.values())
         self.bindable = all(p.kind in _NAMED for p in params)  # else *args or **kwargs: by position or keyword
@@ -38,6 +43,12 @@ class InputGuard:
         self.shapes = [tuple(a.shape) for a in args]
 
     def __call__(self, module, args: tuple, kwargs: dict):
+        if self.train and not module.training:
+            raise ModelModeError(
+                "this graph was compressed for training (train=True: its dropout is fixed in the graph), and it was "
+                "put in eval mode: for inference, compress the model in eval mode, repshift_fx.compress(model.eval(), "
+                "x, ...), which shares the trained weights"
+            )
         given = self._bind(args, kwargs)
         for name, label, want in zip(self.names, self.labels, self.shapes):
             got = given.get(name)

@@ -14,8 +14,7 @@ from ..errors import ConfigError, ExampleInputError, ModelModeError
 
 
 def check_model(model, train: bool = False) -> None:
-    """The model is a module in the mode asked for: eval mode, or with `train` training mode with
-    nothing random or stateful in it (dropout, drop-path, BatchNorm statistics)."""
+    """The model is a module in the mode asked for: eval mode, or with `train` training mode."""
     if not isinstance(model, nn.Module):
         raise ConfigError(f"expected a torch.nn.Module, got {type(model).__name__}")
     name = type(model).__name__
@@ -28,23 +27,6 @@ def check_model(model, train: bool = False) -> None:
     if train and not model.training:
         raise ConfigError(f"train=True compresses a training graph, but {name} is in eval mode: call model.train() "
                           "first, or leave train out for inference")
-    if train:
-        _check_trainable(model)
-
-
-def _check_trainable(model: nn.Module) -> None:
-    """train=True: refuse what would make the pass's checks differ from the model or change it."""
-    for path, module in model.named_modules():
-        where = f"module '{path or type(model).__name__}'"
-        rate = getattr(module, "drop_prob", None) if not isinstance(module, nn.modules.dropout._DropoutNd) else module.p
-        if module.training and isinstance(rate, (int, float)) and rate > 0:
-            raise ConfigError(f"train=True: {where} drops at random (p={rate}); dropout and drop-path are not "
-                              "supported in training graphs yet: set their rate to 0 (timm: drop_rate=0, "
-                              "drop_path_rate=0) or put that module in eval mode")
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
-            raise ConfigError(f"train=True: {where} is a BatchNorm in training mode, whose statistics every call "
-                              "changes (the pass's own checks too): put it in eval mode (module.eval()) to train the "
-                              "rest")
 
 
 class Inputs(tuple):

@@ -21,7 +21,10 @@ Guarantees:
 - Refused with a `RepShiftError` (dynamo raises it wrapped in BackendCompilerFailed), never a
   wrong shape at run time: a literal size the pass cannot attribute, pruned tokens that would
   leave the graph (a graph break after the drop, or a dense head), a graph that is one block's
-  own forward (a graph break in the loop over the blocks), a model in training mode.
+  own forward (a graph break in the loop over the blocks), a model in training mode without
+  `train=True`.
+- `train=True`: graphs captured in training mode are pruned too (dropout and drop-path kept), and
+  `loss.backward()` runs through the reduction (AOTAutograd traces the rewritten graph's backward).
 
 The logger `repshift_fx` reports at INFO what each graph got (the drops, the tokens entering each
 block, the graphs left alone); a `RepShiftBackend` keeps one `Report` per pruned graph in `.reports`.
@@ -37,7 +40,8 @@ import torch.fx
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from repshift_fx.config import Config, config_from, inference_only
+from repshift_fx.capture.state import untouched
+from repshift_fx.config import Config, config_from
 from repshift_fx.context import PassContext
 from repshift_fx.compile.dynamo_graph import (
     check_inference,
@@ -103,8 +107,6 @@ def backend(*, inner="inductor", **options) -> RepShiftBackend:
         is raised at the first call (dynamo wraps it in BackendCompilerFailed).
     """
     config, _ = config_from(options, backend)
-    inference_only(config, "backend()", "rewrites the graphs dynamo captures for inference (training through "
-                   "torch.compile is not supported yet)")
     if config.target_flops is not None:
         raise ConfigError("target_flops is compress()'s: the backend sees one graph at a time, not the whole "
                           "model's FLOPs; pass keep= (repshift_fx.inspect(model, x, target_flops=...).budget "
@@ -114,8 +116,25 @@ def backend(*, inner="inductor", **options) -> RepShiftBackend:
 
 
 def prune_graph(gm: torch.fx.GraphModule, example_inputs: list, config: Config):
-    """Prune one dynamo graph in place: (graph, its Report or None if untouched, prefix outputs)."""
-    check_inference(gm)
+    """Prune one dynamo graph in place: (graph, its Report or None if untouched, prefix outputs).
+    The graph runs here on the example inputs: the buffers among them (BatchNorm statistics in
+    training) and the random streams are left as they were."""
+    if not config.train:
+        check_inference(gm)
+    with untouched(_buffers(example_inputs)):
+        return _prune_graph(gm, example_inputs, config)
+
+
+def _buffers(example_inputs: list) -> list[torch.Tensor]:
+    """The real, non-parameter tensors among dynamo's example inputs: buffers a training graph
+    updates in place (and user inputs, cheap to keep)."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return [t for t in example_inputs if isinstance(t, torch.Tensor) and not isinstance(t, nn.Parameter)
+            and not is_fake(t)]
+
+
+def _prune_graph(gm: torch.fx.GraphModule, example_inputs: list, config: Config):
     inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
     weights = frozenset(n.name for n, ex in zip(inputs, example_inputs) if is_weight(n, ex))
     pin_token_axes(inputs, weights)

@@ -36,8 +36,9 @@ def check_inference(gm: torch.fx.GraphModule) -> None:
             training = literal_arg(node, 5 if name == "batch_norm" else 2, "training", False)
             if training is True:
                 raise ModelModeError(
-                    f"{name} at node '{node.name}' runs in training mode: repshift_fx prunes inference "
-                    "graphs only; call model.eval() before torch.compile(model, backend='repshift')."
+                    f"{name} at node '{node.name}' runs in training mode: call model.eval() before "
+                    "torch.compile(model, backend='repshift') for inference, or build the backend with "
+                    "repshift_fx.backend(train=True, ...) to train through the reduction."
                 )
 
 

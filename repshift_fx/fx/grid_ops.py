@@ -40,7 +40,7 @@ _ALIASES = {"upsample": "interpolate", "upsample_nearest2d": "interpolate", "ups
 
 POINTWISE = {
     "relu", "relu6", "hardtanh", "gelu", "silu", "sigmoid", "hardswish", "hardsigmoid", "mish", "elu",
-    "leaky_relu", "identity", "dropout", "contiguous", "clone", "to", "float",
+    "leaky_relu", "identity", "dropout", "drop_path", "contiguous", "clone", "to", "float",
 }
 ELEMENTWISE = {"add", "sub", "mul", "truediv", "div", "where", "maximum", "minimum"}
 
@@ -180,7 +180,7 @@ def token_grid(gm, graph: nx.DiGraph, by_name, first_stream: str, prefix: int) -
 def _unwrapped(node, gm):
     """The input of an identity shortcut (nn.Identity, dropout, drop-path), else the node itself."""
     while isinstance(node, torch.fx.Node) and node.op.startswith("call") and node.args \
-            and op_name(node, gm) in ("identity", "dropout", "module:DropPath"):
+            and op_name(node, gm) in ("identity", "dropout", "drop_path"):
         node = node.args[0]
     return node
 

@@ -32,6 +32,15 @@ _MODULE_OPS = {
 if hasattr(nn, "RMSNorm"):
     _MODULE_OPS[nn.RMSNorm] = "rms_norm"
 
+# stochastic depth: each sample's branch zeroed at random in training (timm, Hugging Face: DropPath; torchvision)
+_DROP_PATH_CLASSES = ("DropPath", "StochasticDepth")
+
+
+
+def is_drop_path(module: nn.Module) -> bool:
+    return type(module).__name__.endswith(_DROP_PATH_CLASSES)
+
+
 _FUNCTION_ALIASES = {
     operator.add: "add",
     operator.iadd: "add",
@@ -60,6 +69,8 @@ def op_name(node: torch.fx.Node, gm: torch.fx.GraphModule | None = None) -> str:
         for cls in type(module).__mro__:
             if cls in _MODULE_OPS:
                 return _MODULE_OPS[cls]
+        if is_drop_path(module):
+            return "drop_path"
         return "module:" + type(module).__name__
     return node.op
 
@@ -119,11 +130,25 @@ def tensor_args(node: torch.fx.Node) -> list[torch.fx.Node]:
     return found
 
 
+_METADATA_READERS = {"new_empty", "new_zeros", "new_ones", "new_full", "empty_like", "zeros_like", "ones_like",
+                     "full_like", "rand_like", "randn_like"}
+
+
+def _per_sample_draw(node: torch.fx.Node) -> bool:
+    """A tensor made from another's dtype, device and batch alone, one value per sample (B, 1, ..., 1):
+    drop-path's random mask (`x.new_empty((B, 1, 1)).bernoulli_(p)`). It carries none of its data."""
+    found = shape(node)
+    return op_name(node) in _METADATA_READERS and found is not None and len(found) >= 2 and all(s == 1 for s in found[1:])
+
+
 def data_graph(gm: torch.fx.GraphModule) -> nx.DiGraph:
-    """Tensor data flow as a networkx DiGraph over node names (size computations left out)."""
+    """Tensor data flow as a networkx DiGraph over node names (size computations left out, and the
+    reads of a per-sample draw, which take only a tensor's dtype, device and batch)."""
     graph = nx.DiGraph()
     for node in gm.graph.nodes:
         graph.add_node(node.name)
+        if _per_sample_draw(node):
+            continue
         for arg in tensor_args(node):
             graph.add_edge(arg.name, node.name)
     return graph

@@ -25,10 +25,9 @@ def explicit_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_caus
     """F.scaled_dot_product_attention computed explicitly, with the importance its weights give.
 
     softmax(q k^T * scale + mask) v, the mask boolean (False: masked out) or additive, `is_causal`
-    and grouped-query heads (`enable_gqa`) as SDPA reads them; dropout_p must be 0 (inference).
+    and grouped-query heads (`enable_gqa`) as SDPA reads them; `dropout_p` (training) drops weights
+    after the importance is read from them.
     (B, H, Nq, D), (B, Hk, Nk, D), (B, Hk, Nk, Dv) -> ((B, H, Nq, Dv), (B, Nk))."""
-    if dropout_p:
-        raise ValueError("explicit_attention is for inference: dropout_p must be 0")
     q, k, v = query, key, value
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if enable_gqa and k.dim() >= 3 and k.shape[-3] != q.shape[-3]:
@@ -41,4 +40,7 @@ def explicit_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_caus
     if attn_mask is not None:
         scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
     probs = scores.softmax(dim=-1)
-    return probs @ v, attention_importance(probs, prefix)
+    importance = attention_importance(probs, prefix)
+    if dropout_p:
+        probs = torch.nn.functional.dropout(probs, dropout_p)
+    return probs @ v, importance
