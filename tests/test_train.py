@@ -260,3 +260,21 @@ def test_the_backend_compiles_forward_and_backward_through_the_reduction(model):
 def test_inspect_reports_the_training_graph(model):
     report = repshift_fx.inspect(model, X, train=True, keep=0.5, at=(1,))
     assert report.flop_ratio < 0.8 and report.tokens == [17, 17, 9, 9]
+
+
+def test_a_cnn_trains_through_its_line_drops_with_batch_norm():
+    """Lines mode in training (torchvision ResNet-18, BatchNorm in every block): compress() leaves the
+    statistics alone; at keep=1.0 the graph computes the model's output, at 0.7 it trains."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    resnet = torchvision.models.resnet18(num_classes=10).train()
+    image = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    before = snapshot(resnet)
+    same = repshift_fx.compress(resnet, image, train=True, keep=1.0, compile=False)
+    reduced = repshift_fx.compress(resnet, image, train=True, keep=0.7, compile=False)
+    assert_unchanged(resnet, before)
+    assert_close(same(image), resnet(image))
+    resnet.zero_grad(set_to_none=True)
+    (reduced(image) * torch.randn(4, 10)).sum().backward()
+    assert resnet.conv1.weight.grad is not None and resnet.conv1.weight.grad.isfinite().all()
+    assert repshift_fx.inspect(resnet, image, train=True, keep=0.7).flop_ratio < 0.9
