@@ -81,6 +81,7 @@ def main(argv=None) -> Path:
             log.info("%d samples on %d ranks: %.1f s after the first batch (%.0f samples/s), %.1f s in all -> %s",
                      written.item(), world, slowest.item(), written.item() / max(slowest.item(), 1e-9),
                      time.perf_counter() - began, out)
+        dist.barrier()  # no rank tears the group down while another is still in a collective (gloo may abort)
     finally:
         dist.destroy_process_group()
     return out
