@@ -26,7 +26,8 @@ def _cuda_devices(tensors) -> list[int]:
 @contextlib.contextmanager
 def untouched(owner):
     """The buffers of `owner` (a module, or a list of tensors) hold their values again after the
-    block, and the random generators (CPU and the buffers' CUDA devices) their states."""
+    block, and the random generators (CPU and the buffers' CUDA devices) their states. Only a buffer
+    that changed is written back (an inference tensor may not be written outside inference mode)."""
     buffers = list(owner.buffers()) if isinstance(owner, nn.Module) else [t for t in owner if isinstance(t, torch.Tensor)]
     saved = [b.detach().clone() for b in buffers]
     with torch.random.fork_rng(devices=_cuda_devices(buffers)):
@@ -35,7 +36,8 @@ def untouched(owner):
         finally:
             with torch.no_grad():
                 for buffer, value in zip(buffers, saved):
-                    buffer.copy_(value)
+                    if not torch.equal(buffer, value):
+                        buffer.copy_(value)
 
 
 @contextlib.contextmanager
