@@ -278,3 +278,13 @@ def test_a_cnn_trains_through_its_line_drops_with_batch_norm():
     (reduced(image) * torch.randn(4, 10)).sum().backward()
     assert resnet.conv1.weight.grad is not None and resnet.conv1.weight.grad.isfinite().all()
     assert repshift_fx.inspect(resnet, image, train=True, keep=0.7).flop_ratio < 0.9
+
+
+def test_a_model_built_in_inference_mode_still_compresses():
+    """compress() restores only the buffers a run changed: an inference tensor (a model built under
+    torch.inference_mode) cannot be written outside it, and an eval model changes none."""
+    with torch.inference_mode():
+        built = tiny_timm("deit_tiny_patch16_224", num_classes=10)
+        built.register_buffer("table", torch.arange(4.0))
+    gm = repshift_fx.compress(built, X, keep=0.5, at=(1,), compile=False)
+    assert gm.report.tokens == [17, 17, 9, 9] and torch.equal(built.table, torch.arange(4.0))
