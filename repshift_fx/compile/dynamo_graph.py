@@ -20,7 +20,7 @@ from torch import nn
 
 from repshift_fx.capture import ShapeRecorder
 from repshift_fx.errors import ModelModeError, TraceError, UnsupportedSiteError, root_cause
-from repshift_fx.fx.nodes import literal_arg, op_name
+from repshift_fx.fx.nodes import literal_arg, op_name, where
 
 log = logging.getLogger("repshift_fx")
 
@@ -36,7 +36,7 @@ def check_inference(gm: torch.fx.GraphModule) -> None:
             training = literal_arg(node, 5 if name == "batch_norm" else 2, "training", False)
             if training is True:
                 raise ModelModeError(
-                    f"{name} at node '{node.name}' runs in training mode: call model.eval() before "
+                    f"{where(node, gm)} runs in training mode: call model.eval() before "
                     "torch.compile(model, backend='repshift') for inference, or build the backend with "
                     "repshift_fx.backend(train=True, ...) to train through the reduction."
                 )
