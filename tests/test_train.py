@@ -21,13 +21,18 @@ def model():
     return tiny_timm("deit_tiny_patch16_224", num_classes=10).train()  # timm's default rates: no dropout
 
 
-def grads(model, forward) -> dict:
-    """The gradient of (logits * WEIGHT).sum() on every parameter of `model`, through `forward`."""
+def loss_grads(model, loss) -> dict:
+    """The gradient of `loss()` (a scalar) on every parameter of `model` that gets one."""
     model.zero_grad(set_to_none=True)
-    (forward(X) * WEIGHT).sum().backward()
+    loss().backward()
     found = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
     return found
+
+
+def grads(model, forward) -> dict:
+    """The gradient of (logits * WEIGHT).sum() on every parameter of `model`, through `forward`."""
+    return loss_grads(model, lambda: (forward(X) * WEIGHT).sum())
 
 
 def assert_same_grads(got: dict, want: dict, tol: float = 1e-5) -> None:
@@ -80,9 +85,7 @@ def test_a_padded_bert_trains_like_the_eager_reference():
         text = {"input_ids": ids[:batch], "attention_mask": mask[:batch]}
 
         def pooled_grads(forward):
-            encoder.zero_grad(set_to_none=True)
-            (forward() * weight[:batch]).sum().backward()
-            return {name: p.grad.clone() for name, p in encoder.named_parameters() if p.grad is not None}
+            return loss_grads(encoder, lambda: (forward() * weight[:batch]).sum())
 
         want = pooled_grads(lambda: bert_reference.__wrapped__(bert, ids[:batch], mask[:batch], (0, 1), 0.5))
         assert_same_grads(pooled_grads(lambda: gm(**text)), want)
@@ -217,9 +220,7 @@ def test_a_bert_with_its_default_dropout_trains_like_the_model_on_the_same_draws
 
     def hidden_grads(forward):
         torch.manual_seed(5)
-        bert.zero_grad(set_to_none=True)
-        (forward(**text).last_hidden_state * weight).sum().backward()
-        return {name: p.grad.clone() for name, p in bert.named_parameters() if p.grad is not None}
+        return loss_grads(bert, lambda: (forward(**text).last_hidden_state * weight).sum())
 
     assert_same_grads(hidden_grads(gm), hidden_grads(bert))
 

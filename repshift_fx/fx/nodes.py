@@ -36,7 +36,6 @@ if hasattr(nn, "RMSNorm"):
 _DROP_PATH_CLASSES = ("DropPath", "StochasticDepth")
 
 
-
 def is_drop_path(module: nn.Module) -> bool:
     return type(module).__name__.endswith(_DROP_PATH_CLASSES)
 
