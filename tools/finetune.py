@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from tabulate import tabulate
 from tqdm import tqdm
 
-from repshift_fx.calibration.labels import paired_interval
+from repshift_fx.calibration.choice import paired_interval
 from repshift_fx.compile.timing import time_variants
 
 ROOT = Path(__file__).resolve().parents[1]

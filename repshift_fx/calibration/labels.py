@@ -2,7 +2,6 @@
 
     task = Task.fit(kind, reference, labels)     # the model's head, or probes fitted in torch
     correct = task.correct(outputs, i)           # (B,) bool for batch i
-    chosen = within_noise(ranked)                # the most faithful of those the labels cannot tell apart
 
 With a classifier head ("logits") the prediction is the head's argmax. Without one, a linear
 softmax probe (standardised features, L2, L-BFGS) is fitted on the unpruned model's outputs and
@@ -11,15 +10,12 @@ probe that saw it. Per-token outputs (B, N, C) are mean-pooled over the tokens f
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
 from repshift_fx.errors import ConfigError
 
 FOLDS = 5
-Z95 = 1.96
 
 
 def label_list(labels, sizes: list[int]) -> list[torch.Tensor]:
@@ -110,27 +106,3 @@ class Task:
             if (folds == k).any():
                 predicted[folds == k] = probe.predict(features[folds == k])
         return predicted == self.labels[batch]
-
-
-def paired_interval(correct: list[bool], reference: list[bool]) -> tuple[float, float, float]:
-    """(mean, low, high) of the per-sample difference correct - reference, a 95% normal interval."""
-    diff = torch.tensor(correct, dtype=torch.float64) - torch.tensor(reference, dtype=torch.float64)
-    half = Z95 * diff.std().item() / math.sqrt(len(diff)) if len(diff) > 1 else float("inf")
-    mean = diff.mean().item()
-    return mean, mean - half, mean + half
-
-
-def within_noise(ranked: list) -> tuple[object, list[str]]:
-    """Among candidates ranked by accuracy (each with `.correct`, `.value`), the most faithful whose
-    accuracy the labels cannot tell from the most accurate one's (the paired 95% interval of the
-    difference reaches 0); and a note saying so."""
-    best = ranked[0]
-    tied = [c for c in ranked if c.samples == best.samples and paired_interval(c.correct, best.correct)[2] >= 0]
-    chosen = max(tied, key=lambda c: c.fidelity())
-    if chosen is best:
-        return best, []
-    mean, low, high = paired_interval(chosen.correct, best.correct)
-    return chosen, [f"{chosen.label} is chosen over the most accurate, {best.label}: accuracy {100 * mean:+.1f} points "
-                    f"(95% interval {100 * low:+.1f} to {100 * high:+.1f}) on {best.samples} labelled samples cannot "
-                    f"tell them apart, and it follows the unpruned model more closely ({chosen.value:.4f} against "
-                    f"{best.value:.4f})"]

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from repshift_fx.api import compress
-from repshift_fx.calibration.objective import call, choose_objective, cosine, main_output, output_kind
+from repshift_fx.calibration.objective import PER_SAMPLE, call, choose_objective, cosine, main_output, output_kind
 from repshift_fx.calibration.labels import Task, label_list
 from repshift_fx.errors import ExampleInputError, RepShiftError
 from repshift_fx.flops import count_macs
@@ -42,6 +42,7 @@ class Candidate:
     samples: int = 0  # how many samples value and cosine are over (the screening ones, or all)
     accuracy: float | None = None  # with labels: the share of those samples it gets right
     correct: list[bool] | None = field(default=None, repr=False)  # with labels: per sample, for paired intervals
+    per_sample: list[float] | None = field(default=None, repr=False)  # the objective of each sample (built-in ones)
     refusal: RepShiftError | None = field(default=None, repr=False, compare=False)  # the error behind `error`
 
     @property
@@ -143,6 +144,7 @@ class Measure:
         kind = output_kind(model, self.batches[0], outputs[0])
         self.kind = "custom" if objective is not None else kind
         self.objective, self.objective_name = choose_objective(objective, self.kind if objective is None else "")
+        self.per_sample = PER_SAMPLE.get(self.objective)
         self.reference = [main_output(o).float() for o in outputs]
         self.task = None if labels is None else Task.fit(kind, self.reference, labels)
         self.screening = spread(self.sizes, screen)
@@ -183,7 +185,7 @@ class Measure:
                                                                                     candidate.options)
                 candidate.at = candidate.config.get("at")
             candidate.flops = self._macs(module_for, which) / self._macs_before(which)
-            values, cosines, correct = [], [], []
+            values, cosines, correct, per_sample = [], [], [], []
             torch.manual_seed(0)  # score="random": the same draws for every candidate
             for i in which:
                 module = module_for(self.batches[i])
@@ -191,6 +193,8 @@ class Measure:
                     out = main_output(call(module, self.batches[i])).float()
                     values.append(self.objective(out, self.reference[i]))
                     cosines.append(cosine(out, self.reference[i]))
+                    if self.per_sample is not None:
+                        per_sample += self.per_sample(out, self.reference[i]).tolist()
                     if self.task is not None:
                         correct += self.task.correct(out, i).tolist()
         except RepShiftError as error:
@@ -200,6 +204,7 @@ class Measure:
         sizes = [self.sizes[i] for i in which]
         candidate.value, candidate.cosine = _weighted(values, sizes), _weighted(cosines, sizes)
         candidate.samples = sum(sizes)
+        candidate.per_sample = per_sample if self.per_sample is not None else None
         if self.task is not None:
             candidate.correct, candidate.accuracy = correct, sum(correct) / len(correct)
         return candidate

@@ -57,7 +57,16 @@ def cosine(outputs: torch.Tensor, reference: torch.Tensor) -> float:
     return F.cosine_similarity(outputs.double(), reference.double(), dim=-1).mean().item()
 
 
+def _per_sample(values: torch.Tensor) -> torch.Tensor:
+    """(B,) means of (B, ...) values (a sample's tokens averaged)."""
+    return values.reshape(len(values), -1).mean(1)
+
+
 OBJECTIVES: dict[str, Callable] = {"logits": agreement, "features": cosine}
+PER_SAMPLE: dict[Callable, Callable] = {  # each objective sample by sample, (B,), for paired intervals
+    agreement: lambda outputs, reference: _per_sample((outputs.argmax(-1) == reference.argmax(-1)).double()),
+    cosine: lambda outputs, reference: _per_sample(F.cosine_similarity(outputs.double(), reference.double(), dim=-1)),
+}
 OBJECTIVE_NAMES = {"logits": "top-1 agreement", "features": "cosine similarity"}
 
 

@@ -11,6 +11,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import repshift_fx
 from repshift_fx import Calibration, ConfigError, ExampleInputError
+from hypothesis import given, strategies as st
+
+from repshift_fx.calibration.choice import paired_interval, simplest_within_noise
+from repshift_fx.calibration.measure import Candidate
 from repshift_fx.calibration.space import Space, at_moves
 from conftest import assert_unchanged, random_batches, snapshot, tiny_timm
 
@@ -63,7 +67,41 @@ def test_the_search_screens_on_the_first_batch_and_chooses_among_the_fully_measu
     full = [c for c in measured if c.samples == 24]
     assert calibrated.chosen in full and calibrated.paper in full and 2 <= len(full) <= 3
     assert all(c.samples == 8 for c in measured if c not in full)
-    assert calibrated.chosen.value == max(c.value for c in full) or calibrated.chosen.rank() == max(c.rank() for c in full)
+    best = max(full, key=lambda c: c.rank())
+    assert calibrated.chosen is best or len(calibrated.chosen.options) < len(best.options)
+
+
+def test_without_labels_the_fewest_options_win_among_what_the_samples_cannot_tell_apart(vit, batches, calibrated):
+    full = [c for c in calibrated.table if c.error is None and c.samples == 24]
+    best = max(full, key=lambda c: c.rank())
+    same = {}
+    for c in (best, calibrated.chosen):  # per-sample agreement, from eager runs
+        gm = repshift_fx.compress(vit, batches[0], compile=False, **c.config)
+        with torch.inference_mode():
+            same[id(c)] = torch.cat([(gm(x).argmax(1) == vit(x).argmax(1)).double() for x in batches])
+        assert same[id(c)].tolist() == c.per_sample
+    diff = same[id(calibrated.chosen)] - same[id(best)]
+    assert diff.mean() + 1.96 * diff.std() / len(diff) ** 0.5 >= 0  # the interval reaches 0
+    tied = [c for c in full if paired_interval(c.per_sample, best.per_sample)[2] >= 0]
+    assert len(calibrated.chosen.options) == min(len(c.options) for c in tied)
+
+
+@given(st.lists(st.tuples(st.integers(1, 4), st.lists(st.floats(0, 1), min_size=12, max_size=12)),
+                min_size=1, max_size=6))
+def test_the_simplest_within_noise_is_tied_with_the_leader_and_has_the_fewest_options(rows):
+    candidates = [Candidate({f"o{k}": k for k in range(n)}, per_sample=values, samples=12, value=sum(values) / 12,
+                            cosine=0.0, flops=0.5) for n, values in rows]
+    ranked = sorted(candidates, key=Candidate.rank, reverse=True)
+    chosen, notes = simplest_within_noise(ranked)
+    tied = [c for c in ranked if paired_interval(c.per_sample, ranked[0].per_sample)[2] >= 0]
+    assert chosen in tied and len(chosen.options) == min(len(c.options) for c in tied)
+    assert bool(notes) == (len(chosen.options) < len(ranked[0].options))
+
+
+def test_a_leader_clear_of_the_noise_stays_chosen():
+    clear = Candidate({"a": 1, "b": 2}, per_sample=[1.0] * 40, samples=40, value=1.0, cosine=1.0, flops=0.5)
+    worse = Candidate({}, per_sample=[1.0, 0.0] * 20, samples=40, value=0.5, cosine=0.9, flops=0.5)
+    assert simplest_within_noise([clear, worse]) == (clear, [])
 
 
 def test_the_search_walks_every_dimension_of_the_space(calibrated):

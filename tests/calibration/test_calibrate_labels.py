@@ -5,7 +5,7 @@ import torch
 
 import repshift_fx
 from repshift_fx import ConfigError, ExampleInputError
-from repshift_fx.calibration.labels import paired_interval
+from repshift_fx.calibration.choice import paired_interval
 from conftest import assert_unchanged, random_batches, snapshot, tiny_timm
 
 SPACE = {"reduce": ["drop", "merge"], "score": ["shift", "tome"], "at": "auto"}

@@ -1,0 +1,68 @@
+"""The choice among candidates a few hundred samples cannot tell apart.
+
+    mean, low, high = paired_interval(values, reference)   # per-sample differences, 95% normal interval
+    chosen, notes = most_faithful_within_noise(ranked)     # with labels
+    chosen, notes = simplest_within_noise(ranked)          # without
+
+Calibration ranks candidates by a mean over its samples; the leader of a few hundred is often ahead
+by noise. With labels, of the candidates whose accuracy the labels cannot tell from the most
+accurate one's, the most faithful is chosen (fidelity is measured on every sample, accuracy is
+noisier). Without labels, of those whose fidelity cannot be told from the most faithful one's, the
+one with the fewest options set is chosen (the "one standard error" rule of model selection): an
+option that wins only by noise is not chosen.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+Z95 = 1.96
+
+
+def paired_interval(values, reference) -> tuple[float, float, float]:
+    """(mean, low, high) of the per-sample difference values - reference (bools or floats), a 95%
+    normal interval."""
+    diff = torch.tensor(values, dtype=torch.float64) - torch.tensor(reference, dtype=torch.float64)
+    half = Z95 * diff.std().item() / math.sqrt(len(diff)) if len(diff) > 1 else float("inf")
+    mean = diff.mean().item()
+    return mean, mean - half, mean + half
+
+
+def _tied(ranked: list, per_sample) -> list:
+    """The candidates measured on the leader's samples whose paired interval to it reaches 0."""
+    best = ranked[0]
+    return [c for c in ranked if c.samples == best.samples and per_sample(c) is not None
+            and paired_interval(per_sample(c), per_sample(best))[2] >= 0]
+
+
+def _note(chosen, best, per_sample, measured: str, scale: float, why: str) -> list[str]:
+    mean, low, high = (scale * v for v in paired_interval(per_sample(chosen), per_sample(best)))
+    digits = 1 if scale == 100 else 4
+    return [f"{chosen.label} is chosen over {best.label}: {measured} {mean:+.{digits}f} (95% interval "
+            f"{low:+.{digits}f} to {high:+.{digits}f}) on {best.samples} samples cannot tell them apart, and {why}"]
+
+
+def most_faithful_within_noise(ranked: list) -> tuple[object, list[str]]:
+    """Among candidates ranked by accuracy (each with `.correct`, `.value`), the most faithful whose
+    accuracy the labels cannot tell from the most accurate one's; and a note saying so."""
+    best = ranked[0]
+    chosen = max(_tied(ranked, lambda c: c.correct), key=lambda c: c.fidelity())
+    if chosen is best:
+        return best, []
+    return chosen, _note(chosen, best, lambda c: c.correct, "accuracy (points)", 100,
+                         f"it follows the unpruned model more closely ({chosen.value:.4f} against {best.value:.4f})")
+
+
+def simplest_within_noise(ranked: list) -> tuple[object, list[str]]:
+    """Among candidates ranked by fidelity (each with `.per_sample`, the objective of each sample, and
+    `.options`), the one with the fewest options whose fidelity cannot be told from the leader's; the
+    leader itself when the objective has no per-sample values (a custom one)."""
+    best = ranked[0]
+    if best.per_sample is None:
+        return best, []
+    chosen = min(_tied(ranked, lambda c: c.per_sample), key=lambda c: len(c.options))  # stable: by rank
+    if len(chosen.options) == len(best.options):
+        return best, []
+    return chosen, _note(chosen, best, lambda c: c.per_sample, "fidelity", 1,
+                         f"it sets fewer options ({len(chosen.options)} against {len(best.options)})")
