@@ -6,8 +6,7 @@
 The objective is how closely the reduced model's outputs follow the original's on `batches`
 (objective.py), or, given `labels`, how often it is right (labels.py: the model's head, or a probe
 fitted on the unpruned outputs), the most faithful winning among candidates the labels cannot tell
-apart; without labels, the one with the fewest options among those as faithful within the noise
-(choice.py); the search walks from the paper's rule one dimension at a time (search.py, over
+apart (choice.py); the search walks from the paper's rule one dimension at a time (search.py, over
 space.py's dimensions); each candidate runs eagerly, with FLOPs counted on its rewritten graphs
 (measure.py); with `target_speedup` the finalists alone are compiled and timed (search.py).
 """
@@ -19,7 +18,7 @@ import numbers
 
 from torch import nn
 
-from repshift_fx.calibration.choice import most_faithful_within_noise, simplest_within_noise
+from repshift_fx.calibration.choice import most_faithful_within_noise, within_noise_of
 from repshift_fx.calibration.measure import Candidate, Measure
 from repshift_fx.calibration.result import Calibration
 from repshift_fx.calibration.search import descend, time_finalists
@@ -51,9 +50,8 @@ def calibrate(model: nn.Module, batches, *, target_flops: float | None = None, t
             one, else by a linear probe fitted on the unpruned model's outputs of these samples
             (cross-fitted, in torch). A few hundred labels resolve a few points: of the candidates
             whose paired 95% interval to the most accurate one reaches 0, the most faithful is
-            chosen, and `.notes` says so. Without labels the objective is fidelity, and of the
-            candidates whose paired 95% interval to the most faithful one reaches 0, the one with
-            the fewest options is chosen (a note says so): an option that wins by noise is not.
+            chosen, and `.notes` says so. Without labels the objective is fidelity; `.notes`
+            names the candidates the samples cannot tell from the most faithful one.
         target_speedup: a speed target (> 1, compiled to compiled on the first batch): the
             finalists are compiled and timed; the best that reaches it is chosen, else the fastest,
             with a note. Without target_flops the search starts at 1/target_speedup of the FLOPs.
@@ -111,7 +109,7 @@ def calibrate(model: nn.Module, batches, *, target_flops: float | None = None, t
         chosen, noted = most_faithful_within_noise(ranked)
         notes += noted
     else:
-        chosen, noted = simplest_within_noise(ranked)
+        chosen, noted = within_noise_of(ranked)
         notes += noted
     chosen.role.append("chosen")
     calibration = Calibration(dict(chosen.config), table, measure.objective_name, measure.samples, target_flops,
