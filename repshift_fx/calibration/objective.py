@@ -47,26 +47,33 @@ def call(module, batch):
     return module(batch)
 
 
+def agreement_per_sample(outputs: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """(B,): whether each sample's top-1 class (last axis) is the reference's (per-token outputs: the
+    share of its tokens)."""
+    return _per_sample((outputs.argmax(-1) == reference.argmax(-1)).double())
+
+
+def cosine_per_sample(outputs: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """(B,): each sample's cosine similarity over the last axis (per-token outputs: its tokens' mean)."""
+    return _per_sample(F.cosine_similarity(outputs.double(), reference.double(), dim=-1))
+
+
+def _per_sample(values: torch.Tensor) -> torch.Tensor:
+    return values.reshape(len(values), -1).mean(1)
+
+
 def agreement(outputs: torch.Tensor, reference: torch.Tensor) -> float:
     """Share of samples whose top-1 class (last axis) is the reference's."""
-    return (outputs.argmax(-1) == reference.argmax(-1)).double().mean().item()
+    return agreement_per_sample(outputs, reference).mean().item()
 
 
 def cosine(outputs: torch.Tensor, reference: torch.Tensor) -> float:
     """Mean cosine similarity over the last axis (per sample, or per token of (B, N, C) states)."""
-    return F.cosine_similarity(outputs.double(), reference.double(), dim=-1).mean().item()
-
-
-def _per_sample(values: torch.Tensor) -> torch.Tensor:
-    """(B,) means of (B, ...) values (a sample's tokens averaged)."""
-    return values.reshape(len(values), -1).mean(1)
+    return cosine_per_sample(outputs, reference).mean().item()
 
 
 OBJECTIVES: dict[str, Callable] = {"logits": agreement, "features": cosine}
-PER_SAMPLE: dict[Callable, Callable] = {  # each objective sample by sample, (B,), for paired intervals
-    agreement: lambda outputs, reference: _per_sample((outputs.argmax(-1) == reference.argmax(-1)).double()),
-    cosine: lambda outputs, reference: _per_sample(F.cosine_similarity(outputs.double(), reference.double(), dim=-1)),
-}
+PER_SAMPLE: dict[Callable, Callable] = {agreement: agreement_per_sample, cosine: cosine_per_sample}  # for intervals
 OBJECTIVE_NAMES = {"logits": "top-1 agreement", "features": "cosine similarity"}
 
 
