@@ -37,13 +37,6 @@ def _tied(ranked: list, per_sample) -> list:
             and paired_interval(per_sample(c), per_sample(best))[2] >= 0]
 
 
-def _note(chosen, best, per_sample, measured: str, scale: float, why: str) -> list[str]:
-    mean, low, high = (scale * v for v in paired_interval(per_sample(chosen), per_sample(best)))
-    digits = 1 if scale == 100 else 4
-    return [f"{chosen.label} is chosen over {best.label}: {measured} {mean:+.{digits}f} (95% interval "
-            f"{low:+.{digits}f} to {high:+.{digits}f}) on {best.samples} samples cannot tell them apart, and {why}"]
-
-
 def most_faithful_within_noise(ranked: list) -> tuple[object, list[str]]:
     """Among candidates ranked by accuracy (each with `.correct`, `.value`), the most faithful whose
     accuracy the labels cannot tell from the most accurate one's; and a note saying so."""
@@ -51,8 +44,11 @@ def most_faithful_within_noise(ranked: list) -> tuple[object, list[str]]:
     chosen = max(_tied(ranked, lambda c: c.correct), key=lambda c: c.fidelity())
     if chosen is best:
         return best, []
-    return chosen, _note(chosen, best, lambda c: c.correct, "accuracy (points)", 100,
-                         f"it follows the unpruned model more closely ({chosen.value:.4f} against {best.value:.4f})")
+    mean, low, high = paired_interval(chosen.correct, best.correct)
+    return chosen, [f"{chosen.label} is chosen over the most accurate, {best.label}: accuracy {100 * mean:+.1f} points "
+                    f"(95% interval {100 * low:+.1f} to {100 * high:+.1f}) on {best.samples} labelled samples cannot "
+                    f"tell them apart, and it follows the unpruned model more closely ({chosen.value:.4f} against "
+                    f"{best.value:.4f})"]
 
 
 def within_noise_of(ranked: list) -> tuple[object, list[str]]:
