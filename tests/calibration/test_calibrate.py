@@ -6,13 +6,12 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, strategies as st
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import repshift_fx
 from repshift_fx import Calibration, ConfigError, ExampleInputError
-from hypothesis import given, strategies as st
-
 from repshift_fx.calibration.choice import paired_interval, within_noise_of
 from repshift_fx.calibration.measure import Candidate
 from repshift_fx.calibration.space import Space, at_moves
@@ -68,6 +67,30 @@ def test_the_search_screens_on_the_first_batch_and_chooses_among_the_fully_measu
     assert calibrated.chosen in full and calibrated.paper in full and 2 <= len(full) <= 3
     assert all(c.samples == 8 for c in measured if c not in full)
     assert calibrated.chosen.rank() == max(c.rank() for c in full)
+
+
+def test_the_search_walks_every_dimension_of_the_space(calibrated):
+    tried = [c.options for c in calibrated.table]
+    assert any(o.get("reduce") == "merge" for o in tried)
+    assert any(o.get("score") == "tome" for o in tried)
+    assert any("at" in o for o in tried)  # moves around the default schedule
+    assert len(tried) <= 8
+
+
+def test_the_config_goes_to_compress_the_backend_and_json(vit, batches, calibrated, tmp_path):
+    path = tmp_path / "tuned.json"
+    calibrated.save(path)
+    loaded = Calibration.load(path)
+    assert loaded.config == calibrated.config and len(loaded.table) == len(calibrated.table)
+    saved = json.loads(path.read_text())
+    assert saved["target_flops"] == 0.7 and set(saved["config"]) >= {"at"} and {"keep", "r"} & set(saved["config"])
+    eager = repshift_fx.compress(vit, batches[0], compile=False, **loaded.config)
+    compiled = torch.compile(vit, backend=repshift_fx.backend(**loaded.config))
+    with torch.inference_mode():
+        torch.testing.assert_close(compiled(batches[0]), eager(batches[0]), atol=1e-4, rtol=1e-4)
+    calibrated.plot(tmp_path / "frontier.png")
+    assert (tmp_path / "frontier.png").stat().st_size > 10_000
+    assert "chosen" in str(calibrated) and "paper" in str(calibrated)
 
 
 def test_the_note_names_what_the_samples_cannot_tell_from_the_choice(vit, batches, calibrated):
