@@ -21,6 +21,7 @@ from tabulate import tabulate
 import repshift_fx
 from repshift_fx.apps.bench import format_table, run_benchmark
 from repshift_fx.apps.hf import load_minilm
+from repshift_fx.capture import reuse_traces
 
 HERE = Path(__file__).parent
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -39,27 +40,28 @@ inputs = (encoded["input_ids"], encoded["attention_mask"])
 
 print(f"MiniLM-L6 (real weights), {len(texts)} texts padded to {inputs[0].shape[1]} tokens\n")
 merge = {"keep": args.keep, "reduce": "merge"}
-target = repshift_fx.inspect(model, inputs, **merge).flop_ratio  # the FLOPs of the paper's keep rate, merged
-stream = {"score": "tome", "merge_metric": "stream", "target_flops": target}
-report = repshift_fx.inspect(model, inputs, **stream)
-print(report)
-
 reductions = {"drop (the paper's rule)": {"keep": args.keep}, "shift-merge": merge,
-              "ToMe (same pass)": {"score": "tome", "target_flops": target},
-              "ToMe on the stream": stream,
-              "shift-guided ToMe on the stream": dict(stream, shift_guidance=0.02)}
+              "ToMe (same pass)": {"score": "tome"}, "ToMe on the stream": {"score": "tome", "merge_metric": "stream"},
+              "shift-guided ToMe on the stream": {"score": "tome", "merge_metric": "stream", "shift_guidance": 0.02}}
 rows = []
-with torch.inference_mode():
+with reuse_traces(), torch.inference_mode():  # one trace of the model serves every configuration below
+    target = repshift_fx.inspect(model, inputs, **merge).flop_ratio  # the FLOPs of the paper's keep rate, merged
+    reductions = {name: config if "keep" in config else dict(config, target_flops=target)
+                  for name, config in reductions.items()}
+    stream = reductions["ToMe on the stream"]
     unpruned = model(*inputs)
     for name, config in reductions.items():
         compressed = repshift_fx.compress(model, inputs, compile=False, **config)
         cosine = torch.nn.functional.cosine_similarity(compressed(*inputs), unpruned, dim=-1)
-        flops = repshift_fx.inspect(model, inputs, **config).flop_ratio
-        rows.append((name, f"{flops:.3f}", f"{cosine.mean():.3f}", f"{cosine.min():.3f}"))
+        report = repshift_fx.inspect(model, inputs, **config)
+        if config is stream:
+            print(report)
+        rows.append((name, f"{report.flop_ratio:.3f}", f"{cosine.mean():.3f}", f"{cosine.min():.3f}"))
 print(f"\nfidelity over {len(texts)} texts: cosine of the compressed to the unpruned embedding")
 print(tabulate(rows, headers=("reduction", "FLOP ratio", "mean cosine", "lowest cosine"), disable_numparse=True))
 
-timed = run_benchmark(model, inputs, rounds=args.rounds, threads=args.threads, overhead=False, **stream)
+with reuse_traces():
+    timed = run_benchmark(model, inputs, rounds=args.rounds, threads=args.threads, overhead=False, **stream)
 print(f"\nToMe on the stream, batch {len(texts)}, {args.threads} threads, {args.rounds} rounds interleaved, medians:")
 print(format_table(timed))
 compiled = next(r for r in timed if r.variant == "compressed compiled")
