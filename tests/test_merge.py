@@ -1,4 +1,6 @@
 """reduce="merge", score="tome" and restore, against the plain eager oracle (tests/reference_merge.py)."""
+import copy
+
 import pytest
 import torch
 
@@ -111,6 +113,31 @@ def test_merging_nothing_is_the_original(deit, image):
         original = deit(image)
     for config in (dict(keep=1.0, at=(1, 2), reduce="merge"), dict(score="tome", r=0)):
         assert_close(repshift_fx.compress(deit, image, compile=False, **config)(image), original)
+
+
+def flat_halves(batch: int, side: int) -> torch.Tensor:
+    """Images of two flat colours, left and right: every row of patches is the same."""
+    x = torch.zeros(batch, 3, side, side)
+    for b in range(batch):
+        x[b, b % 3, :, : side // 2], x[b, (b + 1) % 3, :, side // 2:] = 1.0 + b, -1.0
+    return x
+
+
+@pytest.mark.parametrize("config", [dict(score="tome", r=1), dict(score="tome", r=1, merge_metric="stream"),
+                                    dict(score="tome", r=1, size_attention="qk")])
+def test_merging_copies_of_a_token_computes_what_the_model_computes(deit, config):
+    """An oracle that shares nothing with the pass: without position embeddings, patch tokens of
+    identical patches stay identical, so merging copies, size-weighted, under proportional
+    attention must leave the output as it is (attention over a token of size s is attention
+    over s copies)."""
+    model = copy.deepcopy(deit)
+    with torch.no_grad():
+        model.pos_embed.zero_()
+    x = flat_halves(2, 64)
+    merged = repshift_fx.compress(model, x, compile=False, **config)
+    assert merged.report.tokens[-1] < merged.report.tokens[0]
+    with torch.no_grad():
+        assert_close(merged(x), model(x))
 
 
 def test_both_forms_of_proportional_attention_agree(deit, image):

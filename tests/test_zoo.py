@@ -162,8 +162,7 @@ def test_a_wrong_graph_is_reported_as_wrong():
 def test_two_branch_crossvit_gathers_no_tokens_of_the_other_branch():
     """CrossViT runs two token streams side by side and fuses their CLS tokens. A drop in one branch
     once gathered the other branch's stream with its indices (cutting 401 tokens to 197), a wrong
-    answer even at keep=1.0: now each side tensor goes through the drops of its own lineage only,
-    and merges, whose sizes do not fit the other branch's fusion attention, are refused."""
+    answer even at keep=1.0: now each side tensor goes through the drops of its own lineage only."""
     model, x = zoo_models.BY_NAME["timm:crossvit_tiny_240"].build()
     before = snapshot(model)
     last_stage = tuple(range(9, 15))  # branch 0: block 10; branch 1: blocks 11-14
@@ -171,8 +170,30 @@ def test_two_branch_crossvit_gathers_no_tokens_of_the_other_branch():
         want = model(x)
         got = repshift_fx.compress(model, x, keep=1.0, at=last_stage, compile=False)(x)
     assert (got - want).abs().max() <= 1e-5 * want.abs().max()
-    assert_refused(model, x, repshift_fx.RepShiftError, "fusion", score="tome", r=0, at=last_stage)
     assert_unchanged(model, before)
+
+
+def test_two_branch_crossvit_merges_with_the_sizes_of_each_attentions_own_keys():
+    """Each branch's CLS attends over the other branch's tokens in the fusion. Merges were refused
+    (the sizes of one branch were added to the other's attention); each attention now weighs its
+    keys by the sizes of the stream they come from. Without position embeddings and on an image
+    of two flat colours, patch tokens come in identical copies (every row of patches is the same),
+    so ToMe's matching merges copies only, and size-weighted merging with proportional attention
+    must compute what the model computes; a drop does not (the CLS attends over fewer patches)."""
+    model, _ = zoo_models.BY_NAME["timm:crossvit_tiny_240"].build()
+    with torch.no_grad():
+        model.pos_embed_0.zero_()
+        model.pos_embed_1.zero_()
+    x = torch.zeros(2, 3, 240, 240)
+    x[0, 0, :, :120], x[0, 2, :, 120:], x[1, 1, :, :120], x[1, 0, :, 120:] = 1.0, -1.0, 0.5, 2.0
+    with torch.no_grad():
+        want = model(x)
+        merged = repshift_fx.compress(model, x, score="tome", r=4, compile=False)
+        dropped = repshift_fx.compress(model, x, keep=0.7, compile=False)
+        assert_close(merged(x), want)
+        assert not torch.allclose(dropped(x), want, rtol=1e-3, atol=1e-3)
+    assert min(merged.report.tokens) < max(merged.report.tokens[1:5])  # it did merge
+    assert any("another branch" in note for note in merged.report.notes)
 
 
 def test_tome_by_default_merges_in_every_block_but_an_attention_pool():

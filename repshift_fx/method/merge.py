@@ -135,7 +135,7 @@ def proportional_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, si
                            scale: float | None = None) -> torch.Tensor:
     """softmax(q k^T * scale + log size) v without an attn_mask, so flash kernels stay usable.
 
-    q, k (B, H, N, D), v (B, H, N, Dv) with Dv <= D, size (B, N) -> (B, H, N, Dv). scale defaults to
+    q (B, H, Nq, D), k (B, H, N, D), v (B, H, N, Dv) with Dv <= D, size (B, N) -> (B, H, Nq, Dv). scale defaults to
     1/sqrt(D). q gets a column of ones and k a column log(size)/scale, then q, k and v are
     zero-padded to E = D + 1 rounded up to a multiple of 8. Why v too: on CPU (torch 2.13),
     SDPA picks aten::_scaled_dot_product_flash_attention_for_cpu only when q, k and v share the
@@ -151,11 +151,11 @@ def proportional_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, si
     if scale is None:
         scale = d ** -0.5
     pad = (-(d + 1)) % 8
-    zeros = torch.zeros_like(q[..., :1])
-    bias = (size.to(k.dtype).log() / scale)[:, None, :, None].expand_as(zeros)
-    q = torch.cat([q, torch.ones_like(zeros), zeros.expand(-1, -1, -1, pad)], dim=-1)
-    k = torch.cat([k, bias, zeros.expand(-1, -1, -1, pad)], dim=-1)
-    v = torch.cat([v, zeros.expand(-1, -1, -1, d + 1 + pad - dv)], dim=-1)
+    column, key_column = torch.zeros_like(q[..., :1]), torch.zeros_like(k[..., :1])  # Nq may differ from N
+    bias = (size.to(k.dtype).log() / scale)[:, None, :, None].expand_as(key_column)
+    q = torch.cat([q, torch.ones_like(column), column.expand(-1, -1, -1, pad)], dim=-1)
+    k = torch.cat([k, bias, key_column.expand(-1, -1, -1, pad)], dim=-1)
+    v = torch.cat([v, key_column.to(v.dtype).expand(-1, -1, -1, d + 1 + pad - dv)], dim=-1)
     return F.scaled_dot_product_attention(q, k, v, scale=scale)[..., :dv]
 
 

@@ -278,10 +278,11 @@ def test_bipartite_equals_tome_up_to_order(prefix, distill):
 
 # ---------- proportional attention ----------
 
-@pytest.mark.parametrize("d,dv,scale", [(64, 64, None), (7, 7, None), (8, 8, 0.3), (15, 9, None)])
-def test_proportional_attention_forms_match_explicit(d, dv, scale):
+@pytest.mark.parametrize("d,dv,scale,queries", [(64, 64, None, 10), (7, 7, None, 10), (8, 8, 0.3, 10), (15, 9, None, 10),
+                                                 (16, 16, None, 1)])  # 1: a CLS querying another branch
+def test_proportional_attention_forms_match_explicit(d, dv, scale, queries):
     torch.manual_seed(d + dv)
-    q, k, v = torch.randn(2, 3, 10, d), torch.randn(2, 3, 10, d), torch.randn(2, 3, 10, dv)
+    q, k, v = torch.randn(2, 3, queries, d), torch.randn(2, 3, 10, d), torch.randn(2, 3, 10, dv)
     size = torch.randint(1, 6, (2, 10)).float()
     want = explicit_attention(q, k, v, size, d ** -0.5 if scale is None else scale)
     mask = size_bias(size)
@@ -289,7 +290,7 @@ def test_proportional_attention_forms_match_explicit(d, dv, scale):
     masked = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     torch.testing.assert_close(masked, want, rtol=1e-5, atol=1e-5)
     fused = proportional_attention(q, k, v, size, scale)
-    assert fused.shape == (2, 3, 10, dv)
+    assert fused.shape == (2, 3, queries, dv)
     torch.testing.assert_close(fused, want, rtol=1e-5, atol=1e-5)
 
 
