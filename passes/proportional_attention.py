@@ -73,7 +73,7 @@ def run(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
             continue
         if node.op == "call_function" and node.target is F.scaled_dot_product_attention:
             size = _sizes_for(node, merges)
-            if size is None:  # its keys are another stream's tokens (a cross-attention between branches)
+            if size is None:  # its keys are another branch's tokens, or every token put back
                 other += 1
                 continue
             plain = literal_arg(node, 3, "attn_mask") is None and not literal_arg(node, 5, "is_causal", False)
@@ -86,8 +86,8 @@ def run(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
     if mha:
         ctx.notes.append(f"{mha} MultiheadAttention call(s) after a merge attend without the token sizes")
     if other:
-        ctx.notes.append(f"{other} attention call(s) after a merge attend over keys that are not a merged stream's "
-                         "tokens (another branch's); they attend without sizes")
+        ctx.notes.append(f"{other} attention call(s) after a merge attend over keys that are not merged tokens "
+                         "(another branch's, or every token put back); they attend without sizes")
     gm.graph.lint()
     gm.recompile()
     return gm

@@ -193,7 +193,7 @@ def test_two_branch_crossvit_merges_with_the_sizes_of_each_attentions_own_keys()
         assert_close(merged(x), want)
         assert not torch.allclose(dropped(x), want, rtol=1e-3, atol=1e-3)
     assert min(merged.report.tokens) < max(merged.report.tokens[1:5])  # it did merge
-    assert any("another branch" in note for note in merged.report.notes)
+    assert any("another branch" in note for note in merged.report.notes)  # the fusion over the branch that did not merge
 
 
 def test_tome_by_default_merges_in_every_block_but_an_attention_pool():
