@@ -17,7 +17,8 @@ import torch.fx
 import torch.nn.functional as F
 
 from repshift_fx.context import inserted, mark, role_of
-from repshift_fx.fx.nodes import literal_arg, op_name, regions, shape
+from repshift_fx.fx.nodes import literal_arg, op_name, regions
+from repshift_fx.fx.sizes import merged_token_sets, sizes_for
 from repshift_fx.method import merge
 
 
@@ -44,35 +45,20 @@ def _without_mask(graph, node, size) -> None:
     graph.erase_node(node)
 
 
-def _sizes_for(attention: torch.fx.Node, merges: list[tuple[set, int, torch.fx.Node]]) -> torch.fx.Node | None:
-    """The sizes of the keys `attention` reads: those of the latest merge upstream of its keys that
-    left as many tokens as the keys hold (the latest of the keys' own stream: a two-branch model's
-    keys may also lie downstream of the other branch's merges), or None."""
-    key = attention.args[1]
-    recorded = shape(key)
-    for below, kept, size in reversed(merges):
-        if key in below and (recorded is None or recorded[-2] == kept):
-            return size
-    return None
-
-
 def run(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
     sizes = {inserted(n).block: n for n in gm.graph.nodes if role_of(n) == "size"}
     if not sizes:
         return gm
     graph, config = gm.graph, ctx.plan.config
     merged = [n for n in gm.graph.nodes if role_of(n) == "keep" and inserted(n).block in sizes]
-    restored = lambda node: role_of(node) == "restore"  # noqa: E731
-    # keep = getitem(merge_tokens(x, size, assignment, kept), 0)
-    merges = [(set(regions([keep], stop=restored)), keep.args[0].args[3], sizes[inserted(keep).block])
-              for keep in merged]
-    downstream = regions(merged, stop=restored)
+    downstream = regions(merged, stop=lambda node: role_of(node) == "restore")
+    token_sets = merged_token_sets(gm)
     mha = other = 0
     for node in list(graph.nodes):
         if node not in downstream:
             continue
         if node.op == "call_function" and node.target is F.scaled_dot_product_attention:
-            size = _sizes_for(node, merges)
+            size = sizes_for(node.args[1], token_sets, axis=-2)  # the keys' (B, H, K, D)
             if size is None:  # its keys are another branch's tokens, or every token put back
                 other += 1
                 continue

@@ -1,5 +1,7 @@
 """Hugging Face transformers models: BERT with a padding mask, ViT, DINOv2 (LayerScale), eager and SDPA
 attention, inputs as a dict of keyword tensors; the MiniLM sentence encoder on WordNet definitions."""
+import copy
+
 import pytest
 import torch
 
@@ -176,6 +178,25 @@ def _minilm():
     from repshift_fx.apps.hf import load_minilm
 
     return load_minilm(), wordnet.noun_definitions(200)
+
+
+@pytest.mark.parametrize("config", (dict(score="tome", r=1), dict(score="tome", r=1, merge_metric="stream")))
+def test_merging_copies_in_minilm_computes_its_mean_pooled_embedding(config):
+    """The oracle of tests/test_merge.py on real weights, with padding: without position embeddings a
+    repeated word's tokens stay identical, so ToMe merges copies, and the padded mean pooling must
+    count each merged token as many times as the tokens it holds (it was 0.27 off, an unweighted mean)."""
+    (model, tokenizer), _ = _minilm()
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        model.encoder.embeddings.position_embeddings.weight.zero_()
+    encoded = tokenizer(["cat cat cat cat cat cat cat dog dog dog dog dog dog dog", "dog dog dog dog cat cat cat cat"],
+                        padding=True, return_tensors="pt")
+    inputs = (encoded["input_ids"], encoded["attention_mask"])
+    merged = repshift_fx.compress(model, inputs, compile=False, **config)
+    assert merged.report.tokens == [16, 15, 14, 13, 12, 11]
+    assert any("weigh each token by its size" in note for note in merged.report.notes)
+    with torch.no_grad():
+        assert_close(merged(*inputs), model(*inputs))
 
 
 def test_minilm_embeddings_of_wordnet_definitions():

@@ -179,3 +179,16 @@ def with_size_bias(attn_mask: torch.Tensor | None, size: torch.Tensor, query: to
         attn_mask = torch.zeros(attn_mask.shape, dtype=query.dtype, device=query.device).masked_fill(
             ~attn_mask, float("-inf"))
     return attn_mask + bias
+
+
+def size_weighted_sum(x: torch.Tensor, size: torch.Tensor, keepdim: bool = False) -> torch.Tensor:
+    """The sum over the original tokens of a merged set: each token counted `size` times.
+    x (B, K, ...), size (B, K) -> (B, ...) (keepdim: (B, 1, ...))."""
+    weight = size.to(x.dtype).reshape(size.shape + (1,) * (x.dim() - 2))
+    return (x * weight).sum(1, keepdim=keepdim)
+
+
+def size_weighted_mean(x: torch.Tensor, size: torch.Tensor, keepdim: bool = False) -> torch.Tensor:
+    """The mean over the original tokens of a merged set. x (B, K, ...), size (B, K) -> (B, ...)."""
+    total = size.to(x.dtype).sum(1).reshape((size.shape[0],) + (1,) * (x.dim() - 2 + keepdim))
+    return size_weighted_sum(x, size, keepdim) / total

@@ -8,7 +8,7 @@ from repshift_fx.errors import ConfigError
 from repshift_fx.modes.base import Mode
 from repshift_fx.passes import (attention_scores, attention_to_sdpa, find_sites, find_token_needs, gather_side_tensors,
                                 insert_pruning, merge_tokens, mlp_only_drops, padding_scores, proportional_attention,
-                                restore_tokens, token_shapes, verify)
+                                restore_tokens, size_weighted_pooling, token_shapes, verify)
 from repshift_fx.plan.budget import plan_tokens_for_budget
 from repshift_fx.plan.tome_budget import TomeSearch
 from repshift_fx.plan.restores import plan_tokens
@@ -52,7 +52,7 @@ TOKENS = Mode(
     analysis_passes=(find_sites, find_token_needs),
     make_plan=plan_tokens,
     rewrite_passes=(attention_to_sdpa, attention_scores, insert_pruning, mlp_only_drops, padding_scores, merge_tokens, restore_tokens,
-                    gather_side_tensors, proportional_attention, token_shapes, verify),
+                    gather_side_tensors, proportional_attention, size_weighted_pooling, token_shapes, verify),
     report=token_report,
     search_budget=search_budget,
     log_plan=log_token_plan,

@@ -5,6 +5,8 @@ import pytest
 import torch
 import torch.fx
 import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
 
 from repshift_fx.method.merge import (
     assign_to_kept,
@@ -13,6 +15,8 @@ from repshift_fx.method.merge import (
     proportional_attention,
     restore_dropped,
     size_bias,
+    size_weighted_mean,
+    size_weighted_sum,
     unmerge,
 )
 from repshift_fx.plan.tokens import tome_pairs
@@ -358,3 +362,18 @@ def test_torch_compile_fullgraph():
     inputs = merger_inputs()
     compiled = torch.compile(Merger(), fullgraph=True, backend="eager")
     assert_same_outputs(compiled(*inputs), Merger()(*inputs))
+
+
+# ---------- pooling over merged tokens ----------
+
+@given(sizes=st.lists(st.lists(st.integers(1, 4), min_size=3, max_size=3), min_size=1, max_size=3),
+       channels=st.integers(1, 5), keepdim=st.booleans())
+def test_size_weighted_pooling_is_pooling_over_the_original_tokens(sizes, channels, keepdim):
+    """A merged token of size s pools as its s original copies would (repeat_interleave, plain mean)."""
+    size = torch.tensor(sizes)
+    x = torch.randn(len(sizes), 3, channels, dtype=torch.float64)
+    copies = [row.repeat_interleave(s, dim=0) for row, s in zip(x, size)]
+    for weighted, plain in ((size_weighted_sum, torch.sum), (size_weighted_mean, torch.mean)):
+        got = weighted(x, size, keepdim)
+        want = torch.stack([plain(c, 0, keepdim=keepdim) for c in copies])
+        torch.testing.assert_close(got, want)
