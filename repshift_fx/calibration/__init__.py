@@ -87,15 +87,11 @@ def calibrate(model: nn.Module, batches, *, target_flops: float | None = None, t
         budget = target_flops or min(1.0, 1.0 / target_speedup)
         base = dict(fixed, target_flops=budget)
         paper, table = descend(measure, search_space, base, depth, max_candidates, progress)
-        measured = [c for c in table if c.error is None]
-        best = sorted(measured, key=Candidate.rank, reverse=True)[:refine]
+        measured, refined = [c for c in table if c.error is None], {}
+        _refine(measure, sorted(measured, key=Candidate.rank, reverse=True), refine, target_flops, refined)
         if labels is not None:  # the most faithful too: the choice among what the labels cannot tell apart
-            best += sorted(measured, key=Candidate.fidelity, reverse=True)[:refine]
-        for candidate in {id(c): c for c in best + [paper] if c.error is None}.values():
-            if measure.screening != measure.everything:
-                measure(candidate, full=True)
-            if target_flops is not None:
-                measure.fit(candidate, target_flops)
+            _refine(measure, sorted(measured, key=Candidate.fidelity, reverse=True), refine, target_flops, refined)
+        _refine(measure, [c for c in (paper,) if c.error is None], 1, target_flops, refined)
         notes = []
         if target_speedup is not None:
             table, notes = _speed(model, measure, table, target_speedup, target_flops is None, finalists, progress)
@@ -116,6 +112,25 @@ def calibrate(model: nn.Module, batches, *, target_flops: float | None = None, t
                               target_speedup, notes, labelled=labels is not None)
     log.info("%s", calibration.summary())
     return calibration
+
+
+def _refine(measure: Measure, candidates: list[Candidate], count: int, target_flops: float | None,
+            refined: dict) -> None:
+    """Measure on every sample, and fit within `target_flops` over every batch, the first `count` of
+    `candidates` that fit: where one does not, the next in line takes its place (else the paper's
+    rule, always measured in full, could win by being measured on more samples).
+    `refined`: id -> candidate, those already done."""
+    fitted = 0
+    for candidate in candidates:
+        if fitted == count:
+            return
+        if id(candidate) not in refined:
+            refined[id(candidate)] = candidate
+            if measure.screening != measure.everything:
+                measure(candidate, full=True)
+            if target_flops is not None:
+                measure.fit(candidate, target_flops)
+        fitted += candidate.error is None
 
 
 def _check_targets(target_flops, target_speedup):

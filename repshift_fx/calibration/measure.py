@@ -211,7 +211,7 @@ class Measure:
 
 
     def fit(self, candidate: Candidate, target: float, steps: int = 20) -> Candidate:
-        """Lower `candidate`'s amount (keep by 0.01, or ToMe's r by 1) until its FLOPs over every
+        """Lower `candidate`'s amount (keep by 0.01, or ToMe's r by one merge) until its FLOPs over every
         batch are within `target`: the planner chose it on one batch shape, and other shapes
         (texts of other lengths) round token counts differently. Re-measured on every batch."""
         for _ in range(steps):
@@ -228,8 +228,14 @@ class Measure:
 
 
 def _tighter(config: dict) -> dict | None:
-    if isinstance(config.get("r"), int):
-        return dict(config, r=config["r"] + 1)
+    """One merge more (ToMe: in the first block whose r is below the first's, as the planner adds
+    them), or keep 0.01 lower; None: nothing left to tighten."""
+    r = config.get("r")
+    if isinstance(r, int):
+        return dict(config, r=r + 1)
+    if isinstance(r, tuple) and r:
+        i = next((i for i, amount in enumerate(r) if amount < r[0]), 0)
+        return dict(config, r=r[:i] + (r[i] + 1,) + r[i + 1:])
     keep = config.get("keep")
     if isinstance(keep, float) and keep > 0.02:
         return dict(config, keep=round(keep - 0.01, 4))
