@@ -169,6 +169,21 @@ def test_wordnet_definitions_split_and_labels():
         wordnet_definitions("val")
 
 
+@needs_wordnet
+def test_calibration_texts_are_drawn_across_the_categories_with_their_labels():
+    """The split is in category order: its first 256 texts hold 3 of the 41 categories, which made
+    labelled calibration on text a 3-class task (97% for every candidate)."""
+    from repshift_fx.apps.evaluation.calibrated import calibration_texts
+
+    train = load_dataset("wordnet", "train", 3000)
+    assert len(set(train.labels[:256].tolist())) <= 3
+    texts, labels = calibration_texts(train, 256)
+    assert len(texts) == len(set(texts)) == 256 and len(set(labels.tolist())) > 25
+    position = {text: i for i, text in enumerate(train.texts)}
+    assert [int(train.labels[position[t]]) for t in texts] == labels.tolist()
+    assert calibration_texts(train, 256)[0] == texts  # deterministic
+
+
 @pytest.fixture(scope="module")
 def tiny_bert_dir(tmp_path_factory):
     """A 2-layer BertModel (hidden 32, random weights) and a word-level tokenizer over the 1000 most

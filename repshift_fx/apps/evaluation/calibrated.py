@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from scipy.stats import spearmanr
 from tabulate import tabulate
 from tqdm.auto import tqdm
@@ -40,15 +41,23 @@ def image_batches(setup, train, samples: int) -> list:
     return datasets.image_batches(train, samples, setup.batch, setup.shape, setup.mean, setup.std)
 
 
+def calibration_texts(train, samples: int) -> tuple[list[str], torch.Tensor]:
+    """`samples` training texts drawn at random (seed 0), and their labels: the text splits are
+    ordered by category (the first 256 WordNet definitions hold 3 of 41 categories)."""
+    rows = sorted(torch.randperm(len(train.texts), generator=torch.Generator().manual_seed(0))[:samples].tolist())
+    return [train.texts[i] for i in rows], train.labels[rows]
+
+
 def text_batches(loaded, train, samples: int, batch: int) -> list:
-    """The first `samples` training texts, tokenized, batched by length (as the test texts are)."""
-    return hf.text_inputs(loaded.tokenizer, train.texts[:samples], batch, loaded.max_length)
+    """`calibration_texts`, tokenized, batched by length (as the test texts are)."""
+    texts, _ = calibration_texts(train, samples)
+    return hf.text_inputs(loaded.tokenizer, texts, batch, loaded.max_length)
 
 
 def text_labels(loaded, train, samples: int, batch: int) -> list:
     """The labels of `text_batches`' texts, one tensor per batch, in the batches' order."""
-    return [train.labels[rows] for rows, _ in hf.text_batches(loaded.tokenizer, train.texts[:samples], batch,
-                                                              loaded.max_length)]
+    texts, labels = calibration_texts(train, samples)
+    return [labels[rows] for rows, _ in hf.text_batches(loaded.tokenizer, texts, batch, loaded.max_length)]
 
 
 def evaluate_calibration(setup, cal, evaluate_options, progress: bool = True
