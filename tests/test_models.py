@@ -7,11 +7,10 @@ import torchvision
 import repshift_fx
 from conftest import tiny_timm
 
-MODELS = [  # DeiT-S and DeiT-B are the classes of DeiT-Ti and ViT-B at other widths
+MODELS = [  # one, two and five prefix tokens; DeiT-S, DeiT-B and ViT-B are DeiT-Ti's class at other widths
     ("deit_tiny_patch16_224", {}, 1, 197),
     ("deit_small_distilled_patch16_224", {}, 2, 198),
     ("vit_small_patch14_reg4_dinov2", {"img_size": 224}, 5, 261),
-    ("vit_base_patch16_224", {}, 1, 197),
 ]
 
 
