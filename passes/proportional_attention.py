@@ -4,8 +4,10 @@ softmax(q k^T * scale + log size) v (ToMe's proportional attention), with attent
 Expects: `merge_tokens` has run (each merge's tokens and size, roles "keep" and "size"), the side
 tensors gathered.
 Guarantees: every `F.scaled_dot_product_attention` call downstream of a merge (and not past a
-restore) reads `with_size_bias(attn_mask, size, q)` as its attn_mask, the size of the latest merge
-before it; CPU and GPU fused kernels take a float mask. With `size_attention="qk"` an SDPA call
+restore) reads `with_size_bias(attn_mask, size, q)` as its attn_mask, the sizes of its keys' own
+merged tokens (`repshift_fx.fx.sizes`: the latest merge upstream of the keys that left as many
+tokens as they hold; none, for another branch's keys: noted in the report); CPU and GPU fused
+kernels take a float mask. With `size_attention="qk"` an SDPA call
 without a mask becomes `proportional_attention` instead: the size rides in an extra column of q
 and k, so kernels that take no mask (FlashAttention on GPU) stay usable. Attention inside
 nn.MultiheadAttention or kept explicit is left as it is, with a note in the report.
@@ -16,8 +18,8 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
-from repshift_fx.context import inserted, mark, role_of
-from repshift_fx.fx.nodes import literal_arg, op_name, regions
+from repshift_fx.context import inserted, mark
+from repshift_fx.fx.nodes import literal_arg, op_name
 from repshift_fx.fx.sizes import merged_token_sets, sizes_for
 from repshift_fx.method import merge
 
@@ -46,13 +48,11 @@ def _without_mask(graph, node, size) -> None:
 
 
 def run(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
-    sizes = {inserted(n).block: n for n in gm.graph.nodes if role_of(n) == "size"}
-    if not sizes:
+    token_sets = merged_token_sets(gm)
+    if not token_sets:
         return gm
     graph, config = gm.graph, ctx.plan.config
-    merged = [n for n in gm.graph.nodes if role_of(n) == "keep" and inserted(n).block in sizes]
-    downstream = regions(merged, stop=lambda node: role_of(node) == "restore")
-    token_sets = merged_token_sets(gm)
+    downstream = set().union(*(tokens.below for tokens in token_sets))
     mha = other = 0
     for node in list(graph.nodes):
         if node not in downstream:
