@@ -72,8 +72,9 @@ def run(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
         size = _sizes_of(gm, node.args[0], token_sets, node)
         if size is None:
             continue
+        keepdim = bool(literal_arg(node, 2, "keepdim"))
         with gm.graph.inserting_before(node):
-            weighted = gm.graph.call_function(_REWRITES[kind], (node.args[0], size, bool(literal_arg(node, 2, "keepdim"))))
+            weighted = gm.graph.call_function(_REWRITES[kind], (node.args[0], size, keepdim))
         weighted.meta.update(node.meta)
         node.replace_all_uses_with(weighted)
         gm.graph.erase_node(node)
