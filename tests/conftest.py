@@ -48,6 +48,14 @@ def random_batches(count: int, size: int, seed: int) -> list[torch.Tensor]:
     return [torch.randn(size, 3, 64, 64, generator=generator) for _ in range(count)]
 
 
+def flat_halves(batch: int, side: int) -> torch.Tensor:
+    """Images of two flat colours, left and right: every row of patches is the same."""
+    x = torch.zeros(batch, 3, side, side)
+    for b in range(batch):
+        x[b, b % 3, :, : side // 2], x[b, (b + 1) % 3, :, side // 2:] = 1.0 + b, -1.0
+    return x
+
+
 class PerToken(torch.nn.Module):
     """A timm ViT's normed tokens, every one: a per-token output (a dense head, a bare encoder)."""
 

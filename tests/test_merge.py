@@ -4,7 +4,7 @@ import torch
 
 import repshift_fx
 from conftest import (PerToken, assert_close, assert_compiled_matches_eager, assert_refused, assert_unchanged,
-                      snapshot, tiny_timm)
+                      flat_halves, snapshot, tiny_timm)
 from reference_merge import merge_forward
 from repshift_fx import ConfigError, UnsupportedSiteError
 
@@ -111,14 +111,6 @@ def test_merging_nothing_is_the_original(deit, image):
         original = deit(image)
     for config in (dict(keep=1.0, at=(1, 2), reduce="merge"), dict(score="tome", r=0)):
         assert_close(repshift_fx.compress(deit, image, compile=False, **config)(image), original)
-
-
-def flat_halves(batch: int, side: int) -> torch.Tensor:
-    """Images of two flat colours, left and right: every row of patches is the same."""
-    x = torch.zeros(batch, 3, side, side)
-    for b in range(batch):
-        x[b, b % 3, :, : side // 2], x[b, (b + 1) % 3, :, side // 2:] = 1.0 + b, -1.0
-    return x
 
 
 @pytest.mark.parametrize("config", [dict(score="tome", r=1), dict(score="tome", r=1, merge_metric="stream"),

@@ -8,7 +8,7 @@ import timm
 import torch
 
 import repshift_fx
-from conftest import assert_close, assert_refused, assert_unchanged, load_tool, node_values, snapshot
+from conftest import assert_close, assert_refused, assert_unchanged, flat_halves, load_tool, node_values, snapshot
 from repshift_fx.apps.models import zoo as zoo_models
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -184,8 +184,7 @@ def test_two_branch_crossvit_merges_with_the_sizes_of_each_attentions_own_keys()
     with torch.no_grad():
         model.pos_embed_0.zero_()
         model.pos_embed_1.zero_()
-    x = torch.zeros(2, 3, 240, 240)
-    x[0, 0, :, :120], x[0, 2, :, 120:], x[1, 1, :, :120], x[1, 0, :, 120:] = 1.0, -1.0, 0.5, 2.0
+    x = flat_halves(2, 240)
     with torch.no_grad():
         want = model(x)
         merged = repshift_fx.compress(model, x, score="tome", r=4, compile=False)
