@@ -21,7 +21,7 @@ Distance = Literal["l2", "l1", "cosine"]
 Score = Literal["shift", "norm", "random", "attention", "tome"]
 Mode = Literal["auto", "tokens", "lines"]
 Reduce = Literal["drop", "merge"]
-MergeMetric = Literal["keys", "stream"]
+MergeMetric = Literal["keys", "stream", "ward"]
 SizeAttention = Literal["mask", "qk"]
 
 
@@ -85,9 +85,9 @@ class Config:
         MLP.""")
     merge_metric: MergeMetric = _option("keys", """
         reduce="merge" and score="tome": "most similar" compares the attention keys of the block that merges,
-        averaged over heads (cosine; ToMe's metric), or "stream", the tokens themselves, the values the
-        merge averages (on the real DINOv2 ViT-S it follows the model more closely; on MiniLM closer by
-        cosine, less accurate: docs/merge.md).""")
+        averaged over heads (cosine; ToMe's metric), "stream", the tokens themselves, the values the merge
+        averages (cosine), or "ward": the stream by Ward's cost, the squared error a size-weighted merge adds,
+        s_a s_b / (s_a + s_b) ||x_a - x_b||^2, so that large tokens stop absorbing more (docs/merge.md).""")
     size_attention: SizeAttention = _option("mask", """
         proportional attention (reduce="merge") as an SDPA attn_mask, or "qk": an extra q/k column that
         needs no mask (flash attention on GPU).""")

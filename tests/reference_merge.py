@@ -24,6 +24,18 @@ def cosine(a, b):
     return (a @ b) / (a.norm() * b.norm()).clamp_min(1e-12)
 
 
+def ward_cost(a, b, size_a, size_b):
+    """What merging a (of size_a original tokens) into b adds to the squared error: Ward's criterion."""
+    return size_a * size_b / (size_a + size_b) * ((a - b) ** 2).sum()
+
+
+def alike(metric, size, b, i, j, ward):
+    """How alike tokens i and j of sample b are: the cosine, or minus Ward's cost."""
+    if ward:
+        return -ward_cost(metric[b, i], metric[b, j], size[b, i], size[b, j])
+    return cosine(metric[b, i], metric[b, j])
+
+
 class Tracker:
     """Where every original token is now: alive at a position, or frozen at its value when dropped."""
 
@@ -40,9 +52,9 @@ class Tracker:
                             for b, row in enumerate(self.where)])
 
 
-def merge_step(x, size, scores, metric, prefix, keep, tracker=None):
+def merge_step(x, size, scores, metric, prefix, keep, tracker=None, ward=False):
     """Keep the prefix and the best-scored ceil(keep * n); every other token is added into its most
-    cosine-similar kept non-prefix token, a size-weighted mean."""
+    cosine-similar kept non-prefix token (`ward`: the one its merge costs least), a size-weighted mean."""
     n = x.shape[1] - prefix
     k = math.ceil(round(keep * n, 9))
     rows, sizes = [], []
@@ -54,7 +66,7 @@ def merge_step(x, size, scores, metric, prefix, keep, tracker=None):
         for i in range(prefix, x.shape[1]):
             if i in total:
                 continue
-            j = max(kept[prefix:], key=lambda j: cosine(metric[b, i], metric[b, j]))
+            j = max(kept[prefix:], key=lambda j: alike(metric, size, b, i, j, ward))
             total[j] = total[j] + size[b, i] * x[b, i]
             weight[j] = weight[j] + size[b, i]
             destination[i] = j
@@ -76,16 +88,20 @@ def drop_step(x, scores, prefix, keep, tracker):
     return torch.stack(rows)
 
 
-def tome_step(x, size, metric, prefix, r, tracker=None, shift=None, guidance=0.0):
+def tome_step(x, size, metric, prefix, r, tracker=None, shift=None, guidance=0.0, ward=False):
     """ToMe's bipartite soft matching, kept tokens in their original order; with `shift` (B, N), an
-    A token's similarity is lowered by `guidance` times its shift over the mean shift of A."""
+    A token's similarity is lowered by `guidance` times its shift over the mean shift of A. `ward`:
+    pairs ranked by minus Ward's cost over its mean across the pairs of A and B, not by the cosine."""
     rows, sizes = [], []
     tokens = x.shape[1]
     a_side = list(range(prefix + prefix % 2, tokens, 2))
     b_side = list(range(prefix + 1 - prefix % 2, tokens, 2))
     for b in range(x.shape[0]):
-        best = {a: max(b_side, key=lambda j: cosine(metric[b, a], metric[b, j])) for a in a_side}
-        similarity = {a: cosine(metric[b, a], metric[b, best[a]]) for a in a_side}
+        best = {a: max(b_side, key=lambda j: alike(metric, size, b, a, j, ward)) for a in a_side}
+        similarity = {a: alike(metric, size, b, a, best[a], ward) for a in a_side}
+        if ward:
+            mean = sum(ward_cost(metric[b, a], metric[b, j], size[b, a], size[b, j]) for a in a_side for j in b_side)
+            similarity = {a: s / (mean / (len(a_side) * len(b_side))) for a, s in similarity.items()}
         if shift is not None:
             mean = sum(shift[b, a] for a in a_side) / len(a_side)
             similarity = {a: similarity[a] - guidance * shift[b, a] / mean for a in a_side}
@@ -113,7 +129,8 @@ def merge_forward(model, img, at=(), keep=0.7, metric="keys", tome_r=None, reduc
     """The model's logits (or, with `per_token`, its normed tokens, every one restored) with the
     shift's drops merged (reduce="merge"), dropped (reduce="drop"), or ToMe (tome_r tokens per block,
     or one r per block; `guidance`: shift-guided, by the shift of the block before). `metric`: what
-    a merge compares, the attention keys averaged over heads or the stream ("stream")."""
+    a merge compares, the attention keys averaged over heads, the stream ("stream"), or the stream by
+    Ward's cost ("ward")."""
     x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(img))))
     prefix, size = model.num_prefix_tokens, torch.ones(x.shape[:2])
     tracker = Tracker(*x.shape[:2])
@@ -124,12 +141,13 @@ def merge_forward(model, img, at=(), keep=0.7, metric="keys", tome_r=None, reduc
         if tome_r is not None:
             mid, size = tome_step(mid, size, keys if metric == "keys" else mid, prefix,
                                   tome_r[i] if isinstance(tome_r, tuple) else tome_r, tracker,
-                                  shift if guidance else None, guidance)
+                                  shift if guidance else None, guidance, ward=metric == "ward")
         mlp_out = blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(mid))))
         shift = ((mid + mlp_out - mid) ** 2).sum(-1).sqrt()  # how far the MLP moved each token
         x = mid + mlp_out
         if i in at and reduce == "merge":
-            x, size = merge_step(x, size, shift_mlp(mlp_out, mid), keys if metric == "keys" else x, prefix, keep, tracker)
+            x, size = merge_step(x, size, shift_mlp(mlp_out, mid), keys if metric == "keys" else x, prefix, keep, tracker,
+                                 ward=metric == "ward")
         elif i in at:
             x = drop_step(x, shift_mlp(mlp_out, mid), prefix, keep, tracker)
             size = torch.ones(x.shape[:2])

@@ -180,7 +180,8 @@ def _minilm():
     return load_minilm(), wordnet.noun_definitions(200)
 
 
-@pytest.mark.parametrize("config", (dict(score="tome", r=1), dict(score="tome", r=1, merge_metric="stream")))
+@pytest.mark.parametrize("config", (dict(score="tome", r=1), dict(score="tome", r=1, merge_metric="stream"),
+                                    dict(score="tome", r=1, merge_metric="ward")))
 def test_merging_copies_in_minilm_computes_its_mean_pooled_embedding(config):
     """The oracle of tests/test_merge.py on real weights, with padding: without position embeddings a
     repeated word's tokens stay identical, so ToMe merges copies, and the padded mean pooling must

@@ -14,7 +14,7 @@ def distilled():
     return tiny_timm("deit_tiny_distilled_patch16_224")
 
 
-@pytest.mark.parametrize("metric", ("keys", "stream"))
+@pytest.mark.parametrize("metric", ("keys", "stream", "ward"))
 def test_shift_merge_matches_the_reference(deit, image, metric):
     before = snapshot(deit)
     gm = repshift_fx.compress(deit, image, keep=0.6, at=(1, 2), reduce="merge", merge_metric=metric, compile=False)
@@ -32,25 +32,31 @@ def test_tome_matches_the_reference(name, deit, distilled, image):
     assert gm.report.tokens == [prefix + 16 - 2 * i for i in range(4)]
 
 
+@pytest.mark.parametrize("metric", ("stream", "ward"))
 @pytest.mark.parametrize("guidance", (0.0, 0.5))
-def test_tome_on_the_stream_matches_the_reference(deit, image, guidance):
-    gm = repshift_fx.compress(deit, image, score="tome", r=2, merge_metric="stream", shift_guidance=guidance,
+def test_tome_on_the_stream_matches_the_reference(deit, image, metric, guidance):
+    gm = repshift_fx.compress(deit, image, score="tome", r=2, merge_metric=metric, shift_guidance=guidance,
                               compile=False)
     on_stream = gm(image)
-    assert_close(on_stream, merge_forward(deit, image, tome_r=2, metric="stream", guidance=guidance))
-    assert not torch.allclose(on_stream, merge_forward(deit, image, tome_r=2, guidance=guidance), atol=1e-4)
+    assert_close(on_stream, merge_forward(deit, image, tome_r=2, metric=metric, guidance=guidance))
+    other = "ward" if metric == "stream" else "stream"  # each metric merges other pairs than the rest
+    for different in (merge_forward(deit, image, tome_r=2, guidance=guidance),
+                      merge_forward(deit, image, tome_r=2, metric=other, guidance=guidance)):
+        assert not torch.allclose(on_stream, different, atol=1e-4)
 
 
-def test_tome_on_the_stream_merging_nothing_is_the_model(deit, image):
+@pytest.mark.parametrize("metric", ("stream", "ward"))
+def test_tome_on_the_stream_merging_nothing_is_the_model(deit, image, metric):
     before = snapshot(deit)
-    gm = repshift_fx.compress(deit, image, score="tome", r=0, merge_metric="stream", compile=False)
+    gm = repshift_fx.compress(deit, image, score="tome", r=0, merge_metric=metric, compile=False)
     with torch.inference_mode():
         assert_close(gm(image), deit(image))
     assert_unchanged(deit, before)
 
 
-def test_tome_on_the_stream_compiles_to_what_it_computes_eagerly(deit, image):
-    assert_compiled_matches_eager(deit, image.shape[1:], (2, 3), score="tome", r=2, merge_metric="stream")
+@pytest.mark.parametrize("metric", ("stream", "ward"))
+def test_tome_on_the_stream_compiles_to_what_it_computes_eagerly(deit, image, metric):
+    assert_compiled_matches_eager(deit, image.shape[1:], (2, 3), score="tome", r=2, merge_metric=metric)
 
 
 @pytest.mark.parametrize("name", ("deit", "distilled"))
@@ -114,6 +120,7 @@ def test_merging_nothing_is_the_original(deit, image):
 
 
 @pytest.mark.parametrize("config", [dict(score="tome", r=1), dict(score="tome", r=1, merge_metric="stream"),
+                                    dict(score="tome", r=1, merge_metric="ward"),
                                     dict(score="tome", r=1, size_attention="qk")])
 @pytest.mark.parametrize("pooling", [{}, dict(global_pool="avg"), dict(global_pool="avg", class_token=False)],
                          ids=["cls", "mean after the cls", "mean"])

@@ -7,7 +7,8 @@ targets, paired against ToMe on the same test images.
 
 Rows at each FLOP target (the planner resolves every amount, `target_flops=`): the paper's drop,
 the shift's merge, EViT's attention score, random scores, ToMe, shift-guided ToMe
-(`shift_guidance`), ToMe matching on the stream (`merge_metric="stream"`), and `calibrate()` on
+(`shift_guidance`), ToMe matching on the stream (`merge_metric="stream"`) and by Ward's cost on the
+stream (`merge_metric="ward"`), with and without the shift's guidance, and `calibrate()` on
 --calibrate training samples, label-free (fidelity) and with their labels (accuracy). A linear
 probe fitted on the unpruned model's features of the training split scores every row on the test
 split: agreement (the probe's prediction equals its prediction on the unpruned features), the
@@ -43,7 +44,9 @@ FIXED = {"drop (paper)": {}, "merge": {"reduce": "merge"}, "attention": {"score"
          "random": {"score": "random"}, "ToMe": {"score": "tome"},
          "ToMe + shift 0.02": {"score": "tome", "shift_guidance": 0.02},
          "ToMe on the stream": {"score": "tome", "merge_metric": "stream"},
-         "ToMe on the stream + shift 0.02": {"score": "tome", "merge_metric": "stream", "shift_guidance": 0.02}}
+         "ToMe on the stream + shift 0.02": {"score": "tome", "merge_metric": "stream", "shift_guidance": 0.02},
+         "ToMe by Ward's cost": {"score": "tome", "merge_metric": "ward"},
+         "ToMe by Ward's cost + shift 0.02": {"score": "tome", "merge_metric": "ward", "shift_guidance": 0.02}}
 
 
 def parse_args(argv=None):

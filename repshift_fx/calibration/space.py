@@ -5,9 +5,9 @@
 
 Dimensions: where the drops go (`at`), the score (shift, attention, norm, ToMe), the weight of
 the shift inside ToMe's matching (`shift_guidance`), what a merge compares (`merge_metric`: the
-attention keys or the stream), the shift's distance and site, and drop or merge (`reduce`). The
-amount (keep, or ToMe's r) is never a dimension: the FLOP target sets it, through the planner
-(`target_flops`).
+attention keys, the stream, or the stream by Ward's cost), the shift's distance and site, and drop
+or merge (`reduce`). The amount (keep, or ToMe's r) is never a dimension: the FLOP target sets it,
+through the planner (`target_flops`).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from repshift_fx.config import Config, check_names
 from repshift_fx.errors import ConfigError
 
 TOKEN_SPACE = {"reduce": ("drop", "merge"), "score": ("shift", "attention", "tome"), "shift_guidance": (0.01, 0.02, 0.05),
-               "merge_metric": ("keys", "stream"), "distance": ("l2", "cosine"), "site": ("mlp", "attn"), "at": "auto"}
+               "merge_metric": ("keys", "stream", "ward"), "distance": ("l2", "cosine"), "site": ("mlp", "attn"), "at": "auto"}
 LINE_SPACE = {"score": ("shift", "norm"), "distance": ("l2", "l1", "cosine"), "at": "auto"}
 DIMENSIONS = ("reduce", "score", "shift_guidance", "distance", "site", "merge_metric", "residual", "size_attention", "at")
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(Config)}  # the paper's rule; at None: the default at

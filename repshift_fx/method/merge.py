@@ -9,6 +9,9 @@ An assignment maps every original token to the kept position it ends up in; the 
 Sizes count how many original tokens a token holds, so successive merges stay an exact mean over
 the original tokens, and proportional attention (ToMe, Bolya et al., ICLR 2023) adds log(size)
 to the logits. `bipartite_soft_matching` is ToMe's matching, with the kept tokens left in order.
+Given the tokens' sizes, both matchings minimise Ward's cost instead of maximising the cosine:
+merging a token of size s_a into one of size s_b adds s_a s_b / (s_a + s_b) ||x_a - x_b||^2 to
+the squared error of the stream, so "most similar" means "changes the tokens least when averaged".
 
 All shapes are static and there is no data-dependent Python control flow: the functions trace
 with torch.fx.symbolic_trace and compile with torch.compile(fullgraph=True).
@@ -26,25 +29,43 @@ def _positions_in_kept(kept_index: torch.Tensor, n: int) -> torch.Tensor:
     return torch.full((b, n), -1, dtype=torch.long, device=kept_index.device).scatter(1, kept_index, own)
 
 
+def similarity(a: torch.Tensor, b: torch.Tensor, size_a: torch.Tensor | None = None,
+               size_b: torch.Tensor | None = None) -> torch.Tensor:
+    """How alike each token of `a` is to each of `b`: (B, Na, C), (B, Nb, C) -> (B, Na, Nb).
+
+    Without sizes the cosine (ToMe's). With sizes (B, Na), (B, Nb), minus Ward's cost
+    s_a s_b / (s_a + s_b) ||a - b||^2, over its mean across the pairs of each sample, so that its
+    scale is that of a cosine wherever the shift's guidance is weighed against it.
+    """
+    if size_a is None:
+        return F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).transpose(1, 2)
+    centre = a.mean(dim=1, keepdim=True)  # distances do not move; the squares lose less to rounding
+    a, b = a - centre, b - centre
+    squared = a.square().sum(-1, keepdim=True) + b.square().sum(-1).unsqueeze(1) - 2 * a @ b.transpose(1, 2)
+    s_a, s_b = size_a.to(a.dtype).unsqueeze(2), size_b.to(a.dtype).unsqueeze(1)
+    cost = squared.clamp_min(0) * s_a * s_b / (s_a + s_b)
+    return -cost / cost.mean(dim=(1, 2), keepdim=True).clamp_min(1e-12)
+
+
 def assign_to_kept(metric: torch.Tensor, kept_index: torch.Tensor, prefix: int,
-                   valid: torch.Tensor | None = None) -> torch.Tensor:
+                   valid: torch.Tensor | None = None, size: torch.Tensor | None = None) -> torch.Tensor:
     """Where each token goes: kept -> its own position, leaving -> the most similar kept token.
 
     metric (B, N, C): the stream, or attention keys averaged over heads. kept_index (B, K) int64,
     sorted, starting with the `prefix` positions 0..prefix-1. valid (B, N) bool, False = padding.
-    Returns (B, N) int64 in 0..K. A leaving token goes to its most cosine-similar kept token that
+    size (B, N): the tokens' sizes, for Ward's cost (`similarity`); None: the cosine.
+    Returns (B, N) int64 in 0..K. A leaving token goes to its most similar kept token that
     is not a prefix token and, with `valid`, is real; a leaving padding token, or one with no such
     kept token, gets K (discarded), so padding never mixes with real tokens.
     """
     b, n, c = metric.shape
     k = kept_index.shape[1]
-    unit = F.normalize(metric, dim=-1)
-    kept_unit = unit.gather(1, kept_index.unsqueeze(-1).expand(b, k, c))
-    similarity = unit @ kept_unit.transpose(1, 2)
+    kept_metric = metric.gather(1, kept_index.unsqueeze(-1).expand(b, k, c))
+    similar = similarity(metric, kept_metric, size, None if size is None else size.gather(1, kept_index))
     eligible = (torch.arange(k, device=metric.device) >= prefix).view(1, 1, k)
     if valid is not None:
         eligible = eligible & valid.gather(1, kept_index).unsqueeze(1) & valid.unsqueeze(2)
-    best, target = similarity.masked_fill(~eligible, float("-inf")).max(dim=-1)
+    best, target = similar.masked_fill(~eligible, float("-inf")).max(dim=-1)
     target = torch.where(torch.isneginf(best), k, target)
     own = _positions_in_kept(kept_index, n)
     return torch.where(own >= 0, own, target)
@@ -84,7 +105,8 @@ def restore_dropped(y: torch.Tensor, kept_index: torch.Tensor, before: torch.Ten
 
 
 def bipartite_soft_matching(metric: torch.Tensor, r: int, prefix: int, valid: torch.Tensor | None = None,
-                            shift: torch.Tensor | None = None, weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+                            shift: torch.Tensor | None = None, weight: float = 0.0,
+                            size: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """ToMe: merge the r tokens of set A most similar to a token of set B into it.
 
     metric (B, N, C). A holds the non-prefix tokens at even positions, B those at odd positions
@@ -96,19 +118,20 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, prefix: int, valid: to
     it (`shift_guidance`); an A token then leaves by
     its similarity less `weight` times its shift over the mean shift of A, so that of two equally
     redundant tokens the one the layers still change stays.
+    size (B, N): the tokens' sizes: the pairs are then ranked by Ward's cost (`similarity`), not the cosine.
     """
     b, n, _ = metric.shape
-    unit = F.normalize(metric, dim=-1)
     a_pos = torch.arange(prefix + prefix % 2, n, 2, device=metric.device)
     b_pos = torch.arange(prefix + 1 - prefix % 2, n, 2, device=metric.device)
-    similarity = unit[:, a_pos] @ unit[:, b_pos].transpose(1, 2)
+    sizes = (None, None) if size is None else (size[:, a_pos], size[:, b_pos])
+    similar = similarity(metric[:, a_pos], metric[:, b_pos], *sizes)
     if valid is not None:
         a_valid, b_valid = valid[:, a_pos], valid[:, b_pos]
-        similarity = similarity.masked_fill(a_valid.unsqueeze(2) != b_valid.unsqueeze(1), float("-inf"))
+        similar = similar.masked_fill(a_valid.unsqueeze(2) != b_valid.unsqueeze(1), float("-inf"))
         padding_pairs = ~a_valid.unsqueeze(2) & ~b_valid.unsqueeze(1)
-        similarity = similarity.masked_fill(padding_pairs, 2.0)  # above any cosine: padding merges first
-    similarity = F.pad(similarity, (0, 1), value=float("-inf"))  # a maximum even where B is empty (then r == 0)
-    best, partner = similarity.max(dim=-1)
+        similar = similar.masked_fill(padding_pairs, 2.0)  # above any cosine or -cost: padding merges first
+    similar = F.pad(similar, (0, 1), value=float("-inf"))  # a maximum even where B is empty (then r == 0)
+    best, partner = similar.max(dim=-1)
     partner = partner.clamp(max=b_pos.shape[0] - 1)
     if shift is not None:
         a_shift = shift[:, a_pos]

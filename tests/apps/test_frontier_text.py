@@ -16,6 +16,8 @@ def test_frontier_tool_measures_a_text_encoder_batch_by_batch(tmp_path):
     assert [r["label"] for r in rows] == list(frontier.FIXED)
     for r in rows:
         assert 0.5 < r["flop_ratio"] <= 0.73 + 1e-6 and 0 < r["cosine"] <= 1 + 1e-6
-    tome, stream = (next(r for r in rows if r["label"] == label) for label in ("ToMe", "ToMe on the stream"))
+    tome, stream, ward = (next(r for r in rows if r["label"] == label)
+                          for label in ("ToMe", "ToMe on the stream", "ToMe by Ward's cost"))
     assert stream["config"]["merge_metric"] == "stream" and tome["config"]["score"] == "tome"
+    assert ward["config"]["merge_metric"] == "ward"
     assert "24 test texts" in (out / "frontier.md").read_text()

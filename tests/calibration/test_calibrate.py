@@ -179,9 +179,9 @@ def test_at_moves_stay_in_range_and_increasing():
 
 
 @pytest.mark.parametrize("current, tried", [
-    ({"score": "tome"}, ["stream"]),                       # ToMe's matching on the keys or the stream
-    ({"reduce": "merge"}, ["stream"]),
-    ({"score": "tome", "merge_metric": "stream"}, ["keys"]),
+    ({"score": "tome"}, ["stream", "ward"]),               # ToMe's matching on the keys or the stream
+    ({"reduce": "merge"}, ["stream", "ward"]),
+    ({"score": "tome", "merge_metric": "stream"}, ["keys", "ward"]),
     ({"score": "shift"}, []),                              # a drop compares nothing
 ])
 def test_what_a_merge_compares_is_a_dimension_wherever_tokens_merge(current, tried):

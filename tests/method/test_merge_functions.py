@@ -377,3 +377,37 @@ def test_size_weighted_pooling_is_pooling_over_the_original_tokens(sizes, channe
         got = weighted(x, size, keepdim)
         want = torch.stack([plain(c, 0, keepdim=keepdim) for c in copies])
         torch.testing.assert_close(got, want)
+
+
+# ---------- Ward's cost: the merge that changes the tokens least ----------
+
+def merge_loss(x, size, a, b):
+    """Squared error of replacing tokens a and b by their size-weighted mean, over the original tokens."""
+    mean = (size[a] * x[a] + size[b] * x[b]) / (size[a] + size[b])
+    return float(size[a] * (x[a] - mean).square().sum() + size[b] * (x[b] - mean).square().sum())
+
+
+@given(seed=st.integers(0, 2 ** 31 - 1), n=st.integers(2, 9), prefix=st.integers(0, 1),
+       sizes=st.lists(st.integers(1, 6), min_size=10, max_size=10))
+def test_ward_matching_merges_the_pair_that_loses_least(seed, n, prefix, sizes):
+    """With sizes, ToMe's matching of one token merges the A-B pair whose size-weighted mean loses
+    the least over the original tokens (brute force over the pairs), and the assignment of a leaving
+    token sends it to the kept token where it loses least."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, prefix + n, 3, generator=generator, dtype=torch.float64) * 5
+    size = torch.tensor(sizes[:prefix + n]).unsqueeze(0)
+    kept_index, assignment = bipartite_soft_matching(x, 1, prefix, size=size)
+    merged, merged_size = merge_tokens(x, size, assignment, prefix + n - 1)
+    after = unmerge(merged, assignment)
+    lost = float((size[0, :, None] * (x[0] - after[0]).square()).sum())
+    a_side, b_side = range(prefix + prefix % 2, prefix + n, 2), range(prefix + 1 - prefix % 2, prefix + n, 2)
+    least = min(merge_loss(x[0], size[0], a, b) for a in a_side for b in b_side)
+    assert lost == pytest.approx(least, rel=1e-6, abs=1e-9)
+    assert int(merged_size.sum()) == int(size.sum())
+
+    assignment = assign_to_kept(x, kept_index, prefix, size=size)
+    leaving = sorted(set(range(prefix + n)) - set(kept_index[0].tolist()))[0]
+    went = kept_index[0, assignment[0, leaving]]
+    kept_after_prefix = kept_index[0, prefix:].tolist()
+    assert merge_loss(x[0], size[0], leaving, went) == pytest.approx(
+        min(merge_loss(x[0], size[0], leaving, j) for j in kept_after_prefix), rel=1e-6, abs=1e-9)
