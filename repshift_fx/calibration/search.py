@@ -10,12 +10,6 @@ current one. Rounds repeat while one improves, within `max_candidates`; `at` mov
 neighbouring schedules of the current one (space.at_moves), so the search walks, never enumerates.
 Then the best of each score is a seed of its own descent, the score held: a score that loses at
 the paper's schedule may win at its own.
-
-With labels the first descent follows accuracy and stops at half the candidates; the descents of
-each score follow fidelity. A hundred screening labels resolve only large differences, so a
-descent by accuracy alone wanders after noise and can spend every candidate in one family (on the
-real ViT it never tried ToMe's metrics); fidelity is measured on every sample and finds each
-family's best, among which the labels then choose (`most_faithful_within_noise`).
 """
 from __future__ import annotations
 
@@ -63,7 +57,6 @@ class Descent:
 
     def __init__(self, measure: Measure, space: Space, depth: int, max_candidates: int, progress: bool):
         self.measure, self.space, self.depth, self.max = measure, space, depth, max_candidates
-        self.limit = max_candidates  # of the descent running now
         self.seen: dict[tuple, Candidate] = {}
         self.default_at = None  # what the seed's at=None resolved to
         self.bar = tqdm(total=max_candidates, desc="calibrate", unit="candidate", disable=not progress)
@@ -74,7 +67,7 @@ class Descent:
         key = _key(options)
         if key in self.seen:
             return self.seen[key]
-        if len(self.seen) >= self.limit:
+        if len(self.seen) >= self.max:
             return None
         candidate = self.measure(Candidate(options))
         self.seen[key] = candidate
@@ -83,7 +76,10 @@ class Descent:
             self.bar.set_postfix_str(f"{candidate.value:.3f} at FLOPs {candidate.flops:.3f}")
         return candidate
 
-    def step(self, current: Candidate, dimension: str, key) -> Candidate:
+    def best(self) -> Candidate:
+        return max(self.seen.values(), key=Candidate.rank)
+
+    def step(self, current: Candidate, dimension: str) -> Candidate:
         """The best of `current` and every alternative value of `dimension`."""
         options = dict(current.options)
         if dimension == "at" and options.get("at") is None and current.at is not None:
@@ -93,30 +89,28 @@ class Descent:
             found = self.try_options(options_for(options, dimension, value))
             if found is not None:
                 tried.append(found)
-        return max(tried, key=key)
+        return max(tried, key=Candidate.rank)
 
-    def run(self, seed: Candidate, held=(), key=Candidate.rank, limit: int | None = None) -> Candidate:
-        """Rounds over every dimension but `held`, from `seed`, while one improves by `key`, until
-        `limit` candidates (default: all of them) are measured."""
-        current, self.limit = seed, min(self.max, limit or self.max)
-        while len(self.seen) < self.limit:
+    def run(self, seed: Candidate, held=()) -> Candidate:
+        """Rounds over every dimension but `held`, from `seed`, while one improves."""
+        current = seed
+        while len(self.seen) < self.max:
             start = current
             for dimension in self.space.dimensions():
                 if dimension not in held:
-                    current = self.step(current, dimension, key)
+                    current = self.step(current, dimension)
             if current is start:
                 break
-        self.limit = self.max
         return current
 
-    def family_bests(self, key) -> list[Candidate]:
-        """The best candidate of each score by `key`, best first."""
+    def family_bests(self) -> list[Candidate]:
+        """The best candidate of each score, best first."""
         best: dict[str, Candidate] = {}
         for c in self.seen.values():
             score = c.options.get("score", "shift")
-            if c.error is None and (score not in best or key(c) > key(best[score])):
+            if c.error is None and (score not in best or c.rank() > best[score].rank()):
                 best[score] = c
-        return sorted(best.values(), key=key, reverse=True)
+        return sorted(best.values(), key=Candidate.rank, reverse=True)
 
 
 def descend(measure: Measure, space: Space, base: dict, depth: int, max_candidates: int = 40,
@@ -131,11 +125,9 @@ def descend(measure: Measure, space: Space, base: dict, depth: int, max_candidat
         raise ConfigError(f"calibrate(): {seed.error}") from None
     if seed.error is not None:
         log.warning("calibrate: the paper's rule is refused for this model: %s", seed.error)
-    labelled = measure.task is not None
-    descent.run(seed, limit=max_candidates // 2 if labelled else None)
-    key = Candidate.fidelity if labelled else Candidate.rank  # without labels the rank is fidelity
-    for best in descent.family_bests(key):  # each score's own schedule, not only the winner's
-        descent.run(best, held=("score",), key=key)
+    descent.run(seed)
+    for best in descent.family_bests():  # each score's own schedule, not only the winner's
+        descent.run(best, held=("score",))
     descent.bar.close()
     return seed, list(descent.seen.values())
 

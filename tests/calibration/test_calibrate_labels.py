@@ -87,35 +87,3 @@ def test_an_unreachable_target_names_the_lowest_reachable_one(vit, batches):
 def test_batches_the_model_cannot_take_are_an_example_input_error(vit):
     with pytest.raises(ExampleInputError, match=r"batch 0 \(\(2, 3, 64, 64\) torch.int64\) does not fit"):
         repshift_fx.calibrate(vit, [torch.ones(2, 3, 64, 64, dtype=torch.long)], target_flops=0.7, progress=False)
-
-
-class NoisyLabels:
-    """A stand-in for Measure: accuracy is noise that favours the drop family, fidelity is ToMe's by
-    Ward's cost first, then the other ToMe metrics, then everything else."""
-
-    task = "labels"
-    FIDELITY = {"ward": 0.99, "stream": 0.98, "keys": 0.97}
-
-    def __call__(self, candidate):
-        options = candidate.options
-        tome = options.get("score") == "tome"
-        candidate.value = self.FIDELITY[options.get("merge_metric", "keys")] if tome else 0.9
-        candidate.cosine, candidate.flops, candidate.samples = candidate.value, 0.7, 64
-        candidate.accuracy = 0.3 if tome else 0.4 + 0.001 * len(str(options))  # the drop "wins" by noise
-        candidate.at = options.get("at", (3, 6, 9))
-        return candidate
-
-
-def test_with_labels_each_score_descends_by_fidelity_not_by_noisy_accuracy():
-    """On the real ViT a descent by accuracy on 100 screening labels followed a lucky drop schedule
-    and spent every candidate there, never trying ToMe's metrics: with labels the first descent has
-    half the candidates and each score's own descent follows fidelity."""
-    from repshift_fx.calibration.search import descend
-    from repshift_fx.calibration.space import Space
-
-    _, table = descend(NoisyLabels(), Space.for_mode("tokens"), {"target_flops": 0.7}, depth=12, max_candidates=24,
-                       progress=False)
-    tried = [c.options for c in table]
-    assert len(tried) <= 24
-    assert {"score": "tome", "merge_metric": "ward", "target_flops": 0.7} in tried
-    assert any(o.get("score") == "tome" and "shift_guidance" in o and o.get("merge_metric") == "ward" for o in tried)
