@@ -55,7 +55,8 @@ def test_reducing_nothing_trains_like_the_model(model):
     (dict(keep=0.5, at=(1,)), lambda m, x: reference_forward.__wrapped__(m, x, (1,), 0.5)),
     (dict(keep=0.5, at=(1,), reduce="merge"), lambda m, x: merge_forward.__wrapped__(m, x, at=(1,), keep=0.5)),
     (dict(score="tome", r=2), lambda m, x: merge_forward.__wrapped__(m, x, tome_r=2)),
-], ids=["drop", "merge", "tome"])
+    (dict(score="tome", r=2, merge_metric="ward"), lambda m, x: merge_forward.__wrapped__(m, x, tome_r=2, metric="ward")),
+], ids=["drop", "merge", "tome", "tome-ward"])
 def test_gradients_equal_the_eager_reference(model, config, reference):
     gm = repshift_fx.compress(model, X, train=True, compile=False, **config)
     want = grads(model, lambda x: reference(model, x))

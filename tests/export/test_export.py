@@ -97,6 +97,15 @@ def test_deit_matches_the_eager_graph_at_the_export_batch_and_another(deit, tmp_
     assert hooks(deit) == before_hooks
 
 
+def test_tome_by_wards_cost_matches_the_eager_graph(deit, tmp_path):
+    """Merging (sizes, Ward's cost, proportional attention as an attn_mask) runs in onnxruntime too."""
+    x = image(2)
+    exported = repshift_fx.export(deit, x, tmp_path / "tome.onnx", score="tome", r=2, merge_metric="ward")
+    assert [row.tokens_out for row in exported.report.blocks] == [8, 6, 4]
+    assert_onnx_matches(exported.path, exported.module, x)
+    assert_onnx_matches(exported.path, exported.module, image(5))
+
+
 def test_keep_one_from_a_batch_of_one_is_the_original_model(deit, tmp_path):
     """A batch of 1 still exports a dynamic batch axis (traced at 2)."""
     exported = repshift_fx.export(deit, image(1), tmp_path / "full.onnx", keep=1.0, check=False)
