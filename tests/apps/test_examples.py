@@ -26,7 +26,7 @@ def test_compress_minilm_main_job(tmp_path):
     out = _run("compress_minilm.py", "--texts", str(texts), "--rounds", "1")
     assert "4 texts padded to" in out and "tokens in" in out and "compressed compiled" in out
     rows = [line for line in out.splitlines()
-            if line.startswith(("drop (the paper", "shift-merge", "ToMe (same", "ToMe on the stream", "shift-guided ToMe"))]
+            if line.startswith(("drop (the paper", "shift-merge", "ToMe (same", "ToMe on the stream", "ToMe by Ward"))]
     fidelity = {line.split("  ")[0]: line.split()[-3:] for line in rows if _numbers(line.split()[-3:])}
     assert len(fidelity) == 5
     for flops, mean, lowest in fidelity.values():
