@@ -87,7 +87,7 @@ class Config:
         reduce="merge" and score="tome": "most similar" compares the attention keys of the block that merges,
         averaged over heads (cosine; ToMe's metric), "stream", the tokens themselves, the values the merge
         averages (cosine), or "ward": the stream by Ward's cost, the squared error a size-weighted merge adds,
-        s_a s_b / (s_a + s_b) ||x_a - x_b||^2, so that large tokens stop absorbing more (docs/merge.md).""")
+        s_a s_b / (s_a + s_b) ||x_a - x_b||^2: a token that holds many pays more to absorb another (docs/merge.md).""")
     size_attention: SizeAttention = _option("mask", """
         proportional attention (reduce="merge") as an SDPA attn_mask, or "qk": an extra q/k column that
         needs no mask (flash attention on GPU).""")
