@@ -19,7 +19,7 @@ import numbers
 from torch import nn
 
 from repshift_fx.calibration.choice import most_faithful_within_noise, within_noise_of
-from repshift_fx.calibration.measure import Candidate, Measure
+from repshift_fx.calibration.measure import Candidate, Measure, padding_share
 from repshift_fx.calibration.result import Calibration
 from repshift_fx.calibration.search import descend, time_finalists
 from repshift_fx.calibration.space import Space
@@ -30,18 +30,23 @@ from repshift_fx.errors import ConfigError
 from repshift_fx.pipeline import rewrite_unpruned
 
 log = logging.getLogger("repshift_fx")
+SCREEN = 64  # samples the search screens on without labels (screen="auto")
+PADDED = 0.25  # above this share of padding the calibration batches are noted as unlike length-sorted ones
 __all__ = ["calibrate", "Calibration", "Candidate"]
 
 
 def calibrate(model: nn.Module, batches, *, target_flops: float | None = None, target_speedup: float | None = None,
-              labels=None, space: dict | None = None, objective=None, max_candidates: int = 40, screen: int | None = 64,
-              refine: int = 4, finalists: int = 3, progress: bool = True, **fixed) -> Calibration:
+              labels=None, space: dict | None = None, objective=None, max_candidates: int = 40,
+              screen: int | str | None = "auto", refine: int = 4, finalists: int = 3, progress: bool = True,
+              **fixed) -> Calibration:
     """Choose compress() options for `model` under a FLOP or speed target, on unlabelled `batches`.
 
     Args:
         model: the model, in eval mode; it is never changed.
         batches: example inputs: a list of tensors (or tuples, or dicts of tensors, e.g. tokenized
-            text), a few hundred samples in all; the same inputs the model takes.
+            text), a few hundred samples in all; the same inputs the model takes. Text batched as it
+            will run: padding counts in the FLOPs, so on batches mostly padding (texts of mixed length)
+            a reduction that drops it wins for free; `.notes` says so above 25% padding.
         target_flops: the FLOP budget, compressed / original, in (0, 1]; every candidate meets it
             (the planner sets its keep rate, or ToMe's r, on the first batch; the finalists' amounts
             are then lowered until they meet it over every batch, whatever its length).
@@ -65,7 +70,9 @@ def calibrate(model: nn.Module, batches, *, target_flops: float | None = None, t
         screen: the search measures each candidate on the fewest batches, evenly spaced over
             them all, that hold this many samples (None: all); then the `refine` best (with
             labels, also the `refine` most faithful), and the paper's rule, are measured on all
-            of them, and the choice is made among those.
+            of them, and the choice is made among those. "auto": 64 without labels (fidelity is
+            measured on every token of every sample); with labels all of them (64 labels resolve
+            nothing finer than about 12 points of accuracy, so a search led by them follows noise).
         finalists: with target_speedup, how many of the best are compiled and timed.
         **fixed: compress() options (fields of `repshift_fx.Config`) held fixed in every candidate
             (e.g. protect=1, mode="tokens").
@@ -75,6 +82,7 @@ def calibrate(model: nn.Module, batches, *, target_flops: float | None = None, t
     """
     target_flops, target_speedup = _check_targets(target_flops, target_speedup)
     _check_counts(max_candidates=max_candidates, refine=refine, finalists=finalists)
+    screen = _screen(screen, labels)
     checked, _ = config_from(dict(fixed, target_flops=target_flops or 1.0), calibrate)  # unknown or bad options
     inference_only(checked, "calibrate()", "measures the reduced model's inference outputs")
     check_model(model)
@@ -92,7 +100,7 @@ def calibrate(model: nn.Module, batches, *, target_flops: float | None = None, t
         if labels is not None:  # the most faithful too: the choice among what the labels cannot tell apart
             _refine(measure, sorted(measured, key=Candidate.fidelity, reverse=True), refine, target_flops, refined)
         _refine(measure, [c for c in (paper,) if c.error is None], 1, target_flops, refined)
-        notes = []
+        notes = _padding_notes(measure.batches)
         if target_speedup is not None:
             table, notes = _speed(model, measure, table, target_speedup, target_flops is None, finalists, progress)
     ranked = sorted((c for c in table if c.error is None), key=Candidate.rank, reverse=True)
@@ -131,6 +139,28 @@ def _refine(measure: Measure, candidates: list[Candidate], count: int, target_fl
             if target_flops is not None:
                 measure.fit(candidate, target_flops)
         fitted += candidate.error is None
+
+
+def _screen(screen, labels) -> int | None:
+    if screen == "auto":
+        return None if labels is not None else SCREEN
+    if screen is not None and (not isinstance(screen, numbers.Integral) or isinstance(screen, bool) or screen < 1):
+        raise ConfigError(f"screen must be a whole number of samples >= 1, None (all of them) or 'auto', got {screen!r}")
+    return screen
+
+
+def _padding_notes(batches: list) -> list[str]:
+    """A note where the batches are mostly padding: every position counts in the FLOPs, so a
+    reduction that drops the padding meets the target for free on them, and calibration favours
+    it; on batches of texts of like length (as one deploys) it has to drop words instead."""
+    share = padding_share(batches)
+    if share <= PADDED:
+        return []
+    note = (f"the batches are {100 * share:.0f}% padding (zeros of their attention_mask): a reduction that drops "
+            f"padding meets the FLOP target for free on them, so calibration favours it; batch texts of like length "
+            f"together (sorted by length), as you will run them")
+    log.warning("calibrate: %s", note)
+    return [note]
 
 
 def _check_targets(target_flops, target_speedup):

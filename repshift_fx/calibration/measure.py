@@ -118,6 +118,15 @@ def _describe(structure: tuple) -> str:
     return "; ".join(f"{name}: {tuple(['B', *shape])} {dtype}".replace("'", "") for name, shape, dtype in structure)
 
 
+def padding_share(batches: list) -> float:
+    """The share of the positions of dict batches that are padding: the zeros of their
+    "attention_mask" (0.0 where no batch has one)."""
+    masks = [b["attention_mask"] for b in batches if isinstance(b, Mapping) and isinstance(b.get("attention_mask"),
+                                                                                             torch.Tensor)]
+    total = sum(m.numel() for m in masks)
+    return 0.0 if total == 0 else 1.0 - sum(int(m.bool().sum()) for m in masks) / total
+
+
 def shape_key(batch) -> tuple:
     return tuple((str(k), tuple(v.shape)) for k, v in _tensors(batch, 0))
 

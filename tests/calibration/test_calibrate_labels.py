@@ -49,6 +49,24 @@ def test_labels_aim_the_search_at_the_task(vit, batches, drop_labels):
     assert "accuracy" in cal.format_table() and "labelled" in cal.summary()
 
 
+def test_with_labels_every_candidate_is_measured_on_every_labelled_sample(vit, drop_labels):
+    """screen="auto": the search is led by accuracy on all the labels, not on a screen of them
+    (64 labels resolve nothing finer than about 12 points)."""
+    many = random_batches(6, 16, seed=2)  # 96 samples, more than a screen of 64
+    labels = drop_labels + drop_labels  # any labels: the samples measured are what matters
+    cal = repshift_fx.calibrate(vit, many, target_flops=0.7, space=SPACE, max_candidates=4, refine=1,
+                                labels=labels, progress=False)
+    assert {c.samples for c in cal.table if c.error is None} == {96}
+    cal = repshift_fx.calibrate(vit, many, target_flops=0.7, space=SPACE, max_candidates=4, refine=1, progress=False)
+    assert min(c.samples for c in cal.table if c.error is None) < 96  # without labels: screened on 64
+
+
+@pytest.mark.parametrize("screen", [0, -3, 1.5, "all", True])
+def test_a_screen_that_is_not_a_sample_count_is_refused(vit, batches, screen):
+    with pytest.raises(ConfigError, match="screen must be a whole number"):
+        repshift_fx.calibrate(vit, batches, target_flops=0.7, screen=screen, progress=False)
+
+
 def test_the_head_accuracy_is_what_an_eager_run_measures(vit, batches, drop_labels):
     cal = calibrate(vit, batches, labels=torch.cat(drop_labels))  # one tensor over every sample
     gm = repshift_fx.compress(vit, batches[0], compile=False, **cal.config)

@@ -41,6 +41,7 @@ def test_minilm_calibrates_by_cosine_over_batches_of_several_lengths(minilm_batc
         before, after = before + n * flops(model, inputs), after + n * flops(gm, inputs)
     assert chosen.value == pytest.approx(torch.cat(want).mean().item(), rel=1e-5)
     assert chosen.value >= cal.paper.value and 0.5 < chosen.value < 1
+    assert not any("padding" in note for note in cal.notes)  # sorted by length: little padding
     # the budget holds over every batch length, counted by stock torch (not only at the first length)
     assert after / before <= 0.8 and chosen.flops == pytest.approx(after / before, rel=1e-3)
     # budget_config resolves the amount on each input: within the target on every batch alone, at or above
@@ -49,6 +50,18 @@ def test_minilm_calibrates_by_cosine_over_batches_of_several_lengths(minilm_batc
     for inputs in batches:
         gm = repshift_fx.compress(model, inputs, compile=False, **cal.budget_config)
         assert flops(gm, inputs) <= 0.8 * flops(model, inputs)
+
+
+def test_minilm_batches_mostly_padding_are_noted_with_their_share(minilm_batches):
+    model, batches = minilm_batches
+    longest = max(b["input_ids"].shape[1] for b in batches)
+    mixed = [{key: torch.cat([F.pad(b[key], (0, longest - b[key].shape[1])) for b in batches])
+              for key in ("input_ids", "attention_mask")}]  # every text in one batch, padded to the longest
+    share = 1 - mixed[0]["attention_mask"].sum().item() / mixed[0]["attention_mask"].numel()
+    assert share > 0.25
+    cal = repshift_fx.calibrate(model, mixed, target_flops=0.8, space={"reduce": ["drop"]}, max_candidates=1,
+                                progress=False)
+    assert any(f"{100 * share:.0f}% padding" in note for note in cal.notes)
 
 
 def flops(module, inputs) -> int:
