@@ -102,7 +102,9 @@ def calibrate(model: nn.Module, batches, *, target_flops: float | None = None, t
         _refine(measure, [c for c in (paper,) if c.error is None], 1, target_flops, refined)
         notes = _padding_notes(measure.batches)
         if target_speedup is not None:
-            table, notes = _speed(model, measure, table, target_speedup, target_flops is None, finalists, progress)
+            table, speed_notes = _speed(model, measure, table, target_speedup, target_flops is None, finalists,
+                                        progress)
+            notes += speed_notes
     ranked = sorted((c for c in table if c.error is None), key=Candidate.rank, reverse=True)
     if not ranked:
         raise ConfigError(f"every candidate was refused for {type(model).__name__}: {paper.error}")
