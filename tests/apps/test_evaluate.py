@@ -448,3 +448,17 @@ def test_fashion_scenes_put_each_garment_on_a_photo_the_same_way_every_time():
     train = load_dataset("fashion-scenes", "train", 6).images(range(6))
     assert not any(np.array_equal(a, b) for a, b in zip(images, train))
     assert len({image.tobytes() for image in images}) == 6
+
+
+@pytest.mark.skipif(not FASHION_MNIST.is_dir(), reason="Fashion-MNIST: apt-get install dataset-fashion-mnist "
+                    "(bash tools/setup_env.sh test does)")
+def test_fashion_scenes_take_the_garments_size_and_draw_the_same_photos():
+    small, tiny = (load_dataset(spec, "test", 6).images(range(6)) for spec in ("fashion-scenes:24-24",
+                                                                              "fashion-scenes:1-1"))
+    # the same photo crop under both: only the garment (24 x 24 px against 1 px) differs
+    changed = [int(np.any(a != b, axis=-1).sum()) for a, b in zip(small, tiny)]
+    assert all(0 < n <= 24 * 24 + 1 for n in changed) and max(changed) > 100
+    assert load_dataset("fashion-scenes:24-48", "test", 1).name == "fashion-scenes:24-48/test"
+    for bad in ("fashion-scenes:48-24", "fashion-scenes:0-10", "fashion-scenes:24", "fashion-scenes:20-200"):
+        with pytest.raises(DataError, match="fashion-scenes:MIN-MAX"):
+            load_dataset(bad)

@@ -16,6 +16,7 @@ package to install. WordNet is text, for text models (`repshift_fx.apps.evaluati
 from __future__ import annotations
 
 import gzip
+import re
 import struct
 import zlib
 from dataclasses import dataclass
@@ -159,14 +160,15 @@ def _photo(name: str) -> torch.Tensor:
     return pixels.permute(2, 0, 1).contiguous()
 
 
-def _scene(garment: np.ndarray, photos: list[torch.Tensor], rng: np.random.Generator) -> np.ndarray:
+def _scene(garment: np.ndarray, photos: list[torch.Tensor], rng: np.random.Generator,
+           sides: tuple[int, int] = (SMALLEST, LARGEST)) -> np.ndarray:
     photo = photos[rng.integers(len(photos))]
     _, h, w = photo.shape
     crop = int(rng.uniform(0.3, 1.0) * min(h, w))
     top, left = rng.integers(h - crop + 1), rng.integers(w - crop + 1)
     canvas = F.interpolate(photo[None, :, top:top + crop, left:left + crop], size=(SCENE_SIZE, SCENE_SIZE), mode="bilinear",
                            antialias=True, align_corners=False)[0] * BACKGROUND_LEVEL
-    side = int(rng.integers(SMALLEST, LARGEST + 1))
+    side = int(rng.integers(sides[0], sides[1] + 1))
     alpha = F.interpolate(torch.from_numpy(garment.astype(np.float32) / 255)[None, None], size=(side, side),
                           mode="bilinear", antialias=True, align_corners=False)[0]
     tint = torch.from_numpy(rng.uniform(0.6, 1.0, size=(3, 1, 1)).astype(np.float32))
@@ -176,13 +178,14 @@ def _scene(garment: np.ndarray, photos: list[torch.Tensor], rng: np.random.Gener
     return (canvas.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
 
 
-def fashion_scenes(split: str = "test", limit: int | None = None) -> Dataset:
+def fashion_scenes(split: str = "test", limit: int | None = None, sides: tuple[int, int] = (SMALLEST, LARGEST)) -> Dataset:
     """Fashion-MNIST garments on scikit-image photos, 112 x 112 colour, the garment's 10 classes.
 
     Image i of a split is fixed by (split, i) alone: the garment (Fashion-MNIST image i of that
-    split) is scaled to a side drawn in [SMALLEST, LARGEST] px, tinted, and blended (its grey level
-    as alpha) at a uniform position into a crop of a scikit-image photo (crop position and scale
-    drawn too). Train and test draw from Fashion-MNIST's own splits and from different photos."""
+    split) is scaled to a side drawn in `sides` px (both included), tinted, and blended (its grey
+    level as alpha) at a uniform position into a crop of a scikit-image photo (crop position and
+    scale drawn too). Train and test draw from Fashion-MNIST's own splits and from different photos;
+    the same draws for any `sides` (only the garment's scale differs)."""
     garments = fashion_mnist(split, limit)
     try:
         photos = [_photo(name) for name in BACKGROUNDS[split]]
@@ -192,20 +195,34 @@ def fashion_scenes(split: str = "test", limit: int | None = None) -> Dataset:
     seed = zlib.crc32(split.encode())
 
     def load(i: int) -> np.ndarray:
-        return _scene(garments.load(i), photos, np.random.default_rng((seed, i)))
+        return _scene(garments.load(i), photos, np.random.default_rng((seed, i)), sides)
 
-    return Dataset(f"fashion-scenes/{split}", garments.labels, FASHION_CLASSES, load)
+    name = "fashion-scenes" if sides == (SMALLEST, LARGEST) else f"fashion-scenes:{sides[0]}-{sides[1]}"
+    return Dataset(f"{name}/{split}", garments.labels, FASHION_CLASSES, load)
+
+
+def _scene_sides(spec: str) -> tuple[int, int]:
+    """'fashion-scenes:24-48' -> (24, 48): the garment's side range in px, within the 112 px image."""
+    match = re.fullmatch(r"fashion-scenes:(\d+)-(\d+)", spec)
+    sides = match and (int(match[1]), int(match[2]))
+    if not sides or not 1 <= sides[0] <= sides[1] <= SCENE_SIZE:
+        raise DataError(f"{spec!r}: give fashion-scenes:MIN-MAX, the garment's side in px, "
+                        f"1 <= MIN <= MAX <= {SCENE_SIZE} (fashion-scenes alone: {SMALLEST}-{LARGEST})")
+    return sides
 
 
 def load_dataset(spec: str, split: str = "test", limit: int | None = None) -> Dataset | TextDataset:
-    """'fashion-mnist', 'fashion-scenes' (its garments small on photos), 'skimage' or 'folder:PATH'
-    (a split sub-folder PATH/<split> is used when present): images; 'wordnet': text (a `TextDataset`)."""
+    """'fashion-mnist', 'fashion-scenes' (its garments small on photos; 'fashion-scenes:24-48' for
+    garments of 24 to 48 px), 'skimage' or 'folder:PATH' (a split sub-folder PATH/<split> is used
+    when present): images; 'wordnet': text (a `TextDataset`)."""
     if spec == "fashion-mnist":
         return fashion_mnist(split, limit)
     if spec == "skimage":
         return skimage_photos(limit)
     if spec == "fashion-scenes":
         return fashion_scenes(split, limit)
+    if spec.startswith("fashion-scenes:"):
+        return fashion_scenes(split, limit, _scene_sides(spec))
     if spec.startswith("folder:"):
         root = Path(spec[len("folder:"):])
         return image_folder(root / split if (root / split).is_dir() else root, limit)
