@@ -54,9 +54,9 @@ def test_tome_on_the_stream_merging_nothing_is_the_model(deit, image, metric):
     assert_unchanged(deit, before)
 
 
-@pytest.mark.parametrize("metric", ("stream", "ward"))
-def test_tome_on_the_stream_compiles_to_what_it_computes_eagerly(deit, image, metric):
-    assert_compiled_matches_eager(deit, image.shape[1:], (2, 3), score="tome", r=2, merge_metric=metric)
+@pytest.mark.parametrize("options", ({"merge_metric": "stream"}, {"merge_metric": "ward", "shift_guidance": 0.5}))
+def test_tome_on_the_stream_compiles_to_what_it_computes_eagerly(deit, image, options):
+    assert_compiled_matches_eager(deit, image.shape[1:], (2, 3), score="tome", r=2, **options)
 
 
 @pytest.mark.parametrize("name", ("deit", "distilled"))
@@ -68,10 +68,6 @@ def test_shift_guided_tome_matches_the_reference(name, deit, distilled, image):
     assert_close(guided, merge_forward(model, image, tome_r=2, guidance=0.5))
     assert not torch.allclose(guided, merge_forward(model, image, tome_r=2), atol=1e-4)  # the shift changed merges
     assert_unchanged(model, before)
-
-
-def test_shift_guided_tome_compiles_to_what_it_computes_eagerly(deit, image):
-    assert_compiled_matches_eager(deit, image.shape[1:], (2, 3), score="tome", r=2, shift_guidance=0.5)
 
 
 @pytest.mark.parametrize("target", (0.8, 0.75))
