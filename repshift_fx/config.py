@@ -259,6 +259,9 @@ def _check_merging(config: Config) -> None:
                            else int(config.r))
     elif config.r is not None:
         raise ConfigError(f"r={config.r!r} is the number of tokens ToMe merges per block: it needs score='tome'")
+    if config.merge_metric != "keys" and config.reduce != "merge" and config.score != "tome":
+        raise ConfigError(f"merge_metric={config.merge_metric!r} says what a merge compares, but a drop merges "
+                          "nothing: add reduce='merge' (or score='tome', ToMe's matching)")
     if config.fuse and (config.reduce == "merge" or config.score == "tome"):
         raise ConfigError("fuse=True folds the dropped tokens into one extra token; with reduce='merge' each leaving "
                           "token folds into its most similar kept token already: use one of them")

@@ -181,6 +181,8 @@ def test_restore_false_on_a_per_token_output_says_restore_would_fix_it(deit, ima
     (dict(r=2), "needs score='tome'"),
     (dict(kepe=0.5), "did you mean 'keep'"),
     (dict(merge_metric="values"), "merge_metric must be one of"),
+    (dict(merge_metric="ward"), "a drop merges nothing"),
+    (dict(score="attention", merge_metric="stream", keep=0.5), "a drop merges nothing"),
 ])
 def test_bad_merge_options_are_config_errors(deit, image, config, words):
     assert_refused(deit, image, ConfigError, words, **config)
