@@ -236,6 +236,12 @@ def _must_be(allowed: tuple) -> str:
     return f"must be {', '.join(words)}, True or False"
 
 
+def merges(reduce, score) -> bool:
+    """Whether these options merge tokens (reduce="merge", or ToMe's matching), so that
+    `merge_metric` means something."""
+    return reduce == "merge" or score == "tome"
+
+
 def _check_merging(config: Config) -> None:
     """The options of merging and of the ToMe baseline, which exclude some others."""
     if config.score == "tome":
@@ -259,7 +265,7 @@ def _check_merging(config: Config) -> None:
                            else int(config.r))
     elif config.r is not None:
         raise ConfigError(f"r={config.r!r} is the number of tokens ToMe merges per block: it needs score='tome'")
-    if config.merge_metric != "keys" and config.reduce != "merge" and config.score != "tome":
+    if config.merge_metric != "keys" and not merges(config.reduce, config.score):
         raise ConfigError(f"merge_metric={config.merge_metric!r} says what a merge compares, but a drop merges "
                           "nothing: add reduce='merge' (or score='tome', ToMe's matching)")
     if config.fuse and (config.reduce == "merge" or config.score == "tome"):

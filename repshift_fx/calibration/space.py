@@ -15,6 +15,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from repshift_fx.config import Config, check_names
+from repshift_fx.config import merges as merges_tokens
 from repshift_fx.errors import ConfigError
 
 TOKEN_SPACE = {"reduce": ("drop", "merge"), "score": ("shift", "attention", "tome"), "shift_guidance": (0.01, 0.02, 0.05),
@@ -29,7 +30,7 @@ TOME_ONLY = ("shift_guidance",)  # the shift inside ToMe's matching
 
 def merges(options: dict) -> bool:
     """Whether the options merge tokens, so that `merge_metric` means something."""
-    return options.get("reduce") == "merge" or options.get("score") == "tome"
+    return merges_tokens(options.get("reduce"), options.get("score"))
 
 
 @dataclass

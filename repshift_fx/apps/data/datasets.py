@@ -161,7 +161,7 @@ def _photo(name: str) -> torch.Tensor:
 
 
 def _scene(garment: np.ndarray, photos: list[torch.Tensor], rng: np.random.Generator,
-           sides: tuple[int, int] = (SMALLEST, LARGEST)) -> np.ndarray:
+           sides: tuple[int, int]) -> np.ndarray:
     photo = photos[rng.integers(len(photos))]
     _, h, w = photo.shape
     crop = int(rng.uniform(0.3, 1.0) * min(h, w))
