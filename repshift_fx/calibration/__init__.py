@@ -53,9 +53,10 @@ def calibrate(model: nn.Module, batches, *, target_flops: float | None = None, t
         labels: the task's class indices for `batches` (one int tensor per batch, or one over every
             sample): the search then maximises accuracy, by the model's classifier head when it has
             one, else by a linear probe fitted on the unpruned model's outputs of these samples
-            (cross-fitted, in torch). A few hundred labels resolve a few points: of the candidates
-            whose paired 95% interval to the most accurate one reaches 0, the most faithful is
-            chosen, and `.notes` says so. Without labels the objective is fidelity; `.notes`
+            (cross-fitted, in torch). Candidates are ranked by expected accuracy (the mean
+            probability of the true class: resolved on fewer labels than the 0/1 count); of those
+            within half a standard error of the most accurate one (paired), the most faithful is
+            chosen, and `.notes` says so, with the 95% interval of the accuracy difference. Without labels the objective is fidelity; `.notes`
             names the candidates the samples cannot tell from the most faithful one.
         target_speedup: a speed target (> 1, compiled to compiled on the first batch): the
             finalists are compiled and timed; the best that reaches it is chosen, else the fastest,

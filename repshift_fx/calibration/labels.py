@@ -1,12 +1,16 @@
 """Task-aware calibration: the objective is accuracy on a few hundred labelled samples.
 
     task = Task.fit(kind, reference, labels)     # the model's head, or probes fitted in torch
-    correct = task.correct(outputs, i)           # (B,) bool for batch i
+    correct, p_true = task.scores(outputs, i)    # (B,) bool and (B,) float64 for batch i
 
 With a classifier head ("logits") the prediction is the head's argmax. Without one, a linear
 softmax probe (standardised features, L2, L-BFGS) is fitted on the unpruned model's outputs and
 applied to the reduced model's: cross-fitted over FOLDS folds, so that no sample is scored by a
 probe that saw it. Per-token outputs (B, N, C) are mean-pooled over the tokens first.
+`p_true` is the softmax probability of each sample's true class, the expected accuracy: a
+reduction that moves a sample towards or away from its class changes it even where the argmax
+does not flip, so differences between candidates are resolved on fewer labels than by the 0/1
+count (tools/label_selection.py).
 """
 from __future__ import annotations
 
@@ -68,9 +72,9 @@ class LinearProbe:
         with torch.enable_grad():
             optimizer.step(loss)
 
-    def predict(self, features: torch.Tensor) -> torch.Tensor:
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return (((features.double() - self.mean) / self.std) @ self.weight + self.bias).argmax(-1)
+            return ((features.double() - self.mean) / self.std) @ self.weight + self.bias
 
 
 class Task:
@@ -96,13 +100,18 @@ class Task:
         probes = [LinearProbe(features[folds != k], targets[folds != k], classes) for k in range(FOLDS)]
         return cls(labels, probes)
 
-    def correct(self, outputs: torch.Tensor, batch: int) -> torch.Tensor:
-        """(B,) bool: which samples of batch `batch` the reduced model's `outputs` get right."""
-        if self.probes is None:
-            return outputs.argmax(-1) == self.labels[batch]
+    def scores(self, outputs: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """((B,) bool, (B,) float64): which samples of batch `batch` the reduced model's `outputs` get
+        right, and the probability they give each sample's true class."""
+        labels = self.labels[batch]
+        logits = outputs.double() if self.probes is None else self._probe_logits(outputs, batch)
+        return logits.argmax(-1) == labels, logits.softmax(-1).gather(-1, labels[:, None])[:, 0]
+
+    def _probe_logits(self, outputs: torch.Tensor, batch: int) -> torch.Tensor:
+        """(B, classes): each sample scored by the probe whose fold left it out."""
         features, folds = pooled(outputs), self.fold[batch] % FOLDS
-        predicted = torch.empty(len(folds), dtype=torch.long)
+        logits = torch.empty(len(folds), self.probes[0].bias.shape[0], dtype=torch.float64)
         for k, probe in enumerate(self.probes):
             if (folds == k).any():
-                predicted[folds == k] = probe.predict(features[folds == k])
-        return predicted == self.labels[batch]
+                logits[folds == k] = probe.logits(features[folds == k])
+        return logits

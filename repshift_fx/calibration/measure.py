@@ -41,7 +41,9 @@ class Candidate:
     at: tuple[int, ...] | None = None  # the blocks the drops (or merges) followed
     samples: int = 0  # how many samples value and cosine are over (the screening ones, or all)
     accuracy: float | None = None  # with labels: the share of those samples it gets right
+    expected: float | None = None  # with labels: the mean probability of the true class (expected accuracy)
     correct: list[bool] | None = field(default=None, repr=False)  # with labels: per sample, for paired intervals
+    p_true: list[float] | None = field(default=None, repr=False)  # with labels: per sample, for the choice
     per_sample: list[float] | None = field(default=None, repr=False)  # the objective of each sample (built-in ones)
     refusal: RepShiftError | None = field(default=None, repr=False, compare=False)  # the error behind `error`
 
@@ -58,11 +60,11 @@ class Candidate:
         return ", ".join(f"{k}={_short(v)}" for k, v in shown.items()) or "the paper's rule"
 
     def rank(self) -> tuple:
-        """Higher is better: measured on more samples, then the accuracy (with labels), the objective,
-        the cosine, fewer FLOPs."""
+        """Higher is better: measured on more samples, then the expected accuracy (with labels), the
+        objective, the cosine, fewer FLOPs."""
         if self.error is not None:
             return (float("-inf"),)
-        accuracy = () if self.accuracy is None else (self.accuracy,)
+        accuracy = () if self.expected is None else (self.expected,)
         return (self.samples, *accuracy, self.value, self.cosine, -self.flops)
 
     def fidelity(self) -> tuple:
@@ -194,7 +196,7 @@ class Measure:
                                                                                     candidate.options)
                 candidate.at = candidate.config.get("at")
             candidate.flops = self._macs(module_for, which) / self._macs_before(which)
-            values, cosines, correct, per_sample = [], [], [], []
+            values, cosines, correct, p_true, per_sample = [], [], [], [], []
             torch.manual_seed(0)  # score="random": the same draws for every candidate
             for i in which:
                 module = module_for(self.batches[i])
@@ -205,7 +207,8 @@ class Measure:
                     if self.per_sample is not None:
                         per_sample += self.per_sample(out, self.reference[i]).tolist()
                     if self.task is not None:
-                        correct += self.task.correct(out, i).tolist()
+                        right, probability = self.task.scores(out, i)
+                        correct, p_true = correct + right.tolist(), p_true + probability.tolist()
         except RepShiftError as error:
             candidate.error, candidate.refusal = str(error).split("\n")[0], error
             log.info("calibrate: %s refused: %s", candidate.label, candidate.error)
@@ -216,6 +219,7 @@ class Measure:
         candidate.per_sample = per_sample if self.per_sample is not None else None
         if self.task is not None:
             candidate.correct, candidate.accuracy = correct, sum(correct) / len(correct)
+            candidate.p_true, candidate.expected = p_true, sum(p_true) / len(p_true)
         return candidate
 
 

@@ -58,13 +58,15 @@ class Calibration:
                 f"{self.objective} {c.value:.4f} at FLOP ratio {c.flops:.3f}{speed} ({len(self.table)} candidates)")
 
     def format_table(self, fmt: str = "simple") -> str:
-        rows = [(", ".join(c.role), c.label, _num(c.flops), *([_num(c.accuracy)] if self.labelled else []),
-                 _num(c.value), _num(c.cosine), c.samples or "-", "-" if c.speedup is None else f"{c.speedup:.2f}x",
-                 c.error or "")
+        rows = [(", ".join(c.role), c.label, _num(c.flops), *self._accuracy_columns(c), _num(c.value), _num(c.cosine),
+                 c.samples or "-", "-" if c.speedup is None else f"{c.speedup:.2f}x", c.error or "")
                 for c in sorted(self.table, key=Candidate.rank, reverse=True)]
-        headers = ("", "candidate", "FLOP ratio", *(["accuracy"] if self.labelled else []), self.objective, "cosine",
-                   "samples", "speedup", "refused")
+        headers = ("", "candidate", "FLOP ratio", *(["accuracy", "expected accuracy"] if self.labelled else []),
+                   self.objective, "cosine", "samples", "speedup", "refused")
         return tabulate(rows, headers=headers, tablefmt=fmt)
+
+    def _accuracy_columns(self, c: Candidate) -> list[str]:
+        return [_num(c.accuracy), _num(c.expected)] if self.labelled else []
 
     def __str__(self) -> str:
         return "\n".join([self.summary(), self.format_table(), *self.notes])
@@ -98,7 +100,8 @@ class Calibration:
         record = dataclasses.asdict(self)
         record["format"] = FORMAT
         for row in record["table"]:
-            row.pop("correct")  # per sample: for the choice, not for the record
+            for per_sample in ("correct", "p_true"):  # for the choice, not for the record
+                row.pop(per_sample)
             row.pop("refusal")
         return record
 
