@@ -62,13 +62,12 @@ def features(module, batches: list[torch.Tensor]) -> torch.Tensor:
         return torch.cat([module(b).flatten(1).float() for b in batches])
 
 
-def candidate_configs(setup, pool: list[torch.Tensor], pool_labels: torch.Tensor, target: float,
-                      max_candidates: int, calibrated: int, rows: list[str]) -> dict[str, dict]:
+def candidate_configs(setup, batches: list[torch.Tensor], labels: torch.Tensor, target: float,
+                      max_candidates: int, rows: list[str]) -> dict[str, dict]:
     """label -> compress() options: frontier's fixed `rows` and every candidate of a labelled
-    calibration on the first `calibrated` images of the pool, as calibrate(labels=) meets them."""
+    calibration on `batches`, as calibrate(labels=) meets them."""
     configs = {label: dict(FIXED[label], target_flops=target) for label in rows}
-    batches = pool[:max(1, calibrated // len(pool[0]))]
-    cal = repshift_fx.calibrate(setup.model, batches, labels=pool_labels[:sum(map(len, batches))], target_flops=target,
+    cal = repshift_fx.calibrate(setup.model, batches, labels=labels[:sum(map(len, batches))], target_flops=target,
                                 max_candidates=max_candidates, progress=False)
     for c in cal.table:
         if c.error is None and c.flops <= target + 0.01:
@@ -164,7 +163,8 @@ def main(argv=None) -> int:
         found, pool_unpruned = torch.load(cached)
     else:
         with reuse_traces():
-            configs = candidate_configs(setup, pool, pool_labels, args.target, args.max_candidates, args.labels,
+            calibration = image_batches(train, args.labels, setup.batch, setup.shape, setup.mean, setup.std)
+            configs = candidate_configs(setup, calibration, pool_labels, args.target, args.max_candidates,
                                         args.rows.split(","))
             found = measure_candidates(setup, pool, test_batches, configs)
         pool_unpruned = features(setup.model, pool)
