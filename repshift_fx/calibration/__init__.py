@@ -56,8 +56,9 @@ def calibrate(model: nn.Module, batches, *, target_flops: float | None = None, t
             (cross-fitted, in torch). Candidates are ranked by expected accuracy (the mean
             probability of the true class: resolved on fewer labels than the 0/1 count); of those
             within half a standard error of the most accurate one (paired), the most faithful is
-            chosen, and `.notes` says so, with the 95% interval of the accuracy difference. Without labels the objective is fidelity; `.notes`
-            names the candidates the samples cannot tell from the most faithful one.
+            chosen, and `.notes` says so, with the 95% interval of the accuracy difference.
+            Without labels the objective is fidelity; `.notes` names the candidates the samples
+            cannot tell from the most faithful one.
         target_speedup: a speed target (> 1, compiled to compiled on the first batch): the
             finalists are compiled and timed; the best that reaches it is chosen, else the fastest,
             with a note. Without target_flops the search starts at 1/target_speedup of the FLOPs.
