@@ -12,9 +12,10 @@ replayed on 200 draws of 256 labelled images of the real ViT (tools/label_select
 docs/calibrate.md), a 95% interval fell back on the most faithful candidate in most draws and the
 labels gained nothing (-0.2 points) where the most accurate reduction was 2.1 points above ToMe;
 one standard error gained +0.2, half of one +0.6, the leader alone +1.1. Without labels the most
-faithful is chosen, and the note names the candidates the samples cannot tell from it. (Choosing the one with the fewest options among those, the "one
-standard error" rule, was measured on the real ViT and left out: at 0.70 it chose ToMe over ToMe
-on the stream, 1.8 points of test agreement lower; docs/calibrate.md.)
+faithful is chosen, and the note names the candidates the samples cannot tell from it. (Choosing
+the one with the fewest options among those, the "one standard error" rule, was measured on the
+real ViT and left out: at 0.70 it chose ToMe over ToMe on the stream, 1.8 points of test agreement
+lower; docs/calibrate.md.)
 """
 from __future__ import annotations
 
