@@ -9,7 +9,7 @@ by noise. With labels, candidates are ranked by their expected accuracy (the mea
 the true class, labels.py), and of those within half a standard error of the most accurate one
 (the paired difference) the most faithful is chosen. Wider guards were measured and left out:
 replayed on 200 draws of 256 labelled images of the real ViT (tools/label_selection.py,
-docs/calibrate.md), a 95% interval fell back on the most faithful candidate in most draws and the
+docs/results/label_selection.md), a 95% interval fell back on the most faithful candidate in most draws and the
 labels gained nothing (-0.2 points) where the most accurate reduction was 2.1 points above ToMe;
 one standard error gained +0.2, half of one +0.6, the leader alone +1.1. Without labels the most
 faithful is chosen, and the note names the candidates the samples cannot tell from it. (Choosing
