@@ -28,6 +28,7 @@ import repshift_fx
 from repshift_fx.apps import specs
 from repshift_fx.apps.data.datasets import image_batches, load_dataset
 from repshift_fx.apps.evaluation import images as evaluation
+from repshift_fx.calibration.choice import paired_interval
 from repshift_fx.calibration.labels import Task
 from repshift_fx.capture import reuse_traces
 from repshift_fx.errors import RepShiftError
@@ -76,7 +77,7 @@ def candidate_configs(setup, batches: list[torch.Tensor], labels: torch.Tensor, 
 
 
 def measure_candidates(setup, pool, test_batches, configs: dict[str, dict]) -> dict[str, dict]:
-    """label -> pool features, test features, FLOP ratio and whether it is a ToMe schedule."""
+    """label -> pool features, test features and whether it is a ToMe schedule."""
     found = {}
     for label, config in configs.items():
         try:
@@ -93,34 +94,21 @@ def measure_candidates(setup, pool, test_batches, configs: dict[str, dict]) -> d
 # --- what a rule sees on one draw: per candidate, per drawn sample ---
 
 
-def probe_logits(task: Task, features: torch.Tensor) -> torch.Tensor:
-    """(n, classes): each drawn sample scored by the probe that did not see it."""
-    folds = torch.arange(len(features)) % len(task.probes)
-    out = torch.empty(len(features), task.probes[0].weight.shape[1], dtype=torch.float64)
-    for k, probe in enumerate(task.probes):
-        x = (features[folds == k].double() - probe.mean) / probe.std
-        out[folds == k] = (x @ probe.weight + probe.bias).detach()
-    return out
-
-
 def draw_measures(task: Task, labels: torch.Tensor, drawn: torch.Tensor, unpruned: torch.Tensor) -> dict:
-    logits = probe_logits(task, drawn)
-    return {"correct": (logits.argmax(-1) == labels).double(),
-            "p_true": logits.softmax(-1).gather(1, labels[:, None])[:, 0],
+    """Per drawn sample: right or not and the true class's probability (as calibrate() scores them),
+    and the cosine to the unpruned features."""
+    correct, p_true = task.scores(drawn, 0)
+    return {"correct": correct.double(), "p_true": p_true,
             "cosine": F.cosine_similarity(drawn.double(), unpruned.double(), dim=-1)}
 
 
 def within(names: list[str], per: dict, key: str, z: float | None) -> str:
     """The leader by the mean of `key` (z None); else, of the candidates whose paired difference to
-    it is within z standard errors, the most faithful (z 1.96: calibrate()'s guard)."""
+    it is within z standard errors, the most faithful (calibrate(): expected accuracy, choice.GUARD)."""
     best = max(names, key=lambda n: (per[n][key].mean().item(), per[n]["cosine"].mean().item()))
     if z is None:
         return best
-    tied = []
-    for n in names:
-        diff = per[n][key] - per[best][key]
-        if diff.mean().item() + z * diff.std().item() / len(diff) ** 0.5 >= 0:
-            tied.append(n)
+    tied = [n for n in names if paired_interval(per[n][key].tolist(), per[best][key].tolist(), z)[2] >= 0]
     return max(tied, key=lambda n: per[n]["cosine"].mean().item())
 
 
