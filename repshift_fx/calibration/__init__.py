@@ -102,7 +102,7 @@ def calibrate(model: nn.Module, batches, *, target_flops: float | None = None, t
         if labels is not None:  # the most faithful too: the choice among what the labels cannot tell apart
             _refine(measure, sorted(measured, key=Candidate.fidelity, reverse=True), refine, target_flops, refined)
         _refine(measure, [c for c in (paper,) if c.error is None], 1, target_flops, refined)
-        notes = _padding_notes(measure.batches)
+        notes = _padding_notes(measure.batches) + (measure.task.notes() if measure.task is not None else [])
         if target_speedup is not None:
             table, speed_notes = _speed(model, measure, table, target_speedup, target_flops is None, finalists,
                                         progress)

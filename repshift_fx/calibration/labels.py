@@ -6,7 +6,12 @@
 With a classifier head ("logits") the prediction is the head's argmax. Without one, a linear
 softmax probe (standardised features, L2, L-BFGS) is fitted on the unpruned model's outputs and
 applied to the reduced model's: cross-fitted over FOLDS folds, so that no sample is scored by a
-probe that saw it. Per-token outputs (B, N, C) are mean-pooled over the tokens first.
+probe that saw it. Its L2 weight is chosen from DECAYS by the held-out log-likelihood of the
+unpruned outputs (as scikit-learn's LogisticRegressionCV does): a few hundred samples in a few
+hundred dimensions overfit a weakly regularised probe, whose probabilities are then too sharp to
+rank reductions by (on the real ViT, 256 images: held-out log-likelihood -3.19 at 1e-3, worse than
+chance, -2.14 at 0.1; docs/results/label_selection.md). Per-token outputs (B, N, C) are
+mean-pooled over the tokens first.
 `p_true` is the softmax probability of each sample's true class, the expected accuracy: a
 reduction that moves a sample towards or away from its class changes it even where the argmax
 does not flip, so differences between candidates are resolved on fewer labels than by the 0/1
@@ -20,6 +25,7 @@ import torch.nn.functional as F
 from repshift_fx.errors import ConfigError
 
 FOLDS = 5
+DECAYS = tuple(10.0 ** (e / 2) for e in range(-6, 1))  # 1e-3 to 1, half a decade apart
 
 
 def label_list(labels, sizes: list[int]) -> list[torch.Tensor]:
@@ -80,8 +86,10 @@ class LinearProbe:
 class Task:
     """Predictions of a reduced model's outputs, to compare with the labels."""
 
-    def __init__(self, labels: list[torch.Tensor], probes: list[LinearProbe] | None = None):
-        self.labels, self.probes = labels, probes
+    def __init__(self, labels: list[torch.Tensor], probes: list[LinearProbe] | None = None,
+                 decay: float | None = None, held_out: torch.Tensor | None = None):
+        self.labels, self.probes, self.decay = labels, probes, decay
+        self.held_out = held_out  # (samples,) bool: the probe right on the unpruned outputs, cross-fitted
         self.fold = [torch.arange(n) + sum(len(t) for t in labels[:i]) for i, n in enumerate(map(len, labels))]
 
     @classmethod
@@ -97,8 +105,26 @@ class Task:
         if len(targets) < 2 * FOLDS:
             raise ConfigError(f"labels for {len(targets)} samples are too few to fit a probe; give a few hundred")
         folds = torch.arange(len(targets)) % FOLDS
-        probes = [LinearProbe(features[folds != k], targets[folds != k], classes) for k in range(FOLDS)]
-        return cls(labels, probes)
+        fitted = {decay: [LinearProbe(features[folds != k], targets[folds != k], classes, decay) for k in range(FOLDS)]
+                  for decay in DECAYS}
+        decay = max(DECAYS, key=lambda d: held_out_log_likelihood(fitted[d], features, targets, folds))
+        held_out = cross_fitted_logits(fitted[decay], features, folds).argmax(-1) == targets
+        return cls(labels, fitted[decay], decay, held_out)
+
+    def notes(self) -> list[str]:
+        """What the probe can read from the unpruned outputs; a warning where it reads no more than
+        the commonest class (the labels then cannot aim the choice)."""
+        if self.probes is None:
+            return []
+        targets = torch.cat(self.labels)
+        accuracy, commonest = self.held_out.double().mean().item(), targets.bincount().max().item() / len(targets)
+        note = (f"no classifier head: a linear probe fitted on the unpruned outputs of the {len(targets)} labelled "
+                f"samples (L2 weight {self.decay:.3g}, chosen by held-out likelihood) gets {100 * accuracy:.1f}% of "
+                f"them right unpruned, held out (the commonest class: {100 * commonest:.1f}%)")
+        if accuracy <= commonest:
+            note += ("; the outputs barely predict these labels, so accuracy cannot aim the choice: give more labels, "
+                     "or a model with its classifier head")
+        return [note]
 
     def scores(self, outputs: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """((B,) bool, (B,) float64): which samples of batch `batch` the reduced model's `outputs` get
@@ -109,9 +135,20 @@ class Task:
 
     def _probe_logits(self, outputs: torch.Tensor, batch: int) -> torch.Tensor:
         """(B, classes): each sample scored by the probe whose fold left it out."""
-        features, folds = pooled(outputs), self.fold[batch] % FOLDS
-        logits = torch.empty(len(folds), self.probes[0].bias.shape[0], dtype=torch.float64)
-        for k, probe in enumerate(self.probes):
-            if (folds == k).any():
-                logits[folds == k] = probe.logits(features[folds == k])
-        return logits
+        return cross_fitted_logits(self.probes, pooled(outputs), self.fold[batch] % FOLDS)
+
+
+def cross_fitted_logits(probes: list[LinearProbe], features: torch.Tensor, folds: torch.Tensor) -> torch.Tensor:
+    """(B, classes): sample i scored by probes[folds[i]], the probe fitted without it."""
+    logits = torch.empty(len(folds), probes[0].bias.shape[0], dtype=torch.float64)
+    for k, probe in enumerate(probes):
+        if (folds == k).any():
+            logits[folds == k] = probe.logits(features[folds == k])
+    return logits
+
+
+def held_out_log_likelihood(probes: list[LinearProbe], features: torch.Tensor, targets: torch.Tensor,
+                            folds: torch.Tensor) -> float:
+    """The mean log-probability cross-fitted probes give each sample's true class."""
+    logits = cross_fitted_logits(probes, features, folds)
+    return logits.log_softmax(-1).gather(-1, targets[:, None]).mean().item()

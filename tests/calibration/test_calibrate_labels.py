@@ -88,6 +88,7 @@ def test_without_a_head_a_probe_fitted_on_the_unpruned_outputs_scores_accuracy(b
     assert cal.objective == "cosine similarity" and cal.chosen.accuracy is not None
     assert all(0 <= c.accuracy <= 1 for c in cal.table if c.error is None and c.accuracy is not None)
     assert not unpruned  # every candidate is reduced
+    assert any("linear probe" in note for note in cal.notes)
 
 
 @pytest.mark.parametrize("labels, words", [
