@@ -10,8 +10,8 @@ the true class, labels.py), and of those within half a standard error of the mos
 (the paired difference) the most faithful is chosen. Wider guards were measured and left out:
 replayed on 200 draws of 256 labelled images of the real ViT (tools/label_selection.py,
 docs/results/label_selection.md), a 95% interval fell back on the most faithful candidate in most draws and the
-labels gained nothing (-0.2 points) where the most accurate reduction was 2.1 points above ToMe;
-one standard error gained +0.2, half of one +0.6, the leader alone +1.1. Without labels the most
+labels gained +0.1 points where the most accurate reduction was 2.1 points above ToMe; one
+standard error gained +0.9, half of one +1.4, the leader alone +1.8. Without labels the most
 faithful is chosen, and the note names the candidates the samples cannot tell from it. (Choosing
 the one with the fewest options among those, the "one standard error" rule, was measured on the
 real ViT and left out: at 0.70 it chose ToMe over ToMe on the stream, 1.8 points of test agreement
