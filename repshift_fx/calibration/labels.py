@@ -87,9 +87,9 @@ class Task:
     """Predictions of a reduced model's outputs, to compare with the labels."""
 
     def __init__(self, labels: list[torch.Tensor], probes: list[LinearProbe] | None = None,
-                 decay: float | None = None, held_out: torch.Tensor | None = None):
+                 decay: float | None = None, held_out_accuracy: float | None = None):
         self.labels, self.probes, self.decay = labels, probes, decay
-        self.held_out = held_out  # (samples,) bool: the probe right on the unpruned outputs, cross-fitted
+        self.held_out_accuracy = held_out_accuracy  # the probes on the unpruned outputs, cross-fitted
         self.fold = [torch.arange(n) + sum(len(t) for t in labels[:i]) for i, n in enumerate(map(len, labels))]
 
     @classmethod
@@ -107,9 +107,10 @@ class Task:
         folds = torch.arange(len(targets)) % FOLDS
         fitted = {decay: [LinearProbe(features[folds != k], targets[folds != k], classes, decay) for k in range(FOLDS)]
                   for decay in DECAYS}
-        decay = max(DECAYS, key=lambda d: held_out_log_likelihood(fitted[d], features, targets, folds))
-        held_out = cross_fitted_logits(fitted[decay], features, folds).argmax(-1) == targets
-        return cls(labels, fitted[decay], decay, held_out)
+        held_out = {decay: cross_fitted_logits(probes, features, folds) for decay, probes in fitted.items()}
+        decay = max(DECAYS, key=lambda d: log_likelihood(held_out[d], targets))
+        accuracy = (held_out[decay].argmax(-1) == targets).double().mean().item()
+        return cls(labels, fitted[decay], decay, accuracy)
 
     def notes(self) -> list[str]:
         """What the probe can read from the unpruned outputs; a warning where it reads no more than
@@ -117,7 +118,7 @@ class Task:
         if self.probes is None:
             return []
         targets = torch.cat(self.labels)
-        accuracy, commonest = self.held_out.double().mean().item(), targets.bincount().max().item() / len(targets)
+        accuracy, commonest = self.held_out_accuracy, targets.bincount().max().item() / len(targets)
         note = (f"no classifier head: a linear probe fitted on the unpruned outputs of the {len(targets)} labelled "
                 f"samples (L2 weight {self.decay:.3g}, chosen by held-out likelihood) gets {100 * accuracy:.1f}% of "
                 f"them right unpruned, held out (the commonest class: {100 * commonest:.1f}%)")
@@ -147,8 +148,6 @@ def cross_fitted_logits(probes: list[LinearProbe], features: torch.Tensor, folds
     return logits
 
 
-def held_out_log_likelihood(probes: list[LinearProbe], features: torch.Tensor, targets: torch.Tensor,
-                            folds: torch.Tensor) -> float:
-    """The mean log-probability cross-fitted probes give each sample's true class."""
-    logits = cross_fitted_logits(probes, features, folds)
+def log_likelihood(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    """The mean log-probability the (samples, classes) logits give each sample's true class."""
     return logits.log_softmax(-1).gather(-1, targets[:, None]).mean().item()

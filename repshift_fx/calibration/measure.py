@@ -208,7 +208,8 @@ class Measure:
                         per_sample += self.per_sample(out, self.reference[i]).tolist()
                     if self.task is not None:
                         right, probability = self.task.scores(out, i)
-                        correct, p_true = correct + right.tolist(), p_true + probability.tolist()
+                        correct += right.tolist()
+                        p_true += probability.tolist()
         except RepShiftError as error:
             candidate.error, candidate.refusal = str(error).split("\n")[0], error
             log.info("calibrate: %s refused: %s", candidate.label, candidate.error)
