@@ -102,6 +102,21 @@ def test_tome_past_its_largest_r_merges_one_more_in_the_first_blocks(deit, image
         repshift_fx.inspect(deit, image, score="tome", target_flops=past - 0.01)
 
 
+
+def test_tome_budget_search_rewrites_only_schedules_the_planner_takes(deit, image, monkeypatch):
+    # the search bisects over r and over the blocks that take r + 1; r=4 and (4, 4, 3, 3) are refused by the
+    # planner (too few tokens), which says so without a rewrite
+    import repshift_fx.pipeline as pipeline
+
+    rewritten, rewrite = [], pipeline.rewrite
+    monkeypatch.setattr(pipeline, "rewrite", lambda m, x, config: rewritten.append(config.r) or rewrite(m, x, config))
+    largest = repshift_fx.inspect(deit, image, score="tome", r=3).flop_ratio
+    past = repshift_fx.inspect(deit, image, score="tome", r=(4, 3, 3, 3)).flop_ratio
+    rewritten.clear()
+    report = repshift_fx.inspect(deit, image, score="tome", target_flops=(largest + past) / 2)
+    assert report.budget["r"] == (4, 3, 3, 3) and (4, 3, 3, 3) in rewritten
+    assert 4 not in rewritten and (4, 4, 3, 3) not in rewritten and 3 in rewritten
+
 def test_attention_score_merges_by_the_keys_of_its_explicit_attention(deit, image):
     gm = repshift_fx.compress(deit, image, keep=0.6, at=(1, 2), score="attention", reduce="merge", compile=False)
     assert gm(image).shape == (2, 1000) and gm.report.tokens == [17, 17, 11, 7]

@@ -94,12 +94,24 @@ class TomeSearch(Search):
 
     def macs(self, r: int) -> int | None:
         """Measured MACs at `r` (one rewrite and count); None where some block holds too few tokens
-        to merge r away."""
+        to merge r away, which the planner says before any rewrite (`plans`)."""
+        if not self.plans(r):
+            return None
         try:
             gm, ctx = self.rewrite(r)
         except ConfigError:
             return None
         return sum(node_macs(gm, ctx.args).values())
+
+    def plans(self, r) -> bool:
+        """Whether the planner takes `r`, on the unpruned rewrite's analysis (the token counts do not
+        depend on r): the searches probe many refused r, and a refusal costs no rewrite this way."""
+        ctx = self.unpruned[1]
+        try:
+            ctx.mode.make_plan(ctx.analysis, self.config_for(r))
+        except ConfigError:
+            return False
+        return True
 
     def plan(self) -> tuple[Config, BudgetResult]:
         r = self.curve.smallest_r_within(self.limit)
