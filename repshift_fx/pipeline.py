@@ -16,7 +16,7 @@ import dataclasses
 import torch
 import torch.fx
 
-from repshift_fx.capture import capture, reuse_traces
+from repshift_fx.capture import capture, eager_module, reuse_traces
 from repshift_fx.config import Config, unreduced
 from repshift_fx.context import PassContext
 from repshift_fx.errors import UnsupportedSiteError
@@ -38,7 +38,7 @@ def rewrite(model: torch.nn.Module, example_input, config: Config) -> tuple[torc
     gm, args = capture(model, example_input, train=config.train)
     gm.train(config.train)
     ctx = PassContext(config=config, args=args, model_name=type(model).__name__)
-    return run_passes(gm, ctx), ctx
+    return eager_module(run_passes(gm, ctx)), ctx
 
 
 def rewrite_unpruned(model: torch.nn.Module, example_input, config: Config):

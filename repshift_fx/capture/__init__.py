@@ -21,13 +21,14 @@ import contextlib
 import torch
 import torch.fx
 from torch import nn
+from torch.fx._lazy_graph_module import _LazyGraphModule
 
 from .check import check_capture
 from .fx_trace import trace
 from .inputs import Inputs, analysis_args, as_args, check_model, expected_input, is_transformers_model
 from .shapes import ShapeRecorder, propagate_shapes, fold_pass_through_calls
 
-__all__ = ["capture", "reuse_traces", "trace", "Inputs", "as_args", "analysis_args", "check_model", "expected_input",
+__all__ = ["capture", "reuse_traces", "copy_graph", "eager_module", "trace", "Inputs", "as_args", "analysis_args", "check_model", "expected_input",
            "is_transformers_model", "ShapeRecorder", "propagate_shapes", "fold_pass_through_calls"]
 
 
@@ -60,14 +61,29 @@ def _trace_key(model: nn.Module, args: tuple) -> tuple:
 
 def copy_graph(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """A GraphModule over a copy of `gm`'s graph (nodes, names and meta), sharing its attributes
-    and its input/output conventions (`Graph.__deepcopy__` without copying the codegen)."""
+    and its input/output conventions (`Graph.__deepcopy__` without copying the codegen).
+
+    The copy writes its Python code when first called, not at every `recompile()` (torch.fx's
+    `_LazyGraphModule`, as Inductor's passes use it): each rewrite pass recompiles, and the budget
+    search's rewrites are only counted, never called. `eager_module` makes it plain again."""
     graph = torch.fx.Graph(tracer_cls=gm.graph._tracer_cls)
     value, old_output = graph.graph_copy(gm.graph, {}, return_output_node=True)
     graph._codegen = gm.graph._codegen
     graph.output(value, type_expr=getattr(old_output, "type", None)).meta = dict(old_output.meta)
-    copied = torch.fx.GraphModule(gm, graph, gm.__class__.__name__)
-    copied.meta.update(gm.meta)
-    return copied
+    return _carrying_meta(_LazyGraphModule(gm, graph, gm.__class__.__name__), gm)
+
+
+def eager_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """`gm` as a plain GraphModule over the same graph, its code written now: what the pipeline
+    hands out (a lazy module's `forward` is a stand-in without the graph's signature)."""
+    if not isinstance(gm, _LazyGraphModule):
+        return gm
+    return _carrying_meta(torch.fx.GraphModule(gm, gm.graph, gm.__class__.__name__), gm)
+
+
+def _carrying_meta(new: torch.fx.GraphModule, old: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    new.meta.update(old.meta)
+    return new
 
 
 def capture(model: nn.Module, example_input, check: bool = True, train: bool = False
