@@ -12,6 +12,7 @@ run through here.
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import torch
 import torch.fx
@@ -46,20 +47,37 @@ def rewrite_unpruned(model: torch.nn.Module, example_input, config: Config):
     return rewrite(model, example_input, unreduced(config))
 
 
-def plan_for_budget(model: torch.nn.Module, example_input, config: Config):
+def plan_for_budget(model: torch.nn.Module, example_input, config: Config, rewrite_with: Callable | None = None):
     """`config.target_flops` -> the config with the keep rate chosen, and the `BudgetResult`.
-    The search is the mode's; it rewrites through this loop, which it is handed."""
+    The search is the mode's; it rewrites through this loop (`rewrite_with`), which it is handed."""
     unpruned = rewrite_unpruned(model, example_input, config)
-    return unpruned[1].mode.search_budget(model, example_input, config, unpruned, rewrite)
+    return unpruned[1].mode.search_budget(model, example_input, config, unpruned, rewrite_with or rewrite)
+
+
+def remembering() -> Callable:
+    """`rewrite`, remembering each config's result, for one model and example input: the budget
+    search has already rewritten the config it picks (its graph is only counted, never changed)."""
+    done: dict = {}
+
+    def remembered(model, example_input, config: Config):
+        try:
+            hash(config)
+        except TypeError:  # an option value that does not hash (a list): no memory
+            return rewrite(model, example_input, config)
+        if config not in done:
+            done[config] = rewrite(model, example_input, config)
+        return done[config]
+
+    return remembered
 
 
 def run(model: torch.nn.Module, example_input, config: Config, flops: bool):
     """The rewritten graph and its `Report` (GFLOPs per block with `flops`)."""
-    budget = None
+    budget, rewrites = None, remembering()
     with reuse_traces():  # one trace for the budget search's rewrites and the last (the model does not change)
         if config.target_flops is not None:
-            config, budget = plan_for_budget(model, example_input, config)
-        gm, ctx = rewrite(model, example_input, config)
+            config, budget = plan_for_budget(model, example_input, config, rewrites)
+        gm, ctx = rewrites(model, example_input, config)
     gm = eager_module(gm)  # the searches' rewrites are only counted: their code is never written
     return gm, ctx.mode.report(model, gm, ctx, flops, budget)
 

@@ -116,6 +116,7 @@ def test_tome_budget_search_rewrites_only_schedules_the_planner_takes(deit, imag
     report = repshift_fx.inspect(deit, image, score="tome", target_flops=(largest + past) / 2)
     assert report.budget["r"] == (4, 3, 3, 3) and (4, 3, 3, 3) in rewritten
     assert 4 not in rewritten and (4, 4, 3, 3) not in rewritten and 3 in rewritten
+    assert len(rewritten) == len(set(rewritten))  # the schedule chosen is not rewritten again
 
 def test_attention_score_merges_by_the_keys_of_its_explicit_attention(deit, image):
     gm = repshift_fx.compress(deit, image, keep=0.6, at=(1, 2), score="attention", reduce="merge", compile=False)

@@ -1,8 +1,10 @@
 """The FLOP-budget planner: its cost model is exact, its choice is the best single rate."""
+import math
 from fractions import Fraction
 
 import pytest
 import torch
+from hypothesis import assume, given, strategies as st
 
 import repshift_fx
 from conftest import tiny_timm
@@ -11,7 +13,7 @@ from repshift_fx.config import Config
 from repshift_fx.flops import count_macs
 from repshift_fx.pipeline import plan_for_budget, rewrite, rewrite_unpruned
 from repshift_fx.plan.budget import CostModel, TokenSearch, kept_chain, largest_rate
-from repshift_fx.plan.tome_budget import TomeCurve
+from repshift_fx.plan.tome_budget import TomeCurve, first_within
 from repshift_fx.plan.tokens import kept_count
 
 X = torch.randn(1, 3, 64, 64)
@@ -167,3 +169,20 @@ def test_tome_curve_finds_what_a_linear_scan_finds(tokens):
                 within = curve.smallest_r_within(target)
                 assert (curve.largest_r() if within is None else within) == _linear_within(cost, target)
                 assert within is None or cost(within) <= target < cost(within - 1)
+
+
+@given(st.lists(st.integers(1, 1000), min_size=1, max_size=80), st.integers(0, 100_000), st.booleans())
+def test_first_within_finds_the_first_step_within_in_about_bisections_probes(drops, limit, costed_low):
+    """Any falling cost (plateaus too): the answer of a linear scan, in at most twice bisection's probes."""
+    costs = [100_000 - sum(drops[:x]) for x in range(len(drops) + 1)]  # falls as x grows
+    assume(costs[0] > limit >= costs[-1])
+    probed = []
+
+    def cost(x):
+        probed.append(x)
+        return costs[x]
+
+    low = 0 if costed_low else -1
+    found = first_within(low, len(costs) - 1, cost, limit)
+    assert found == next(x for x, c in enumerate(costs) if c <= limit)
+    assert len(set(probed) - {low, len(costs) - 1}) <= 2 * math.ceil(math.log2(len(costs) - low)) + 1
