@@ -110,7 +110,7 @@ class TomeSearch(Search):
     the largest r is above the budget (few tokens), one more than it in the first blocks
     (`past_largest`). The planner says which schedules it refuses without a rewrite; the others are
     rewritten and counted, as few as `first_within` needs (on the real ViT at 112 px: 5 or 6
-    rewrites where bisection took 12 to 15)."""
+    rewrites where bisection took 15)."""
 
     def __init__(self, model, example_input, config: Config, unpruned, rewrite: Callable):
         super().__init__(model, example_input, config, unpruned, rewrite)
