@@ -39,11 +39,10 @@ def first_within(low: int, high: int, cost: Callable[[int], float | None], limit
 
 def _where_line_meets(low: int, high: int, cost: Callable, limit, saved: Callable) -> int:
     """The first x past `low` whose `saved(x)` reaches where the line through the bracket's costs
-    meets `limit`, one in from either end."""
+    meets `limit`; `high - 1` at most."""
     share = (cost(low) - limit) / (cost(low) - cost(high))
     needed = saved(low) + share * (saved(high) - saved(low))
-    x = next((x for x in range(low + 1, high) if saved(x) >= needed), high - 1)
-    return min(max(x, low + 1), high - 1)
+    return next((x for x in range(low + 1, high) if saved(x) >= needed), high - 1)
 
 
 class TomeCurve:
@@ -130,12 +129,17 @@ class TomeSearch(Search):
             return None
         return sum(node_macs(gm, ctx.args).values())
 
-    def plans(self, r) -> bool:
-        """Whether the planner takes `r`, on the unpruned rewrite's analysis (the token counts do not
-        depend on r): the searches probe many refused r, and a refusal costs no rewrite this way."""
+    def planned(self, r):
+        """The planner's plan for `r` on the unpruned rewrite's analysis (the token counts do not
+        depend on r); ConfigError where it refuses r."""
         ctx = self.unpruned[1]
+        return ctx.mode.make_plan(ctx.analysis, self.config_for(r))
+
+    def plans(self, r) -> bool:
+        """Whether the planner takes `r`: the searches probe many refused r, and a refusal costs no
+        rewrite this way."""
         try:
-            ctx.mode.make_plan(ctx.analysis, self.config_for(r))
+            self.planned(r)
         except ConfigError:
             return False
         return True
@@ -143,8 +147,7 @@ class TomeSearch(Search):
     def plan(self) -> tuple[Config, BudgetResult]:
         r = self.curve.smallest_r_within(self.limit)
         r, reached = self.front_loaded(r) if r is not None else self.past_largest(self.curve.largest_r())
-        kept = tuple(d.keep for d in self.unpruned[1].mode.make_plan(self.unpruned[1].analysis,
-                                                                      self.config_for(r)).drops)
+        kept = tuple(d.keep for d in self.planned(r).drops)
         result = BudgetResult(self.config.target_flops, reached / self.original, None, self.at, kept,
                               self.original / 1e9, reached / 1e9, r)
         log.info("target_flops=%s: ToMe r=%s in blocks %s; FLOP ratio %.4f", result.target, r, self.at,
@@ -169,7 +172,10 @@ class TomeSearch(Search):
         while refused - allowed > 1:  # which k the planner takes: no rewrite
             k = (allowed + refused) // 2
             allowed, refused = (k, refused) if self.plans(self.schedule(r, k)) else (allowed, k)
-        while allowed and macs.setdefault(allowed, self.macs(self.schedule(r, allowed))) is None:
+        while allowed:
+            macs[allowed] = self.macs(self.schedule(r, allowed))
+            if macs[allowed] is not None:
+                break
             allowed -= 1  # a rewrite refused what the planner took
         if macs[allowed] > self.limit:
             self.below_reach(macs[allowed], f"ToMe with r={self.schedule(r, allowed) if allowed else most}")
