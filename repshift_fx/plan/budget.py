@@ -113,6 +113,39 @@ def largest_rate(cost: Callable[[float], int], limit: Fraction, before: int) -> 
     return snapped if snapped < high and cost(snapped) == cost(low) else low
 
 
+def step_ends(rate: float, before: int) -> tuple[float | None, float | None]:
+    """The step ends next below and next above `rate` (a step end itself, j/m): the rates j/m with
+    m <= before, 1/before to 1, at which some drop's kept count changes (`largest_rate`); None past
+    either end."""
+    r = Fraction(rate).limit_denominator(before)
+    below = max(Fraction(math.ceil(r * m) - 1, m) for m in range(1, before + 1))
+    above = min(Fraction(math.floor(r * m) + 1, m) for m in range(1, before + 1))
+    return (float(below) if below >= Fraction(1, before) else None), (float(above) if above <= 1 else None)
+
+
+def walk_to_largest(cost: Callable[[float], int], limit: Fraction, before: int, rate: float,
+                    changes: int = 3) -> float | None:
+    """`largest_rate` by steps from a close guess `rate`: up while the next step is within `limit`,
+    or down until one is. None where the cost changed more than `changes` times on the way (the
+    guess was not close: bisect instead) or where even 1/before is over."""
+    seen = {cost(rate)}
+    down = cost(rate) > limit
+    while len(seen) <= changes + 1:
+        step = step_ends(rate, before)[0 if down else 1]
+        if step is None:
+            return None if down else rate
+        seen.add(cost(step))
+        if down:
+            rate = step
+            if cost(rate) <= limit:
+                return rate
+        elif cost(step) > limit:
+            return rate
+        else:
+            rate = step
+    return None
+
+
 def _segments(gm, macs: dict[str, int], at: tuple[int, ...]) -> list[int]:
     """MACs per segment: 0 before the first drop, j after drop j (by data flow)."""
     after = {at.index(inserted(n).block) + 1: n.name for n in gm.graph.nodes
@@ -232,9 +265,10 @@ def plan_tokens_for_budget(model, example_input, config: Config, unpruned, rewri
     """The single keep rate for `config.at` whose FLOPs are the largest <= target * original.
 
     The FLOPs of each segment are measured at three token counts (a rewrite and a count each),
-    the search bisects the rate on that exact cost model (`largest_rate`), and the result is
-    counted again on the rewritten graph; should the two ever disagree, the search
-    runs again on measured counts. Returns the config to compress with (keep=rate) and the result.
+    the search bisects the rate on that cost model (`largest_rate`; exact for drops), and the result
+    is counted again on the rewritten graph; where the two disagree (merges, by a fraction of a
+    percent), the search steps from there on measured counts (`walk_to_largest`), or bisects them
+    if that takes more than a few steps. Returns the config to compress with (keep=rate) and the result.
     Raises ConfigError if even one token per drop exceeds the budget."""
     measure = TokenSearch(model, example_input, config, unpruned, rewrite)
     cost = measure.cost_model()
@@ -244,9 +278,11 @@ def plan_tokens_for_budget(model, example_input, config: Config, unpruned, rewri
 
     rate = measure.largest(predict, measure.before)
     reached = measure.total(rate)
-    if reached != predict(rate):
-        log.info("FLOP cost model off (%d vs %d MACs); searching on measured counts", predict(rate), reached)
-        rate = measure.largest(measure.total, measure.before)
+    if reached != predict(rate):  # a merge's matching costs (n - k) k C, which the segments cannot hold
+        log.info("FLOP cost model off (%d vs %d MACs); stepping from its rate on measured counts", predict(rate),
+                 reached)
+        rate = walk_to_largest(measure.total, measure.limit, measure.before, rate) or \
+            measure.largest(measure.total, measure.before)
         reached = measure.total(rate)
     return measure.result(rate, reached, measure.chain(rate))
 

@@ -12,7 +12,7 @@ from repshift_fx import ConfigError
 from repshift_fx.config import Config
 from repshift_fx.flops import count_macs
 from repshift_fx.pipeline import plan_for_budget, rewrite, rewrite_unpruned
-from repshift_fx.plan.budget import CostModel, TokenSearch, kept_chain, largest_rate
+from repshift_fx.plan.budget import CostModel, TokenSearch, kept_chain, largest_rate, step_ends, walk_to_largest
 from repshift_fx.plan.tome_budget import TomeCurve, first_within
 from repshift_fx.plan.tokens import kept_count
 
@@ -186,3 +186,47 @@ def test_first_within_finds_the_first_step_within_in_about_bisections_probes(dro
     found = first_within(low, len(costs) - 1, cost, limit)
     assert found == next(x for x, c in enumerate(costs) if c <= limit)
     assert len(set(probed) - {low, len(costs) - 1}) <= 2 * math.ceil(math.log2(len(costs) - low)) + 1
+
+
+@pytest.mark.parametrize("before", [1, 6, 16])
+def test_step_ends_are_the_neighbouring_candidate_rates(before):
+    rates = candidate_rates(before)
+    for i, rate in enumerate(rates):
+        below, above = step_ends(rate, before)
+        assert below == (rates[i - 1] if i else None) and above == (rates[i + 1] if i + 1 < len(rates) else None)
+
+
+@pytest.mark.parametrize("before,drops", [(16, 2), (196, 3)])
+def test_walking_from_a_near_rate_finds_what_bisection_finds(before, drops):
+    def cost(rate):
+        return sum(k + k * k // 7 for k in kept_chain(rate, before, drops))
+
+    for fraction in (0.31, 0.5, 0.65, 0.999):
+        limit = Fraction(fraction) * cost(1.0)
+        best = largest_rate(cost, limit, before)
+        start = best
+        for _ in range(3):  # a few steps off either way
+            start = step_ends(start, before)[0] or start
+        assert walk_to_largest(cost, limit, before, start, changes=10) == best
+        start = best
+        for _ in range(3):
+            start = step_ends(start, before)[1] or start
+        assert walk_to_largest(cost, limit, before, start, changes=10) == best
+        assert walk_to_largest(cost, limit, before, 1 / before, changes=1) in (None, best)  # far off: gives up
+
+
+@pytest.mark.parametrize("target", [0.5, 0.72, 0.9])
+def test_merge_budget_choice_is_the_best_single_rate_in_few_rewrites(model, target, monkeypatch):
+    # a merge's matching costs (n - k) k C: the cost model is off by a little, and the search steps on counts
+    config = Config(target_flops=target, at=(0, 2), reduce="merge")
+    measure = _search(model, config)
+    by_chain = {}
+    for rate in candidate_rates(measure.before):
+        by_chain.setdefault(kept_chain(rate, measure.before, 2), rate)
+    best = max(t for t in (measure.total(rate) for rate in by_chain.values()) if t <= target * measure.original)
+    import repshift_fx.pipeline as pipeline
+    rewrites, rewrite_ = [], pipeline.rewrite
+    monkeypatch.setattr(pipeline, "rewrite", lambda m, x, c: rewrites.append(c.keep) or rewrite_(m, x, c))
+    chosen, result = plan_for_budget(model, X, config)
+    assert round(result.gflops_after * 1e9) == best and result.reached <= target
+    assert len(rewrites) <= 6 < len(by_chain)  # the unpruned one, three for the cost model, a count, a step
