@@ -21,7 +21,10 @@ import contextlib
 import torch
 import torch.fx
 from torch import nn
-from torch.fx._lazy_graph_module import _LazyGraphModule
+try:  # torch.fx's module that writes its code when first called (private; Inductor's passes use it)
+    from torch.fx._lazy_graph_module import _LazyGraphModule
+except ImportError:  # a torch without it: copies are plain modules, each recompile() writes code
+    _LazyGraphModule = None
 
 from .check import check_capture
 from .fx_trace import trace
@@ -70,13 +73,13 @@ def copy_graph(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     value, old_output = graph.graph_copy(gm.graph, {}, return_output_node=True)
     graph._codegen = gm.graph._codegen
     graph.output(value, type_expr=getattr(old_output, "type", None)).meta = dict(old_output.meta)
-    return _carrying_meta(_LazyGraphModule(gm, graph, gm.__class__.__name__), gm)
+    return _carrying_meta((_LazyGraphModule or torch.fx.GraphModule)(gm, graph, gm.__class__.__name__), gm)
 
 
 def eager_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """`gm` as a plain GraphModule over the same graph, its code written now: what the pipeline
     hands out (a lazy module's `forward` is a stand-in without the graph's signature)."""
-    if not isinstance(gm, _LazyGraphModule):
+    if _LazyGraphModule is None or not isinstance(gm, _LazyGraphModule):
         return gm
     return _carrying_meta(torch.fx.GraphModule(gm, gm.graph, gm.__class__.__name__), gm)
 
