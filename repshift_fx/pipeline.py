@@ -59,11 +59,7 @@ def remembering() -> Callable:
     search has already rewritten the config it picks (its graph is only counted, never changed)."""
     done: dict = {}
 
-    def remembered(model, example_input, config: Config):
-        try:
-            hash(config)
-        except TypeError:  # an option value that does not hash (a list): no memory
-            return rewrite(model, example_input, config)
+    def remembered(model, example_input, config: Config):  # Config is frozen, its sequences tuples
         if config not in done:
             done[config] = rewrite(model, example_input, config)
         return done[config]

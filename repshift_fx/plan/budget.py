@@ -114,10 +114,12 @@ def largest_rate(cost: Callable[[float], int], limit: Fraction, before: int) -> 
 
 
 def step_ends(rate: float, before: int) -> tuple[float | None, float | None]:
-    """The step ends next below and next above `rate` (a step end itself, j/m): the rates j/m with
-    m <= before, 1/before to 1, at which some drop's kept count changes (`largest_rate`); None past
-    either end."""
-    r = Fraction(rate).limit_denominator(before)
+    """The step ends strictly below and above `rate`: the rates j/m with m <= before, 1/before to 1,
+    at which some drop's kept count changes (`largest_rate`); None past either end. A float within
+    rounding of an end (1/3) is taken as that end."""
+    r = Fraction(rate)
+    end = r.limit_denominator(before)
+    r = end if abs(end - r) < Fraction(1, 10**12) else r
     below = max(Fraction(math.ceil(r * m) - 1, m) for m in range(1, before + 1))
     above = min(Fraction(math.floor(r * m) + 1, m) for m in range(1, before + 1))
     return (float(below) if below >= Fraction(1, before) else None), (float(above) if above <= 1 else None)
@@ -135,14 +137,12 @@ def walk_to_largest(cost: Callable[[float], int], limit: Fraction, before: int, 
         if step is None:
             return None if down else rate
         seen.add(cost(step))
-        if down:
-            rate = step
-            if cost(rate) <= limit:
-                return rate
-        elif cost(step) > limit:
+        within = cost(step) <= limit
+        if down and within:
+            return step
+        if not down and not within:
             return rate
-        else:
-            rate = step
+        rate = step
     return None
 
 

@@ -194,6 +194,8 @@ def test_step_ends_are_the_neighbouring_candidate_rates(before):
     for i, rate in enumerate(rates):
         below, above = step_ends(rate, before)
         assert below == (rates[i - 1] if i else None) and above == (rates[i + 1] if i + 1 < len(rates) else None)
+        if i + 1 < len(rates):  # a rate inside a step: the ends around it
+            assert step_ends((rate + rates[i + 1]) / 2, before) == (rate, rates[i + 1])
 
 
 @pytest.mark.parametrize("before,drops", [(16, 2), (196, 3)])
