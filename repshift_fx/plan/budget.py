@@ -8,7 +8,6 @@ The searches run the whole pipeline, which sits above them: the run loop hands i
 """
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import logging
 import math
@@ -123,6 +122,13 @@ def step_ends(rate: float, before: int) -> tuple[float | None, float | None]:
     below = max(Fraction(math.ceil(r * m) - 1, m) for m in range(1, before + 1))
     above = min(Fraction(math.floor(r * m) + 1, m) for m in range(1, before + 1))
     return (float(below) if below >= Fraction(1, before) else None), (float(above) if above <= 1 else None)
+
+
+def ends_from(rate: float, before: int, down: bool):
+    """`rate`, then each step end below it (`down`) or above it, while there is one."""
+    while rate is not None:
+        yield rate
+        rate = step_ends(rate, before)[0 if down else 1]
 
 
 def walk_to_largest(cost: Callable[[float], int], limit: Fraction, before: int, rate: float,
@@ -306,7 +312,6 @@ class LineSearch(Search):
         self.totals: dict[tuple, int] = {self.schedule(1.0): count_macs(gm, first_sample(ctx.args))}
         # rates step where ceil(rate * m) does, m a side of a grid at a drop: at most the largest unpruned one
         self.before = max(max(d.rows, d.cols) for d in ctx.plan.drops)
-        self.ends = sorted({j / m for m in range(1, self.before + 1) for j in range(1, m + 1)})  # the steps' ends
 
     def _walked(self, rate: float) -> tuple[tuple[tuple[int, int], ...], str | None]:
         return self.walk([(rate, rate)] * len(self.at))
@@ -331,8 +336,7 @@ class LineSearch(Search):
 
     def allowed(self, rate: float) -> float | None:
         """The largest rate <= `rate` whose schedule is not refused (a step's end), None if none."""
-        below = self.ends[:bisect.bisect_left(self.ends, rate)]
-        return next((r for r in [rate, *reversed(below)] if self.cost(r) != math.inf), None)
+        return next((r for r in ends_from(rate, self.before, down=True) if self.cost(r) != math.inf), None)
 
     def floor_cost(self, rate: float) -> float:
         """MACs of `allowed(rate)`, 0 if None: non-decreasing in the rate with steps at the step ends,
@@ -352,7 +356,8 @@ def plan_lines_for_budget(model, example_input, config: Config, unpruned, rewrit
     search = LineSearch(model, example_input, config, unpruned, rewrite)
     rate = search.allowed(search.largest(search.floor_cost, search.before))
     if rate is None:  # the smallest schedule the strided layers allow is over the budget
-        fewest = next(r for r in search.ends if search.cost(r) != math.inf)
+        upward = ends_from(1.0 / search.before, search.before, down=False)
+        fewest = next(r for r in upward if search.cost(r) != math.inf)
         kept = ", ".join(f"{r}x{c}" for r, c in search.schedule(fewest))
         search.below_reach(search.cost(fewest), f"keeping {kept} rows x columns, the fewest the layers after the "
                                                 "drops take,")

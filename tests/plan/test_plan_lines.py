@@ -31,9 +31,14 @@ def flops(fn, x=X) -> int:
     return counter.get_total_flops()
 
 
+def every_end(search: LineSearch) -> list[float]:
+    """Every rate j/m (m <= the largest side at a drop) where some kept count can change."""
+    return sorted({j / m for m in range(1, search.before + 1) for j in range(1, m + 1)})
+
+
 def best_schedule(search: LineSearch) -> int:
     """Brute force: the most MACs of any rate's schedule within the budget (refused ones: infinite)."""
-    return max(c for c in map(search.cost, search.ends) if c <= search.limit)
+    return max(c for c in map(search.cost, every_end(search)) if c <= search.limit)
 
 
 @pytest.mark.parametrize("at", [None, (1, 4)])  # default: one drop after block 2 (16x16); (1, 4): 32x32 and 8x8
@@ -155,7 +160,7 @@ def test_refused_counts_are_passed_over(patchy):
     assert search.refused and all(r % 2 == 0 and c % 2 == 0 for r, c in result.kept)
     gm = repshift_fx.compress(patchy, x, keep=config.keep, at=(1,), compile=False)
     assert flops(gm, x) <= 0.7 * flops(patchy, x)
-    larger = [r for r in search.ends if r > result.keep and search.cost(r) != math.inf]
+    larger = [r for r in every_end(search) if r > result.keep and search.cost(r) != math.inf]
     assert flops(repshift_fx.compress(patchy, x, keep=larger[0], at=(1,), compile=False), x) > 0.7 * flops(patchy, x)
     with pytest.raises(ConfigError, match=r"keeping 2x2 rows x columns, the fewest the layers after the drops take, "
                                           r"gives a FLOP ratio of 0\.\d+"):
