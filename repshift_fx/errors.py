@@ -60,13 +60,15 @@ def described(err: BaseException, values: dict | None = None) -> str:
     """'AssertionError: height (12) must be divisible by window (8)': the model's own message, where
     a message formatted while torch.fx traced holds `Proxy(getitem_30)` for a value the graph
     computes, that value on the example input (`values`: by node name) where it is a number, else
-    'a traced size': a message names no node of the captured graph."""
+    'a traced size': a message names no node of the captured graph. Its first line only: torch.fx's
+    Interpreter appends the node it ran ("While executing %getitem_3 ...")."""
     def value(match) -> str:
         found = (values or {}).get(match.group(1))
         found = found.item() if getattr(found, "numel", lambda: 0)() == 1 else found
         return str(found) if isinstance(found, (int, float)) else "a traced size"
 
-    return f"{type(err).__name__}: {_PROXY.sub(value, str(err))}"
+    first = next((line for line in str(err).splitlines() if line.strip()), "")  # not torch.fx's node dump
+    return f"{type(err).__name__}: {_PROXY.sub(value, first)}"
 
 
 def root_cause(err: BaseException) -> BaseException:

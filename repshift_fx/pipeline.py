@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 import torch.fx
 
-from repshift_fx.capture import capture, eager_module, reuse_traces
+from repshift_fx.capture import capture, eager_module, reuse_traces, set_own_modes
 from repshift_fx.config import Config, unreduced
 from repshift_fx.context import PassContext
 from repshift_fx.errors import UnsupportedSiteError
@@ -37,7 +37,7 @@ def rewrite(model: torch.nn.Module, example_input, config: Config) -> tuple[torc
     """Capture, analyze, plan and rewrite, once. The planner (the mode's `make_plan`) decides every
     drop, restore and MLP-only drop from the analysis, or refuses with the plan attached."""
     gm, args = capture(model, example_input, train=config.train)
-    gm.train(config.train)
+    set_own_modes(gm, model, config.train)
     ctx = PassContext(config=config, args=args, model_name=type(model).__name__)
     return run_passes(gm, ctx), ctx
 

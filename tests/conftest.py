@@ -3,6 +3,7 @@ import repshift_fx  # noqa: F401  (before timm)
 
 import importlib.util
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -138,8 +139,16 @@ def assert_refused(model, x, error, *substrings, **config) -> str:
     assert isinstance(caught.value, repshift_fx.RepShiftError)
     for substring in substrings:
         assert substring in message, (substring, message)
+    assert_names_no_node(message)
     assert_unchanged(model, before)
     return message
+
+
+def assert_names_no_node(message: str) -> None:
+    """No node of a captured graph in a user's error: torch.fx's node dump ("While executing
+    %getitem_3 ...") or a Proxy."""
+    assert "While executing" not in message and "Proxy(" not in message, message
+    assert not re.search(r"%\w+", message), message
 
 
 def node_values(gm: torch.fx.GraphModule, *args) -> dict:

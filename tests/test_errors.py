@@ -121,3 +121,32 @@ def test_a_model_with_one_token_block_is_refused_saying_why():
     message = assert_refused(model, torch.randn(1, 3, 32, 32), ConfigError, "1 token block", "'blocks.0'",
                              "no block running on fewer tokens", "mode='lines'")
     assert "at=(0,)" not in message
+
+
+def test_wrong_input_size_gives_the_models_own_message_with_real_sizes(model):
+    message = assert_refused(model, torch.randn(2, 3, 48, 48), ExampleInputError, "(2, 3, 48, 48)",
+                             "Input height (48) doesn't match model (64)")
+    assert "traced size" not in message
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64, torch.int64])
+def test_wrong_input_dtype_names_the_dtypes_not_a_node(model, dtype):
+    x = torch.randn(2, 3, 64, 64).to(dtype)
+    assert_refused(model, x, ExampleInputError, "does not fit VisionTransformer")
+
+
+def test_a_submodule_in_training_mode_is_refused_and_keeps_its_mode(model):
+    model.blocks[0].attn.train()  # as a user who switched one module on to debug it and forgot
+    assert_refused(model, X, ModelModeError, "'blocks.0.attn' is in training mode", "model.eval()")
+    assert model.blocks[0].attn.qkv.training and not model.blocks[1].attn.training
+
+
+def test_compressing_leaves_the_modes_of_the_models_modules_alone(model):
+    """The graph shares the model's modules: setting its own mode must not set theirs (a frozen
+    batch norm, in eval mode inside a training model, stays frozen)."""
+    model.train()
+    model.blocks[1].norm1.eval()
+    before = {name: m.training for name, m in model.named_modules()}
+    graph = repshift_fx.compress(model, X, train=True, keep=0.7, compile=False)
+    assert {name: m.training for name, m in model.named_modules()} == before
+    assert graph.training

@@ -85,16 +85,17 @@ def calibrate(model: nn.Module, batches, *, target_flops: float | None = None, t
     target_flops, target_speedup = _check_targets(target_flops, target_speedup)
     _check_counts(max_candidates=max_candidates, refine=refine, finalists=finalists)
     screen = _screen(screen, labels)
+    _check_fixed(fixed)
     checked, _ = config_from(dict(fixed, target_flops=target_flops or 1.0), calibrate)  # unknown or bad options
     inference_only(checked, "calibrate()", "measures the reduced model's inference outputs")
     check_model(model)
     with reuse_traces():
         measure = Measure(model, batches, objective, screen, labels)
-        unpruned = rewrite_unpruned(model, measure.batches[0], Config(**fixed, keep=1.0))[1]
+        budget = target_flops or min(1.0, 1.0 / target_speedup)
+        unpruned = rewrite_unpruned(model, measure.batches[0], Config(**fixed, target_flops=budget))[1]
         mode = unpruned.mode.name
         depth = len(unpruned.analysis.blocks if mode == "tokens" else unpruned.analysis.sites)
         search_space = Space.for_mode(mode, space).without(fixed)
-        budget = target_flops or min(1.0, 1.0 / target_speedup)
         base = dict(fixed, target_flops=budget)
         paper, table = descend(measure, search_space, base, depth, max_candidates, progress)
         measured, refined = [c for c in table if c.error is None], {}
@@ -182,6 +183,15 @@ def _check_targets(target_flops, target_speedup):
         raise ConfigError(f"target_speedup={target_speedup} is at most 1, but it is a speedup (e.g. 1.4 = 40% "
                           f"faster); for {target_speedup} of the FLOPs pass target_flops={target_speedup}")
     return target_flops, target_speedup
+
+
+def _check_fixed(fixed: dict) -> None:
+    """The amount is calibrate()'s to choose, to meet its target."""
+    amounts = [name for name in ("keep", "r") if name in fixed]
+    if amounts:
+        raise ConfigError(f"calibrate() sets the amount of reduction itself (keep, or ToMe's r) to meet target_flops= "
+                          f"or target_speedup=; leave {', '.join(f'{n}=' for n in amounts)} out (the other compress() "
+                          "options may be held fixed)")
 
 
 def _check_counts(**counts) -> None:

@@ -55,8 +55,10 @@ def _key(options: dict) -> tuple:
 class Descent:
     """The candidates measured so far (by options), the current best, and the progress bar."""
 
-    def __init__(self, measure: Measure, space: Space, depth: int, max_candidates: int, progress: bool):
+    def __init__(self, measure: Measure, space: Space, depth: int, max_candidates: int, progress: bool,
+                 fixed: dict | None = None):
         self.measure, self.space, self.depth, self.max = measure, space, depth, max_candidates
+        self.fixed = fixed or {}  # options the user holds: no candidate drops or changes them
         self.seen: dict[tuple, Candidate] = {}
         self.default_at = None  # what the seed's at=None resolved to
         self.bar = tqdm(total=max_candidates, desc="calibrate", unit="candidate", disable=not progress)
@@ -76,6 +78,9 @@ class Descent:
             self.bar.set_postfix_str(f"{candidate.value:.3f} at FLOPs {candidate.flops:.3f}")
         return candidate
 
+    def holds_fixed(self, options: dict) -> bool:
+        return all(options.get(name, DEFAULTS.get(name)) == value for name, value in self.fixed.items())
+
     def best(self) -> Candidate:
         return max(self.seen.values(), key=Candidate.rank)
 
@@ -86,7 +91,10 @@ class Descent:
             options["at"] = current.at  # moves start from the schedule the default resolved to
         tried = [current]
         for value in self.space.alternatives(dimension, options, self.depth):
-            found = self.try_options(options_for(options, dimension, value))
+            candidate = options_for(options, dimension, value)
+            if not self.holds_fixed(candidate):  # e.g. score="tome", which takes no reduce=, with reduce held
+                continue
+            found = self.try_options(candidate)
             if found is not None:
                 tried.append(found)
         return max(tried, key=Candidate.rank)
@@ -117,7 +125,8 @@ def descend(measure: Measure, space: Space, base: dict, depth: int, max_candidat
             progress: bool = True) -> tuple[Candidate, list[Candidate]]:
     """(the paper's rule measured, every candidate measured), starting from the paper's rule with
     the options in `base` (the FLOP target, options the user fixed)."""
-    descent = Descent(measure, space, depth, max_candidates, progress)
+    fixed = {k: v for k, v in base.items() if k != "target_flops"}
+    descent = Descent(measure, space, depth, max_candidates, progress, fixed)
     seed = descent.try_options(dict(base))
     descent.default_at = seed.at
     seed.role.append("paper")

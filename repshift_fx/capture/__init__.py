@@ -21,17 +21,19 @@ import contextlib
 import torch
 import torch.fx
 from torch import nn
+
+from ..errors import ExampleInputError, TraceError
 try:  # torch.fx's module that writes its code when first called (private; Inductor's passes use it)
     from torch.fx._lazy_graph_module import _LazyGraphModule
 except ImportError:  # a torch without it: copies are plain modules, each recompile() writes code
     _LazyGraphModule = None
 
-from .check import check_capture
+from .check import call_model, check_capture
 from .fx_trace import trace
 from .inputs import Inputs, analysis_args, as_args, check_model, expected_input, is_transformers_model
-from .shapes import ShapeRecorder, propagate_shapes, fold_pass_through_calls
+from .shapes import ShapeRecorder, fold_pass_through_calls, input_mismatch, propagate_shapes
 
-__all__ = ["capture", "reuse_traces", "copy_graph", "eager_module", "trace", "Inputs", "as_args", "analysis_args", "check_model", "expected_input",
+__all__ = ["capture", "reuse_traces", "copy_graph", "eager_module", "set_own_modes", "trace", "Inputs", "as_args", "analysis_args", "check_model", "expected_input",
            "is_transformers_model", "ShapeRecorder", "propagate_shapes", "fold_pass_through_calls"]
 
 
@@ -86,7 +88,26 @@ def eager_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
 
 def _carrying_meta(new: torch.fx.GraphModule, old: torch.fx.GraphModule) -> torch.fx.GraphModule:
     new.meta.update(old.meta)
+    set_own_modes(new, old, old.training)
     return new
+
+
+def set_own_modes(gm: torch.fx.GraphModule, owner: nn.Module, training: bool) -> None:
+    """Training mode `training` for `gm` and the containers torch.fx made for it, not for the modules
+    it shares with `owner` (the user's model: `gm.train()` would set theirs too)."""
+    shared = {id(m) for m in owner.modules() if m is not owner}
+    for module in gm.modules():
+        if id(module) not in shared:
+            module.training = training
+
+
+def _raise_if_the_model_rejects(model: nn.Module, args: tuple, given: tuple) -> None:
+    """ExampleInputError with the model's own error where the model itself fails on the example
+    (its message holds real sizes, where the graph's holds traced ones, or no graph was made)."""
+    try:
+        call_model(model, args)
+    except Exception as err:  # the model's own error, whatever it raises
+        raise ExampleInputError(input_mismatch(model, given, err)) from err
 
 
 def capture(model: nn.Module, example_input, check: bool = True, train: bool = False
@@ -100,8 +121,12 @@ def capture(model: nn.Module, example_input, check: bool = True, train: bool = F
     key = _trace_key(model, args) if _REUSED is not None else None
     if key is not None and key in _REUSED:
         return copy_graph(_REUSED[key][0]), args
-    gm = trace(model, args)
-    propagate_shapes(gm, args, model, given)
+    try:
+        gm = trace(model, args)
+        propagate_shapes(gm, args, model, given)
+    except (TraceError, ExampleInputError):
+        _raise_if_the_model_rejects(model, args, given)
+        raise
     fold_pass_through_calls(gm)
     if check:
         check_capture(gm, model, args)

@@ -27,7 +27,7 @@ def _same_draws(model, args):
     return seeded(args) if model.training else contextlib.nullcontext()
 
 
-def _call(model, args):
+def call_model(model, args):
     with torch.no_grad(), _same_draws(model, args):
         return model(**args.as_kwargs()) if isinstance(args, Inputs) else model(*args)
 
@@ -94,7 +94,7 @@ def first_divergence(gm: torch.fx.GraphModule, model: nn.Module, args: tuple, rt
     modules = dict(model.named_modules())
     handles = [m.register_forward_hook(hook(path)) for path, m in modules.items() if path]
     try:
-        _call(model, args)
+        call_model(model, args)
     finally:
         for handle in handles:
             handle.remove()
@@ -132,7 +132,7 @@ def _rounding(t: torch.Tensor) -> float:
 def _check_deterministic(model: nn.Module, args: tuple, want: list[torch.Tensor], rtol: float) -> None:
     """A model whose own output changes from call to call (random masking, sampling) cannot be
     proven equal to any graph: say so, rather than blame the capture."""
-    again = _tensors(_call(model, args))
+    again = _tensors(call_model(model, args))
     if len(again) == len(want) and all(relative_error(a, w) <= rtol for a, w in zip(again, want)):
         return
     raise CaptureError(
@@ -146,7 +146,7 @@ def check_capture(gm: torch.fx.GraphModule, model: nn.Module, args: tuple, rtol:
     """Run the graph once on `args` and compare each output tensor with the model's own (eager,
     no_grad); a relative error over `rtol` is a `CaptureError` naming the first module whose
     output differs (`first_divergence`: one more run of each, on failure only)."""
-    want = _tensors(_call(model, args))
+    want = _tensors(call_model(model, args))
     got = _tensors(_run_graph(gm, model, args))
     rtol = max([rtol] + [_rounding(w) for w in want if w.is_floating_point()])
     if len(got) != len(want):

@@ -14,7 +14,8 @@ from ..errors import ConfigError, ExampleInputError, ModelModeError
 
 
 def check_model(model, train: bool = False) -> None:
-    """The model is a module in the mode asked for: eval mode, or with `train` training mode."""
+    """The model is a module in the mode asked for: eval mode, every submodule too, or with `train`
+    training mode (submodules may be in eval mode: frozen batch statistics)."""
     if not isinstance(model, nn.Module):
         raise ConfigError(f"expected a torch.nn.Module, got {type(model).__name__}")
     name = type(model).__name__
@@ -23,6 +24,13 @@ def check_model(model, train: bool = False) -> None:
             f"{name} is in training mode. repshift_fx compresses inference graphs unless asked: call "
             "model.eval() before compress()/inspect(), or pass train=True to compress() to train through "
             "the reduction."
+        )
+    training = next((path for path, module in model.named_modules() if module.training), None)
+    if training is not None and not train:
+        raise ModelModeError(
+            f"{name} is in eval mode, but its module '{training}' is in training mode (its dropout or batch "
+            "statistics would differ from inference): call model.eval() before compress()/inspect(), which sets "
+            "every module, or pass train=True on a model in training mode to train through the reduction"
         )
     if train and not model.training:
         raise ConfigError(f"train=True compresses a training graph, but {name} is in eval mode: call model.train() "

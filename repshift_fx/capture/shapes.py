@@ -91,11 +91,13 @@ def propagate_shapes(gm: torch.fx.GraphModule, args: tuple, model: nn.Module | N
     try:
         _ShapeAndPassThroughProp(gm).propagate(*args)
     except Exception as wrapped:
-        err = root_cause(wrapped)
-        shapes = ", ".join(str(tuple(a.shape)) for a in (given or args))
-        hint = expected_input(model) if model is not None else None
-        expects = f"; the model expects {hint}" if hint else ""
-        raise ExampleInputError(
-            f"the example input {shapes} does not fit {type(model or gm).__name__}{expects}: "
-            f"{described(err)}"
-        ) from wrapped
+        raise ExampleInputError(input_mismatch(model or gm, given or args, root_cause(wrapped))) from wrapped
+
+
+def input_mismatch(model: nn.Module, given: tuple, err: BaseException) -> str:
+    """'the example input (2, 3, 48, 48) does not fit VisionTransformer; the model expects
+    (B, 3, 32, 32): AssertionError: ...': the error `err` the input met, in the model's terms."""
+    shapes = ", ".join(str(tuple(a.shape)) for a in given)
+    hint = expected_input(model) if isinstance(model, nn.Module) else None
+    expects = f"; the model expects {hint}" if hint else ""
+    return f"the example input {shapes} does not fit {type(model).__name__}{expects}: {described(err)}"

@@ -58,7 +58,7 @@ from repshift_fx.fx.nodes import data_graph, name_modules_as_user, nodes_by_name
 from repshift_fx.fx.grid_ops import is_grid
 from repshift_fx.modes import LINES, TOKENS, choose
 from repshift_fx.passes import find_sites
-from repshift_fx.plan.tokens import default_at
+from repshift_fx.plan.tokens import default_at, tome_blocks
 from repshift_fx.report.tokens import Report, build_report
 
 log = logging.getLogger("repshift_fx")
@@ -210,6 +210,9 @@ def _inner_backend(inner):
         return inner
     from torch._dynamo.backends.registry import list_backends, lookup_backend
 
+    if not isinstance(inner, str):
+        raise ConfigError(f"inner must be a torch.compile backend: a name such as 'inductor' or 'eager', or a "
+                          f"callable (gm, example_inputs) -> callable; got {type(inner).__name__} {inner!r}")
     if inner == "repshift":
         raise ConfigError("inner='repshift' would prune twice; name the backend that compiles the pruned graph")
     try:
@@ -287,13 +290,21 @@ def _submodule(root: nn.Module, path: str) -> nn.Module | None:
 
 
 def _localize(ctx: PassContext, root: nn.Module | None) -> Config | None:
-    """The config for this graph: `at` (the model's numbers) mapped to this graph's blocks, or
-    None when no block of `at` is here. Sets `ctx.block_offset` for the logs."""
+    """The config for this graph: `at` and its amounts (keep, or ToMe's r; the model's numbers)
+    mapped to this graph's blocks, or None when no block of `at` is here. ToMe without `at` merges
+    in every block of this graph. Sets `ctx.block_offset` for the logs."""
     config, blocks = ctx.config, ctx.analysis.blocks
     offset, depth = _model_numbering(blocks, root)
     if depth is None and offset == 0:
         depth = len(blocks)  # the numbering starts here: taken to hold every block
     ctx.block_offset = offset
+    field = "r" if config.score == "tome" else "keep"
+    if config.at is None and config.score == "tome":  # ToMe merges in every block: this graph's, by the planner
+        if isinstance(config.r, tuple) and not (offset == 0 and depth == len(blocks)):
+            raise ConfigError(f"{ctx.model_name} holds blocks {offset}..{offset + len(blocks) - 1} of a model split by "
+                              "graph breaks: give r per block with at= (the model's block numbers), or one r")
+        prefix = ctx.analysis.prefix if config.protect == "auto" else int(config.protect)
+        return dataclasses.replace(config, at=tome_blocks(ctx.analysis, prefix))
     if config.at is None:
         if depth is None:
             raise ConfigError(
@@ -311,13 +322,14 @@ def _localize(ctx: PassContext, root: nn.Module | None) -> Config | None:
             f"at={at} names block(s) {bad}, but the model has {depth} blocks "
             f"(0..{depth - 1}, first at {blocks[0].module or 'the root'})"
         )
-    keeps = config.keep if isinstance(config.keep, tuple) else (config.keep,) * len(at)
-    local = [(i - offset, k) for i, k in zip(at, keeps) if offset <= i < offset + len(blocks)]
+    amount = getattr(config, field)
+    amounts = amount if isinstance(amount, tuple) else (amount,) * len(at)
+    local = [(i - offset, k) for i, k in zip(at, amounts) if offset <= i < offset + len(blocks)]
     if not local:
         log.info("%s: blocks %d..%d (%s..%s) hold no drop of at=%s; left as it is", ctx.model_name, offset,
                  offset + len(blocks) - 1, blocks[0].module or "-", blocks[-1].module or "-", at)
         return None
-    return dataclasses.replace(config, at=tuple(i for i, _ in local), keep=tuple(k for _, k in local))
+    return dataclasses.replace(config, at=tuple(i for i, _ in local), **{field: tuple(k for _, k in local)})
 
 
 def _warn_unknown_prefix(gm: torch.fx.GraphModule, ctx: PassContext) -> None:

@@ -198,6 +198,8 @@ def test_what_a_merge_compares_is_a_dimension_wherever_tokens_merge(current, tri
     (dict(target_flops=0.7, space={"score": ["shfit"]}), "space['score'] holds 'shfit'"),
     (dict(target_flops=0.7, objective="accuracy"), "objective must be"),
     (dict(target_flops=0.01), "Ask for at least"),
+    (dict(target_flops=0.7, keep=0.5), "leave keep= out"),
+    (dict(target_speedup=1.2, score="tome", r=2), "leave r= out"),
 ])
 def test_bad_options_are_refused_in_the_users_words(vit, batches, kwargs, words):
     before = snapshot(vit)
@@ -218,3 +220,15 @@ def test_empty_or_mismatched_batches_say_which_and_what(vit, given, words):
     with pytest.raises(ExampleInputError) as info:
         repshift_fx.calibrate(vit, given, target_flops=0.7, progress=False)
     assert words in str(info.value)
+
+
+@pytest.mark.parametrize("fixed", [{"reduce": "merge"}, {"score": "tome"}, {"score": "tome", "merge_metric": "ward"}])
+def test_options_held_fixed_hold_in_every_candidate(vit, batches, fixed):
+    """The default space tries ToMe, which takes no reduce=: with reduce held it is not tried; with
+    score="tome" held, ToMe's r is what the search sets."""
+    cal = repshift_fx.calibrate(vit, batches[:1], target_flops=0.8, max_candidates=4, progress=False, **fixed)
+    measured = [c for c in cal.table if c.error is None]
+    assert measured
+    for c in measured:
+        assert all(c.config.get(k) == v for k, v in fixed.items()), c.config
+    assert all(cal.config.get(k) == v for k, v in fixed.items())

@@ -270,6 +270,26 @@ def test_tokens_entering_as_an_input_warn_that_no_prefix_is_protected(caplog):
     assert "none is protected" in caplog.text and "protect=N" in caplog.text
 
 
+@pytest.mark.parametrize("amounts", [dict(r=2), dict(r=(2, 2, 1, 1)), dict(r=(3, 1), at=(1, 2))])
+def test_tome_in_the_backend_equals_compress(deit, amounts):
+    x = torch.randn(2, 3, 64, 64)
+    reference = repshift_fx.compress(deit, x, score="tome", compile=False, **amounts)
+    compiled, backend = _compiled(deit, score="tome", **amounts)
+    with torch.no_grad():
+        assert_close(compiled(x), reference(x))
+    assert backend.reports[-1].tokens == reference.report.tokens
+
+
+def test_tome_in_the_backend_maps_at_to_the_blocks_of_each_graph(deit):
+    x = torch.randn(2, 3, 64, 64)
+    reference = repshift_fx.compress(deit, x, score="tome", r=(3, 2), at=(2, 3), compile=False)
+    compiled, backend = _compiled(BreakingViT(deit, "between").eval(), score="tome", r=(3, 2), at=(2, 3))
+    with torch.no_grad():
+        assert_close(compiled(x), reference(x))
+    (report,) = backend.reports  # blocks 2 and 3, after the break, merge; blocks 0 and 1 are left alone
+    assert [row.index for row in report.blocks] == [2, 3] and report.tokens == reference.report.tokens[2:]
+
+
 def test_at_counts_the_model_blocks_when_a_graph_break_splits_them(deit):
     x = torch.randn(2, 3, 64, 64)
     reference = repshift_fx.compress(deit, x, keep=0.5, at=(2,), compile=False)
@@ -333,6 +353,8 @@ def test_options_are_checked_at_once():
         repshift_fx.backend(inner="no-such-backend")
     with pytest.raises(ConfigError, match="prune twice"):
         repshift_fx.backend(inner="repshift")
+    with pytest.raises(ConfigError, match="got int 5"):
+        repshift_fx.backend(inner=5)
     assert "inner='eager'" in repr(repshift_fx.backend(inner="eager"))
 
 
