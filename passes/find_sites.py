@@ -296,8 +296,8 @@ def _find_prefix(gm, graph: nx.DiGraph, by_name, first_stream: str, weights, hin
                 break
             count += shape(part)[TOKEN_AXIS]
             sources = [by_name[a] for a in nx.ancestors(graph, part.name) | {part.name}]
-            names += [str(a.target) for a in sources if a.op in ("get_attr", "placeholder")] or [part.name]
-        return count, f"cat at node '{name}' of " + (", ".join(names) or "no learned tokens")
+            names += [str(a.target) for a in sources if a.op in ("get_attr", "placeholder")] or ["a computed token"]
+        return count, "concatenated before the first block: " + (", ".join(names) or "no learned tokens")
     return 0, "no token concatenation found before the first block"
 
 

@@ -9,11 +9,11 @@ import inspect as pyinspect
 
 import torch
 
-from repshift_fx.capture import as_args, reuse_traces
+from repshift_fx.capture import as_args, check_model, reuse_traces
 from repshift_fx.capture.guard import InputGuard
 from repshift_fx.capture.state import untouched
 from repshift_fx.config import config_from
-from repshift_fx.errors import UnsupportedSiteError
+from repshift_fx.errors import ConfigError, UnsupportedSiteError
 from repshift_fx.pipeline import refused_report, run
 from repshift_fx.report.tokens import Report
 
@@ -47,6 +47,9 @@ def compress(model: torch.nn.Module, example_input, *, compile=True, **options):
             example input, no residual MLP, a site that cannot be pruned safely).
     """
     config, compile_options = config_from(options, compress, COMPILE_KEYWORDS + ("compile_mode",))
+    if not isinstance(compile, bool):
+        raise ConfigError(f"compile must be True or False, got {compile!r}")
+    check_model(model, config.train)
     # one trace per call: the budget search, the probes and the report read copies of it; the model's
     # buffers and the random streams as they were (a training-mode model runs here several times)
     with reuse_traces(), untouched(model):
@@ -75,6 +78,7 @@ def inspect(model: torch.nn.Module, example_input, **options) -> Report:
     """
     options.pop("compile", None)
     config, _ = config_from(options, inspect)
+    check_model(model, config.train)
     with reuse_traces(), untouched(model):
         try:
             return run(model, example_input, config, flops=True)[1]

@@ -105,6 +105,34 @@ def test_another_resolution_is_refused_before_the_graph_runs(flexible):
             gm(torch.randn(3, 64, 64))
 
 
+def test_a_non_tensor_or_an_argument_fixed_in_the_graph_is_refused(flexible):
+    model, gm = flexible
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        for given, words in [((None,), r"a tensor as input 'x' .*got NoneType"), (([x],), r"got list"),
+                             ((x.numpy(),), r"got ndarray"), ((x, x), r"too many positional arguments")]:
+            with pytest.raises(ExampleInputError, match=words):
+                gm(*given)
+
+
+class WithOptionalScale(torch.nn.Module):
+    def __init__(self, vit):
+        super().__init__()
+        self.vit = vit
+
+    def forward(self, x, scale=None):
+        return self.vit(x) if scale is None else self.vit(x * scale)
+
+
+def test_a_value_for_an_argument_the_example_left_out_is_refused(deit):
+    model = WithOptionalScale(deit).eval()
+    gm = repshift_fx.compress(model, X, keep=1.0, compile=False)  # scale=None is fixed in the graph
+    with torch.no_grad():
+        assert torch.allclose(gm(X, None), model(X), atol=1e-5)
+        with pytest.raises(ExampleInputError, match=r"compressed for the example's inputs \(x\) alone.*defaults"):
+            gm(X, torch.tensor(2.0))
+
+
 def test_another_resolution_is_refused_when_compiled_too(flexible):
     model, _ = flexible
     torch._dynamo.reset()

@@ -135,10 +135,19 @@ def test_wrong_input_dtype_names_the_dtypes_not_a_node(model, dtype):
     assert_refused(model, x, ExampleInputError, "does not fit VisionTransformer")
 
 
-def test_a_submodule_in_training_mode_is_refused_and_keeps_its_mode(model):
-    model.blocks[0].attn.train()  # as a user who switched one module on to debug it and forgot
-    assert_refused(model, X, ModelModeError, "'blocks.0.attn' is in training mode", "model.eval()")
-    assert model.blocks[0].attn.qkv.training and not model.blocks[1].attn.training
+def test_a_submodule_in_training_mode_is_refused_where_it_matters_and_keeps_its_mode(model):
+    model.blocks[0].mlp.drop1 = nn.Dropout(0.1)  # assigned after model.eval(): in training mode
+    assert_refused(model, X, ModelModeError, "'blocks.0.mlp.drop1' (Dropout) is in training mode", "model.eval()")
+    assert model.blocks[0].mlp.drop1.training and not model.blocks[1].mlp.drop1.training
+
+
+def test_a_submodule_in_training_mode_that_computes_the_same_is_taken_as_it_is(model):
+    model.head = nn.Identity()  # the usual way to a feature extractor, after model.eval()
+    model.blocks[0].attn.train()  # its dropout rates are 0: training mode computes the same
+    graph = repshift_fx.compress(model, X, keep=1.0, compile=False)
+    with torch.no_grad():
+        assert torch.allclose(graph(X), model(X), atol=1e-5)
+    assert model.head.training and model.blocks[0].attn.qkv.training  # modes as they were
 
 
 def test_compressing_leaves_the_modes_of_the_models_modules_alone(model):
@@ -150,3 +159,26 @@ def test_compressing_leaves_the_modes_of_the_models_modules_alone(model):
     graph = repshift_fx.compress(model, X, train=True, keep=0.7, compile=False)
     assert {name: m.training for name, m in model.named_modules()} == before
     assert graph.training
+
+
+@pytest.mark.parametrize("given,error,words", [
+    (None, ConfigError, "expected a torch.nn.Module, got NoneType"),
+    (lambda x: x, ConfigError, "got function"),
+    ("meta", ConfigError, "on the meta device"),
+])
+def test_not_a_model_is_refused_before_anything_runs(given, error, words):
+    if given == "meta":
+        given = tiny_timm("deit_tiny_patch16_224").to("meta")
+    for entry in (repshift_fx.compress, repshift_fx.inspect):
+        with pytest.raises(error, match=words):
+            entry(given, X)
+
+
+def test_a_meta_example_or_a_word_for_compile_is_refused(model):
+    assert_refused(model, X.to("meta"), ExampleInputError, "meta device")
+    with pytest.raises(ConfigError, match="compile must be True or False"):
+        repshift_fx.compress(model, X, compile="yes")
+
+
+def test_an_empty_dict_example_says_it_is_empty(model):
+    assert_refused(model, {}, ExampleInputError, "e.g. {'input_ids': ids, 'attention_mask': mask}; it is empty")

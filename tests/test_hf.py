@@ -223,3 +223,12 @@ def test_minilm_embeddings_of_wordnet_definitions():
         assert shift["recall@1"] >= random["recall@1"] + margin, (keep, shift, random)
         assert shift["cosine"] > 0.4 and random["cosine"] > 0.4
     assert got[0.7, "shift-cosine"]["cosine"] > got[0.5, "shift-cosine"]["cosine"]
+
+
+def test_a_mask_of_another_length_than_the_ids_is_an_example_error(text):
+    model = tiny_bert("sdpa")
+    ids, mask = text["input_ids"], text["attention_mask"]
+    before = snapshot(model)
+    with pytest.raises(repshift_fx.ExampleInputError, match=r"input_ids \(3, 12\), attention_mask \(3, 5\) differ"):
+        repshift_fx.compress(model, {"input_ids": ids, "attention_mask": mask[:, :5]}, compile=False)
+    assert_unchanged(model, before)

@@ -68,25 +68,58 @@ def parse_args(argv=None):
     parser.add_argument("--keeps", default="1.0,0.9,0.8,0.7,0.6,0.5,0.4,0.3", help="keep rates")
     parser.add_argument("--at", metavar="I,J,..", help="blocks after which tokens are dropped (default: the pass's)")
     parser.add_argument("--fuse", action="store_true", help="EViT fusion of the dropped tokens")
-    parser.add_argument("--limit", type=int, default=None, help="test samples (default: the whole split)")
-    parser.add_argument("--train-limit", type=int, default=None, help="probe training samples (default: --limit)")
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--limit", type=positive, default=None, help="test samples (default: the whole split)")
+    parser.add_argument("--train-limit", type=positive, default=None, help="probe training samples (default: --limit)")
+    parser.add_argument("--batch", type=positive, default=64)
+    parser.add_argument("--threads", type=positive, default=2)
     parser.add_argument("--seed", type=int, default=0, help="random weights, example input and random scores")
     parser.add_argument("--out", default=None, help="output folder (default results/evaluate/<model>-<data>)")
     parser.add_argument("--cache", default="results/evaluate/cache", help="cache of the unpruned outputs")
     parser.add_argument("--no-cache", action="store_true")
     parser.add_argument("--docs", metavar="DIR", help="also copy evaluate.md and evaluate.png here, named after --out")
     parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument("--calibrate", type=int, metavar="N", help="calibrate on N training samples at "
+    parser.add_argument("--calibrate", type=positive, metavar="N", help="calibrate on N training samples at "
                         "--target-flops, then measure every candidate, the paper's rule and ToMe on the test split")
     parser.add_argument("--target-flops", type=float, default=0.7, help="the FLOP target of --calibrate")
     parser.add_argument("--labels", action="store_true", help="--calibrate with the training samples' labels: "
                         "task-aware, by accuracy (without: label-free, by fidelity)")
-    parser.add_argument("--max-candidates", type=int, default=40, help="the most candidates --calibrate measures")
-    parser.add_argument("--space", metavar="JSON", help="--calibrate's search space, e.g. "
+    parser.add_argument("--max-candidates", type=positive, default=40, help="the most candidates --calibrate measures")
+    parser.add_argument("--space", metavar="JSON", type=json_object, help="--calibrate's search space, e.g. "
                         "'{\"reduce\": [\"drop\", \"merge\"], \"score\": [\"shift\", \"attention\"], \"at\": \"auto\"}'")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not args.scores.strip(",").strip():
+        parser.error("--scores is empty: give all, or some of shift,attention,norm,random")
+    if args.labels and not args.calibrate:
+        parser.error("--labels goes with --calibrate N (the labels of the N calibration samples)")
+    try:
+        rates = [float(k) for k in args.keeps.split(",")]
+    except ValueError:
+        parser.error(f"--keeps {args.keeps!r} must be rates separated by commas, e.g. 1.0,0.7,0.5")
+    if not all(0 < k <= 1 for k in rates):
+        parser.error(f"--keeps {args.keeps!r}: every rate must be in (0, 1]")
+    return args
+
+
+def positive(text: str) -> int:
+    """argparse type: a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return value
+
+
+def json_object(text: str) -> str:
+    """argparse type: a JSON object, checked here, read where it is used."""
+    try:
+        ok = isinstance(json.loads(text), dict)
+    except ValueError:
+        ok = False
+    if not ok:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a JSON object, e.g. '{{\"reduce\": [\"drop\", \"merge\"]}}'")
+    return text
 
 
 def _slug(text: str) -> str:
@@ -220,6 +253,9 @@ def main(argv=None) -> int:
         run(args)
     except RepShiftError as err:
         print(f"evaluate: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # an unwritable --out or --docs, a missing or unreadable file
+        print(f"evaluate: error: {err.strerror or err}: {err.filename or ''}", file=sys.stderr)
         return 2
     return 0
 

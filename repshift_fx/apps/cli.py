@@ -72,8 +72,8 @@ def _spec_options(parser: argparse.ArgumentParser) -> None:
 def _schedule_options(parser: argparse.ArgumentParser) -> None:
     """A flag for every other field of Config (repshift_fx/apps/config_flags.py), and --config."""
     add_config_flags(parser, [f for f in option_names() if f not in MODEL_FIELDS], exclusive=("keep", "target_flops"))
-    parser.add_argument("--config", metavar="JSON", help="the options `repshift-fx tune` saved (they replace the "
-                        "options above)")
+    parser.add_argument("--config", metavar="JSON", help="the options `repshift-fx tune` saved (all of them: "
+                        "not with the option flags above)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -144,12 +144,17 @@ def run_tune(args) -> int:
 
 def _schedule(args) -> dict:
     """compress()/inspect() options from the command line (or from --config)."""
+    flags = config_options(args)
     if args.config:
         from repshift_fx.apps.tune import config_from
 
+        if flags:
+            given = ", ".join("--" + k.replace("_", "-") for k in flags)
+            raise specs.SpecError(f"--config {args.config} gives every option; {given} would be ignored beside it: "
+                                  "drop the flag, or leave --config out and give every option as a flag")
         config, args.config_note = config_from(args.config)
         return config
-    return config_options(args)
+    return flags
 
 
 def _emit(text: str, output: str | None) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import json
+import math
 import os
 import pickle
 import sys
@@ -48,7 +49,7 @@ def parse_shape(text: str) -> tuple[int, ...]:
 def parse_ints(text: str, option: str) -> tuple[int, ...]:
     """'3,6,9' -> (3, 6, 9)."""
     try:
-        return tuple(int(p) for p in text.split(",") if p.strip())
+        return tuple(int(p) for p in text.split(","))
     except ValueError:
         raise SpecError(f"{option} {text!r} must be whole numbers separated by commas, e.g. 3,6,9") from None
 
@@ -56,7 +57,7 @@ def parse_ints(text: str, option: str) -> tuple[int, ...]:
 def parse_floats(text: str, option: str) -> float | tuple[float, ...]:
     """'0.7' -> 0.7, '0.7,0.6' -> (0.7, 0.6)."""
     try:
-        values = tuple(float(p) for p in text.split(",") if p.strip())
+        values = tuple(float(p) for p in text.split(","))  # an empty part ("0.7,,0.5") is a typo, not skipped
     except ValueError:
         values = ()
     if not values:
@@ -317,4 +318,8 @@ def describe_input(inputs) -> str:
 
 def example_input(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
     """A reproducible random input of `shape`."""
-    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    try:
+        return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    except RuntimeError as err:  # out of memory: a typo in --input, most likely
+        raise SpecError(f"--input {'x'.join(map(str, shape))} is {math.prod(shape):,} values, more than this machine can "
+                        f"allocate ({str(err).splitlines()[0]}): give the batch and size you mean, e.g. 1x3x224x224") from None

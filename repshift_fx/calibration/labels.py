@@ -101,7 +101,13 @@ class Task:
                 raise ConfigError(f"labels go up to class {classes - 1}, but the model's head has {logits} classes: "
                                   "give the head's class indices")
             return cls(labels)
-        features, targets = torch.cat([pooled(r) for r in reference]), torch.cat(labels)
+        present, targets = torch.unique(torch.cat(labels), return_inverse=True)  # class ids 0..k-1, however sparse
+        if len(present) < 2:
+            raise ConfigError(f"the labels hold one class ({present.tolist()[0]}): accuracy cannot tell candidates "
+                              "apart; give labels of the task's classes")
+        labels = list(targets.split([len(t) for t in labels]))
+        classes = len(present)
+        features = torch.cat([pooled(r) for r in reference])
         if len(targets) < 2 * FOLDS:
             raise ConfigError(f"labels for {len(targets)} samples are too few to fit a probe; give a few hundred")
         folds = torch.arange(len(targets)) % FOLDS

@@ -20,7 +20,7 @@ from torch import nn
 from repshift_fx.api import compress
 from repshift_fx.calibration.objective import PER_SAMPLE, call, choose_objective, cosine, main_output, output_kind
 from repshift_fx.calibration.labels import Task, label_list
-from repshift_fx.errors import ExampleInputError, RepShiftError
+from repshift_fx.errors import ExampleInputError, RepShiftError, described
 from repshift_fx.flops import count_macs
 
 log = logging.getLogger("repshift_fx")
@@ -80,6 +80,9 @@ def batch_list(batches) -> list:
     """The user's batches as a list, checked: every batch a tensor, tuple of tensors or dict of
     tensors, of one structure, with one batch size within each batch and the same sample shape as
     the first batch (a dict's sequence length, the last axis, may differ)."""
+    if batches is None or isinstance(batches, (str, bytes)) or not hasattr(batches, "__iter__"):
+        raise ExampleInputError(f"calibrate() needs batches of example inputs (a list of tensors or of dicts of "
+                                f"tensors, a few hundred samples in all); got {type(batches).__name__}")
     batches = [batches] if isinstance(batches, (torch.Tensor, Mapping)) else list(batches)
     if not batches:
         raise ExampleInputError("calibrate() needs batches of example inputs (a list of tensors or of dicts of "
@@ -267,8 +270,23 @@ def unpruned_outputs(model: nn.Module, batches: list) -> list:
             except Exception as err:  # the model's own error, whatever it raises
                 shapes = ", ".join(f"{tuple(t.shape)} {t.dtype}" for _, t in _tensors(batch, i))
                 raise ExampleInputError(f"batch {i} ({shapes}) does not fit {type(model).__name__}: "
-                                        f"{type(err).__name__}: {str(err).splitlines()[0]}") from err
+                                        f"{described(err)}{_pair_hint(batch)}") from err
+            compared = main_output(outputs[-1])
+            if compared.is_floating_point() and not compared.isfinite().all():
+                raise ExampleInputError(f"{type(model).__name__}'s output on batch {i} holds NaN or inf: calibration "
+                                        "compares the reduced model's outputs with it; pass batches it computes "
+                                        "finite outputs on")
     return outputs
+
+
+def _pair_hint(batch) -> str:
+    """What a DataLoader of (inputs, labels) pairs needs: the inputs alone, the labels as labels=."""
+    if isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[1], torch.Tensor) and \
+            batch[1].dim() == 1 and not batch[1].is_floating_point():
+        return ("; the batches look like (inputs, labels) pairs, as a DataLoader gives them: pass the inputs alone "
+                "([x for x, _ in loader]) and the labels as labels= ([y for _, y in loader])")
+    return ""
+
 
 
 def spread(sizes: list[int], screen: int | None) -> tuple[int, ...]:

@@ -11,6 +11,8 @@ The cosine is also measured for logits, to break ties between candidates of equa
 """
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Mapping
 from typing import Callable
 
@@ -103,9 +105,26 @@ def choose_objective(objective, kind: str) -> tuple[Callable, str]:
     if objective is None:
         return OBJECTIVES[kind], OBJECTIVE_NAMES[kind]
     if callable(objective):
-        return objective, getattr(objective, "__name__", "custom objective")
+        return _checked(objective), getattr(objective, "__name__", "custom objective")
     named = {"agreement": (agreement, OBJECTIVE_NAMES["logits"]), "cosine": (cosine, OBJECTIVE_NAMES["features"])}
     if objective not in named:
         raise ConfigError(f"objective must be 'agreement', 'cosine', a callable (outputs, reference) -> float or "
                           f"None (chosen by the output), got {objective!r}")
     return named[objective]
+
+
+def _checked(objective: Callable) -> Callable:
+    """The user's objective, its failures and non-numbers a ConfigError that says what it must be."""
+    def measured(outputs: torch.Tensor, reference: torch.Tensor) -> float:
+        try:
+            value = objective(outputs, reference)
+        except Exception as err:  # the user's code, whatever it raises
+            raise ConfigError(f"objective= raised {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}; "
+                              "it is called as objective(outputs, reference) with two tensors") from err
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()
+        if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
+            raise ConfigError(f"objective= returned {value!r}; it must return a finite number, higher is better")
+        return float(value)
+
+    return measured

@@ -117,10 +117,15 @@ class Calibration:
         if not isinstance(record, dict) or record.pop("format", None) != FORMAT:
             raise ConfigError(f"{str(path)!r} is not a calibration saved by repshift_fx (Calibration.save / "
                               "repshift-fx tune)")
-        record["table"] = [Candidate(**dict(_tuples(row), options=_tuples(row["options"]), config=_tuples(row["config"] or {})))
-                           for row in record["table"]]
-        record["config"] = _tuples(record["config"])
-        return cls(**record)
+        try:
+            record["table"] = [Candidate(**dict(_tuples(row), options=_tuples(row["options"]),
+                                                config=_tuples(row["config"] or {}))) for row in record["table"]]
+            record["config"] = _tuples(record["config"])
+            return cls(**record)
+        except (KeyError, TypeError, AttributeError) as error:  # a file edited by hand: a field missing or wrong
+            raise ConfigError(f"{str(path)!r} is not a valid calibration: {type(error).__name__}: {error}. Save it again "
+                              "with Calibration.save (or repshift-fx tune), or pass the options to compress() "
+                              "yourself") from None
 
 
 def pareto(candidates: list[Candidate]) -> list[Candidate]:

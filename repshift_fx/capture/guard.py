@@ -41,6 +41,9 @@ class InputGuard:
         self.names = [p.name for p in params][:len(args)] if self.bindable else self.keywords or list(range(len(args)))
         self.labels = [f"input '{name}'" if isinstance(name, str) else input_label(args, name) for name in self.names]
         self.shapes = [tuple(a.shape) for a in args]
+        # forward parameters the example left out: fixed to their defaults in the graph
+        self.fixed = {p.name: p.default for p in params if p.name not in self.names and p.default is not p.empty} \
+            if self.bindable else {}
 
     def __call__(self, module, args: tuple, kwargs: dict):
         if self.train and not module.training:
@@ -50,8 +53,19 @@ class InputGuard:
                 "x, ...), which shares the trained weights"
             )
         given = self._bind(args, kwargs)
+        for name, default in self.fixed.items():
+            if name in given and given[name] is not default and not _equal(given[name], default):
+                raise ExampleInputError(
+                    f"the model was compressed for the example's inputs ({', '.join(map(str, self.names))}) alone, "
+                    f"its other forward parameters fixed to their defaults ({default!r} here); got a "
+                    f"{type(given[name]).__name__} for one of them. Compress again with an example that passes it "
+                    "(a dict example: {name: tensor} for each)"
+                )
         for name, label, want in zip(self.names, self.labels, self.shapes):
             got = given.get(name)
+            if name in given and not isinstance(got, torch.Tensor):
+                raise ExampleInputError(f"the model was compressed for a tensor as {label} (shape {_batch_free(want)}), "
+                                        f"got {type(got).__name__}")
             if isinstance(got, torch.Tensor) and (got.dim() != len(want) or tuple(got.shape[1:]) != want[1:]):
                 raise ExampleInputError(
                     f"the model was compressed for {label} of shape {_batch_free(want)}, got "
@@ -71,6 +85,13 @@ class InputGuard:
                 f"the compressed model takes the inputs of the example it was compressed with, "
                 f"({', '.join(self.names)}): {err}. Pass each of them (a dict example: the same keys)"
             ) from None
+
+
+def _equal(value, default) -> bool:
+    try:
+        return isinstance(value, (bool, int, float, str)) and value == default
+    except Exception:
+        return False
 
 
 def _batch_free(shape: tuple) -> str:

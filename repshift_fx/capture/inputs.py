@@ -14,27 +14,44 @@ from ..errors import ConfigError, ExampleInputError, ModelModeError
 
 
 def check_model(model, train: bool = False) -> None:
-    """The model is a module in the mode asked for: eval mode, every submodule too, or with `train`
-    training mode (submodules may be in eval mode: frozen batch statistics)."""
+    """The model is a module in the mode asked for: eval mode, with no submodule whose training mode
+    changes its output (batch norm, dropout) left in it; or with `train` training mode (submodules
+    may be in eval mode: frozen batch statistics)."""
     if not isinstance(model, nn.Module):
         raise ConfigError(f"expected a torch.nn.Module, got {type(model).__name__}")
     name = type(model).__name__
+    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+        raise ConfigError(f"{name}'s weights are on the meta device (created without data): load them first "
+                          "(model.to_empty(device='cpu') and load_state_dict), then compress it")
     if model.training and not train:
         raise ModelModeError(
             f"{name} is in training mode. repshift_fx compresses inference graphs unless asked: call "
             "model.eval() before compress()/inspect(), or pass train=True to compress() to train through "
             "the reduction."
         )
-    training = next((path for path, module in model.named_modules() if module.training), None)
+    training = next((path for path, module in model.named_modules() if module.training and _mode_matters(module)),
+                    None)
     if training is not None and not train:
         raise ModelModeError(
-            f"{name} is in eval mode, but its module '{training}' is in training mode (its dropout or batch "
-            "statistics would differ from inference): call model.eval() before compress()/inspect(), which sets "
-            "every module, or pass train=True on a model in training mode to train through the reduction"
+            f"{name} is in eval mode, but its module '{training}' ({type(model.get_submodule(training)).__name__}) is "
+            "in training mode: it would use batch statistics or drop at random where inference does not. Call "
+            "model.eval() before compress()/inspect(), which sets every module (also one assigned after it), or "
+            "pass train=True on a model in training mode to train through the reduction"
         )
     if train and not model.training:
         raise ConfigError(f"train=True compresses a training graph, but {name} is in eval mode: call model.train() "
                           "first, or leave train out for inference")
+
+
+def _mode_matters(module: nn.Module) -> bool:
+    """Whether training mode changes what `module` computes: batch norm (batch statistics, running
+    ones updated) and dropout, drop-path or attention dropout with a rate above 0. A module
+    without such behaviour (an nn.Identity assigned after model.eval()) may be left in training mode."""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return True
+    rate = module.p if isinstance(module, nn.modules.dropout._DropoutNd) else \
+        getattr(module, "drop_prob", None) if not isinstance(module, nn.MultiheadAttention) else module.dropout
+    return isinstance(rate, (int, float)) and rate > 0
 
 
 class Inputs(tuple):
@@ -62,8 +79,8 @@ def _keyword_inputs(example_input: dict, model: nn.Module | None) -> Inputs:
     bad = [k for k, v in example_input.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
     if bad or not example_input:
         raise ExampleInputError(
-            f"a dict example_input must map forward parameter names to tensors; {bad or 'it is empty'} "
-            "do not, e.g. {'input_ids': ids, 'attention_mask': mask}"
+            "a dict example_input must map forward parameter names to tensors, e.g. {'input_ids': ids, "
+            f"'attention_mask': mask}}; " + (f"{bad} do not" if bad else "it is empty")
         )
     parameters = inspect.signature(model.forward).parameters if model is not None else {}
     params = list(parameters)
@@ -73,8 +90,21 @@ def _keyword_inputs(example_input: dict, model: nn.Module | None) -> Inputs:
         raise ExampleInputError(
             f"{type(model).__name__}.forward has no parameter(s) {unknown}; it takes {params}"
         )
+    _check_token_inputs(example_input)
     order = sorted(example_input, key=lambda k: params.index(k) if k in params else len(params))
     return Inputs([example_input[k] for k in order], order)
+
+
+TOKENIZER_INPUTS = ("input_ids", "attention_mask", "token_type_ids")  # one (batch, length) shape from a tokenizer
+
+
+def _check_token_inputs(example_input: dict) -> None:
+    shapes = {k: tuple(v.shape) for k, v in example_input.items() if k in TOKENIZER_INPUTS}
+    if len(set(shapes.values())) > 1:
+        given = ", ".join(f"{k} {s}" for k, s in shapes.items())
+        raise ExampleInputError(f"the example's {given} differ in shape: a tokenizer gives them one shape, (batch, "
+                                "sequence length); pass them as it returns them (padding=True pads every text of a "
+                                "batch to one length)")
 
 
 def as_args(example_input, model: nn.Module | None = None) -> tuple:
@@ -98,6 +128,9 @@ def as_args(example_input, model: nn.Module | None = None) -> tuple:
                else type(example_input).__name__)
         )
     _check_not_empty(args)
+    if any(t.is_meta for t in args):
+        raise ExampleInputError("the example input is on the meta device (no data): pass a real batch, which the "
+                                "pass runs the model on to check the graph it captures")
     return args
 
 

@@ -213,7 +213,10 @@ def make_plan(analysis, config: Config, restore_after=frozenset(), mlp_only=froz
     # read by position after the last block: kept in place whatever `protect` says, or the read goes wrong
     protected = tuple(p for p in getattr(analysis, "protected", {}) if p >= prefix)
     if prefix >= analysis.blocks[0].tokens:
-        raise ConfigError(f"protect={prefix} leaves no token to prune of {analysis.blocks[0].tokens}")
+        given = f"protect={prefix}" if config.protect != "auto" else \
+            f"the {prefix} prefix token(s) found ({analysis.prefix_source}), which are never pruned,"
+        raise ConfigError(f"{given} leave(s) no token to prune of the {analysis.blocks[0].tokens} entering the first "
+                          "block: give a longer input (more patches or words), or a smaller protect=")
 
     plan = PrunePlan(config, [], [], prefix)
     stages = runs(analysis)

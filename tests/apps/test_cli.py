@@ -309,6 +309,14 @@ def test_tune_saves_what_inspect_config_uses(capsys, tmp_path):
     assert any(note.startswith(f"configuration from calibration {tuned}") for note in data["notes"])
     code, _, err = run(capsys, "inspect", *TINY, "--config", tmp_path / "missing.json")
     assert code == 2 and "cannot read the calibration" in err and "Traceback" not in err
+    code, _, err = run(capsys, "inspect", *TINY, "--config", tuned, "--keep", "0.5")  # would be ignored
+    assert code == 2 and "--keep would be ignored" in err
+    edited = tmp_path / "edited.json"
+    for broken in ({k: v for k, v in saved.items() if k != "table"}, dict(saved, config=[1, 2]),
+                   dict(saved, table=[dict(saved["table"][0], colour="red")])):
+        edited.write_text(json.dumps(broken))
+        code, _, err = run(capsys, "inspect", *TINY, "--config", edited)
+        assert code == 2 and "is not a valid calibration" in err and "internal error" not in err, err
 
 
 @pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(),
@@ -361,3 +369,10 @@ def test_every_config_field_has_a_flag():
     assert cli._schedule(args) == {"keep": 0.5, "at": (3,), "score": "tome", "r": 8, "shift_guidance": 0.01,
                                    "restore": True}
     assert cli._schedule(cli.build_parser().parse_args(["inspect", "timm:any"])) == {}  # Config's defaults
+
+
+@pytest.mark.parametrize("flag,value,words", [("--keep", "0.7,,0.5", "must be a number"), ("--at", "1,", "whole numbers"),
+                                              ("--input", "99999999x3x512x512", "more than this machine can allocate")])
+def test_typos_in_flags_are_refused_not_read_around(capsys, flag, value, words):
+    code, _, err = run(capsys, "inspect", *TINY, flag, value)
+    assert code == 2 and words in err and "internal error" not in err, err

@@ -462,3 +462,14 @@ def test_fashion_scenes_take_the_garments_size_and_draw_the_same_photos():
     for bad in ("fashion-scenes:48-24", "fashion-scenes:0-10", "fashion-scenes:24", "fashion-scenes:20-200"):
         with pytest.raises(DataError, match="fashion-scenes:MIN-MAX"):
             load_dataset(bad)
+
+
+@pytest.mark.parametrize("flags, words", [(["--limit", "0"], "--limit: '0' is not a whole number >= 1"),
+                                          (["--batch", "-3"], "--batch"), (["--space", "{bad"], "not a JSON object"),
+                                          (["--keeps", "1.5"], "in (0, 1]"), (["--scores", ""], "--scores is empty"),
+                                          (["--labels"], "--labels goes with --calibrate")])
+def test_bad_flags_are_refused_before_anything_loads(capsys, flags, words):
+    tool = load_tool("evaluate")
+    with pytest.raises(SystemExit) as exit_:
+        tool.parse_args(["timm:deit_tiny_patch16_224", *flags])
+    assert exit_.value.code == 2 and words in capsys.readouterr().err

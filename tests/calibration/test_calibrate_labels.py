@@ -112,3 +112,25 @@ def test_an_unreachable_target_names_the_lowest_reachable_one(vit, batches):
 def test_batches_the_model_cannot_take_are_an_example_input_error(vit):
     with pytest.raises(ExampleInputError, match=r"batch 0 \(\(2, 3, 64, 64\) torch.int64\) does not fit"):
         repshift_fx.calibrate(vit, [torch.ones(2, 3, 64, 64, dtype=torch.long)], target_flops=0.7, progress=False)
+
+
+
+def test_batches_of_input_label_pairs_say_to_pass_the_labels_apart(vit, batches):
+    pairs = [(b, torch.zeros(len(b), dtype=torch.long)) for b in batches[:1]]  # as a DataLoader of a dataset yields
+    with pytest.raises(ExampleInputError, match=r"\(inputs, labels\) pairs.*labels= "):
+        repshift_fx.calibrate(vit, pairs, target_flops=0.7, progress=False)
+
+
+@pytest.mark.parametrize("objective, words", [(lambda out, ref: None, "returned None"),
+                                              (lambda out, ref: float("nan"), "returned nan"),
+                                              (lambda out: 1.0, "raised TypeError")])
+def test_an_objective_that_gives_no_number_is_refused(vit, batches, objective, words):
+    with pytest.raises(ConfigError, match=words):
+        repshift_fx.calibrate(vit, batches[:1], target_flops=0.7, objective=objective, progress=False,
+                              max_candidates=2)
+
+
+@pytest.mark.parametrize("given", [None, 3])
+def test_no_batches_is_an_example_input_error(vit, given):
+    with pytest.raises(ExampleInputError, match="calibrate\\(\\) needs batches"):
+        repshift_fx.calibrate(vit, given, target_flops=0.7, progress=False)

@@ -8,6 +8,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
 from repshift_fx.calibration.labels import DECAYS, FOLDS, Task
+from repshift_fx.errors import ConfigError
 
 
 def sklearn_held_out_log_likelihood(x: np.ndarray, y: np.ndarray, decay: float) -> float:
@@ -65,3 +66,19 @@ def test_the_note_says_what_the_probe_reads_and_warns_where_it_reads_nothing():
     assert "linear probe" in note and "barely predict" not in note
     (note,) = fit(x, np.random.default_rng(2).integers(0, 4, size=200)).notes()
     assert "barely predict" in note
+
+
+def test_sparse_class_ids_fit_the_probe_of_the_classes_present():
+    """Class ids 7 and 2000 are two classes: the probe has two outputs, and scores as for ids 0 and 1."""
+    x, y = linear_task(120, 8, 2, 0.5, seed=3)
+    dense, sparse = fit(x, y), fit(x, np.where(y == 1, 2000, 7))
+    assert sparse.probes[0].bias.shape == (2,) and sparse.decay == dense.decay
+    outputs = torch.tensor(x[:50], dtype=torch.float32)
+    for got, want in zip(sparse.scores(outputs, 0), dense.scores(outputs, 0)):
+        assert torch.equal(got, want)
+
+
+def test_labels_of_one_class_are_refused():
+    x, _ = linear_task(60, 8, 2, 0.5, seed=3)
+    with pytest.raises(ConfigError, match=r"one class \(4\)"):
+        fit(x, np.full(60, 4))
