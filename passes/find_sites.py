@@ -340,7 +340,8 @@ def analyze(gm: torch.fx.GraphModule, weights: frozenset[str] = frozenset(), hin
     sites = _residual_sites(gm, graph, by_name)
     blocks, stray = _pair_blocks(sites, by_name, graph)
     if not blocks:
-        found = ", ".join(f"{s.kind} at '{s.module or s.add}'" for s in sites) or "no residual adds"
+        found = ", ".join(f"{s.kind} at '{s.module}'" if s.module else f"{s.kind} in the model's own forward"
+                          for s in sites) or "no residual add over tokens"
         raise NoSiteError(
             "no residual MLP (an add of x and a token-local branch of x over (B, N, C) tokens) was "
             f"found in {type(gm).__name__}; found: {found}. Representation Shift scores tokens at "

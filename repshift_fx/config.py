@@ -118,7 +118,8 @@ class Config:
             object.__setattr__(self, "keep", 0.7)
         if self.at is not None:
             at = (self.at,) if isinstance(self.at, numbers.Integral) else self.at
-            at = tuple(at) if isinstance(at, Iterable) and not isinstance(at, (str, bytes)) else None
+            ordered = isinstance(at, Iterable) and not isinstance(at, (str, bytes, set, frozenset, dict))
+            at = tuple(at) if ordered else None  # a set has no order to pair with per-drop amounts
             if at is None or not all(_is_int(i) for i in at):
                 raise ConfigError(f"at must be a sequence of block indices (ints), got {self.at!r}")
             at = tuple(int(i) for i in at)

@@ -34,6 +34,11 @@ def test_repeated_or_unsorted_at(model, at):
     assert_refused(model, X, ConfigError, "strictly increasing", at=at)
 
 
+@pytest.mark.parametrize("at", [{1, 2}, "1,2", {1: 0.5}])
+def test_at_that_is_no_sequence_is_refused(model, at):
+    assert_refused(model, X, ConfigError, "at must be a sequence of block indices", at=at)
+
+
 def test_keep_per_block_must_match_at(model):
     assert_refused(model, X, ConfigError, "one rate per", at=(1, 2), keep=(0.5, 0.5, 0.5))
 
@@ -81,7 +86,7 @@ def test_no_residual_mlp_says_what_was_found():
 
 def test_cnn_without_tokens():
     assert_refused(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval(), torch.randn(1, 3, 8, 8), NoSiteError,
-                   "no residual adds")
+                   "no residual add over tokens")
 
 
 def test_untraceable_model_names_the_module():

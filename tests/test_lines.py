@@ -120,7 +120,7 @@ def test_line_shift_map_draws_rows_and_columns(resnet18):
 
 def test_auto_mode_picks_lines_and_explicit_modes_refuse(resnet18, img):
     assert repshift_fx.compress(resnet18, img, compile=False).report.config["mode"] == "lines"
-    with pytest.raises(NoSiteError, match="no residual adds"):
+    with pytest.raises(NoSiteError, match="no residual add over tokens"):
         repshift_fx.compress(resnet18, img, mode="tokens", compile=False)
     with pytest.raises(NoSiteError, match="over \\(B, C, H, W\\) maps"):
         repshift_fx.compress(_deit(), torch.randn(1, 3, 64, 64), mode="lines", compile=False)
