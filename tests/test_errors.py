@@ -187,3 +187,16 @@ def test_a_meta_example_or_a_word_for_compile_is_refused(model):
 
 def test_an_empty_dict_example_says_it_is_empty(model):
     assert_refused(model, {}, ExampleInputError, "e.g. {'input_ids': ids, 'attention_mask': mask}; it is empty")
+
+
+def test_an_example_the_model_takes_by_keyword_only_says_so():
+    class KeywordOnly(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mlp = nn.Linear(16, 16)
+
+        def forward(self, *, x):
+            return x + self.mlp(x)
+
+    assert_refused(KeywordOnly().eval(), torch.randn(2, 20, 16), ExampleInputError, "does not fit KeywordOnly",
+                   "takes 1 positional argument")

@@ -11,9 +11,10 @@ import torch
 import torch.fx
 from torch import nn
 
-from ..errors import CaptureError
+from ..errors import CaptureError, ExampleInputError
 from ..fx.nodes import module_paths
 from .inputs import Inputs
+from .shapes import input_mismatch
 from .state import seeded
 
 
@@ -146,7 +147,10 @@ def check_capture(gm: torch.fx.GraphModule, model: nn.Module, args: tuple, rtol:
     """Run the graph once on `args` and compare each output tensor with the model's own (eager,
     no_grad); a relative error over `rtol` is a `CaptureError` naming the first module whose
     output differs (`first_divergence`: one more run of each, on failure only)."""
-    want = _tensors(call_model(model, args))
+    try:
+        want = _tensors(call_model(model, args))
+    except Exception as err:  # the model's own error: the example does not fit how it is called
+        raise ExampleInputError(input_mismatch(model, args, err)) from err
     got = _tensors(_run_graph(gm, model, args))
     rtol = max([rtol] + [_rounding(w) for w in want if w.is_floating_point()])
     if len(got) != len(want):

@@ -49,6 +49,12 @@ class Exported:
         return os.fspath(self.path)
 
 
+def _target(path) -> Path:
+    if not isinstance(path, (str, os.PathLike)):
+        raise ExportError(f"path must be the .onnx file to write (a str or a Path), got {type(path).__name__}")
+    return Path(path).expanduser()
+
+
 def export(model: torch.nn.Module, example_input, path, *, dynamic_batch: bool = True, check: bool = True,
            onnx_options: dict | None = None, **config) -> Exported:
     """Compress `model` (`compress(model, example_input, compile=False, **config)`) and write the
@@ -76,7 +82,7 @@ def export(model: torch.nn.Module, example_input, path, *, dynamic_batch: bool =
     config.pop("compile", None)  # the eager graph is what is exported
     inference_only(config_from(config, export)[0], "export()", "writes an inference graph")  # no compile options
     require("onnx", "onnxscript", *(("onnxruntime",) if check else ()))
-    target = Path(path).expanduser()
+    target = _target(path)
     with _atomic_file(target) as temporary:
         args = _example(example_input, model, dynamic_batch)
         gm = compress(model, args, compile=False, **config)
@@ -91,7 +97,7 @@ def export_unpruned(model: torch.nn.Module, example_input, path, *, dynamic_batc
     """`model` as it is, without the pass, written the same way: the baseline `bench --onnx`
     times the compressed model against. `.report` is None."""
     require("onnx", "onnxscript", *(("onnxruntime",) if check else ()))
-    target = Path(path).expanduser()
+    target = _target(path)
     with _atomic_file(target) as temporary:
         exported = _write(model, _example(example_input, model, dynamic_batch), temporary, dynamic_batch, check,
                           onnx_options)

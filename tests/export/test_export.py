@@ -189,3 +189,9 @@ def test_a_node_the_pass_inserted_is_described_not_named(deit):
     error = export_error(RuntimeError("boom\nWhile executing %repshift_index_1 : [num_users=2]"), gm, True)
     message = str(error)
     assert "token selection" in message and "after block 1 (module 'blocks.1')" in message and "repshift_index" not in message
+
+
+@pytest.mark.parametrize("path", [None, 5])
+def test_a_path_that_is_no_path_is_refused(deit, path):
+    with pytest.raises(ExportError, match="path must be the .onnx file to write"):
+        repshift_fx.export(deit, torch.randn(2, 3, 64, 64), path, keep=0.7)
