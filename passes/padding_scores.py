@@ -16,7 +16,7 @@ import torch
 import torch.fx
 
 from repshift_fx.context import inserted, mark, role_of
-from repshift_fx.fx.nodes import data_graph, nodes_by_name, shape
+from repshift_fx.fx.nodes import data_graph, input_name, nodes_by_name, shape
 from repshift_fx.passes.gather_side_tensors import gather_side
 
 
@@ -51,14 +51,6 @@ def padding_mask(gm: torch.fx.GraphModule, analysis, weights=frozenset(), args: 
         if mixers & nx.descendants(graph, node.name):
             return node
     return None
-
-
-def input_name(gm: torch.fx.GraphModule, node: torch.fx.Node, args) -> str:
-    """The keyword the user gave for a placeholder (dynamo names them arg0, arg1, ...)."""
-    names = getattr(args, "names", ())
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    position = placeholders.index(node)
-    return names[position] if position < len(names) else node.name
 
 
 def real_tokens(index: torch.fx.Node) -> torch.fx.Node | None:

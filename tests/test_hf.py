@@ -1,6 +1,7 @@
 """Hugging Face transformers models: BERT with a padding mask, ViT, DINOv2 (LayerScale), eager and SDPA
 attention, inputs as a dict of keyword tensors; the MiniLM sentence encoder on WordNet definitions."""
 import copy
+import re
 
 import pytest
 import torch
@@ -100,6 +101,8 @@ def test_padded_positions_are_never_kept_in_place_of_real_tokens(text):
         real = real.gather(1, index)
     assert "attention_mask" in " ".join(gm.report.notes)
     assert gm.report.side_tensors  # the (B, 1, N, N) attention mask and the pooling mask
+    assert "input 'attention_mask'" in gm.report.side_tensors  # by the user's keyword, not dynamo's l_attention_mask_
+    assert all(not re.match(r"l_|%", said) for said in gm.report.side_tensors)
 
 
 def test_dict_inputs_in_any_order_and_compiled(text):

@@ -273,6 +273,20 @@ def value_phrase(node: torch.fx.Node, gm: torch.fx.GraphModule | None = None, bl
     return f"{_VALUE_WORDS.get(op, f'the result of {op}')} in {in_module(node)}"
 
 
+_DYNAMO_INPUT = re.compile(r"[lL]_(?:kwargs_|args_)?(.+?)_")  # dynamo's placeholder for forward parameter x: l_x_
+
+
+def input_name(gm: torch.fx.GraphModule, node: torch.fx.Node, args=()) -> str:
+    """The keyword the user gave for a placeholder (`args.names`: a dict example), else the forward
+    parameter it stands for (dynamo names it l_attention_mask_)."""
+    names = getattr(args, "names", ())
+    position = [n for n in gm.graph.nodes if n.op == "placeholder"].index(node)
+    if position < len(names):
+        return names[position]
+    match = _DYNAMO_INPUT.fullmatch(node.name)
+    return match.group(1) if match else str(node.target)
+
+
 def located(node: torch.fx.Node) -> dict:
     """The `node=` and `module=` fields of an error about `node` (RepShiftError)."""
     return {"node": node.name, "module": module_path(node)}

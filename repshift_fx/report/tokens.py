@@ -16,7 +16,7 @@ from tabulate import tabulate
 
 from repshift_fx.context import inserted, role_of
 from repshift_fx.flops import FlopBreakdown, before_and_after, block_of_nodes
-from repshift_fx.fx.nodes import carries_tensor, module_phrase, op_name, shape
+from repshift_fx.fx.nodes import carries_tensor, input_name, module_phrase, nodes_by_name, op_name, shape, value_phrase
 from repshift_fx.plan.tokens import runs
 
 log = logging.getLogger("repshift_fx")
@@ -277,7 +277,7 @@ def build_report(ctx, gflops_before=None, gflops_after=None, *, gm=None, budget=
         config["target_flops"] = budget.target
     graph = dot_graph(gm, analysis, plan) if gm is not None else None
     return Report(ctx.model_name, config, rows, plan.prefix, analysis.prefix_source, before, after, notes,
-                  outside_before, outside_after, side_tensors(gm, plan) if gm is not None else [], refused,
+                  outside_before, outside_after, side_tensors(gm, plan, ctx.args) if gm is not None else [], refused,
                   dataclasses.asdict(budget) if budget is not None else None, graph)
 
 
@@ -289,17 +289,26 @@ def token_report(model, gm, ctx, flops: bool = True, budget=None) -> Report:
     return build_report(ctx, before, after, gm=gm, budget=budget)
 
 
-def side_tensors(gm, plan) -> list[str]:
-    """Tensors other than the stream that a drop gathers with the same indices."""
+def side_tensors(gm, plan, args=()) -> list[str]:
+    """Tensors other than the stream that a drop gathers with the same indices, as the user knows
+    them: "input 'attention_mask'", "the result of mul in module 'encoder.layer.0.attention'"."""
     streams = {d.after for d in plan.drops}
-    found = []
+    by_name, found, seen = nodes_by_name(gm), [], set()
     for node in gm.graph.nodes:
         role = role_of(node)
         source = node.args[0] if node.args else None
         if role not in (None, "mlp_keep") and op_name(node) == "gather_tokens" and getattr(source, "name", None) not in streams:
-            found.append(source.name)
-        elif role == "side" and inserted(node).source not in found:
-            found.append(inserted(node).source)  # passes/gather_side_tensors.py
+            name = source.name
+        elif role == "side":
+            name = inserted(node).source  # passes/gather_side_tensors.py
+        else:
+            continue
+        if name in seen:
+            continue
+        seen.add(name)
+        original = by_name.get(name)
+        found.append(name if original is None else f"input '{input_name(gm, original, args)}'"
+                     if original.op == "placeholder" else value_phrase(original, gm))
     return found
 
 
