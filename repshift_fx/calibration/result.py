@@ -93,6 +93,7 @@ class Calibration:
         ax.set_title(title or f"calibration on {self.samples} samples", fontsize=9)
         ax.legend(fontsize=8)
         fig.tight_layout()
+        Path(path).parent.mkdir(parents=True, exist_ok=True)  # as export() does
         fig.savefig(path, dpi=120)
         plt.close(fig)
 
@@ -106,6 +107,8 @@ class Calibration:
         return record
 
     def save(self, path: str | Path) -> None:
+        """JSON for `Calibration.load` and `repshift-fx inspect --config` (its folder is created)."""
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(self.to_dict(), indent=2, default=list))
 
     @classmethod

@@ -107,7 +107,7 @@ def test_the_search_walks_every_dimension_of_the_space(calibrated):
 
 
 def test_the_config_goes_to_compress_the_backend_and_json(vit, batches, calibrated, tmp_path):
-    path = tmp_path / "tuned.json"
+    path = tmp_path / "runs" / "vit" / "tuned.json"  # its folders are created, as export() creates its own
     calibrated.save(path)
     loaded = Calibration.load(path)
     assert loaded.config == calibrated.config and len(loaded.table) == len(calibrated.table)
@@ -117,8 +117,8 @@ def test_the_config_goes_to_compress_the_backend_and_json(vit, batches, calibrat
     compiled = torch.compile(vit, backend=repshift_fx.backend(**loaded.config))
     with torch.inference_mode():
         torch.testing.assert_close(compiled(batches[0]), eager(batches[0]), atol=1e-4, rtol=1e-4)
-    calibrated.plot(tmp_path / "frontier.png")
-    assert (tmp_path / "frontier.png").stat().st_size > 10_000
+    calibrated.plot(tmp_path / "plots" / "frontier.png")
+    assert (tmp_path / "plots" / "frontier.png").stat().st_size > 10_000
     assert "chosen" in str(calibrated) and "paper" in str(calibrated)
 
 
