@@ -98,6 +98,8 @@ def test_linear_probe_separates_separable_classes(kind):
     features = centres[labels] + torch.randn(120, 8, generator=generator)
     probe = evaluation.LinearProbe(kind).fit(features, labels)
     assert (probe.predict(features) == labels).double().mean() > 0.95
+    with pytest.raises(ConfigError, match="at least two classes"):  # --train-limit 1, or a folder of one class
+        evaluation.LinearProbe(kind).fit(features[:1], labels[:1])
 
 
 def test_parse_variants():

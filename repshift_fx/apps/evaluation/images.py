@@ -142,6 +142,9 @@ class LinearProbe:
 
     def fit(self, features: torch.Tensor, labels: torch.Tensor) -> "LinearProbe":
         """features (N, F), labels (N,) int."""
+        if len(features) < 2 or labels.unique().numel() < 2:
+            raise ConfigError(f"the probe needs training samples of at least two classes; got {len(labels)} sample(s) "
+                              f"of {labels.unique().numel()} class(es): raise --train-limit, or check the data folder")
         self.mean, self.std = features.mean(0), features.std(0).clamp_min(1e-6)
         x = ((features - self.mean) / self.std).double()
         if self.kind == "sklearn":
