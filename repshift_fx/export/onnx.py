@@ -49,10 +49,28 @@ class Exported:
         return os.fspath(self.path)
 
 
+RESERVED_ONNX_OPTIONS = ("dynamo", "external_data", "verbose", "dynamic_shapes", "f")  # export() sets them
+
+
 def _target(path) -> Path:
-    if not isinstance(path, (str, os.PathLike)):
-        raise ExportError(f"path must be the .onnx file to write (a str or a Path), got {type(path).__name__}")
+    if not isinstance(path, (str, os.PathLike)) or not str(path).strip():
+        raise ExportError(f"path must be the .onnx file to write (a str or a Path), got {path!r}")
     return Path(path).expanduser()
+
+
+def _check_options(dynamic_batch, check, onnx_options, config: dict) -> None:
+    for name, value in (("dynamic_batch", dynamic_batch), ("check", check)):
+        if not isinstance(value, bool):
+            raise ExportError(f"{name} must be True or False, got {value!r}")
+    if onnx_options is not None and not isinstance(onnx_options, dict):
+        raise ExportError(f"onnx_options must be a dict of torch.onnx.export keywords, e.g. {{'opset_version': 18}}; "
+                          f"got {type(onnx_options).__name__}")
+    taken = [k for k in onnx_options or {} if k in RESERVED_ONNX_OPTIONS]
+    if taken:
+        raise ExportError(f"onnx_options {taken} are set by export() itself; leave them out")
+    if check and config.get("score") == "random":
+        raise ExportError("score='random' draws other tokens on every call, and onnxruntime cannot draw torch's: the "
+                          "check against the eager graph cannot pass. Export with check=False (CLI: --no-check)")
 
 
 def export(model: torch.nn.Module, example_input, path, *, dynamic_batch: bool = True, check: bool = True,
@@ -80,6 +98,7 @@ def export(model: torch.nn.Module, example_input, path, *, dynamic_batch: bool =
         `export` extra is missing. The user's model is never changed.
     """
     config.pop("compile", None)  # the eager graph is what is exported
+    _check_options(dynamic_batch, check, onnx_options, config)
     inference_only(config_from(config, export)[0], "export()", "writes an inference graph")  # no compile options
     require("onnx", "onnxscript", *(("onnxruntime",) if check else ()))
     target = _target(path)
@@ -96,6 +115,7 @@ def export_unpruned(model: torch.nn.Module, example_input, path, *, dynamic_batc
                     onnx_options: dict | None = None) -> Exported:
     """`model` as it is, without the pass, written the same way: the baseline `bench --onnx`
     times the compressed model against. `.report` is None."""
+    _check_options(dynamic_batch, check, onnx_options, {})
     require("onnx", "onnxscript", *(("onnxruntime",) if check else ()))
     target = _target(path)
     with _atomic_file(target) as temporary:
@@ -253,11 +273,16 @@ def _remove(folders: list[Path]) -> None:
 def check_against_eager(gm: torch.nn.Module, args: tuple, onnx_path: Path) -> float:
     """The ONNX model in onnxruntime against the eager graph on `args`: the largest relative
     error over the outputs; ExportError above CHECK_TOLERANCE."""
-    got = run_session(session(onnx_path), args)
+    try:
+        got = run_session(session(onnx_path), args)
+    except Exception as err:  # onnxruntime's own refusal: an input type its CPU provider has no kernel for, ...
+        raise ExportError(f"onnxruntime cannot run the exported model: {type(err).__name__}: "
+                          f"{str(err).splitlines()[0] if str(err) else ''}. Export in float32, or with check=False "
+                          "(CLI: --no-check) to keep the file for another runtime") from err
     want = run_eager(gm, args)
     error = max_relative_error(got, want)
     if error > CHECK_TOLERANCE:
         raise ExportError(f"the ONNX model differs from the compressed graph on the example input (relative error "
-                          f"{error:.3g} > {CHECK_TOLERANCE:g}); export with check=False to keep "
+                          f"{error:.3g} > {CHECK_TOLERANCE:g}); export with check=False (CLI: --no-check) to keep "
                           "it anyway, or report the model")
     return error

@@ -4,6 +4,8 @@ keep=1.0 equals the original model; refusals, unexportable ops and unwritable pa
 that leave nothing behind; the user's model is unchanged."""
 import repshift_fx  # noqa: F401  (before timm)
 
+import re
+
 import pytest
 import torch
 import transformers
@@ -191,7 +193,18 @@ def test_a_node_the_pass_inserted_is_described_not_named(deit):
     assert "token selection" in message and "after block 1 (module 'blocks.1')" in message and "repshift_index" not in message
 
 
-@pytest.mark.parametrize("path", [None, 5])
+@pytest.mark.parametrize("path", [None, 5, ""])
 def test_a_path_that_is_no_path_is_refused(deit, path):
     with pytest.raises(ExportError, match="path must be the .onnx file to write"):
         repshift_fx.export(deit, torch.randn(2, 3, 64, 64), path, keep=0.7)
+
+
+@pytest.mark.parametrize("options, words", [(dict(onnx_options=["opset_version", 18]), "must be a dict"),
+                                            (dict(onnx_options={"dynamo": False}), "set by export() itself"),
+                                            (dict(check="off"), "check must be True or False"),
+                                            (dict(dynamic_batch="no"), "dynamic_batch must be True or False"),
+                                            (dict(score="random"), "check=False (CLI: --no-check)")])
+def test_export_options_are_checked_before_anything_runs(deit, tmp_path, options, words):
+    with pytest.raises(ExportError, match=re.escape(words)):
+        repshift_fx.export(deit, torch.randn(2, 3, 64, 64), tmp_path / "m.onnx", **options)
+    assert not any(tmp_path.iterdir())
