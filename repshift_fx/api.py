@@ -49,6 +49,8 @@ def compress(model: torch.nn.Module, example_input, *, compile=True, **options):
     config, compile_options = config_from(options, compress, COMPILE_KEYWORDS + ("compile_mode",))
     if not isinstance(compile, bool):
         raise ConfigError(f"compile must be True or False, got {compile!r}")
+    if compile:
+        _check_compile_options(compile_options)
     check_model(model, config.train)
     # one trace per call: the budget search, the probes and the report read copies of it; the model's
     # buffers and the random streams as they were (a training-mode model runs here several times)
@@ -64,6 +66,33 @@ def compress(model: torch.nn.Module, example_input, *, compile=True, **options):
     compiled = torch.compile(gm, **compile_options)
     compiled.register_forward_pre_hook(guard, with_kwargs=True)  # on the wrapper: checked before dynamo runs
     return compiled
+
+
+def _check_compile_options(options: dict) -> None:
+    """torch.compile's backend= and options= as torch.compile would refuse them at the first call."""
+    from torch._dynamo.backends.registry import list_backends, lookup_backend
+
+    backend = options.get("backend", "inductor")
+    if backend == "repshift":
+        raise ConfigError("backend='repshift' would prune the compressed graph again; compress() already runs the "
+                          "pass: name the backend that compiles it ('inductor', 'eager', ...)")
+    if isinstance(backend, str):
+        try:
+            lookup_backend(backend)
+        except Exception:
+            raise ConfigError(f"backend={backend!r} is not a torch.compile backend; use 'inductor', 'eager' or one of "
+                              f"{list_backends(exclude_tags=())}") from None
+    elif not callable(backend):
+        raise ConfigError(f"backend must be a torch.compile backend name or a callable, got {type(backend).__name__}")
+    inductor_options = options.get("options")
+    if inductor_options is not None and backend == "inductor":
+        import torch._inductor
+
+        unknown = [k for k in inductor_options if k not in torch._inductor.list_options()] \
+            if isinstance(inductor_options, dict) else None
+        if unknown is None or unknown:
+            raise ConfigError(f"options= must be a dict of Inductor options (torch._inductor.list_options()); "
+                              f"{'unknown: ' + repr(unknown) if unknown else 'got ' + type(inductor_options).__name__}")
 
 
 def inspect(model: torch.nn.Module, example_input, **options) -> Report:

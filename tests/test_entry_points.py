@@ -22,6 +22,16 @@ def flexible():
     return model, repshift_fx.compress(model, X, compile=False)
 
 
+@pytest.mark.parametrize("options, words", [(dict(backend="nope"), "not a torch.compile backend"),
+                                            (dict(backend=3), "got int"), (dict(backend="repshift"), "prune"),
+                                            (dict(options={"nope": 1}), "unknown: ['nope']"),
+                                            (dict(options=[1]), "got list")])
+def test_torch_compile_options_are_checked_before_the_pass_runs(deit, options, words):
+    with pytest.raises(ConfigError) as caught:
+        repshift_fx.compress(deit, X, **options)
+    assert words in str(caught.value)
+
+
 def test_the_backend_refuses_a_typo_as_compress_does(deit):
     with pytest.raises(ConfigError, match=r"unknown option 'kepe'; did you mean 'keep'\?") as from_compress:
         repshift_fx.compress(deit, X, kepe=0.5)
