@@ -22,9 +22,10 @@ from repshift_fx.fx.nodes import nodes_by_name
 _SCORERS = {"shift": lines.line_shift, "norm": lines.line_norm, "random": lines.random_lines}
 
 
-def _insert_drop(graph: torch.fx.Graph, by_name, drop, config) -> torch.fx.Node:
+def _insert_drop(graph: torch.fx.Graph, by_name, drop, config, kept_for: dict) -> torch.fx.Node:
     output = by_name[drop.after]
-    inputs = tuple(by_name[name] for name in drop.score_inputs)
+    # an earlier drop's output read by this score (an identity shortcut) is read as that drop kept it
+    inputs = tuple(kept_for.get(by_name[name], by_name[name]) for name in drop.score_inputs)
     kwargs = {"distance": config.distance} if config.score == "shift" else {}
 
     def add(after, stem, target, args, kwargs=None):
@@ -41,9 +42,9 @@ def _insert_drop(graph: torch.fx.Graph, by_name, drop, config) -> torch.fx.Node:
 
 
 def run(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
-    by_name = nodes_by_name(gm)
+    by_name, kept_for = nodes_by_name(gm), {}
     for drop in ctx.plan.drops:
-        _insert_drop(gm.graph, by_name, drop, ctx.plan.config)
+        kept_for[by_name[drop.after]] = _insert_drop(gm.graph, by_name, drop, ctx.plan.config, kept_for)
     gm.graph.lint()
     gm.recompile()
     return gm

@@ -35,6 +35,14 @@ def test_resnet18_matches_eager_reference(resnet18, img, distance):
         assert_close(gm(img), resnet_reference(resnet18, img, (1, 4), 0.6, distance))
 
 
+@pytest.mark.parametrize("at", [(0, 1), (2, 3), (0, 1, 2)])
+def test_consecutive_drops_score_an_identity_shortcut_as_the_drop_before_kept_it(resnet18, img, at):
+    """Block 1's shortcut is block 0's output: after the drop at block 0 its score reads the kept lines."""
+    gm = repshift_fx.compress(resnet18, img, keep=0.7, at=at, compile=False)
+    with torch.no_grad():
+        assert_close(gm(img), resnet_reference(resnet18, img, at, 0.7))
+
+
 def test_resnet18_separate_rates_and_norm_score(resnet18, img):
     gm = repshift_fx.compress(resnet18, img, keep=(0.5, 0.75), at=(2,), score="norm", compile=False)
     drop = gm.report.blocks[2]
