@@ -355,6 +355,8 @@ def test_options_are_checked_at_once():
         repshift_fx.backend(inner="repshift")
     with pytest.raises(ConfigError, match="got int 5"):
         repshift_fx.backend(inner=5)
+    with pytest.raises(ConfigError, match="called by torch.compile"):  # called by hand on a model
+        repshift_fx.backend(inner="eager")(nn.Linear(2, 2), [torch.randn(1, 2)])
     assert "inner='eager'" in repr(repshift_fx.backend(inner="eager"))
 
 
