@@ -9,6 +9,9 @@ with --labels (task-aware calibration: by accuracy rather than fidelity).
 """
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import repshift_fx
 from repshift_fx.apps import hf, hf_specs, specs
 from repshift_fx.apps.data.datasets import DataError, TextDataset, image_batches, load_dataset
@@ -40,9 +43,23 @@ def _split(name: str, samples: int, text: bool):
     return data
 
 
+def _check_writable(flag: str, path) -> None:
+    """A file `path` can be written (its folder created), else a SpecError naming `flag`."""
+    if not path:
+        return
+    target = Path(path).expanduser()
+    if target.is_dir():
+        raise specs.SpecError(f"{flag} {path}: is a folder; give a file name in it")
+    folder = next((p for p in target.parents if p.exists()), Path("."))
+    if not os.access(folder, os.W_OK) or not folder.is_dir():
+        raise specs.SpecError(f"{flag} {path}: cannot write in {folder}")
+
+
 def run_tune(args) -> int:
     if args.samples < 1 or args.batch < 1:
         raise ConfigError("--samples and --batch must be whole numbers >= 1")
+    for flag, path in (("-o", args.output), ("--plot", args.plot)):
+        _check_writable(flag, path)  # before the calibration, not after it
     model, batches, labels = load_for_tuning(args)
     cal = repshift_fx.calibrate(model, batches, target_flops=args.target_flops, target_speedup=args.target_speedup,
                                 labels=labels if getattr(args, "labels", False) else None,

@@ -376,3 +376,12 @@ def test_every_config_field_has_a_flag():
 def test_typos_in_flags_are_refused_not_read_around(capsys, flag, value, words):
     code, _, err = run(capsys, "inspect", *TINY, flag, value)
     assert code == 2 and words in err and "internal error" not in err, err
+
+
+def test_tune_checks_where_it_writes_before_it_calibrates(capsys, tmp_path):
+    code, _, err = run(capsys, "tune", *TINY, "--data", "fashion-mnist", "-o", tmp_path)
+    assert code == 2 and "is a folder" in err and "internal error" not in err
+    (tmp_path / "notes.txt").write_text("a file, not a folder")
+    code, _, err = run(capsys, "tune", *TINY, "--data", "fashion-mnist", "--target-flops", 0.8,
+                       "-o", tmp_path / "t.json", "--plot", tmp_path / "notes.txt" / "x.png")
+    assert code == 2 and "x.png: cannot write in" in err and "internal error" not in err, err
