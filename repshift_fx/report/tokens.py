@@ -15,6 +15,7 @@ import networkx as nx
 from tabulate import tabulate
 
 from repshift_fx.context import inserted, role_of
+from repshift_fx.errors import ConfigError
 from repshift_fx.flops import FlopBreakdown, before_and_after, block_of_nodes
 from repshift_fx.fx.nodes import carries_tensor, input_name, module_phrase, nodes_by_name, op_name, shape, value_phrase
 from repshift_fx.plan.tokens import runs
@@ -108,7 +109,8 @@ class Report:
     def to_dot(self) -> str:
         """The rewritten graph in DOT (see `dot_graph`); needs the report of a rewrite."""
         if self.graph is None:
-            raise ValueError("this report has no graph; build it with repshift_fx.inspect()")
+            raise ConfigError("this report has no graph (the dynamo backend's reports keep none); build it with "
+                              "repshift_fx.inspect(model, x, ...) for the DOT graph")
         return to_dot(self.graph)
 
     def table(self, fmt: str = "simple") -> str:

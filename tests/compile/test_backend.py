@@ -280,6 +280,14 @@ def test_tome_in_the_backend_equals_compress(deit, amounts):
     assert backend.reports[-1].tokens == reference.report.tokens
 
 
+def test_a_backend_report_says_where_its_dot_graph_is(deit):
+    compiled, backend = _compiled(deit, keep=0.5)
+    with torch.no_grad():
+        compiled(torch.randn(2, 3, 64, 64))
+    with pytest.raises(ConfigError, match="repshift_fx.inspect"):
+        backend.reports[-1].to_dot()
+
+
 def test_tome_in_the_backend_maps_at_to_the_blocks_of_each_graph(deit):
     x = torch.randn(2, 3, 64, 64)
     reference = repshift_fx.compress(deit, x, score="tome", r=(3, 2), at=(2, 3), compile=False)
