@@ -72,10 +72,12 @@ def _check_compile_options(options: dict) -> None:
     """torch.compile's backend= and options= as torch.compile would refuse them at the first call."""
     from torch._dynamo.backends.registry import list_backends, lookup_backend
 
+    from repshift_fx.compile.backend import RepShiftBackend
+
     backend = options.get("backend", "inductor")
-    if backend == "repshift":
-        raise ConfigError("backend='repshift' would prune the compressed graph again; compress() already runs the "
-                          "pass: name the backend that compiles it ('inductor', 'eager', ...)")
+    if backend == "repshift" or isinstance(backend, RepShiftBackend):
+        raise ConfigError("backend='repshift' (or repshift_fx.backend()) would prune the compressed graph again; "
+                          "compress() already runs the pass: name the backend that compiles it ('inductor', 'eager')")
     if isinstance(backend, str):
         try:
             lookup_backend(backend)

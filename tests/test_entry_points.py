@@ -24,6 +24,7 @@ def flexible():
 
 @pytest.mark.parametrize("options, words", [(dict(backend="nope"), "not a torch.compile backend"),
                                             (dict(backend=3), "got int"), (dict(backend="repshift"), "prune"),
+                                            (dict(backend=repshift_fx.backend(keep=0.5)), "prune"),
                                             (dict(options={"nope": 1}), "unknown: ['nope']"),
                                             (dict(options=[1]), "got list")])
 def test_torch_compile_options_are_checked_before_the_pass_runs(deit, options, words):
