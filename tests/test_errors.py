@@ -198,5 +198,5 @@ def test_an_example_the_model_takes_by_keyword_only_says_so():
         def forward(self, *, x):
             return x + self.mlp(x)
 
-    assert_refused(KeywordOnly().eval(), torch.randn(2, 20, 16), ExampleInputError, "does not fit KeywordOnly",
-                   "takes 1 positional argument")
+    assert_refused(KeywordOnly().eval(), torch.randn(5, 20, 16), ExampleInputError,
+                   "the example input (5, 20, 16) does not fit KeywordOnly", "takes 1 positional argument")

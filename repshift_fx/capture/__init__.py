@@ -129,7 +129,7 @@ def capture(model: nn.Module, example_input, check: bool = True, train: bool = F
         raise
     fold_pass_through_calls(gm)
     if check:
-        check_capture(gm, model, args)
+        check_capture(gm, model, args, given=given)
     gm.meta["repshift_memo"] = {}  # what analyses learn about this trace; copies of it share the dict
     if key is not None:
         _REUSED[key] = (copy_graph(gm), model)  # the model is held so that its id stays its own

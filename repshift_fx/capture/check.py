@@ -143,14 +143,16 @@ def _check_deterministic(model: nn.Module, args: tuple, want: list[torch.Tensor]
     )
 
 
-def check_capture(gm: torch.fx.GraphModule, model: nn.Module, args: tuple, rtol: float = CAPTURE_RTOL) -> None:
+def check_capture(gm: torch.fx.GraphModule, model: nn.Module, args: tuple, rtol: float = CAPTURE_RTOL,
+                  given: tuple = ()) -> None:
     """Run the graph once on `args` and compare each output tensor with the model's own (eager,
     no_grad); a relative error over `rtol` is a `CaptureError` naming the first module whose
-    output differs (`first_divergence`: one more run of each, on failure only)."""
+    output differs (`first_divergence`: one more run of each, on failure only). The model failing
+    on `args` (a slice of the example `given`) is an `ExampleInputError`."""
     try:
         want = _tensors(call_model(model, args))
     except Exception as err:  # the model's own error: the example does not fit how it is called
-        raise ExampleInputError(input_mismatch(model, args, err)) from err
+        raise ExampleInputError(input_mismatch(model, given or args, err)) from err
     got = _tensors(_run_graph(gm, model, args))
     rtol = max([rtol] + [_rounding(w) for w in want if w.is_floating_point()])
     if len(got) != len(want):
