@@ -70,22 +70,13 @@ def compress(model: torch.nn.Module, example_input, *, compile=True, **options):
 
 def _check_compile_options(options: dict) -> None:
     """torch.compile's backend= and options= as torch.compile would refuse them at the first call."""
-    from torch._dynamo.backends.registry import list_backends, lookup_backend
-
-    from repshift_fx.compile.backend import RepShiftBackend
+    from repshift_fx.compile.backend import RepShiftBackend, resolve_backend
 
     backend = options.get("backend", "inductor")
-    if backend == "repshift" or isinstance(backend, RepShiftBackend):
-        raise ConfigError("backend='repshift' (or repshift_fx.backend()) would prune the compressed graph again; "
-                          "compress() already runs the pass: name the backend that compiles it ('inductor', 'eager')")
-    if isinstance(backend, str):
-        try:
-            lookup_backend(backend)
-        except Exception:
-            raise ConfigError(f"backend={backend!r} is not a torch.compile backend; use 'inductor', 'eager' or one of "
-                              f"{list_backends(exclude_tags=())}") from None
-    elif not callable(backend):
-        raise ConfigError(f"backend must be a torch.compile backend name or a callable, got {type(backend).__name__}")
+    if isinstance(backend, RepShiftBackend):
+        raise ConfigError("backend=repshift_fx.backend() would prune the compressed graph again; compress() already "
+                          "runs the pass: name the backend that compiles it ('inductor', 'eager')")
+    resolve_backend(backend, "backend")
     inductor_options = options.get("options")
     if inductor_options is not None and backend == "inductor":
         import torch._inductor

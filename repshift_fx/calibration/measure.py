@@ -288,7 +288,6 @@ def _pair_hint(batch) -> str:
     return ""
 
 
-
 def spread(sizes: list[int], screen: int | None) -> tuple[int, ...]:
     """The fewest batches, evenly spaced over all of them, that hold `screen` samples (all batches
     when None): batches sorted by length (texts) are screened on short and long ones alike."""

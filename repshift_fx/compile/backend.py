@@ -89,7 +89,7 @@ class RepShiftBackend:
         gm, report, prefix_outputs = prune_graph(gm, list(example_inputs), self.config)
         if report is not None:
             self.reports.append(report)
-        compiled = _inner_backend(self.inner)(gm, example_inputs)
+        compiled = resolve_backend(self.inner)(gm, example_inputs)
         return _noting_prefix(compiled, prefix_outputs)
 
 
@@ -115,7 +115,7 @@ def backend(*, inner="inductor", **options) -> RepShiftBackend:
         raise ConfigError("target_flops is compress()'s: the backend sees one graph at a time, not the whole "
                           "model's FLOPs; pass keep= (repshift_fx.inspect(model, x, target_flops=...).budget "
                           "says the keep compress() would choose)")
-    _inner_backend(inner)  # an unknown name fails here, not at the first call
+    resolve_backend(inner)  # an unknown name fails here, not at the first call
     return RepShiftBackend(config, inner)
 
 
@@ -209,21 +209,22 @@ def _outputs_after(gm: torch.fx.GraphModule, name: str) -> list[torch.fx.Node]:
     return [node for node in out.all_input_nodes if node.name in after]
 
 
-def _inner_backend(inner):
+def resolve_backend(inner, option: str = "inner"):
+    """A torch.compile backend from its name or itself (a callable); ConfigError naming `option`."""
     if callable(inner):
         return inner
     from torch._dynamo.backends.registry import list_backends, lookup_backend
 
     if not isinstance(inner, str):
-        raise ConfigError(f"inner must be a torch.compile backend: a name such as 'inductor' or 'eager', or a "
+        raise ConfigError(f"{option} must be a torch.compile backend: a name such as 'inductor' or 'eager', or a "
                           f"callable (gm, example_inputs) -> callable; got {type(inner).__name__} {inner!r}")
     if inner == "repshift":
-        raise ConfigError("inner='repshift' would prune twice; name the backend that compiles the pruned graph")
+        raise ConfigError(f"{option}='repshift' would prune twice; name the backend that compiles the pruned graph")
     try:
         return lookup_backend(inner)
     except Exception as err:
         raise ConfigError(
-            f"inner={inner!r} is not a torch.compile backend; use 'inductor', 'eager' or one of "
+            f"{option}={inner!r} is not a torch.compile backend; use 'inductor', 'eager' or one of "
             f"{list_backends(exclude_tags=())}"
         ) from err
 
