@@ -321,5 +321,6 @@ def example_input(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
     try:
         return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
     except RuntimeError as err:  # out of memory: a typo in --input, most likely
-        raise SpecError(f"--input {'x'.join(map(str, shape))} is {math.prod(shape):,} values, more than this machine can "
-                        f"allocate ({str(err).splitlines()[0]}): give the batch and size you mean, e.g. 1x3x224x224") from None
+        given, why = "x".join(map(str, shape)), str(err).splitlines()[0]
+        raise SpecError(f"--input {given} is {math.prod(shape):,} values, more than this machine can allocate ({why}): "
+                        "give the batch and size you mean, e.g. 1x3x224x224") from None

@@ -119,8 +119,9 @@ def _checked(objective: Callable) -> Callable:
         try:
             value = objective(outputs, reference)
         except Exception as err:  # the user's code, whatever it raises
-            raise ConfigError(f"objective= raised {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}; "
-                              "it is called as objective(outputs, reference) with two tensors") from err
+            first = str(err).splitlines()[0] if str(err) else ""
+            raise ConfigError(f"objective= raised {type(err).__name__}: {first}; it is called as "
+                              "objective(outputs, reference) with two tensors") from err
         if isinstance(value, torch.Tensor) and value.numel() == 1:
             value = value.item()
         if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):

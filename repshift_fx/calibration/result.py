@@ -126,8 +126,8 @@ class Calibration:
             record["config"] = _tuples(record["config"])
             return cls(**record)
         except (KeyError, TypeError, AttributeError) as error:  # a file edited by hand: a field missing or wrong
-            raise ConfigError(f"{str(path)!r} is not a valid calibration: {type(error).__name__}: {error}. Save it again "
-                              "with Calibration.save (or repshift-fx tune), or pass the options to compress() "
+            raise ConfigError(f"{str(path)!r} is not a valid calibration: {type(error).__name__}: {error}. Save it "
+                              "again with Calibration.save (or repshift-fx tune), or pass the options to compress() "
                               "yourself") from None
 
 

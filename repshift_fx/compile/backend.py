@@ -84,7 +84,7 @@ class RepShiftBackend:
     def __call__(self, gm: torch.fx.GraphModule, example_inputs):
         if not isinstance(gm, torch.fx.GraphModule):
             raise ConfigError(f"a torch.compile backend is called by torch.compile with the graphs dynamo captures, "
-                              f"not with a {type(gm).__name__}: torch.compile(model, backend=repshift_fx.backend(...)), "
+                              f"not with a {type(gm).__name__}: torch.compile(model, backend=repshift_fx.backend()), "
                               "or repshift_fx.compress(model, x) for the whole model at once")
         gm, report, prefix_outputs = prune_graph(gm, list(example_inputs), self.config)
         if report is not None:
