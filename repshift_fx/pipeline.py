@@ -99,7 +99,7 @@ def refused_report(model, example_input, config: Config, error: UnsupportedSiteE
     try:
         TOKENS.analyze(gm, ctx)
     except Exception:
-        raise error from None
+        return _refused_unpruned(model, example_input, config, error)
     analysis = ctx.analysis
     prefix = analysis.prefix if config.protect == "auto" else int(config.protect)
     ctx.plan = PrunePlan(ctx.config, [], [b.tokens for b in analysis.blocks], prefix)
@@ -112,6 +112,21 @@ def refused_report(model, example_input, config: Config, error: UnsupportedSiteE
     said = error.message if getattr(error, "what", None) else f"{where} (module '{error.module or '-'}'): {error.message}"
     report.refused.insert(0, said)  # a refusal in model terms says where already
     report.config["at"] = config.at if config.at is not None else default_at(len(analysis.blocks))
+    report.config["keep"] = config.keep
+    report.notes.append("nothing is pruned: compress() refuses this model with this config (see 'refused')")
+    return report
+
+
+def _refused_unpruned(model, example_input, config: Config, error: UnsupportedSiteError):
+    """The refused report of a model without token blocks (a CNN, lines mode): the mode's own report of
+    the same drops at keep=1.0, nothing pruned, with the refusal under "refused". Re-raises `error`
+    where even that rewrite fails."""
+    try:
+        gm, ctx = rewrite(model, example_input, unreduced(config))
+    except Exception:
+        raise error from None
+    report = ctx.mode.report(model, eager_module(gm), ctx, True, None)
+    report.refused.insert(0, error.message)
     report.config["keep"] = config.keep
     report.notes.append("nothing is pruned: compress() refuses this model with this config (see 'refused')")
     return report

@@ -285,6 +285,9 @@ def test_fixed_size_pooling_is_refused_by_name():
 
 def test_stride_that_needs_an_even_count_is_refused_by_name():
     _refused(Patchify(), "conv2d in module 'down'.*kernel 2, stride 2.*last rows of the 11", keep=0.65, at=(0,))
+    report = repshift_fx.inspect(Patchify().eval(), X16, keep=0.65, at=(0,))  # the table, nothing pruned
+    assert "kernel 2, stride 2" in report.refused[0] and report.flop_ratio == 1.0
+    assert report.config["keep"] == 0.65 and any("nothing is pruned" in note for note in report.notes)
     gm = repshift_fx.compress(Patchify().eval(), X16, keep=0.6, at=(0,), compile=False)  # 10 rows: even
     assert gm.report.blocks[1].grid_in == (5, 5)
 
