@@ -78,6 +78,9 @@ def run(model: torch.nn.Module, example_input, config: Config, flops: bool):
     return gm, ctx.mode.report(model, gm, ctx, flops, budget)
 
 
+NOTHING_PRUNED = "nothing is pruned: compress() refuses this model with this config (see 'refused')"
+
+
 def _block_of(analysis, node: str | None, module: str | None):
     """The block whose nodes hold `node` or whose module holds `module`; None when outside every block."""
     for block in analysis.blocks:
@@ -113,7 +116,7 @@ def refused_report(model, example_input, config: Config, error: UnsupportedSiteE
     report.refused.insert(0, said)  # a refusal in model terms says where already
     report.config["at"] = config.at if config.at is not None else default_at(len(analysis.blocks))
     report.config["keep"] = config.keep
-    report.notes.append("nothing is pruned: compress() refuses this model with this config (see 'refused')")
+    report.notes.append(NOTHING_PRUNED)
     return report
 
 
@@ -128,5 +131,5 @@ def _refused_unpruned(model, example_input, config: Config, error: UnsupportedSi
     report = ctx.mode.report(model, eager_module(gm), ctx, True, None)
     report.refused.insert(0, error.message)
     report.config["keep"] = config.keep
-    report.notes.append("nothing is pruned: compress() refuses this model with this config (see 'refused')")
+    report.notes.append(NOTHING_PRUNED)
     return report

@@ -94,11 +94,10 @@ class Task:
 
     @classmethod
     def fit(cls, kind: str, reference: list[torch.Tensor], labels: list[torch.Tensor]) -> "Task":
-        classes = int(torch.cat(labels).max()) + 1
         if kind == "logits":
-            logits = reference[0].shape[-1]
-            if classes > logits:
-                raise ConfigError(f"labels go up to class {classes - 1}, but the model's head has {logits} classes: "
+            logits, highest = reference[0].shape[-1], int(torch.cat(labels).max())
+            if highest >= logits:
+                raise ConfigError(f"labels go up to class {highest}, but the model's head has {logits} classes: "
                                   "give the head's class indices")
             return cls(labels)
         present, targets = torch.unique(torch.cat(labels), return_inverse=True)  # class ids 0..k-1, however sparse
