@@ -23,6 +23,16 @@ class ConfigError(RepShiftError, ValueError):
     """A compress()/inspect() argument is out of range or malformed (keep, at, site, ...)."""
 
 
+class TargetOutOfReach(ConfigError):
+    """target_flops is below what any schedule reaches on this input (a short text, a small image).
+    `lowest`: the lowest FLOP ratio reachable; `deepest`: the compress() options of the schedule that
+    reaches it (the amount, keep or ToMe's r, and at), for callers that run inputs of many lengths."""
+
+    def __init__(self, message: str, *, lowest: float | None = None, deepest: dict | None = None):
+        super().__init__(message)  # copy and pickle rebuild it from the message, then its __dict__
+        self.lowest, self.deepest = lowest, deepest
+
+
 class ModelModeError(RepShiftError):
     """The model is in training mode; the pass compresses inference graphs only."""
 

@@ -48,8 +48,10 @@ def calibrate(model: nn.Module, batches, *, target_flops: float | None = None, t
             will run: padding counts in the FLOPs, so on batches mostly padding (texts of mixed length)
             a reduction that drops it wins for free; `.notes` says so above 25% padding.
         target_flops: the FLOP budget, compressed / original, in (0, 1]; every candidate meets it
-            (the planner sets its keep rate, or ToMe's r, on the first batch; the finalists' amounts
-            are then lowered until they meet it over every batch, whatever its length).
+            over every batch. The planner sets its keep rate, or ToMe's r, on the batch of the median
+            length (`.config`); on texts of several lengths each length resolves the target for itself
+            (`.budget_config`), the deepest schedule a short text allows where it is out of reach there,
+            and the finalists' target is lowered until the FLOPs over every batch meet it.
         labels: the task's class indices for `batches` (one int tensor per batch, or one over every
             sample): the search then maximises accuracy, by the model's classifier head when it has
             one, else by a linear probe fitted on the unpruned model's outputs of these samples
@@ -59,7 +61,7 @@ def calibrate(model: nn.Module, batches, *, target_flops: float | None = None, t
             chosen, and `.notes` says so, with the 95% interval of the accuracy difference.
             Without labels the objective is fidelity; `.notes` names the candidates the samples
             cannot tell from the most faithful one.
-        target_speedup: a speed target (> 1, compiled to compiled on the first batch): the
+        target_speedup: a speed target (> 1, compiled to compiled on the median batch): the
             finalists are compiled and timed; the best that reaches it is chosen, else the fastest,
             with a note. Without target_flops the search starts at 1/target_speedup of the FLOPs.
         space: option -> values to try, e.g. {"reduce": ["drop", "merge"], "at": [(2, 5, 8)]}
@@ -92,7 +94,7 @@ def calibrate(model: nn.Module, batches, *, target_flops: float | None = None, t
     with reuse_traces():
         measure = Measure(model, batches, objective, screen, labels)
         budget = target_flops or min(1.0, 1.0 / target_speedup)
-        unpruned = rewrite_unpruned(model, measure.batches[0], Config(**fixed, target_flops=budget))[1]
+        unpruned = rewrite_unpruned(model, measure.batches[measure.home], Config(**fixed, target_flops=budget))[1]
         mode = unpruned.mode.name
         depth = len(unpruned.analysis.blocks if mode == "tokens" else unpruned.analysis.sites)
         search_space = Space.for_mode(mode, space).without(fixed)
@@ -208,7 +210,7 @@ def _speed(model, measure: Measure, table: list[Candidate], target: float, free_
     for attempt in range(3):
         for c in finalists:
             c.role.append("finalist")
-        time_finalists(model, measure.batches[0], finalists, progress=progress)
+        time_finalists(model, measure.batches[measure.home], finalists, progress=progress)
         fastest = max(finalists, key=lambda c: c.speedup)
         if fastest.speedup >= target or not free_flops or attempt == 2:
             break
@@ -223,7 +225,7 @@ def _speed(model, measure: Measure, table: list[Candidate], target: float, free_
     best = max(timed, key=lambda c: c.speedup)
     notes = [] if best.speedup >= target else [
         f"no candidate reached {target}x: the fastest, {best.label} at FLOP ratio {best.flops:.3f}, runs "
-        f"{best.speedup:.2f}x compiled to compiled on a batch of {measure.sizes[0]}"]
+        f"{best.speedup:.2f}x compiled to compiled on a batch of {measure.sizes[measure.home]}"]
     for note in notes:
         log.warning("calibrate: %s", note)
     return table, notes

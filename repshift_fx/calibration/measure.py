@@ -5,7 +5,9 @@ unpruned model's (computed once).
     row = measure(Candidate({"target_flops": 0.7, "reduce": "merge"}))   # row.value, row.flops
 
 Every candidate runs eagerly (`compress(..., compile=False)`), once per distinct batch shape,
-with the captures shared (`capture.reuse_traces`).
+with the captures shared (`capture.reuse_traces`). Its amount (keep, or ToMe's r) is resolved on
+the batch of the median sample length (`Measure.home`); on inputs of several lengths (texts) each
+length resolves the FLOP target for itself, as `Calibration.budget_config` does where it is deployed.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from torch import nn
 from repshift_fx.api import compress
 from repshift_fx.calibration.objective import PER_SAMPLE, call, choose_objective, cosine, main_output, output_kind
 from repshift_fx.calibration.labels import Task, label_list
-from repshift_fx.errors import ExampleInputError, RepShiftError, described
+from repshift_fx.errors import ExampleInputError, RepShiftError, TargetOutOfReach, described
 from repshift_fx.flops import count_macs
 
 log = logging.getLogger("repshift_fx")
@@ -32,10 +34,11 @@ class Candidate:
 
     options: dict  # the options searched (the amount as target_flops)
     config: dict | None = None  # compress() and backend() options: the amount the planner chose (keep, or r)
+    budget: float | None = None  # the FLOP target resolved on each input length, where fit() lowered it
     flops: float | None = None  # FLOPs after / before, over the batches
     value: float | None = None  # the objective (agreement or cosine), averaged over the samples
     cosine: float | None = None  # output cosine similarity (the tie-break)
-    speedup: float | None = None  # compiled to compiled, on the first batch (target_speedup only)
+    speedup: float | None = None  # compiled to compiled, on the home batch (target_speedup only)
     role: list[str] = field(default_factory=list)  # "paper", "chosen", "finalist", ...
     error: str | None = None  # why the pass refused it
     at: tuple[int, ...] | None = None  # the blocks the drops (or merges) followed
@@ -52,7 +55,8 @@ class Candidate:
         """compress() options with `at` made explicit and the amount left to the planner (target_flops),
         to be resolved again on each input."""
         at = (self.config or {}).get("at")
-        return {**self.options, **({"at": at} if at is not None else {})}
+        budget = {} if self.budget is None else {"target_flops": self.budget}
+        return {**self.options, **budget, **({"at": at} if at is not None else {})}
 
     @property
     def label(self) -> str:
@@ -136,6 +140,22 @@ def shape_key(batch) -> tuple:
     return tuple((str(k), tuple(v.shape)) for k, v in _tensors(batch, 0))
 
 
+def sample_shape(batch) -> tuple:
+    return tuple((str(k), tuple(v.shape[1:])) for k, v in _tensors(batch, 0))
+
+
+def median_batch(batches: list, sizes: list[int]) -> int:
+    """The first batch of the median sample length, weighted by samples (batch 0 where every sample
+    has one shape, as images do)."""
+    lengths = [sum(v[:1].numel() for _, v in _tensors(b, i)) for i, b in enumerate(batches)]
+    seen = 0
+    for i in sorted(range(len(batches)), key=lambda i: (lengths[i], i)):
+        seen += sizes[i]
+        if 2 * seen >= sum(sizes):
+            return lengths.index(lengths[i])
+    return 0
+
+
 def sample_count(batch) -> int:
     return _tensors(batch, 0)[0][1].shape[0]
 
@@ -163,6 +183,8 @@ class Measure:
         self.task = None if labels is None else Task.fit(kind, self.reference, labels)
         self.screening = spread(self.sizes, screen)
         self.everything = tuple(range(len(self.batches)))
+        self.home = median_batch(self.batches, self.sizes)  # where a candidate's amount is resolved
+        self.varied = len({sample_shape(b) for b in self.batches}) > 1  # texts of several lengths
 
     @property
     def samples(self) -> int:
@@ -190,13 +212,15 @@ class Measure:
         def module_for(batch):
             key = shape_key(batch)
             if key not in compressed:
-                compressed[key] = compress(self.model, batch, compile=False, **candidate.config)
+                compressed[key] = self._compress(candidate, batch)
             return compressed[key]
 
         try:
             if candidate.config is None:
-                candidate.config, compressed[shape_key(self.batches[0])] = concrete(self.model, self.batches[0],
-                                                                                    candidate.options)
+                home = self.batches[self.home]
+                gm = self._within(home, candidate.budget_options) if self.varied else \
+                    compress(self.model, home, compile=False, **candidate.options)
+                candidate.config, compressed[shape_key(home)] = concrete(gm, candidate.options), gm
                 candidate.at = candidate.config.get("at")
             candidate.flops = self._macs(module_for, which) / self._macs_before(which)
             values, cosines, correct, p_true, per_sample = [], [], [], [], []
@@ -227,36 +251,41 @@ class Measure:
         return candidate
 
 
-    def fit(self, candidate: Candidate, target: float, steps: int = 20) -> Candidate:
-        """Lower `candidate`'s amount (keep by 0.01, or ToMe's r by one merge) until its FLOPs over every
-        batch are within `target`: the planner chose it on one batch shape, and other shapes
-        (texts of other lengths) round token counts differently. Re-measured on every batch."""
+    def _compress(self, candidate: Candidate, batch) -> nn.Module:
+        """`candidate` compressed for `batch`: its amount as resolved on the home batch, or, on inputs of
+        another length, its FLOP target resolved on `batch` itself."""
+        if not self.varied or "target_flops" not in candidate.options or \
+                sample_shape(batch) == sample_shape(self.batches[self.home]):
+            return compress(self.model, batch, compile=False, **candidate.config)
+        return self._within(batch, candidate.budget_options)
+
+    def _within(self, batch, options: dict) -> nn.Module:
+        """compress() at the FLOP target of `options`; where no schedule reaches it on `batch` (a short
+        text: ToMe merges at most half of a block's tokens), the deepest schedule that batch allows,
+        as a model deployed on texts of every length runs them."""
+        try:
+            return compress(self.model, batch, compile=False, **options)
+        except TargetOutOfReach as short:
+            rest = {k: v for k, v in options.items() if k != "target_flops"}
+            return compress(self.model, batch, compile=False, **{**rest, **short.deepest})
+
+    def fit(self, candidate: Candidate, target: float, steps: int = 8) -> Candidate:
+        """On inputs of several lengths, lower `candidate`'s FLOP target per input until its FLOPs over
+        every batch are within `target`: its shortest inputs may not reach the target, and each length
+        rounds token counts for itself. Re-measured on every batch."""
+        step = 0.0
         for _ in range(steps):
-            if candidate.error is not None or candidate.flops <= target + 1e-9:
-                return candidate
-            tighter = _tighter(candidate.config)
-            if tighter is None:
+            if candidate.error is not None or candidate.flops <= target + 1e-9 or not self.varied:
                 break
-            candidate.config = tighter
+            before, budget = candidate.flops, candidate.budget_options["target_flops"]
+            step = 2 * step if step > before - target else before - target + 1e-4  # doubled where it changed nothing
+            candidate.budget, candidate.config = round(budget - step, 4), None
+            if candidate.budget <= 0:
+                break
             self(candidate, full=True)
         if candidate.error is None and candidate.flops > target + 1e-9:
-            candidate.error = f"FLOP ratio {candidate.flops:.3f} over the batches, above the target {target}"
+            candidate.error = f"FLOP ratio {candidate.flops:.4f} over the batches, above the target {target}"
         return candidate
-
-
-def _tighter(config: dict) -> dict | None:
-    """One merge more (ToMe: in the first block whose r is below the first's, as the planner adds
-    them), or keep 0.01 lower; None: nothing left to tighten."""
-    r = config.get("r")
-    if isinstance(r, int):
-        return dict(config, r=r + 1)
-    if isinstance(r, tuple) and r:
-        i = next((i for i, amount in enumerate(r) if amount < r[0]), 0)
-        return dict(config, r=r[:i] + (r[i] + 1,) + r[i + 1:])
-    keep = config.get("keep")
-    if isinstance(keep, float) and keep > 0.02:
-        return dict(config, keep=round(keep - 0.01, 4))
-    return None
 
 
 def unpruned_outputs(model: nn.Module, batches: list) -> list:
@@ -299,17 +328,16 @@ def spread(sizes: list[int], screen: int | None) -> tuple[int, ...]:
     return tuple(range(n))
 
 
-def concrete(model: nn.Module, batch, options: dict):
-    """(`options` with target_flops replaced by what the planner chose for `batch`'s shape (keep,
-    or ToMe's r) and `at` made explicit, the graph compressed for `batch`): options every entry
-    point takes (the dynamo backend counts no FLOP budget), for the same FLOPs at that shape."""
-    gm = compress(model, batch, compile=False, **options)
+def concrete(gm, options: dict) -> dict:
+    """`options` with target_flops replaced by the amount `gm` was compressed with (keep, or ToMe's r)
+    and `at` made explicit: options every entry point takes (the dynamo backend counts no FLOP budget),
+    for the same FLOPs at `gm`'s input shape."""
     if "target_flops" not in options:
-        return dict(options), gm
-    budget = gm.report.budget
-    amount = {"r": budget["r"]} if budget.get("r") is not None else {"keep": budget["keep"]}
+        return dict(options)
+    chosen = gm.report.config
+    amount = {"r": chosen["r"]} if chosen.get("r") is not None else {"keep": chosen["keep"]}
     found = {k: v for k, v in options.items() if k != "target_flops"}
-    return dict(found, **amount, at=tuple(gm.report.config["at"])), gm
+    return dict(found, **amount, at=tuple(chosen["at"]))
 
 
 def _weighted(values: list[float], sizes: list[int]) -> float:

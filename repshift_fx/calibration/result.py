@@ -40,9 +40,10 @@ class Calibration:
     @property
     def budget_config(self) -> dict:
         """compress() options that resolve the amount again on each example input, within the FLOP
-        target: for inputs whose size varies (texts of other lengths), where the fixed amount of
-        `config` can land above the target. `at` and the rest as chosen; the dynamo backend, which
-        counts no FLOPs, takes `config`."""
+        target (lowered where calibration's shortest texts could not reach it): for inputs whose size
+        varies (texts of other lengths), where the fixed amount of `config` lands above the target or
+        is refused (ToMe's r on a text shorter than twice it). `at` and the rest as chosen; the dynamo
+        backend, which counts no FLOPs, takes `config`."""
         return self.chosen.budget_options
 
     @property

@@ -17,7 +17,7 @@ from typing import Callable
 
 from repshift_fx.context import inserted, role_of
 from repshift_fx.config import Config
-from repshift_fx.errors import ConfigError
+from repshift_fx.errors import ConfigError, TargetOutOfReach
 from repshift_fx.plan.line_grids import GridWalk
 from repshift_fx.plan.tokens import kept_count
 from repshift_fx.flops import count_macs, first_sample, node_macs
@@ -200,16 +200,17 @@ class Search:
         """`largest_rate` within the budget; ConfigError naming the lowest reachable ratio."""
         rate = largest_rate(cost, self.limit, before)
         if rate is None:
-            self.below_reach(cost(1.0 / before), f"keeping {self.least} at every drop")
+            self.below_reach(cost(1.0 / before), f"keeping {self.least} at every drop", {"keep": 1.0 / before})
         return rate
 
-    def below_reach(self, lowest: int, what: str) -> None:
-        """ConfigError: the target is below `lowest` MACs, what `what` (the lowest schedule) reaches."""
+    def below_reach(self, lowest: int, what: str, amount: dict) -> None:
+        """TargetOutOfReach: the target is below `lowest` MACs, what `what` (the lowest schedule, the
+        compress() option `amount`) reaches."""
         ratio = lowest / self.original
-        raise ConfigError(
+        raise TargetOutOfReach(
             f"target_flops={self.config.target_flops} is below what any schedule at at={self.at} reaches: {what} "
             f"gives a FLOP ratio of {ratio:.3f}. Ask for at least {math.ceil(ratio * 1000) / 1000}, "
-            "or drop earlier (a smaller first block in at)."
+            "or drop earlier (a smaller first block in at).", lowest=float(ratio), deepest=dict(amount, at=self.at)
         )
 
     def result(self, rate: float, reached: int, kept: tuple) -> tuple[Config, BudgetResult]:
@@ -360,7 +361,7 @@ def plan_lines_for_budget(model, example_input, config: Config, unpruned, rewrit
         fewest = next(r for r in upward if search.cost(r) != math.inf)
         kept = ", ".join(f"{r}x{c}" for r, c in search.schedule(fewest))
         search.below_reach(search.cost(fewest), f"keeping {kept} rows x columns, the fewest the layers after the "
-                                                "drops take,")
+                                                "drops take,", {"keep": fewest})
     if search.refused:
         log.info("target_flops: %d schedule(s) refused, passed over", len(search.refused))
     return search.result(rate, search.cost(rate), search.schedule(rate))

@@ -178,7 +178,8 @@ class TomeSearch(Search):
                 break
             allowed -= 1  # a rewrite refused what the planner took
         if macs[allowed] > self.limit:
-            self.below_reach(macs[allowed], f"ToMe with r={self.schedule(r, allowed) if allowed else most}")
+            deepest = self.schedule(r, allowed) if allowed else most
+            self.below_reach(macs[allowed], f"ToMe with r={deepest}", {"r": deepest})
         return self.fewest_within(r, allowed, macs)
 
     def fewest_within(self, r: int, high: int, macs: dict) -> tuple[int | tuple[int, ...], int]:

@@ -8,6 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import repshift_fx
 from conftest import assert_unchanged, snapshot
+from repshift_fx.errors import TargetOutOfReach
 
 
 @pytest.fixture(scope="module")
@@ -32,24 +33,50 @@ def test_minilm_calibrates_by_cosine_over_batches_of_several_lengths(minilm_batc
     assert_unchanged(model, before)
     assert cal.objective == "cosine similarity" and cal.samples == 24
     chosen = cal.chosen
+    assert_measured_as_deployed(model, batches, cal, 0.8)
+    assert chosen.value >= cal.paper.value and 0.5 < chosen.value < 1
+    assert not any("padding" in note for note in cal.notes)  # sorted by length: little padding
+    # .config holds the amount resolved on the batch of the median length
+    lengths = sorted(b["input_ids"].shape[1] for b in batches)
+    home = next(b for b in batches if b["input_ids"].shape[1] == lengths[len(lengths) // 2])
+    gm = repshift_fx.compress(model, home, compile=False, **cal.budget_config)
+    assert gm.report.config["keep"] == cal.config["keep"] and cal.budget_config.get("at") == cal.config.get("at")
+
+
+def test_tome_calibrates_over_texts_of_every_length(minilm_batches):
+    """Each length resolves the target for itself: the amount resolved on the first batch, the
+    shortest texts, once ran on every length (on MiniLM at 0.73 every ToMe candidate was refused). Where
+    no schedule reaches the target on a length (ToMe merges at most half of a block's tokens; here the
+    20-token texts), that length runs its deepest schedule, and the target is lowered until the FLOPs
+    over every batch meet it."""
+    model, batches = minilm_batches
+    texts = batches[:2]  # 11 and 20 tokens
+    with pytest.raises(TargetOutOfReach) as out_of_reach:
+        repshift_fx.compress(model, batches[1], compile=False, score="tome", target_flops=0.51)
+    assert out_of_reach.value.lowest > 0.51 and set(out_of_reach.value.deepest) == {"r", "at"}
+    cal = repshift_fx.calibrate(model, texts, target_flops=0.51, space={"merge_metric": ["keys"]}, score="tome",
+                                max_candidates=1, progress=False)
+    assert cal.chosen.error is None and cal.chosen.options == {"target_flops": 0.51, "score": "tome"}
+    assert cal.budget_config["target_flops"] < 0.51  # lowered: the 20-token texts stay above 0.51
+    assert_measured_as_deployed(model, texts, cal, 0.51)
+
+
+def assert_measured_as_deployed(model, batches, cal, target):
+    """The chosen candidate's cosine and FLOPs are those of `budget_config` compressed for each batch
+    (the deepest schedule where a batch is too short for the target), counted by stock torch."""
     want, before, after = [], 0, 0
     for inputs in batches:
-        gm = repshift_fx.compress(model, inputs, compile=False, **cal.config)
+        try:
+            gm = repshift_fx.compress(model, inputs, compile=False, **cal.budget_config)
+        except TargetOutOfReach as short:
+            rest = {k: v for k, v in cal.budget_config.items() if k != "target_flops"}
+            gm = repshift_fx.compress(model, inputs, compile=False, **{**rest, **short.deepest})
         with torch.inference_mode():
             want.append(F.cosine_similarity(gm(**inputs), model(**inputs), dim=-1))
         n = inputs["input_ids"].shape[0]
         before, after = before + n * flops(model, inputs), after + n * flops(gm, inputs)
-    assert chosen.value == pytest.approx(torch.cat(want).mean().item(), rel=1e-5)
-    assert chosen.value >= cal.paper.value and 0.5 < chosen.value < 1
-    assert not any("padding" in note for note in cal.notes)  # sorted by length: little padding
-    # the budget holds over every batch length, counted by stock torch (not only at the first length)
-    assert after / before <= 0.8 and chosen.flops == pytest.approx(after / before, rel=1e-3)
-    # budget_config resolves the amount on each input: within the target on every batch alone, at or above
-    # the fixed amount's FLOPs where that one undershoots
-    assert cal.budget_config["target_flops"] == 0.8 and cal.budget_config.get("at") == cal.config.get("at")
-    for inputs in batches:
-        gm = repshift_fx.compress(model, inputs, compile=False, **cal.budget_config)
-        assert flops(gm, inputs) <= 0.8 * flops(model, inputs)
+    assert cal.chosen.value == pytest.approx(torch.cat(want).mean().item(), rel=1e-5)
+    assert after / before <= target and cal.chosen.flops == pytest.approx(after / before, rel=1e-3)
 
 
 def test_minilm_batches_mostly_padding_are_noted_with_their_share(minilm_batches):
