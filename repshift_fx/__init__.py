@@ -26,6 +26,7 @@ from repshift_fx.errors import (  # noqa: E402
     ModelModeError,
     NoSiteError,
     RepShiftError,
+    TargetOutOfReach,
     TraceError,
     UnsupportedSiteError,
 )
@@ -34,6 +35,6 @@ from repshift_fx.report.tokens import Report  # noqa: E402
 
 __all__ = [
     "compress", "inspect", "export", "Exported", "calibrate", "Calibration", "backend", "Config", "Report", "RepShiftError", "CaptureError", "ConfigError", "ExampleInputError",
-    "ExportError", "ModelModeError", "NoSiteError", "TraceError", "UnsupportedSiteError",
+    "ExportError", "ModelModeError", "NoSiteError", "TargetOutOfReach", "TraceError", "UnsupportedSiteError",
 ]
 __version__ = "0.1.0"

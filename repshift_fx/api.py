@@ -51,6 +51,10 @@ def compress(model: torch.nn.Module, example_input, *, compile=True, **options):
         raise ConfigError(f"compile must be True or False, got {compile!r}")
     if compile:
         _check_compile_options(compile_options)
+    elif compile_options:
+        raise ConfigError(f"torch.compile's options ({', '.join(f'{k}=' for k in compile_options)}) were given with "
+                          "compile=False, which returns the eager graph and compiles nothing: drop them, or leave "
+                          "compile=True")
     check_model(model, config.train)
     # one trace per call: the budget search, the probes and the report read copies of it; the model's
     # buffers and the random streams as they were (a training-mode model runs here several times)

@@ -179,10 +179,12 @@ def test_not_a_model_is_refused_before_anything_runs(given, error, words):
             entry(given, X)
 
 
-def test_a_meta_example_or_a_word_for_compile_is_refused(model):
+def test_a_meta_example_a_word_for_compile_or_compile_options_without_compiling_are_refused(model):
     assert_refused(model, X.to("meta"), ExampleInputError, "meta device")
     with pytest.raises(ConfigError, match="compile must be True or False"):
         repshift_fx.compress(model, X, compile="yes")
+    assert_refused(model, X, ConfigError, "(backend=, compile_mode=) were given with compile=False", keep=0.5,
+                   backend="eager", compile_mode="max-autotune")
 
 
 def test_an_empty_dict_example_says_it_is_empty(model):

@@ -35,6 +35,7 @@ from repshift_fx.apps.data.datasets import image_batches, load_dataset
 from repshift_fx.apps.evaluation import calibrated as calibration
 from repshift_fx.apps.evaluation import images as evaluation
 from repshift_fx.apps.evaluation import text
+from repshift_fx.calibration.measure import compress_within_reach
 from repshift_fx.capture import reuse_traces
 from repshift_fx.errors import RepShiftError
 from repshift_fx.flops import per_sample_gmacs
@@ -122,7 +123,8 @@ class ImageBench:
 
 class TextBench(ImageBench):
     """The same for a text encoder (hf:minilm on wordnet): each test batch, padded to its longest text,
-    is compressed for itself at the FLOP target (as `tools/evaluate.py` does); FLOPs are per text."""
+    is compressed for itself at the FLOP target (its deepest schedule where its length cannot reach the
+    target), as `tools/evaluate.py` and `calibrate()` do; FLOPs are per text."""
 
     def __init__(self, args):
         self.loaded = hf_specs.load_text_model(args.spec)
@@ -135,8 +137,8 @@ class TextBench(ImageBench):
     def row(self, label: str, target: float, config: dict) -> dict:
         s, chosen = self.setup, {}
 
-        def make(inputs):
-            gm = repshift_fx.compress(s.model, inputs, compile=False, **config)
+        def make(inputs):  # the deepest schedule on a length that cannot reach the target, as calibrate() measures
+            gm = compress_within_reach(s.model, inputs, config)[0]
             chosen.update(gm.report.config)
             return gm
 

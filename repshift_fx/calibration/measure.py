@@ -218,8 +218,10 @@ class Measure:
         try:
             if candidate.config is None:
                 home = self.batches[self.home]
-                gm = self._within(home, candidate.budget_options) if self.varied else \
-                    compress(self.model, home, compile=False, **candidate.options)
+                if self.varied:
+                    gm = compress_within_reach(self.model, home, candidate.budget_options)[0]
+                else:
+                    gm = compress(self.model, home, compile=False, **candidate.options)
                 candidate.config, compressed[shape_key(home)] = concrete(gm, candidate.options), gm
                 candidate.at = candidate.config.get("at")
             candidate.flops = self._macs(module_for, which) / self._macs_before(which)
@@ -257,25 +259,16 @@ class Measure:
         if not self.varied or "target_flops" not in candidate.options or \
                 sample_shape(batch) == sample_shape(self.batches[self.home]):
             return compress(self.model, batch, compile=False, **candidate.config)
-        return self._within(batch, candidate.budget_options)
-
-    def _within(self, batch, options: dict) -> nn.Module:
-        """compress() at the FLOP target of `options`; where no schedule reaches it on `batch` (a short
-        text: ToMe merges at most half of a block's tokens), the deepest schedule that batch allows,
-        as a model deployed on texts of every length runs them."""
-        try:
-            return compress(self.model, batch, compile=False, **options)
-        except TargetOutOfReach as short:
-            rest = {k: v for k, v in options.items() if k != "target_flops"}
-            return compress(self.model, batch, compile=False, **{**rest, **short.deepest})
+        return compress_within_reach(self.model, batch, candidate.budget_options)[0]
 
     def fit(self, candidate: Candidate, target: float, steps: int = 8) -> Candidate:
         """On inputs of several lengths, lower `candidate`'s FLOP target per input until its FLOPs over
-        every batch are within `target`: its shortest inputs may not reach the target, and each length
-        rounds token counts for itself. Re-measured on every batch."""
+        every batch are within `target`: some lengths may not reach the target, and each rounds token
+        counts for itself. Re-measured on every batch."""
         step = 0.0
         for _ in range(steps):
-            if candidate.error is not None or candidate.flops <= target + 1e-9 or not self.varied:
+            if candidate.error is not None or candidate.flops <= target + 1e-9 or not self.varied or \
+                    "target_flops" not in candidate.options:
                 break
             before, budget = candidate.flops, candidate.budget_options["target_flops"]
             step = 2 * step if step > before - target else before - target + 1e-4  # doubled where it changed nothing
@@ -284,8 +277,20 @@ class Measure:
                 break
             self(candidate, full=True)
         if candidate.error is None and candidate.flops > target + 1e-9:
-            candidate.error = f"FLOP ratio {candidate.flops:.4f} over the batches, above the target {target}"
+            candidate.error = (f"it reaches a FLOP ratio of {candidate.flops:.4f} over the batches at best, above the "
+                               f"target {target}")
         return candidate
+
+
+def compress_within_reach(model: nn.Module, batch, options: dict) -> tuple[nn.Module, bool]:
+    """(compress(compile=False) at the FLOP target of `options`, or, where no schedule reaches it on
+    `batch` (ToMe merges at most half of a block's tokens), at the deepest schedule `batch` allows, as
+    a model deployed on texts of every length would run them; whether the target was reached)."""
+    try:
+        return compress(model, batch, compile=False, **options), True
+    except TargetOutOfReach as short:
+        rest = {k: v for k, v in options.items() if k != "target_flops"}
+        return compress(model, batch, compile=False, **{**rest, **short.deepest}), False
 
 
 def unpruned_outputs(model: nn.Module, batches: list) -> list:

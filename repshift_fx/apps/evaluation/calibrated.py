@@ -22,7 +22,6 @@ from tqdm.auto import tqdm
 from repshift_fx.apps import hf
 from repshift_fx.apps.data import datasets
 from repshift_fx.apps.evaluation.images import EvalRow, Setup
-from repshift_fx.apps.evaluation.tome import largest_tome_r
 from repshift_fx.apps.evaluation.text import TextSetup
 from repshift_fx.calibration.measure import padding_share
 from repshift_fx.errors import RepShiftError
@@ -96,21 +95,17 @@ def evaluate_calibration(setup, cal, evaluate_options, progress: bool = True
 def _evaluate_candidate(setup, c, target: float, evaluate_options) -> EvalRow:
     """One candidate on the test split. Texts of other lengths than the calibration's: its options
     with the FLOP target resolved on each test batch (`Calibration.budget_config`, as the ToMe and
-    random baselines get it), its calibrated amount where the target is out of reach on a batch.
-    A single input shape: its calibrated config."""
+    random baselines get it, and as calibration measured it). A single input shape: its calibrated
+    config."""
     if setup.options_per_batch and "target_flops" in c.options:
-        return evaluate_options(setup, c.label, target, c.budget_options, fallback=c.config)
+        return evaluate_options(setup, c.label, target, c.budget_options)
     return evaluate_options(setup, c.label, target, c.config)
 
 
 def _baseline(setup: Setup | TextSetup, evaluate_options, score: str, target: float):
-    """The baseline `score` at `target` on the test split. For ToMe on texts of several lengths (a
-    setup whose options may be chosen per batch), the FLOP target is resolved on each batch, and a
-    batch too short to reach it runs the largest r ToMe allows there (`largest_tome_r`)."""
+    """The baseline `score` at `target` on the test split (texts: resolved on each batch, the deepest
+    schedule where a batch cannot reach it); None, with a note, where the model refuses it."""
     options = {"score": score, "target_flops": target}
-    if score == "tome" and setup.options_per_batch:
-        return evaluate_options(setup, f"score={score}", target, options,
-                                fallback=lambda inputs: {"score": "tome", "r": largest_tome_r(setup.model, inputs)})
     try:
         return evaluate_options(setup, f"score={score}", target, options)
     except RepShiftError as error:

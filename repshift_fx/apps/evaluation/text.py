@@ -30,8 +30,7 @@ from repshift_fx.apps.evaluation.images import KEEPS, EvalRow, LinearProbe, Scor
 from repshift_fx.apps.evaluation.images import sweep as _sweep
 from repshift_fx.flops import per_sample_gmacs
 from repshift_fx.apps.hf_specs import TEXT_SPECS, TextModel
-from repshift_fx.api import compress
-from repshift_fx.errors import ConfigError
+from repshift_fx.calibration.measure import compress_within_reach
 
 # --- the unpruned model, once ---
 
@@ -140,30 +139,27 @@ def evaluate(setup: TextSetup, variant: Variant, keep: float, at=None, fuse: boo
                             lambda inputs: options(setup.model, inputs, variant, keep, at, fuse))
 
 
-def evaluate_options(setup: TextSetup, label: str, keep: float, config, fallback=None) -> EvalRow:
+def evaluate_options(setup: TextSetup, label: str, keep: float, config) -> EvalRow:
     """Compress the model for each test batch with the compress() options `config` (or
-    `config(inputs)`, the options for one batch), run it, score it. `fallback`: the options (or
-    `fallback(inputs)`) for a batch that `config` is refused on (a FLOP target out of reach on its
-    length); a note counts those batches."""
-    refused = []
+    `config(inputs)`, the options for one batch), run it, score it. A batch whose length cannot reach
+    the FLOP target runs the deepest schedule it allows (as calibrate() measures it); a note counts
+    those batches."""
+    short = []
 
     def make(inputs):
-        try:
-            return compress(setup.model, inputs, compile=False, **_for_batch(config, inputs))
-        except ConfigError:
-            if fallback is None:
-                raise
-            refused.append(inputs["input_ids"].shape)
-            return compress(setup.model, inputs, compile=False, **_for_batch(fallback, inputs))
+        gm, reached = compress_within_reach(setup.model, inputs, _for_batch(config, inputs))
+        if not reached:
+            short.append(inputs["input_ids"].shape)
+        return gm
 
     torch.manual_seed(setup.seed)  # random scores: the same draws on every run
     outputs, gflops = run_batches(make, setup.batches, len(setup.test), f"{label} keep={keep}",
                                   setup.progress, leave=False, count=True)
     accuracy, agreement = setup.scores(outputs)
-    if refused:
-        ran = "options chosen per batch" if callable(fallback) else fallback
-        setup.notes.append(f"{label}: {len(refused)} of {len(setup.batches)} test batches (shapes "
-                           f"{', '.join(f'{b}x{n}' for b, n in refused)}) refused {config}; they ran {ran}")
+    if short:
+        setup.notes.append(f"{label}: {len(short)} of {len(setup.batches)} test batches (shapes "
+                           f"{', '.join(f'{b}x{n}' for b, n in short)}) cannot reach its FLOP target; they ran the "
+                           "deepest schedule they allow")
     return EvalRow(label, keep, gflops, gflops / setup.gflops, accuracy, agreement)
 
 
