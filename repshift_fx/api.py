@@ -14,6 +14,7 @@ from repshift_fx.capture.guard import InputGuard
 from repshift_fx.capture.state import untouched
 from repshift_fx.config import config_from
 from repshift_fx.errors import ConfigError, UnsupportedSiteError
+from repshift_fx.fx.pickling import picklable
 from repshift_fx.pipeline import refused_report, run
 from repshift_fx.report.tokens import Report
 
@@ -64,7 +65,7 @@ def compress(model: torch.nn.Module, example_input, *, compile=True, **options):
     guard = InputGuard(gm.forward, as_args(example_input, model), config.train)  # another input size: an ExampleInputError
     if not compile:
         gm.register_forward_pre_hook(guard, with_kwargs=True)
-        return gm
+        return picklable(gm)  # torch.save(gm): torch.fx's own pickling traces the code again, which fails here
     if "compile_mode" in compile_options:
         compile_options["mode"] = compile_options.pop("compile_mode")
     compiled = torch.compile(gm, **compile_options)
