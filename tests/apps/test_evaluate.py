@@ -149,6 +149,9 @@ def test_image_folder(tmp_path):
     data = load_dataset(f"folder:{tmp_path}", "train", limit=4)
     assert data.classes == ("cat", "dog") and data.labels.tolist() == [0, 0, 1, 1]
     assert data.images([3])[0].shape == (10, 12, 3)
+    (tmp_path / "train" / "dog" / "0.png").write_bytes(b"not a png")  # a corrupt file: named, not PIL's crash
+    with pytest.raises(DataError, match=r"cannot read the image '.*0\.png'.*Remove or replace it"):
+        load_dataset(f"folder:{tmp_path}", "train").images([3])
 
 
 # --- text: WordNet definitions and a tiny random BERT ---

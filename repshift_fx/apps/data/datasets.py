@@ -113,8 +113,11 @@ def image_folder(path: str | Path, limit: int | None = None) -> Dataset:
     files = files[:limit] if limit is None else _interleave(files, limit)
 
     def load(i: int) -> np.ndarray:
-        with Image.open(files[i][0]) as image:
-            return np.asarray(image.convert("RGB"))
+        try:
+            with Image.open(files[i][0]) as image:
+                return np.asarray(image.convert("RGB"))
+        except (OSError, SyntaxError, ValueError) as error:  # PIL's errors for a truncated or corrupt file
+            raise DataError(f"cannot read the image {str(files[i][0])!r}: {error}. Remove or replace it") from None
 
     return Dataset(f"folder:{root}", torch.tensor([c for _, c in files]), tuple(classes), load)
 
