@@ -161,9 +161,12 @@ def node_values(gm: torch.fx.GraphModule, *args) -> dict:
 
 def assert_compiled_matches_eager(model, shape: tuple, batches: tuple, tol: float = 1e-5, **config) -> None:
     """compress() compiled against compress(compile=False), for inputs of `shape` at each batch size."""
+    from repshift_fx.api import COMPILE_KEYWORDS
+
     torch._dynamo.reset()
     x = torch.randn(batches[0], *shape)
-    eager = repshift_fx.compress(model, x, compile=False, **config)
+    eager = repshift_fx.compress(model, x, compile=False, **{k: v for k, v in config.items()
+                                                            if k not in COMPILE_KEYWORDS})
     compiled = repshift_fx.compress(model, x, **config)
     with torch.no_grad():
         for batch in batches:
