@@ -271,7 +271,7 @@ class Measure:
                     "target_flops" not in candidate.options:
                 break
             before, budget = candidate.flops, candidate.budget_options["target_flops"]
-            step = 2 * step if step > before - target else before - target + 1e-4  # doubled where it changed nothing
+            step = 2 * step if step > before - target else before - target + 1e-4  # doubled after one that fell short
             candidate.budget, candidate.config = round(budget - step, 4), None
             if candidate.budget <= 0:
                 break
