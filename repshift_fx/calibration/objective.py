@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from repshift_fx.errors import ConfigError
+from repshift_fx.errors import ConfigError, described
 
 
 def main_output(out) -> torch.Tensor:
@@ -119,8 +119,7 @@ def _checked(objective: Callable) -> Callable:
         try:
             value = objective(outputs, reference)
         except Exception as err:  # the user's code, whatever it raises
-            first = str(err).splitlines()[0] if str(err) else ""
-            raise ConfigError(f"objective= raised {type(err).__name__}: {first}; it is called as "
+            raise ConfigError(f"objective= raised {described(err)}; it is called as "
                               "objective(outputs, reference) with two tensors") from err
         if isinstance(value, torch.Tensor) and value.numel() == 1:
             value = value.item()

@@ -16,7 +16,7 @@ import inspect
 import torch
 from torch import nn
 
-from ..errors import ExampleInputError, TraceError, root_cause
+from ..errors import ExampleInputError, TraceError, described, root_cause
 from ..fx.nodes import is_impure, name_modules_as_user
 from .inputs import Inputs, expected_input, is_transformers_model
 
@@ -113,7 +113,7 @@ def dynamo_trace(model: nn.Module, args: tuple) -> torch.fx.GraphModule:
         cause = root_cause(err)
         raise TraceError(
             f"neither torch.fx nor torch._dynamo.export can capture {type(model).__name__} as one graph: "
-            f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}. Remove the "
+            f"{described(cause)}. Remove the "
             "graph break (torch._dynamo.explain(model)(x) lists them), or use "
             "torch.compile(model, backend='repshift'), which allows graph breaks."
         ) from err

@@ -22,7 +22,7 @@ import torch.utils._pytree as pytree
 from repshift_fx.api import compress
 from repshift_fx.capture.inputs import Inputs, as_args
 from repshift_fx.config import config_from, inference_only
-from repshift_fx.errors import ExportError
+from repshift_fx.errors import ExportError, described
 from repshift_fx.export.diagnose import conversion_error, export_error
 from repshift_fx.export.runtime import max_relative_error, require, run_eager, run_session, session
 from repshift_fx.report.tokens import Report
@@ -276,9 +276,8 @@ def check_against_eager(gm: torch.nn.Module, args: tuple, onnx_path: Path) -> fl
     try:
         got = run_session(session(onnx_path), args)
     except Exception as err:  # onnxruntime's own refusal: an input type its CPU provider has no kernel for, ...
-        raise ExportError(f"onnxruntime cannot run the exported model: {type(err).__name__}: "
-                          f"{str(err).splitlines()[0] if str(err) else ''}. Export in float32, or with check=False "
-                          "(CLI: --no-check) to keep the file for another runtime") from err
+        raise ExportError(f"onnxruntime cannot run the exported model: {described(err)}. Export in float32, or "
+                          "with check=False (CLI: --no-check) to keep the file for another runtime") from err
     want = run_eager(gm, args)
     error = max_relative_error(got, want)
     if error > CHECK_TOLERANCE:
