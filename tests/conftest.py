@@ -12,6 +12,8 @@ import torch
 import torch.fx
 from hypothesis import HealthCheck, settings
 
+from repshift_fx.capture import reuse_traces
+
 # property-based tests (tests/test_properties.py): "ci", the default, draws few examples, the same on
 # every run; `pytest --hypothesis-profile=long` draws many, anew each run
 _PROFILE = dict(deadline=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
@@ -23,6 +25,18 @@ if settings.get_current_profile_name() == "default":  # else pytest's --hypothes
 if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n N: one torch thread per worker, or N workers oversubscribe
     torch.set_num_threads(1)
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # and the scripts the tests run in a subprocess
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    """Within a test, compressing the same model on inputs of the same shapes again reuses its
+    first trace, as calibrate() and the sweeps do (`capture.reuse_traces`; a transformers model's
+    dynamo capture is most of a small compress). A test marked `fresh_traces` captures every time."""
+    if item.get_closest_marker("fresh_traces"):
+        yield
+        return
+    with reuse_traces():
+        yield
 
 
 def tiny_timm(name: str, depth: int = 4, img_size: int = 64, fused: bool = True, **kwargs):
