@@ -11,6 +11,8 @@ from conftest import assert_close, tiny_timm
 from repshift_fx import CaptureError
 from repshift_fx.capture import capture, check_capture
 
+pytestmark = pytest.mark.fresh_traces  # capture is the subject here: every compress() traces anew
+
 
 @pytest.mark.parametrize("name,kwargs", [
     # ResNet stem: GroupNormAct's F.relu(x, inplace=True) returns x (changed); it was folded away as a no-op

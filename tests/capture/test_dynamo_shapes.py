@@ -1,10 +1,13 @@
 """A dynamo capture fixes every size to the example input's but the batch axis: the compressed
 model runs on other batch sizes, and the caller's tensors are left as they were."""
+import pytest
 import torch
 from torch import nn
 
 import repshift_fx
 from conftest import tiny_timm
+
+pytestmark = pytest.mark.fresh_traces  # capture is the subject here: every compress() traces anew
 
 
 class _ShapeBranching(nn.Module):

@@ -1,6 +1,7 @@
 """Rewrites write the graph's Python code once, when it leaves the pipeline, not after every pass."""
 import inspect
 
+import pytest
 import torch
 
 import repshift_fx
@@ -8,6 +9,8 @@ import repshift_fx.pipeline as pipeline
 from repshift_fx.capture import reuse_traces
 from repshift_fx.config import Config
 from conftest import assert_close
+
+pytestmark = pytest.mark.fresh_traces  # capture is the subject here: every compress() traces anew
 
 
 def test_a_rewrite_writes_its_code_once(deit, image, monkeypatch):

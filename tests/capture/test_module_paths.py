@@ -9,6 +9,8 @@ from torch import nn
 import repshift_fx
 from conftest import tiny_timm
 
+pytestmark = pytest.mark.fresh_traces  # capture is the subject here: every compress() traces anew
+
 transformers = pytest.importorskip("transformers")
 
 
