@@ -53,6 +53,10 @@ class Space:
                 checked[name] = values if values == "auto" else _schedules(values)
                 continue
             values = list(values) if isinstance(values, (list, tuple)) else [values]
+            if not values:
+                raise ConfigError(f"space[{name!r}] is empty: give the values to try, e.g. "
+                                  f"{{{name!r}: {list(TOKEN_SPACE.get(name, LINE_SPACE.get(name, ())))!r}}}, "
+                                  f"or leave it out to hold it at its default, {DEFAULTS.get(name)!r}")
             for value in values:
                 _check_value(name, value)
             checked[name] = tuple(values)

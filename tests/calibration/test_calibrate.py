@@ -189,6 +189,7 @@ def test_what_a_merge_compares_is_a_dimension_wherever_tokens_merge(current, tri
     (dict(target_speedup=0.7), "pass target_flops=0.7"),
     (dict(target_flops=0.7, space={"reduse": ["merge"]}), "did you mean 'reduce'"),
     (dict(target_flops=0.7, space={"score": ["shfit"]}), "space['score'] holds 'shfit'"),
+    (dict(target_flops=0.7, space={"reduce": []}), "space['reduce'] is empty: give the values to try"),
     (dict(target_flops=0.7, objective="accuracy"), "objective must be"),
     (dict(target_flops=0.01), "Ask for at least"),
     (dict(target_flops=0.7, keep=0.5), "leave keep= out"),
