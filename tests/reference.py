@@ -59,9 +59,14 @@ def reference_forward(model, img, at, keep, site="mlp", kind="l2", residual=Fals
     x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(img))))
     for i, blk in enumerate(model.blocks):
         block_in = x
-        attn_out = blk.drop_path1(blk.ls1(blk.attn(blk.norm1(x))))
-        mid = x + attn_out
-        mlp_out = blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(mid))))
+        if hasattr(blk, "ffns"):  # ParallelThingsBlock: parallel attentions, then parallel MLPs, each summed
+            attn_out = sum(attn(x) for attn in blk.attns)
+            mid = x + attn_out
+            mlp_out = sum(ffn(mid) for ffn in blk.ffns)
+        else:
+            attn_out = blk.drop_path1(blk.ls1(blk.attn(blk.norm1(x))))
+            mid = x + attn_out
+            mlp_out = blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(mid))))
         x = mid + mlp_out
         if i not in schedule:
             continue

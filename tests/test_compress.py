@@ -23,6 +23,7 @@ def test_matches_reference_for_every_site_and_distance(deit, image, site, distan
     ("deit_tiny_patch16_224", {}, 1),
     ("deit_tiny_distilled_patch16_224", {}, 2),
     ("vit_small_patch14_reg4_dinov2", {"img_size": 56}, 5),
+    ("vit_small_patch16_18x2_224", {}, 1),  # two attentions, then two MLPs, in parallel: stack(...).sum(0)
 ])
 def test_prefix_tokens_found_and_reference_agrees(name, kwargs, prefix, image):
     model = tiny_timm(name, **({"img_size": 64} | kwargs))

@@ -1,8 +1,10 @@
 """Site finding on timm and torchvision graphs: blocks, kinds, prefix tokens, side tensors."""
+import pytest
 import torch
 import torchvision
 
 import repshift_fx
+from repshift_fx import NoSiteError
 from conftest import tiny_timm
 from repshift_fx.capture import capture
 from repshift_fx.passes.find_sites import analyze
@@ -54,3 +56,26 @@ def test_torchvision_vit_multihead_attention_stays_a_fused_leaf():
         reference = model(x)
         assert ((same(x) - reference).abs().max() / reference.abs().max()).item() < 1e-5
         assert repshift_fx.compress(model, x, keep=0.5, at=(0,), compile=False)(x).shape == (2, 10)
+
+
+class _ParallelMlps(torch.nn.Module):
+    """x + sum of two MLPs, stacked on a new axis `stack_dim` and summed over `sum_dim`."""
+
+    def __init__(self, stack_dim: int, sum_dim: int):
+        super().__init__()
+        self.stack_dim, self.sum_dim = stack_dim, sum_dim
+        self.ffns = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.LayerNorm(8), torch.nn.Linear(8, 8))
+                                        for _ in range(2))
+
+    def forward(self, x):
+        return x + torch.stack([ffn(x) for ffn in self.ffns], dim=self.stack_dim).sum(self.sum_dim)
+
+
+def test_parallel_mlps_summed_over_their_stack_are_an_mlp_site_and_summed_otherwise_are_not():
+    """ParallelThingsBlock's `torch.stack([ffn(x) ...]).sum(0)`: each token sums its own outputs. Summing
+    the stack over the batch axis instead (dim 1 of (2, B, N, C)) mixes samples: not token-local."""
+    x = torch.randn(2, 5, 8)
+    assert _analysis(_ParallelMlps(0, 0).eval(), x).blocks[0].mlp.kind == "mlp"
+    for stack_dim, sum_dim in ((0, 1), (2, 2)):  # the batch summed; a stack between the tokens and channels
+        with pytest.raises(NoSiteError, match="found: mixing at 'ffns'"):
+            _analysis(_ParallelMlps(stack_dim, sum_dim).eval(), x)
