@@ -132,16 +132,16 @@ def _is_token_local(node: torch.fx.Node, gm, branch: set[str]) -> bool:
         return dim in (-1, rank - 1)
     if name == "getitem":
         return not isinstance(node.args[0], torch.fx.Node) or shape(node.args[0]) is None
-    if name == "stack":  # parallel branches, torch.stack([ffn(x) for ffn in ffns]): a new axis before (N, C)
+    if name == "stack":  # parallel branches, torch.stack([ffn(x) for ffn in ffns]): a new leading axis
         rank = len(shape(node) or ())
         dim = literal_arg(node, 1, "dim", 0)
-        return rank > 0 and isinstance(dim, int) and dim % rank < rank - 3
+        return rank > 0 and isinstance(dim, int) and dim % rank == 0
     if name in _REDUCTIONS:  # RMSNorm written out: x.pow(2).mean(-1, keepdim=True)
         dim = literal_arg(node, 1, "dim")
         dims = tuple(dim) if isinstance(dim, (tuple, list)) else (dim,)
         rank = len(shape(node.args[0]) or ())
         return rank > 0 and (all(isinstance(d, int) and d % rank == rank - 1 for d in dims)
-                             or _sums_stacked_branches(node.args[0], dims, rank))
+                             or _sums_stacked_branches(node.args[0], dims, rank, gm))
     if name in ("view", "reshape", "flatten", "reshape_as", "view_as"):
         return _keeps_rows(shape(node.args[0]), shape(node))
     if name == "batch_norm":  # in eval, an affine map per channel: LeViT's (B * N, C) after a flatten
@@ -154,11 +154,10 @@ def _is_token_local(node: torch.fx.Node, gm, branch: set[str]) -> bool:
     return False
 
 
-def _sums_stacked_branches(source, dims: tuple, rank: int) -> bool:
+def _sums_stacked_branches(source, dims: tuple, rank: int, gm) -> bool:
     """A reduction over exactly the axis a `stack` of parallel branches added (ParallelThingsBlock's
     `torch.stack([...]).sum(dim=0)`): each token sums its own outputs of the branches."""
-    if not isinstance(source, torch.fx.Node) or source.op != "call_function" or \
-            getattr(source.target, "__name__", "") != "stack":
+    if not isinstance(source, torch.fx.Node) or op_name(source, gm) != "stack":
         return False
     added = literal_arg(source, 1, "dim", 0)
     return len(dims) == 1 and isinstance(dims[0], int) and isinstance(added, int) and dims[0] % rank == added % rank
