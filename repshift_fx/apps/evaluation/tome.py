@@ -1,5 +1,6 @@
-"""The ToMe baseline's r: at the FLOPs of the shift's drops (a sweep), or the most ToMe merges on a
-batch where the planner cannot reach a FLOP target (the shortest texts).
+"""The ToMe baseline's r at the FLOPs of the shift's drops (a sweep over keep), or, where ToMe cannot
+come down to them (a low keep), the most merges its matching allows. Texts of several lengths resolve
+a FLOP target per batch instead (`calibration.measure.compress_within_reach`).
 
     r = tome_r(model, example, keep=0.7)         # within the shift's FLOPs at keep 0.7
     r = largest_tome_r(model, example)           # the largest r for every block that ToMe's matching allows
