@@ -288,9 +288,8 @@ def test_text_keep_one_reproduces_the_unpruned_model(tiny_bert_dir):
     lengths = [inputs["attention_mask"].sum(1) for _, inputs in setup.batches]
     assert all(int(length.max()) == inputs["input_ids"].shape[1] for length, (_, inputs) in zip(lengths, setup.batches))
     shift = evaluation.parse_variants("shift")[0]
-    with repshift_fx.capture.reuse_traces():
-        same = evaluation_text.evaluate(setup, shift, 1.0, at=(0,))
-        pruned = evaluation_text.evaluate(setup, shift, 0.5, at=(0,))
+    same = evaluation_text.evaluate(setup, shift, 1.0, at=(0,))
+    pruned = evaluation_text.evaluate(setup, shift, 0.5, at=(0,))
     assert same.accuracy == setup.accuracy and same.agreement == 1.0
     # the eager model also runs BertModel's pooler (32 x 32 MACs), which the captured graph drops as dead code
     assert same.gflops == pytest.approx(setup.gflops - 32 * 32 / 1e9, rel=1e-9)
@@ -378,7 +377,6 @@ def test_a_text_batch_that_cannot_reach_the_target_runs_the_deepest_schedule_it_
     from repshift_fx.apps import hf
     from repshift_fx.apps.data import wordnet
     from repshift_fx.apps.evaluation import text
-    from repshift_fx.capture import reuse_traces
     from repshift_fx.errors import TargetOutOfReach
 
     model, tokenizer = hf.load_minilm()
@@ -386,15 +384,14 @@ def test_a_text_batch_that_cannot_reach_the_target_runs_the_deepest_schedule_it_
     batches = hf.text_batches(tokenizer, texts, 8)[:2]
     assert [inputs["input_ids"].shape[1] for _, inputs in batches] == [11, 20]
     options = {"score": "tome", "target_flops": 0.51}
-    with reuse_traces():  # one capture per length, as the sweeps share them
-        with pytest.raises(TargetOutOfReach) as short:
-            repshift_fx.compress(model, batches[1][1], compile=False, **options)
-        deepest = repshift_fx.inspect(model, batches[1][1], score="tome", **short.value.deepest)
-        within = repshift_fx.inspect(model, batches[0][1], **options)
-        setup = type("Stand", (), {"model": model, "seed": 0, "batches": batches, "test": texts, "progress": False,
-                                   "gflops": text._unpruned_gflops(model, batches, len(texts)), "notes": [],
-                                   "scores": lambda self, outputs: (1.0, 1.0)})()
-        row = text.evaluate_options(setup, "ToMe", 0.51, options)
+    with pytest.raises(TargetOutOfReach) as short:
+        repshift_fx.compress(model, batches[1][1], compile=False, **options)
+    deepest = repshift_fx.inspect(model, batches[1][1], score="tome", **short.value.deepest)
+    within = repshift_fx.inspect(model, batches[0][1], **options)
+    setup = type("Stand", (), {"model": model, "seed": 0, "batches": batches, "test": texts, "progress": False,
+                               "gflops": text._unpruned_gflops(model, batches, len(texts)), "notes": [],
+                               "scores": lambda self, outputs: (1.0, 1.0)})()
+    row = text.evaluate_options(setup, "ToMe", 0.51, options)
     after, before = within.gflops_after + deepest.gflops_after, within.gflops_before + deepest.gflops_before
     assert deepest.flop_ratio > 0.51 >= within.flop_ratio and row.flop_ratio == pytest.approx(after / before, rel=1e-3)
     assert "1 of 2 test batches (shapes 8x20) cannot reach its FLOP target" in setup.notes[0]

@@ -8,7 +8,6 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import repshift_fx
 from conftest import assert_unchanged, snapshot
-from repshift_fx.capture import reuse_traces
 from repshift_fx.errors import TargetOutOfReach
 
 
@@ -29,19 +28,18 @@ def test_minilm_calibrates_by_cosine_over_batches_of_several_lengths(minilm_batc
     model, batches = minilm_batches
     assert len({b["input_ids"].shape[1] for b in batches}) > 1
     before = snapshot(model)
-    with reuse_traces():  # one capture per length for calibrate() and the reference compressions
-        cal = repshift_fx.calibrate(model, batches, target_flops=0.8, space={"reduce": ["drop", "merge"]},
-                                    max_candidates=2, progress=False)
-        assert_unchanged(model, before)
-        assert cal.objective == "cosine similarity" and cal.samples == 24
-        chosen = cal.chosen
-        assert chosen.value >= cal.paper.value and 0.5 < chosen.value < 1
-        assert not any("padding" in note for note in cal.notes)  # sorted by length: little padding
-        assert_measured_as_deployed(model, batches, cal, 0.8)
-        # .config holds the amount resolved on the batch of the median length
-        lengths = sorted(b["input_ids"].shape[1] for b in batches)
-        home = next(b for b in batches if b["input_ids"].shape[1] == lengths[len(lengths) // 2])
-        gm = repshift_fx.compress(model, home, compile=False, **cal.budget_config)
+    cal = repshift_fx.calibrate(model, batches, target_flops=0.8, space={"reduce": ["drop", "merge"]},
+                                max_candidates=2, progress=False)
+    assert_unchanged(model, before)
+    assert cal.objective == "cosine similarity" and cal.samples == 24
+    chosen = cal.chosen
+    assert chosen.value >= cal.paper.value and 0.5 < chosen.value < 1
+    assert not any("padding" in note for note in cal.notes)  # sorted by length: little padding
+    assert_measured_as_deployed(model, batches, cal, 0.8)
+    # .config holds the amount resolved on the batch of the median length
+    lengths = sorted(b["input_ids"].shape[1] for b in batches)
+    home = next(b for b in batches if b["input_ids"].shape[1] == lengths[len(lengths) // 2])
+    gm = repshift_fx.compress(model, home, compile=False, **cal.budget_config)
     assert gm.report.config["keep"] == cal.config["keep"] and cal.budget_config.get("at") == cal.config.get("at")
 
 
@@ -53,12 +51,11 @@ def test_tome_calibrates_over_texts_of_every_length(minilm_batches):
     over every batch meet it."""
     model, batches = minilm_batches
     texts = batches[:2]  # 11 and 20 tokens
-    with reuse_traces():  # one capture per length for calibrate() and the reference compressions
-        cal = repshift_fx.calibrate(model, texts, target_flops=0.51, space={"merge_metric": ["keys"]}, score="tome",
-                                    max_candidates=1, progress=False)
-        assert cal.chosen.error is None and cal.chosen.options == {"target_flops": 0.51, "score": "tome"}
-        assert cal.budget_config["target_flops"] < 0.51  # lowered: the 20-token texts stay above 0.51
-        assert assert_measured_as_deployed(model, texts, cal, 0.51) == 1  # they run their deepest schedule
+    cal = repshift_fx.calibrate(model, texts, target_flops=0.51, space={"merge_metric": ["keys"]}, score="tome",
+                                max_candidates=1, progress=False)
+    assert cal.chosen.error is None and cal.chosen.options == {"target_flops": 0.51, "score": "tome"}
+    assert cal.budget_config["target_flops"] < 0.51  # lowered: the 20-token texts stay above 0.51
+    assert assert_measured_as_deployed(model, texts, cal, 0.51) == 1  # they run their deepest schedule
 
 
 def assert_measured_as_deployed(model, batches, cal, target):
