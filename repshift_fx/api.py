@@ -12,10 +12,11 @@ import torch
 from repshift_fx.capture import as_args, check_model, reuse_traces
 from repshift_fx.capture.guard import InputGuard
 from repshift_fx.capture.state import untouched
-from repshift_fx.config import config_from
+from repshift_fx.config import Config, config_from
 from repshift_fx.errors import ConfigError, UnsupportedSiteError
 from repshift_fx.fx.pickling import picklable
 from repshift_fx.pipeline import refused_report, run
+from repshift_fx.plan import default
 from repshift_fx.report.tokens import Report
 
 
@@ -24,7 +25,7 @@ COMPILE_KEYWORDS = tuple(p for p in pyinspect.signature(torch.compile).parameter
 
 
 def compress(model: torch.nn.Module, example_input, *, compile=True, **options):
-    """Prune `model`'s tokens by Representation Shift and compile it.
+    """Reduce `model`'s tokens (by default ToMe by Ward's cost, else Representation Shift) and compile it.
 
     Args:
         model: an nn.Module in eval mode (a ViT-like model: residual attention and MLP blocks
@@ -34,8 +35,10 @@ def compress(model: torch.nn.Module, example_input, *, compile=True, **options):
             size than the example's, the batch aside, raises an ExampleInputError).
         compile: False returns the rewritten torch.fx.GraphModule (eager) for reading and tests.
         **options: the fields of `repshift_fx.Config` (keep=, at=, site=, score=, target_flops=,
-            mode=, reduce=, ...: `help(repshift_fx.Config)` says what each means; the defaults are
-            Config's), and torch.compile's keywords, passed on to it (backend=, dynamic=, options=,
+            mode=, reduce=, ...: `help(repshift_fx.Config)` says what each means). Where none of
+            them chooses a reduction, the default runs (repshift_fx/plan/default.py): ToMe by Ward's
+            cost at target_flops (0.70 unless given) where the planner reaches it, else the paper's
+            rule, Config's defaults (score="shift" names it); `.report.notes[0]` says which. And torch.compile's keywords, passed on to it (backend=, dynamic=, options=,
             ...); torch.compile's own `mode` ("max-autotune", ...) is `compile_mode=` here, since
             `mode` chooses tokens or lines. A misspelt name is a ConfigError naming the nearest.
 
@@ -60,7 +63,8 @@ def compress(model: torch.nn.Module, example_input, *, compile=True, **options):
     # one trace per call: the budget search, the probes and the report read copies of it; the model's
     # buffers and the random streams as they were (a training-mode model runs here several times)
     with reuse_traces(), untouched(model):
-        gm, report = run(model, example_input, config, flops=False)
+        first, fallback = _planned(options, config)
+        gm, report = run(model, example_input, first, flops=False, fallback=fallback)
     gm.report = report
     guard = InputGuard(gm.forward, as_args(example_input, model), config.train)  # another input size: an ExampleInputError
     if not compile:
@@ -106,8 +110,16 @@ def inspect(model: torch.nn.Module, example_input, **options) -> Report:
     options.pop("compile", None)
     config, _ = config_from(options, inspect)
     check_model(model, config.train)
+    first, fallback = _planned(options, config)
     with reuse_traces(), untouched(model):
         try:
-            return run(model, example_input, config, flops=True)[1]
+            return run(model, example_input, first, flops=True, fallback=fallback)[1]
         except UnsupportedSiteError as error:  # not to steer: the refusal is what the report shows
-            return refused_report(model, example_input, config, error)
+            return refused_report(model, example_input, fallback or first, error)
+
+
+def _planned(options: dict, config: Config) -> tuple[Config, Config | None]:
+    """(the configuration to plan first, the one to run where the planner cannot carry it out):
+    the default reduction where `options` name none (plan/default.py), else (config, None)."""
+    configs = default.choices(options, config)
+    return configs[0], (configs[1] if len(configs) > 1 else None)

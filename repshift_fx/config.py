@@ -38,7 +38,10 @@ class Config:
     keep: float | tuple[float, ...] | None = _option(None, """
         fraction of the non-prefix tokens kept at each drop, in (0, 1], or one per `at`. A drop keeps
         ceil(keep * n) of n tokens, the best-scored, in their original order. Default 0.7 (unless
-        target_flops is given; the two exclude each other).""")
+        target_flops is given; the two exclude each other). Where compress() is given none of the options
+        that choose a reduction (keep, at, score, r, reduce, fuse, merge_metric, shift_guidance, site,
+        distance, residual), it runs the default reduction: ToMe by Ward's cost at target_flops (0.70 unless
+        given) where the planner reaches it, else this paper's rule (repshift_fx/plan/default.py).""")
     at: tuple[int, ...] | None = _option(None, """
         0-based indices of the blocks whose shift is measured; the tokens are dropped from the next block
         on. None: (d//4, d//2, 3d//4) for d blocks, (3, 6, 9) for DeiT.""")
@@ -48,7 +51,7 @@ class Config:
     distance: Distance = _option("l2", """"l2", "l1" or "cosine" (1 - cosine similarity), over channels.""")
     residual: bool = _option(False, "score D(x' + branch(x'), x') instead of D(branch(x'), x').")
     score: Score = _option("shift", """
-        "shift" (the method), or the baselines "norm" (token L2 norm), "random", "attention" (EViT: the CLS
+        "shift" (the method; score="shift" alone is the paper's rule, keep 0.7 at the default `at`), or the baselines "norm" (token L2 norm), "random", "attention" (EViT: the CLS
         token's attention to each token, averaged over heads, in the scoring block; without prefix tokens,
         the mean attention each token receives; those blocks run explicit attention) and "tome" (ToMe's
         bipartite merging, sized by r).""")

@@ -20,10 +20,11 @@ import torch.fx
 from repshift_fx.capture import capture, eager_module, reuse_traces, set_own_modes
 from repshift_fx.config import Config, unreduced
 from repshift_fx.context import PassContext
-from repshift_fx.errors import UnsupportedSiteError
+from repshift_fx.errors import ConfigError, TargetOutOfReach, UnsupportedSiteError
 from repshift_fx.fx.nodes import within_module
 from repshift_fx.modes import TOKENS, choose
 from repshift_fx.passes import attention_to_sdpa
+from repshift_fx.plan import default
 from repshift_fx.plan.tokens import PrunePlan, default_at
 from repshift_fx.report.tokens import Report, build_report
 
@@ -67,15 +68,30 @@ def remembering() -> Callable:
     return remembered
 
 
-def run(model: torch.nn.Module, example_input, config: Config, flops: bool):
-    """The rewritten graph and its `Report` (GFLOPs per block with `flops`)."""
-    budget, rewrites = None, remembering()
+def run(model: torch.nn.Module, example_input, config: Config, flops: bool, fallback: Config | None = None):
+    """The rewritten graph and its `Report` (GFLOPs per block with `flops`). With a `fallback` (the
+    default reduction, plan/default.py), `config` is tried first and the fallback runs where the
+    planner cannot carry it out (a FLOP target out of its reach, a reduction it refuses here)."""
+    budget, rewrites, asked = None, remembering(), config
     with reuse_traces():  # one trace for the budget search's rewrites and the last (the model does not change)
-        if config.target_flops is not None:
-            config, budget = plan_for_budget(model, example_input, config, rewrites)
-        gm, ctx = rewrites(model, example_input, config)
+        try:
+            if config.target_flops is not None:
+                config, budget = plan_for_budget(model, example_input, config, rewrites)
+            gm, ctx = rewrites(model, example_input, config)
+        except (ConfigError, UnsupportedSiteError) as refusal:
+            if fallback is None:
+                raise
+            try:
+                gm, report = run(model, example_input, fallback, flops)
+            except TargetOutOfReach as short:  # the target both miss: say the lower of what they reach
+                raise default.lower_reach(refusal, short) from None
+            report.notes.insert(0, default.fallback_note(asked, refusal))
+            return gm, report
     gm = eager_module(gm)  # the searches' rewrites are only counted: their code is never written
-    return gm, ctx.mode.report(model, gm, ctx, flops, budget)
+    report = ctx.mode.report(model, gm, ctx, flops, budget)
+    if fallback is not None:
+        report.notes.insert(0, default.chosen_note(asked))
+    return gm, report
 
 
 NOTHING_PRUNED = "nothing is pruned: compress() refuses this model with this config (see 'refused')"

@@ -3,11 +3,13 @@ import itertools
 
 import pytest
 import torch
+import torchvision
 from torch._dynamo.utils import counters
 
 import repshift_fx
 from conftest import assert_close, assert_unchanged, node_values, snapshot, tiny_timm
 from reference import reference_forward
+from repshift_fx.errors import TargetOutOfReach
 from repshift_fx.method import tokens as shift
 
 
@@ -57,12 +59,43 @@ def test_keep_one_gives_the_original_outputs(image):
             assert_close(gm(image), model(image))
 
 
-def test_deit_small_default_schedule_token_counts():
+def test_deit_small_paper_rule_token_counts():
     model = tiny_timm("deit_small_patch16_224", depth=12, img_size=224)
-    report = repshift_fx.inspect(model, torch.randn(1, 3, 224, 224))
+    x = torch.randn(1, 3, 224, 224)
+    report = repshift_fx.inspect(model, x, score="shift")
     assert report.tokens == [197] * 4 + [139] * 3 + [98] * 3 + [69] * 2
     assert [r.index for r in report.blocks if r.scored] == [3, 6, 9]
     assert 0.66 < report.flop_ratio < 0.70
+    assert repshift_fx.inspect(model, x, keep=0.7).tokens == report.tokens  # any reduction option: as given
+
+
+def test_the_default_is_tome_by_wards_cost_where_the_planner_reaches_the_target():
+    model = tiny_timm("deit_small_patch16_224", depth=12, img_size=224)
+    x = torch.randn(2, 3, 224, 224)
+    default = repshift_fx.compress(model, x, compile=False)
+    named = repshift_fx.compress(model, x, score="tome", merge_metric="ward", target_flops=0.7, compile=False)
+    assert default.report.config == named.report.config
+    assert default.report.config["score"] == "tome" and default.report.config["merge_metric"] == "ward"
+    assert 0.68 < default.report.budget["reached"] <= 0.70 and default.report.tokens[-1] < 197 // 2
+    assert default.report.notes[0].startswith("the default: ToMe by Ward's cost") and not named.report.notes[0].startswith("the default")
+    with torch.no_grad():
+        assert torch.equal(default(x), named(x))
+
+
+def test_the_default_falls_back_to_the_papers_rule_where_tome_cannot_reach_the_target():
+    model = tiny_timm("deit_tiny_patch16_224")  # 16 patches: ToMe reaches 0.598 at most, the drop 0.592
+    x = torch.randn(2, 3, 64, 64)
+    report = repshift_fx.inspect(model, x, target_flops=0.595)
+    assert report.config["score"] == "shift" and report.flop_ratio <= 0.595
+    assert report.notes[0].startswith("the default is the paper's rule here") and "0.598" in report.notes[0]
+    assert report.config == repshift_fx.inspect(model, x, score="shift", target_flops=0.595).config
+    with pytest.raises(TargetOutOfReach, match="Ask for at least 0.593") as short:  # the lower of the two reaches
+        repshift_fx.compress(model, x, target_flops=0.5, compile=False)
+    assert short.value.lowest < 0.593
+    cnn = torchvision.models.resnet18().eval()  # lines mode: ToMe has no tokens to match
+    report = repshift_fx.inspect(cnn, torch.randn(1, 3, 64, 64))
+    assert report.mode == "lines" and "works on tokens" in report.notes[0]
+    assert report.config == repshift_fx.inspect(cnn, torch.randn(1, 3, 64, 64), score="shift").config
 
 
 def test_per_sample_selection_keeps_prefix_and_order():

@@ -147,7 +147,7 @@ def test_a_value_for_an_argument_the_example_left_out_is_refused(deit):
 def test_another_resolution_is_refused_when_compiled_too(flexible):
     model, _ = flexible
     torch._dynamo.reset()
-    compiled = repshift_fx.compress(model, X, backend="eager")
+    compiled = repshift_fx.compress(model, X, score="shift", backend="eager")
     with torch.no_grad():
         assert compiled(torch.randn(3, 3, 64, 64)).shape == (3, 1000)
         with pytest.raises(ExampleInputError, match=r"compressed for input 'x' of shape \(B, 3, 64, 64\)"):

@@ -197,7 +197,7 @@ def main(argv=None) -> None:
     tune.add_argument("--blocks", type=int, default=12, help="the last blocks trained (default 12: all of ViT-S)")
     tune.add_argument("--lr", type=float, default=5e-5)
     tune.add_argument("--target", type=float, default=0.55, help="the FLOP target of the reduction (default 0.55)")
-    tune.add_argument("--reduction", type=json.loads, default={}, help="compress() options as JSON (default: the "
+    tune.add_argument("--reduction", type=json.loads, default={"score": "shift"}, help="compress() options as JSON (default: the "
                       "paper's drop)")
     tune.add_argument("--threads", type=int, default=2)
     tune.add_argument("--plot", help="write accuracy against training time to this PNG")

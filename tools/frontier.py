@@ -42,7 +42,7 @@ from repshift_fx.flops import per_sample_gmacs
 
 from paired_difference import bootstrap_interval  # tools/, beside this script
 
-FIXED = {"drop (paper)": {}, "merge": {"reduce": "merge"}, "attention": {"score": "attention"},
+FIXED = {"drop (paper)": {"score": "shift"}, "merge": {"reduce": "merge"}, "attention": {"score": "attention"},
          "random": {"score": "random"}, "ToMe": {"score": "tome"},
          "ToMe + shift 0.02": {"score": "tome", "shift_guidance": 0.02},
          "ToMe on the stream": {"score": "tome", "merge_metric": "stream"},

@@ -132,9 +132,10 @@ def build_group(run: Run, name: str, dtype: str, batch: int) -> dict:
     configs = {"merge": {"reduce": "merge"}, "tome (pass)": {"score": "tome", "target_flops": drop_ratio},
                "tome + shift (pass)": {"score": "tome", "target_flops": drop_ratio, "shift_guidance": 0.01},
                "tome on stream (pass)": {"score": "tome", "target_flops": drop_ratio, "merge_metric": "stream"},
+               "tome by Ward's cost (pass)": {"score": "tome", "target_flops": drop_ratio, "merge_metric": "ward"},
                "attention (EViT)": {"score": "attention"}}
     if args.target_flops:
-        configs[f"drop @{args.target_flops:g}"] = {"target_flops": args.target_flops}
+        configs[f"drop @{args.target_flops:g}"] = {"score": "shift", "target_flops": args.target_flops}
     for row, config in configs.items():
         try:
             eager[row] = repshift_fx.compress(model, x, compile=False, **config)
@@ -166,7 +167,7 @@ def deit_checks(run: Run) -> None:
             PublishedToMe(model, tome0)(x)), TOL["exact"])
         for row, (eager, compiled, _) in rows.items():
             run.check(f"{name} {row} compiled == eager", lambda: rel_err(compiled(x), eager(x)), TOL["compiled"])
-        dtype_checks(run, name, model, x, {"keep=1.0": {"keep": 1.0}, "drop": {}},
+        dtype_checks(run, name, model, x, {"keep=1.0": {"keep": 1.0}, "drop": {"score": "shift"}},
                      {"keep=1.0": repshift_fx.compress(model, x, keep=1.0, compile=False)(x), "drop": rows["drop"][0](x)})
 
 

@@ -30,7 +30,7 @@ import repshift_fx
 from repshift_fx.apps import export_cmd
 from repshift_fx.apps import shiftmap
 from repshift_fx.apps import specs
-from repshift_fx.apps.config_flags import add_config_flags, config_options
+from repshift_fx.apps.config_flags import add_config_flags, config_options, fill_defaults
 from repshift_fx.config import option_names
 from repshift_fx.errors import RepShiftError
 
@@ -236,6 +236,7 @@ def run_bench(args) -> int:
 def run_shiftmap(args) -> int:
     loaded = specs.load_model(args.spec, checkpoint=args.checkpoint, input_shape=args.input, kwargs=args.kwargs,
                               batch=1)
+    fill_defaults(args, ("distance", "site", "mode"))
     config = {"distance": args.distance, "residual": args.residual}
     if loaded.tokenizer is not None:
         x, photo = _one_text(args, loaded), None

@@ -14,7 +14,7 @@ import dataclasses
 import typing
 
 from repshift_fx.apps.specs import SpecError, parse_floats, parse_ints
-from repshift_fx.config import FIXED, TYPES, Config, members
+from repshift_fx.config import CHOICES, FIXED, TYPES, Config, members
 
 # train=True is for compress() in Python, on a model in training mode: the command loads models for inference
 FIELDS = {f.name: f for f in dataclasses.fields(Config) if f.name != "train"}
@@ -36,13 +36,23 @@ def add_config_flags(parser: argparse.ArgumentParser, names=None, exclusive: tup
 
 
 def config_options(args: argparse.Namespace) -> dict:
-    """compress() options from the parsed flags: those that differ from Config's defaults."""
+    """compress() options from the parsed flags: the choices given (`--score shift` names the paper's
+    rule, not the default reduction: repshift_fx/plan/default.py) and the other values that differ
+    from Config's defaults."""
     options = {}
     for name, field in FIELDS.items():
         value = _value(name, getattr(args, name, None))
-        if value is not None and value != field.default:
+        if value is not None and (value != field.default or name in CHOICES):
             options[name] = value
     return options
+
+
+def fill_defaults(args: argparse.Namespace, names) -> None:
+    """Config's default for each choice in `names` not given (their flags default to None, so that
+    config_options can tell a choice given from one left to the default)."""
+    for name in names:
+        if getattr(args, name, None) is None:
+            setattr(args, name, FIELDS[name].default)
 
 
 def _argument(field: dataclasses.Field) -> dict:
@@ -54,7 +64,7 @@ def _argument(field: dataclasses.Field) -> dict:
                 "help": f"turns {field.name} off ({field.name}: {doc})" if field.default else doc}
     if allowed is not None:
         words = "on: True, off: False; " if True in allowed else ""
-        return {"choices": [_word(v) for v in allowed], "default": _word(field.default),
+        return {"choices": [_word(v) for v in allowed], "default": None,
                 "help": f"{doc} ({words}default {_word(field.default)})"}
     numbers = set(members(hint)) - {type(None)}
     metavar = field.name.upper() + ("[,..]" if any(typing.get_origin(m) is tuple for m in numbers) else "")

@@ -24,6 +24,7 @@ from repshift_fx.calibration.objective import PER_SAMPLE, call, choose_objective
 from repshift_fx.calibration.labels import Task, label_list
 from repshift_fx.errors import ExampleInputError, RepShiftError, TargetOutOfReach, described
 from repshift_fx.flops import count_macs
+from repshift_fx.plan.default import named
 
 log = logging.getLogger("repshift_fx")
 
@@ -221,7 +222,7 @@ class Measure:
                 if self.varied:
                     gm = compress_within_reach(self.model, home, candidate.budget_options)[0]
                 else:
-                    gm = compress(self.model, home, compile=False, **candidate.options)
+                    gm = compress(self.model, home, compile=False, **named(candidate.options))
                 candidate.config, compressed[shape_key(home)] = concrete(gm, candidate.options), gm
                 candidate.at = candidate.config.get("at")
             candidate.flops = self._macs(module_for, which) / self._macs_before(which)
@@ -286,6 +287,7 @@ def compress_within_reach(model: nn.Module, batch, options: dict) -> tuple[nn.Mo
     """(compress(compile=False) at the FLOP target of `options`, or, where no schedule reaches it on
     `batch` (ToMe merges at most half of a block's tokens), at the deepest schedule `batch` allows, as
     a model deployed on texts of every length would run them; whether the target was reached)."""
+    options = named(options)
     try:
         return compress(model, batch, compile=False, **options), True
     except TargetOutOfReach as short:
@@ -338,10 +340,10 @@ def concrete(gm, options: dict) -> dict:
     and `at` made explicit: options every entry point takes (the dynamo backend counts no FLOP budget),
     for the same FLOPs at `gm`'s input shape."""
     if "target_flops" not in options:
-        return dict(options)
+        return named(options)
     chosen = gm.report.config
     amount = {"r": chosen["r"]} if chosen.get("r") is not None else {"keep": chosen["keep"]}
-    found = {k: v for k, v in options.items() if k != "target_flops"}
+    found = {k: v for k, v in named(options).items() if k != "target_flops"}
     return dict(found, **amount, at=tuple(chosen["at"]))
 
 

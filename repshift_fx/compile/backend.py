@@ -98,9 +98,10 @@ def backend(*, inner="inductor", **options) -> RepShiftBackend:
 
         torch.compile(model, backend=repshift_fx.backend(keep=0.5, at=(3, 6, 9)))
 
-    The options are the fields of `repshift_fx.Config`, as for `repshift_fx.compress` (same defaults,
-    same meaning, checked by the same `config_from`; `mode` "auto" prunes a CNN's graph by rows and
-    columns, as compress() does) but target_flops, which needs the whole model; in tokens mode `at`
+    The options are the fields of `repshift_fx.Config`, as for `repshift_fx.compress` (the same
+    meaning, checked by the same `config_from`; `mode` "auto" prunes a CNN's graph by rows and
+    columns, as compress() does) but target_flops, which needs the whole model: so the default is the
+    paper's rule (Config's), not compress()'s FLOP-targeted default reduction; in tokens mode `at`
     counts the model's blocks even where dynamo splits the model into several graphs, in lines mode
     the residual blocks of the one graph that holds them all. `inner` is the backend the rewritten
     graph is handed to: "inductor" (default), "eager" (debugging), any name

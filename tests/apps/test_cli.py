@@ -52,8 +52,8 @@ def _assert_flops_add_up(data):
         assert parts == pytest.approx(data[f"gflops_{when}"], rel=1e-9)
 
 
-def test_inspect_json_deit_small_default_schedule(capsys):
-    data = run_json(capsys, "inspect", DEIT_S)
+def test_inspect_json_deit_small_paper_rule(capsys):
+    data = run_json(capsys, "inspect", DEIT_S, "--score", "shift")  # named, though it is Config's default
     assert TOP_KEYS <= set(data) and all(BLOCK_KEYS <= set(b) for b in data["blocks"])  # more may come
     assert data["input"] == [1, 3, 224, 224] and data["prefix"] == 1
     assert [b["tokens_in"] for b in data["blocks"]] == [197] * 4 + [139] * 3 + [98] * 3 + [69] * 2
@@ -68,12 +68,13 @@ def test_inspect_json_deit_small_default_schedule(capsys):
 
 
 def test_inspect_target_flops_deit_small(capsys):
-    data = run_json(capsys, "inspect", DEIT_S, "--target-flops", "0.65")
+    data = run_json(capsys, "inspect", DEIT_S, "--target-flops", "0.65")  # the default reduction at 0.65
     assert 0.63 <= data["flop_ratio"] <= 0.65
     budget = data["budget"]
     assert budget["target"] == 0.65 and budget["reached"] == pytest.approx(data["flop_ratio"], abs=1e-12)
-    assert budget["at"] == [3, 6, 9] and data["config"]["keep"] == budget["keep"]
-    assert [b["tokens_out"] - 1 for b in data["blocks"] if b["scored"]] == budget["kept"]
+    assert data["config"]["score"] == "tome" and data["config"]["merge_metric"] == "ward"
+    assert data["notes"][0].startswith("the default: ToMe by Ward's cost")
+    assert [b["tokens_in"] - b["tokens_out"] for b in data["blocks"]] == list(data["config"]["r"])
     _assert_flops_add_up(data)
 
 

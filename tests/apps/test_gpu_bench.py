@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 TOOL = Path(__file__).resolve().parents[2] / "tools" / "gpu_bench.py"
-REDUCED = ("drop", "merge", "tome (pass)", "tome + shift (pass)", "tome on stream (pass)", "attention (EViT)",
+REDUCED = ("drop", "merge", "tome (pass)", "tome + shift (pass)", "tome on stream (pass)",
+           "tome by Ward's cost (pass)", "attention (EViT)",
            "tome (published)")
 
 

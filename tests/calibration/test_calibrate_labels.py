@@ -10,7 +10,7 @@ from repshift_fx.calibration.choice import GUARD, paired_interval
 from conftest import assert_unchanged, random_batches, snapshot, tiny_timm
 
 SPACE = {"reduce": ["drop", "merge"], "score": ["shift", "tome"], "at": "auto"}
-PAPER = {"target_flops": 0.7}  # the paper's rule (shift, drop, default schedule) at the target
+PAPER = {"score": "shift", "target_flops": 0.7}  # the paper's rule (shift, drop, default schedule) at the target
 
 
 @pytest.fixture(scope="module")

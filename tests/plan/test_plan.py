@@ -102,7 +102,7 @@ def test_budget_choice_is_the_best_single_rate(model, every_schedule, target):
 
 
 def test_compress_with_target_flops_reports_the_budget(model):
-    gm = repshift_fx.compress(model, X, target_flops=0.8, compile=False)
+    gm = repshift_fx.compress(model, X, score="shift", target_flops=0.8, compile=False)
     budget = gm.report.budget
     assert budget["target"] == 0.8 and budget["reached"] <= 0.8
     assert gm.report.config["target_flops"] == 0.8 and gm.report.config["keep"] == budget["keep"]
