@@ -38,8 +38,9 @@ def compress(model: torch.nn.Module, example_input, *, compile=True, **options):
             mode=, reduce=, ...: `help(repshift_fx.Config)` says what each means). Where none of
             them chooses a reduction, the default runs (repshift_fx/plan/default.py): ToMe by Ward's
             cost at target_flops (0.70 unless given) where the planner reaches it, else the paper's
-            rule, Config's defaults (score="shift" names it); `.report.notes[0]` says which. And torch.compile's keywords, passed on to it (backend=, dynamic=, options=,
-            ...); torch.compile's own `mode` ("max-autotune", ...) is `compile_mode=` here, since
+            rule, Config's defaults (score="shift" names it); `.report.notes[0]` says which. And
+            torch.compile's keywords, passed on to it (backend=, dynamic=, options=, ...);
+            torch.compile's own `mode` ("max-autotune", ...) is `compile_mode=` here, since
             `mode` chooses tokens or lines. A misspelt name is a ConfigError naming the nearest.
 
     Returns:
