@@ -70,13 +70,13 @@ def test_deit_small_paper_rule_token_counts():
 
 
 def test_the_default_is_tome_by_wards_cost_where_the_planner_reaches_the_target():
-    model = tiny_timm("deit_small_patch16_224", depth=12, img_size=224)
-    x = torch.randn(2, 3, 224, 224)
+    model = tiny_timm("deit_tiny_patch16_224", depth=12, img_size=112)  # DeiT's 12 blocks, 49 patches
+    x = torch.randn(2, 3, 112, 112)
     default = repshift_fx.compress(model, x, compile=False)
     named = repshift_fx.compress(model, x, score="tome", merge_metric="ward", target_flops=0.7, compile=False)
     assert default.report.config == named.report.config
     assert default.report.config["score"] == "tome" and default.report.config["merge_metric"] == "ward"
-    assert 0.68 < default.report.budget["reached"] <= 0.70 and default.report.tokens[-1] < 197 // 2
+    assert 0.66 < default.report.budget["reached"] <= 0.70 and default.report.tokens[-1] < 50 // 2
     assert default.report.notes[0].startswith("the default: ToMe by Ward's cost") and not named.report.notes[0].startswith("the default")
     with torch.no_grad():
         assert torch.equal(default(x), named(x))
