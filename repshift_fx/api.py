@@ -12,7 +12,7 @@ import torch
 from repshift_fx.capture import as_args, check_model, reuse_traces
 from repshift_fx.capture.guard import InputGuard
 from repshift_fx.capture.state import untouched
-from repshift_fx.config import Config, config_from
+from repshift_fx.config import config_from
 from repshift_fx.errors import ConfigError, UnsupportedSiteError
 from repshift_fx.fx.pickling import picklable
 from repshift_fx.pipeline import refused_report, run
@@ -64,7 +64,7 @@ def compress(model: torch.nn.Module, example_input, *, compile=True, **options):
     # one trace per call: the budget search, the probes and the report read copies of it; the model's
     # buffers and the random streams as they were (a training-mode model runs here several times)
     with reuse_traces(), untouched(model):
-        first, fallback = _planned(options, config)
+        first, fallback = default.choices(options, config)
         gm, report = run(model, example_input, first, flops=False, fallback=fallback)
     gm.report = report
     guard = InputGuard(gm.forward, as_args(example_input, model), config.train)  # another input size: an ExampleInputError
@@ -111,16 +111,9 @@ def inspect(model: torch.nn.Module, example_input, **options) -> Report:
     options.pop("compile", None)
     config, _ = config_from(options, inspect)
     check_model(model, config.train)
-    first, fallback = _planned(options, config)
+    first, fallback = default.choices(options, config)
     with reuse_traces(), untouched(model):
         try:
             return run(model, example_input, first, flops=True, fallback=fallback)[1]
         except UnsupportedSiteError as error:  # not to steer: the refusal is what the report shows
             return refused_report(model, example_input, fallback or first, error)
-
-
-def _planned(options: dict, config: Config) -> tuple[Config, Config | None]:
-    """(the configuration to plan first, the one to run where the planner cannot carry it out):
-    the default reduction where `options` name none (plan/default.py), else (config, None)."""
-    configs = default.choices(options, config)
-    return configs[0], (configs[1] if len(configs) > 1 else None)

@@ -51,10 +51,11 @@ class Config:
     distance: Distance = _option("l2", """"l2", "l1" or "cosine" (1 - cosine similarity), over channels.""")
     residual: bool = _option(False, "score D(x' + branch(x'), x') instead of D(branch(x'), x').")
     score: Score = _option("shift", """
-        "shift" (the method; score="shift" alone is the paper's rule, keep 0.7 at the default `at`), or the baselines "norm" (token L2 norm), "random", "attention" (EViT: the CLS
-        token's attention to each token, averaged over heads, in the scoring block; without prefix tokens,
-        the mean attention each token receives; those blocks run explicit attention) and "tome" (ToMe's
-        bipartite merging, sized by r).""")
+        "shift" (the method; score="shift" alone is the paper's rule, keep 0.7 at the default `at`), or the
+        baselines "norm" (token L2 norm), "random", "attention" (EViT: the CLS token's attention to each
+        token, averaged over heads, in the scoring block; without prefix tokens, the mean attention each
+        token receives; those blocks run explicit attention) and "tome" (ToMe's bipartite merging, sized
+        by r).""")
     protect: Auto | int = _option("auto", """
         "auto" finds the prefix tokens (CLS, distillation, registers) in the graph; an int sets their
         number. They are never dropped.""")

@@ -1,6 +1,6 @@
 """The default reduction: what compress(model, x) and inspect() do where the options name none.
 
-    configs = choices(options, config)     # (ToMe by Ward's cost at the target, the paper's rule) or (config,)
+    first, fallback = choices(options, config)  # (ToMe by Ward's cost, the paper's rule) or (config, None)
 
 Measured on real weights (docs/results/real_vit.md, docs/results/minilm_frontier.md): ToMe's
 bipartite matching ranked by Ward's cost on the stream is the most faithful reduction at every FLOP
@@ -27,15 +27,16 @@ RECOMMENDED = {"score": "tome", "merge_metric": "ward"}
 DEFAULT_TARGET = 0.7
 
 
-def applies(options: Mapping, config: Config) -> bool:
-    """Whether the options leave the reduction to the default (none of REDUCTION_OPTIONS, not lines mode)."""
-    return config.mode != "lines" and not any(name in options for name in REDUCTION_OPTIONS)
+def names_a_reduction(options: Mapping) -> bool:
+    return any(name in options for name in REDUCTION_OPTIONS)
 
 
-def choices(options: Mapping, config: Config) -> tuple[Config, ...]:
-    """The configurations to plan, in order: the first the planner carries out is the one run."""
-    if not applies(options, config):
-        return (config,)
+def choices(options: Mapping, config: Config) -> tuple[Config, Config | None]:
+    """(the configuration to plan first, the one to run where the planner cannot carry it out): the
+    default reduction and the paper's rule where `options` name no reduction (not in lines mode),
+    else (config, None)."""
+    if config.mode == "lines" or names_a_reduction(options):
+        return config, None
     recommended = dataclasses.replace(config, keep=None, **RECOMMENDED,
                                       target_flops=config.target_flops or DEFAULT_TARGET)
     return recommended, config
@@ -56,7 +57,7 @@ def named(options: Mapping) -> dict:
     """`options` with the paper's rule named (score="shift") where they name no reduction: what the
     callers that search or sweep configurations (calibrate, the evaluations) pass to compress(), so that
     an empty set of options stays the paper's rule there."""
-    return dict(options) if any(name in options for name in REDUCTION_OPTIONS) else {"score": "shift", **options}
+    return dict(options) if names_a_reduction(options) else {"score": "shift", **options}
 
 
 def lower_reach(first: Exception, fallback: TargetOutOfReach) -> TargetOutOfReach:
